@@ -1,0 +1,1 @@
+"""HTNet micro-expression recognition under leave-one-subject-out cross-validation."""

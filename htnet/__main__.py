@@ -1,0 +1,5 @@
+import sys
+
+from htnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""python -m htnet train|evaluate|synth|preprocess
+
+Exit codes: 0 done, 1 training failed (diverged), 2 bad input (one line on stderr).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from htnet.data import CROP_MODES, load_release, synthetic_cache
+from htnet.errors import TrainingDiverged, UserError
+from htnet.io import atomic_write, ensure_writable_dir
+from htnet.loso import ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, run_loso
+from htnet.metrics import PROTOCOLS, per_subject_accuracy, summary_table
+from htnet.models import list_models
+
+SYNTH_CACHE = ".cache/htnet-synth"
+
+
+def model_args(pairs):
+    """['dim=64', 'block_repeats=[1,1]'] -> {'dim': 64, 'block_repeats': [1, 1]}."""
+    config = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--model-arg {pair!r} is not KEY=VALUE")
+        config[key.strip()] = yaml.safe_load(value)
+    return config
+
+
+def subjects_arg(text):
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else [s for s in text.split(",") if s]
+
+
+def load_data(args):
+    """--data PATH, or the built-in synthetic set when none is given."""
+    root = Path(args.data) if args.data else synthetic_cache(SYNTH_CACHE, args.synth_subjects)
+    if not args.data:
+        print(f"no --data given: using the built-in synthetic set at {root}", file=sys.stderr)
+    return load_release(root, landmarks=args.landmarks, standardize=args.standardize)
+
+
+def add_data_arguments(p):
+    p.add_argument("--data", help="release folder (default: the built-in synthetic set)")
+    p.add_argument("--synth-subjects", type=int, default=4,
+                   help="subjects per source dataset of the synthetic set (default 4)")
+    p.add_argument("--landmarks", default="auto",
+                   help="'auto' (the release's landmarks_mtcnn.csv), 'template', or a CSV path")
+    p.add_argument("--standardize", action="store_true", help="per-channel standardisation")
+    p.add_argument("--subjects", help="comma-separated subject ids, or a count taken across datasets")
+    p.add_argument("--model", default="htnet", choices=list_models())
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="model constructor argument, e.g. dim=64 or block_repeats=[1,1,2] (repeatable)")
+    p.add_argument("--crop-mode", default="reference", choices=CROP_MODES)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m htnet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="LOSO cross-validation of one configuration")
+    add_data_arguments(train)
+    train.add_argument("--config", help="YAML file of LOSO config keys (flags override it)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--optimizer", choices=list(OPTIMIZERS))
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--shuffle", action="store_true", default=None,
+                       help="shuffle training samples each epoch (the reference does not)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--protocols", help=f"comma-separated, from {','.join(PROTOCOLS)}")
+    train.add_argument("--inner-val-subjects", type=int)
+    train.add_argument("--inner-patience", type=int)
+    train.add_argument("--eval-every", type=int)
+    train.add_argument("--engine", choices=list(ENGINES))
+    train.add_argument("--save-weights", action="store_true", default=None,
+                       help="write <out>/weights/<subject>.pth (the paper protocol's epoch)")
+    train.add_argument("--out", default="outputs/train", help="folder for predictions, metrics, weights")
+
+    evaluate = commands.add_parser("evaluate", help="test every subject with saved per-subject weights")
+    add_data_arguments(evaluate)
+    evaluate.add_argument("--weights", required=True, help="folder of <subject>.pth state_dicts")
+    evaluate.add_argument("--out", default="outputs/evaluate")
+
+    synth = commands.add_parser("synth", help="write the synthetic composite in the release layout")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--subjects-per-dataset", type=int, default=4)
+    synth.add_argument("--seed", type=int, default=0)
+
+    preprocess = commands.add_parser("preprocess", help="raw onset/apex frames -> release flow images")
+    from htnet import preprocess as preprocess_module
+    preprocess_module.add_arguments(preprocess)
+    return parser
+
+
+def train_config(args):
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: expected a mapping of LOSO config keys")
+    flags = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+             "optimizer": args.optimizer, "weight_decay": args.weight_decay, "shuffle": args.shuffle,
+             "seed": args.seed, "device": args.device, "subjects": subjects_arg(args.subjects),
+             "inner_val_subjects": args.inner_val_subjects, "inner_patience": args.inner_patience,
+             "eval_every": args.eval_every, "crop_mode": args.crop_mode, "engine": args.engine,
+             "save_weights": args.save_weights, "standardize": args.standardize or None,
+             "protocols": args.protocols.split(",") if args.protocols else None}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values["model_config"] = {**values.get("model_config", {}), **model_args(args.model_arg)}
+    return LosoConfig.from_dict(values)
+
+
+def cmd_train(args):
+    config = train_config(args)
+    out = ensure_writable_dir(args.out)
+    data = load_data(args)
+    result = run_loso(config, data, out_dir=out)
+    print(f"\n{config.model} LOSO on {data.source}: {result.folds_done} subjects, "
+          f"{result.fold_epochs} fold-epochs, {result.wall_time_s:.0f} s on {result.device}")
+    print(summary_table(result.metrics, config.protocols).round(4).to_string())
+    print(f"results in {out}/ (predictions.csv, metrics.json, history.csv, config.yaml"
+          f"{', weights/' if config.save_weights else ''})")
+    return 0
+
+
+def cmd_evaluate(args):
+    config = LosoConfig.from_dict({"model": args.model, "model_config": model_args(args.model_arg),
+                                   "crop_mode": args.crop_mode, "device": args.device,
+                                   "subjects": subjects_arg(args.subjects), "protocols": ["final"]})
+    out = ensure_writable_dir(args.out)
+    predictions, metrics = evaluate_weights(args.weights, load_data(args), config)
+    with atomic_write(out / "predictions.csv") as f:
+        predictions.to_csv(f, index=False)
+    print(per_subject_accuracy(predictions).round(3).to_string(index=False))
+    print(summary_table(metrics, ["weights"]).round(4).to_string())
+    return 0
+
+
+def cmd_synth(args):
+    from htnet.data import make_synthetic
+    root = make_synthetic(args.out, subjects_per_dataset=args.subjects_per_dataset, seed=args.seed)
+    print(load_release(root).summary().to_string())
+    print(f"written to {root}")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "synth": cmd_synth}
+    try:
+        if args.command == "preprocess":
+            from htnet import preprocess
+            return preprocess.run(args)
+        return commands[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,46 @@
+"""HTNet's input: four 14x14 patches cut around facial landmarks, tiled 2x2 into 28x28.
+
+    top row:    left eye (point 0)     | right eye (point 1)
+    bottom row: mouth left (point 3)   | mouth right (point 4)        (the nose, point 2, is unused)
+
+Each landmark (x, y) is clamped to 7..21 and truncated to int so that the 14x14 patch stays
+inside the image, as the reference does.
+
+Crop modes:
+- `reference` reproduces the reference indexing `image[x-7:x+7, y-7:y+7]`: the landmark's x
+  (a column coordinate) is used as the ROW index and y as the column. On a face this transposes
+  the patch centres about the diagonal, so "eye" patches are cut left of the eyes, and so on.
+  Use it to reproduce the published numbers.
+- `corrected` uses `image[y-7:y+7, x-7:x+7]`: patches centred on the landmarks as intended.
+"""
+import numpy as np
+
+from htnet.errors import UserError
+
+CROP_MODES = ("reference", "corrected")
+TILE_POINTS = ((0, 1), (3, 4))
+HALF = 7
+
+
+def patch_centres(landmarks):
+    """(N, 5, 2) float landmarks -> (N, 5, 2) int centres, clamped to 7..21 and truncated."""
+    return np.clip(landmarks, HALF, 28 - HALF).astype(int)
+
+
+def htnet_input(images, landmarks, crop_mode="reference"):
+    """(N, 3, 28, 28) whole-face images + (N, 5, 2) landmarks -> (N, 3, 28, 28) tiled crops."""
+    if crop_mode not in CROP_MODES:
+        raise UserError(f"unknown crop_mode {crop_mode!r} (known: {', '.join(CROP_MODES)})")
+    centres = patch_centres(landmarks)
+    if crop_mode == "reference":
+        rows, cols = centres[..., 0], centres[..., 1]
+    else:
+        rows, cols = centres[..., 1], centres[..., 0]
+    out = np.empty_like(images)
+    for n in range(len(images)):
+        for tile_row, points in enumerate(TILE_POINTS):
+            for tile_col, p in enumerate(points):
+                r, c = rows[n, p], cols[n, p]
+                out[n, :, tile_row * 14:(tile_row + 1) * 14, tile_col * 14:(tile_col + 1) * 14] = \
+                    images[n, :, r - HALF:r + HALF, c - HALF:c + HALF]
+    return out

@@ -1,0 +1,136 @@
+"""A synthetic composite set in the release layout, for laptops, CI and tests.
+
+Each sample is a made-up onset->apex motion field on a 28x28 face: class-dependent motion in
+the brow/eye and mouth regions (0 negative: brows pulled down and together, mouth corners down;
+1 positive: mouth corners up and out; 2 surprise: brows up, jaw drops), scaled per sample, moved
+by each subject's own face position, gain and head motion, plus smooth noise and distractor
+twitches. Optical strain is derived from the flow as for real data, and each channel is min-max
+scaled to 0..255 per image, stored in the release's channel order (cv2.imread gives strain, v, u).
+Deterministic for a seed. Class shares per source dataset follow the real composite.
+"""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from htnet.data.release import LANDMARK_COLUMNS, TEMPLATE_LANDMARKS, write_release
+from htnet.errors import UserError
+
+# Real class counts (negative, positive, surprise) per source dataset.
+CLASS_COUNTS = {"casme2": (88, 32, 25), "smic": (70, 51, 43), "samm": (92, 26, 15)}
+BROW_LIFT = 3.0  # brows sit this many pixels above the eye landmarks
+
+
+def subject_name(dataset, i):
+    return {"casme2": f"sub{i + 1:02d}", "smic": f"s{i + 1:02d}", "samm": f"{i + 6:03d}"}[dataset]
+
+
+def _bump(shape, centre, sigma):
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    return np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * sigma ** 2))
+
+
+def _class_motion(label, points, amplitude):
+    """Flow (u, v) for one expression; points: (5, 2) landmarks x, y of this face."""
+    u = np.zeros((28, 28), np.float32)
+    v = np.zeros((28, 28), np.float32)
+    left_brow, right_brow = points[0] - (0, BROW_LIFT), points[1] - (0, BROW_LIFT)
+    mouth_left, mouth_right = points[3], points[4]
+    jaw = (points[3] + points[4]) / 2 + (0, 2.5)
+
+    def move(centre, du, dv, sigma=2.5):
+        b = _bump((28, 28), centre, sigma) * amplitude
+        u[:] += du * b
+        v[:] += dv * b
+
+    if label == 0:    # brows down and together, mouth corners down
+        move(left_brow, +0.6, +0.8); move(right_brow, -0.6, +0.8)
+        move(mouth_left, 0.0, +0.5, 2.0); move(mouth_right, 0.0, +0.5, 2.0)
+    elif label == 1:  # smile: corners up and out, cheeks raised
+        move(mouth_left, -0.7, -0.8); move(mouth_right, +0.7, -0.8)
+        move(points[0] + (0, 2), 0.0, -0.3, 2.0); move(points[1] + (0, 2), 0.0, -0.3, 2.0)
+    else:             # surprise: brows up, jaw drops
+        move(left_brow, 0.0, -1.0); move(right_brow, 0.0, -1.0)
+        move(jaw, 0.0, +0.9, 3.0)
+    return u, v
+
+
+def _smooth_noise(rng, sigma_px, scale):
+    noise = rng.normal(0, 1, (28, 28)).astype(np.float32)
+    noise = cv2.GaussianBlur(noise, (0, 0), sigma_px)
+    return noise / (noise.std() + 1e-6) * scale
+
+
+def optical_strain(u, v):
+    """sqrt(e_xx^2 + e_yy^2 + 2 e_xy^2), e_xy = (du/dy + dv/dx) / 2."""
+    du_dy, du_dx = np.gradient(u)
+    dv_dy, dv_dx = np.gradient(v)
+    e_xy = (du_dy + dv_dx) / 2
+    return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2 * e_xy ** 2)
+
+
+def _to_uint8(channel):
+    low, high = channel.min(), channel.max()
+    return np.zeros_like(channel, np.uint8) if high - low < 1e-8 else \
+        np.round((channel - low) / (high - low) * 255).astype(np.uint8)
+
+
+def flow_image(u, v):
+    """(28, 28, 3) uint8 in the release's stored order: cv2.imread gives (strain, v, u)."""
+    return np.stack([_to_uint8(optical_strain(u, v)), _to_uint8(v), _to_uint8(u)], axis=-1)
+
+
+def make_synthetic(out_dir, subjects_per_dataset=4, samples_per_subject=(4, 9), seed=0,
+                   signal=1.0):
+    """Write a synthetic composite to `out_dir` in the release layout; return the folder.
+
+    subjects_per_dataset: an int for each of casme2, smic, samm, or a dict per dataset.
+    signal: expression amplitude relative to noise (1.0: a small model gets well above chance,
+    yet learning rate and epochs matter).
+    """
+    if isinstance(subjects_per_dataset, int):
+        subjects_per_dataset = dict.fromkeys(CLASS_COUNTS, subjects_per_dataset)
+    unknown = set(subjects_per_dataset) - set(CLASS_COUNTS)
+    if unknown:
+        raise UserError(f"unknown synthetic dataset {sorted(unknown)[0]!r} (known: casme2, smic, samm)")
+    if any(n < 1 for n in subjects_per_dataset.values()):
+        raise UserError("subjects_per_dataset must be at least 1 for each dataset")
+    rng = np.random.default_rng(seed)
+    rows, images, landmark_rows = [], [], []
+    for dataset, n_subjects in subjects_per_dataset.items():
+        shares = np.array(CLASS_COUNTS[dataset], float) / sum(CLASS_COUNTS[dataset])
+        for s in range(n_subjects):
+            sub = subject_name(dataset, s)
+            face_shift = rng.normal(0, 1.0, 2)
+            gain = rng.uniform(0.6, 1.4)
+            head_motion = rng.normal(0, 0.25, 2)
+            noise_level = rng.uniform(0.15, 0.3)
+            n_samples = rng.integers(samples_per_subject[0], samples_per_subject[1] + 1)
+            # Every subject shows every class once before drawing by the dataset's shares.
+            labels = np.concatenate([rng.permutation(3), rng.choice(3, max(0, n_samples - 3), p=shares)])
+            for k, label in enumerate(labels[:n_samples]):
+                points = TEMPLATE_LANDMARKS + face_shift + rng.normal(0, 0.4, (5, 2))
+                u, v = _class_motion(int(label), points, signal * gain * rng.uniform(0.5, 1.5))
+                twitch = rng.uniform(4, 24, 2)  # a distractor movement somewhere on the face
+                u += _bump((28, 28), twitch, 2.0) * rng.normal(0, 0.5)
+                v += _bump((28, 28), twitch, 2.0) * rng.normal(0, 0.5)
+                u += head_motion[0] + _smooth_noise(rng, 1.5, noise_level)
+                v += head_motion[1] + _smooth_noise(rng, 1.5, noise_level)
+                filename = f"syn{k + 1:02d}"
+                rows.append({"dataset": dataset, "sub": sub, "filename_o": filename, "label": int(label)})
+                images.append(flow_image(u, v))
+                detected = rng.random() < 0.6  # like MTCNN, which misses some faces
+                landmark_rows.append({"sample": f"{sub}_{filename}", "detected": int(detected),
+                                      **dict(zip(LANDMARK_COLUMNS, points.ravel().round(4) if detected
+                                                 else [np.nan] * 10))})
+    write_release(out_dir, pd.DataFrame(rows), np.stack(images), pd.DataFrame(landmark_rows))
+    return Path(out_dir)
+
+
+def synthetic_cache(cache_dir=".cache/htnet-synth", subjects_per_dataset=4, seed=0):
+    """The built-in synthetic set, generated once into `cache_dir` and reused."""
+    folder = Path(cache_dir) / f"s{subjects_per_dataset}-seed{seed}"
+    if not (folder / "combined_3_class2_for_optical_flow.csv").is_file():
+        make_synthetic(folder, subjects_per_dataset=subjects_per_dataset, seed=seed)
+    return folder

@@ -1,0 +1,425 @@
+"""Leave-one-subject-out cross-validation: the engine every trial of a search calls.
+
+For every test subject a freshly initialised, seeded model is trained on all other subjects and
+tested on that subject. Three protocols are read off the same run, each named in every result:
+
+- `paper`: per subject, the test predictions of the epoch with the best test accuracy (a later
+  epoch wins ties), as the HTNet reference does. This looks at the test subject: it leaks.
+- `final`: the last epoch's predictions.
+- `inner` (leak-free): per outer fold, a second model is trained on the training subjects minus
+  `inner_val_subjects` held-out validation subjects; the epoch E* with the best validation UF1
+  (earlier wins ties; `inner_patience` stops it early) is chosen there, and the inner test
+  prediction is the main model's prediction at epoch E*. The test subject is never looked at.
+
+`run_loso(config, data, callback)` reports pooled results through `callback` after every
+`report_every` folds, so a search can prune; the callback returns True to stop the run.
+"""
+import dataclasses
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from htnet.data import CompositeData, htnet_input
+from htnet.errors import TrainingDiverged, UserError
+from htnet.io import atomic_write, ensure_writable_dir
+from htnet.metrics import CLASS_NAMES, PROTOCOLS, compute_metrics, uf1_uar
+from htnet.models import create_model, model_input
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+ENGINES = ("plain", "batched")
+
+
+@dataclass
+class LosoConfig:
+    model: str = "htnet"
+    model_config: dict = field(default_factory=dict)
+    epochs: int = 800
+    batch_size: int = 256
+    lr: float = 5e-5
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    shuffle: bool = False
+    seed: int = 1
+    device: str = "auto"
+    subjects: int | list | None = None  # a count or ids; None = all
+    protocols: tuple = PROTOCOLS
+    inner_val_subjects: int = 3
+    inner_patience: int | None = None
+    eval_every: int = 1
+    crop_mode: str = "reference"
+    standardize: bool = False
+    engine: str = "plain"
+    save_weights: bool = False
+    report_every: int = 1
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise UserError(f"unknown LOSO config key {key!r} (known: {', '.join(sorted(known))})")
+        config = cls(**values)
+        config.protocols = tuple(config.protocols)
+        config.validate()
+        return config
+
+    def to_dict(self):
+        values = dataclasses.asdict(self)
+        values["protocols"] = list(self.protocols)
+        return values
+
+    def validate(self):
+        def positive(name, integer=True):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (integer and int(value) != value) or value <= 0:
+                raise UserError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+        for name in ("epochs", "batch_size", "eval_every", "report_every"):
+            positive(name)
+        positive("lr", integer=False)
+        if self.weight_decay < 0:
+            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown engine {self.engine!r} (known: {', '.join(ENGINES)})")
+        if not self.protocols or any(p not in PROTOCOLS for p in self.protocols):
+            bad = next((p for p in self.protocols if p not in PROTOCOLS), "(none)")
+            raise UserError(f"unknown protocol {bad!r} (known: {', '.join(PROTOCOLS)})")
+        if "inner" in self.protocols:
+            positive("inner_val_subjects")
+        if self.inner_patience is not None:
+            positive("inner_patience")
+        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
+            raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda, cuda:N)")
+        if not isinstance(self.model_config, dict):
+            raise UserError(f"model_config must be a mapping, got {self.model_config!r}")
+        create_model(self.model, **self.model_config)  # raises UserError on an impossible config
+
+
+@dataclass
+class Fold:
+    subject: str
+    train: np.ndarray        # sample indices the main model trains on
+    test: np.ndarray
+    inner_train: np.ndarray  # the inner run's training samples (train minus validation subjects)
+    val: np.ndarray
+    val_subjects: list
+
+
+@dataclass
+class FoldOutcome:
+    """What one fold produced: per protocol the chosen epoch and the test predictions."""
+    subject: str
+    test: np.ndarray
+    chosen: dict             # protocol -> (epoch, predictions)
+    val_labels: np.ndarray | None   # the inner run's validation samples at epoch E*
+    val_predictions: np.ndarray | None
+    history: list            # rows: run, epoch, train_loss, test_acc, val_uf1
+    fold_epochs: int
+    weights: dict | None = None  # state_dict of the weights protocol's epoch
+
+
+@dataclass
+class LosoResult:
+    config: LosoConfig
+    predictions: pd.DataFrame
+    metrics: dict
+    history: pd.DataFrame
+    stopped: bool
+    folds_done: int
+    folds_total: int
+    fold_epochs: int
+    wall_time_s: float
+    device: str
+
+    def save(self, out_dir):
+        out_dir = ensure_writable_dir(out_dir)
+        with atomic_write(out_dir / "predictions.csv") as f:
+            self.predictions.to_csv(f, index=False)
+        with atomic_write(out_dir / "history.csv") as f:
+            self.history.to_csv(f, index=False)
+        with atomic_write(out_dir / "metrics.json") as f:
+            pd.Series(self.metrics, dtype=float).to_json(f, indent=2)
+        with atomic_write(out_dir / "config.yaml") as f:
+            yaml.safe_dump(self.config.to_dict(), f, sort_keys=False)
+        return out_dir
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def select_subjects(data, subjects):
+    """subjects: None (all), a count (taken in turn from each source dataset) or a list of ids."""
+    if subjects is None:
+        return data
+    if isinstance(subjects, int):
+        if subjects < 2:
+            raise UserError(f"subjects must be at least 2 for LOSO, got {subjects}")
+        return data.restrict(data.pick_subjects(subjects))
+    return data.restrict([str(s) for s in subjects])
+
+
+def model_inputs(data, config):
+    """The (N, 3, 28, 28) array the model reads: HTNet's tiled landmark crops or the whole face."""
+    if model_input(config.model) == "face_crops":
+        return htnet_input(data.images, data.landmarks, config.crop_mode)
+    return data.images
+
+
+def subject_seed(seed, subject, run):
+    return (seed * 1_000_003 + zlib.crc32(f"{subject}/{run}".encode())) % 2**31
+
+
+def make_folds(data, config):
+    """One fold per subject, with the inner run's validation subjects drawn from its training
+    subjects, one per source dataset in turn so that validation spans the datasets."""
+    subjects = data.subject_ids
+    dataset_of = dict(zip(data.subjects.tolist(), data.datasets.tolist()))
+    folds = []
+    for subject in subjects:
+        test = np.flatnonzero(data.subjects == subject)
+        train = np.flatnonzero(data.subjects != subject)
+        missing = sorted(set(range(len(CLASS_NAMES))) - set(data.labels[train].tolist()))
+        if missing:
+            raise UserError(f"fold {subject}: training set lacks class {missing[0]} ({CLASS_NAMES[missing[0]]})")
+        val_subjects = []
+        if "inner" in config.protocols:
+            others = [s for s in subjects if s != subject]
+            if config.inner_val_subjects >= len(others):
+                raise UserError(f"inner_val_subjects={config.inner_val_subjects} leaves no training "
+                                f"subject in fold {subject} ({len(others)} others)")
+            rng = np.random.default_rng(subject_seed(config.seed, subject, "val"))
+            by_dataset = {}
+            for s in rng.permutation(others):
+                by_dataset.setdefault(dataset_of[s], []).append(str(s))
+            queues = [by_dataset[d] for d in sorted(by_dataset)]
+            while len(val_subjects) < config.inner_val_subjects:
+                for queue in queues:
+                    if queue and len(val_subjects) < config.inner_val_subjects:
+                        val_subjects.append(queue.pop())
+        val = np.flatnonzero(np.isin(data.subjects, val_subjects))
+        inner_train = np.setdiff1d(train, val)
+        folds.append(Fold(subject, train, test, inner_train, val, val_subjects))
+    return folds
+
+
+def training_order(indices, labels, samples):
+    """The reference reads u_train/<label>/ folder by folder: no shuffle means label-sorted."""
+    return indices[np.lexsort((samples[indices], labels[indices]))]
+
+
+def train_epochs(model, X, y, order, eval_sets, config, generator, desc=None):
+    """Train `model` on samples `order`; after every `eval_every` epochs yield
+    (epoch, mean train loss, {name: predicted labels for eval_sets[name]})."""
+    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr,
+                                              weight_decay=config.weight_decay)
+    order = torch.as_tensor(order, device=X.device)
+    for epoch in tqdm(range(1, config.epochs + 1), desc=desc, leave=False, disable=desc is None):
+        model.train()
+        if config.shuffle:
+            order = order[torch.randperm(len(order), generator=generator).to(X.device)]
+        loss_sum = torch.zeros((), device=X.device)
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            loss = F.cross_entropy(model(X[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(batch)
+        if epoch % config.eval_every and epoch != config.epochs:
+            continue
+        mean_loss = loss_sum.item() / len(order)
+        if not np.isfinite(mean_loss):
+            raise TrainingDiverged(f"training loss is {mean_loss} at epoch {epoch} (lr {config.lr} too high?)")
+        model.eval()
+        with torch.no_grad():
+            predictions = {name: model(X[idx]).argmax(1).cpu().numpy() for name, idx in eval_sets.items()}
+        yield epoch, mean_loss, predictions
+
+
+def build_model(config, seed, device):
+    torch.manual_seed(seed)
+    return create_model(config.model, **config.model_config).to(device)
+
+
+def run_fold(fold, X, y, data, config, device, progress=False):
+    """Train one fold's models (inner, then main) and choose each protocol's epoch."""
+    history, fold_epochs, inner_epoch, val_best = [], 0, None, None
+    if "inner" in config.protocols:
+        seed = subject_seed(config.seed, fold.subject, "inner")
+        model = build_model(config, seed, device)
+        order = training_order(fold.inner_train, data.labels, data.samples)
+        best, since_best = -1.0, 0
+        for epoch, loss, preds in train_epochs(model, X, y, order, {"val": fold.val}, config,
+                                               torch.Generator().manual_seed(seed),
+                                               desc=f"{fold.subject} inner" if progress else None):
+            val_uf1 = uf1_uar(data.labels[fold.val], preds["val"])[0]
+            history.append(("inner", epoch, loss, np.nan, val_uf1))
+            fold_epochs = epoch
+            since_best += 1
+            if val_uf1 > best:
+                best, since_best, inner_epoch, val_best = val_uf1, 0, epoch, preds["val"]
+            if config.inner_patience and since_best >= config.inner_patience:
+                break
+
+    seed = subject_seed(config.seed, fold.subject, "main")
+    model = build_model(config, seed, device)
+    order = training_order(fold.train, data.labels, data.samples)
+    weights_protocol = next(p for p in ("paper", "inner", "final") if p in config.protocols)
+    chosen, best_acc, weights = {}, -1.0, None
+    for epoch, loss, preds in train_epochs(model, X, y, order, {"test": fold.test}, config,
+                                           torch.Generator().manual_seed(seed),
+                                           desc=f"{fold.subject}" if progress else None):
+        test_pred = preds["test"]
+        acc = float((test_pred == data.labels[fold.test]).mean())
+        history.append(("main", epoch, loss, acc, np.nan))
+        keep = []
+        if "paper" in config.protocols and acc >= best_acc:  # later epoch wins ties
+            best_acc = acc
+            keep.append("paper")
+        if "inner" in config.protocols and epoch == inner_epoch:
+            keep.append("inner")
+        if epoch == config.epochs and "final" in config.protocols:
+            keep.append("final")
+        for protocol in keep:
+            chosen[protocol] = (epoch, test_pred)
+        if config.save_weights and weights_protocol in keep:
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # Both runs evaluate at the same epochs, so E* is always among the main run's.
+    fold_epochs += config.epochs
+    val_labels = data.labels[fold.val] if val_best is not None else None
+    return FoldOutcome(fold.subject, fold.test, chosen, val_labels, val_best, history, fold_epochs, weights)
+
+
+def _prediction_rows(outcome, data):
+    rows = []
+    for protocol, (epoch, predicted) in outcome.chosen.items():
+        rows.append(pd.DataFrame({
+            "sample": data.samples[outcome.test], "subject": outcome.subject,
+            "dataset": data.datasets[outcome.test], "label": data.labels[outcome.test],
+            "protocol": protocol, "prediction": predicted, "epoch": epoch}))
+    return rows
+
+
+def _pooled_metrics(prediction_rows, outcomes, data):
+    predictions = pd.concat(prediction_rows, ignore_index=True)
+    metrics = compute_metrics(predictions)
+    with_val = [o for o in outcomes if o.val_predictions is not None]
+    if with_val:
+        labels = np.concatenate([o.val_labels for o in with_val])
+        predicted = np.concatenate([o.val_predictions for o in with_val])
+        metrics["inner_val_uf1"], metrics["inner_val_uar"] = uf1_uar(labels, predicted)
+    return predictions, metrics
+
+
+def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=True):
+    """Run LOSO cross-validation of one configuration; see the module docstring."""
+    config = config if isinstance(config, LosoConfig) else LosoConfig.from_dict(config)
+    data = select_subjects(data, config.subjects)
+    if out_dir is not None:
+        out_dir = ensure_writable_dir(out_dir)
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+    X = torch.as_tensor(model_inputs(data, config), device=device)
+    y = torch.as_tensor(data.labels, device=device)
+    folds = make_folds(data, config)
+    if config.engine == "batched":
+        from htnet.batched import run_folds_batched as run_folds
+    else:
+        run_folds = _run_folds_plain
+    outcomes, prediction_rows, history_rows, stopped = [], [], [], False
+    bar = tqdm(total=len(folds), desc="LOSO folds", disable=not progress)
+    for outcome in run_folds(folds, X, y, data, config, device):
+        outcomes.append(outcome)
+        prediction_rows += _prediction_rows(outcome, data)
+        history_rows += [(outcome.subject, *row) for row in outcome.history]
+        if out_dir is not None and outcome.weights is not None:
+            with atomic_write(out_dir / "weights" / f"{outcome.subject}.pth", "wb") as f:
+                torch.save(outcome.weights, f)
+        bar.update(1)
+        done = len(outcomes)
+        if callback is not None and (done % config.report_every == 0 or done == len(folds)):
+            _, metrics = _pooled_metrics(prediction_rows, outcomes, data)
+            fold_history = pd.DataFrame([r for o in outcomes for r in o.history if r[0] == "main"],
+                                        columns=["run", "epoch", "train_loss", "test_acc", "val_uf1"])
+            report = {"step": done, "folds_total": len(folds),
+                      "fold_epochs": sum(o.fold_epochs for o in outcomes),
+                      "train_loss": float(fold_history.groupby("epoch")["train_loss"].mean().iloc[-1]),
+                      **metrics}
+            if callback(report) and done < len(folds):
+                stopped = True
+                break
+        bar.set_postfix_str(_postfix(prediction_rows))
+    bar.close()
+    predictions, metrics = _pooled_metrics(prediction_rows, outcomes, data)
+    fold_epochs = sum(o.fold_epochs for o in outcomes)
+    wall = time.perf_counter() - started
+    metrics.update(fold_epochs=fold_epochs, wall_time_s=wall)
+    history = pd.DataFrame(history_rows, columns=["subject", "run", "epoch", "train_loss", "test_acc", "val_uf1"])
+    result = LosoResult(config, predictions, metrics, history, stopped, len(outcomes), len(folds),
+                        fold_epochs, wall, str(device))
+    if out_dir is not None:
+        result.save(out_dir)
+    return result
+
+
+def _postfix(prediction_rows):
+    predictions = pd.concat(prediction_rows)
+    parts = []
+    for protocol, part in predictions.groupby("protocol", sort=False):
+        parts.append(f"{protocol} UF1 {uf1_uar(part['label'], part['prediction'])[0]:.3f}")
+    return ", ".join(parts)
+
+
+def _run_folds_plain(folds, X, y, data, config, device):
+    """The plain engine: one fold after another, one model at a time."""
+    for fold in folds:
+        yield run_fold(fold, X, y, data, config, device, progress=False)
+
+
+def evaluate_weights(weights_dir, data, config):
+    """Test every subject of `data` with `<weights_dir>/<subject>.pth` (the reference's
+    `ourmodel_threedatasets_weights/` layout); protocol 'weights'. Returns (predictions, metrics)."""
+    config = config if isinstance(config, LosoConfig) else LosoConfig.from_dict(config)
+    data = select_subjects(data, config.subjects)
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise UserError(f"weights folder not found: {weights_dir}")
+    missing = [s for s in data.subject_ids if not (weights_dir / f"{s}.pth").is_file()]
+    if missing:
+        raise UserError(f"weights folder {weights_dir} has no {missing[0]}.pth for subject {missing[0]!r}")
+    device = resolve_device(config.device)
+    X = torch.as_tensor(model_inputs(data, config), device=device)
+    model = create_model(config.model, **config.model_config).to(device).eval()
+    rows = []
+    for subject in data.subject_ids:
+        path = weights_dir / f"{subject}.pth"
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, AttributeError, EOFError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path}: not weights of model {config.model} with this config ({first})") from None
+        test = np.flatnonzero(data.subjects == subject)
+        with torch.no_grad():
+            predicted = model(X[test]).argmax(1).cpu().numpy()
+        rows.append(pd.DataFrame({"sample": data.samples[test], "subject": subject,
+                                  "dataset": data.datasets[test], "label": data.labels[test],
+                                  "protocol": "weights", "prediction": predicted, "epoch": np.nan}))
+    predictions = pd.concat(rows, ignore_index=True)
+    return predictions, compute_metrics(predictions)

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import pytest
+
+from htnet.data import load_release, make_synthetic
+
+REAL_RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "htnet_composite"
+TINY_STSTNET = {"model": "ststnet", "epochs": 6, "lr": 1e-3, "batch_size": 32}
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A small synthetic composite: 3 subjects per source dataset."""
+    return make_synthetic(tmp_path_factory.mktemp("synth"), subjects_per_dataset=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_data(synth_root):
+    return load_release(synth_root)
+
+
+@pytest.fixture(scope="session")
+def real_root():
+    if not (REAL_RELEASE / "combined_3_class2_for_optical_flow.csv").is_file():
+        pytest.skip(f"the real HTNet release is not at {REAL_RELEASE.resolve()} (it is never committed)")
+    return REAL_RELEASE
