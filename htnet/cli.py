@@ -40,7 +40,8 @@ def load_data(args):
     root = Path(args.data) if args.data else synthetic_cache(SYNTH_CACHE, args.synth_subjects)
     if not args.data:
         print(f"no --data given: using the built-in synthetic set at {root}", file=sys.stderr)
-    return load_release(root, landmarks=args.landmarks, standardize=args.standardize)
+    return load_release(root, landmarks=args.landmarks, standardize=args.standardize,
+                        min_samples_per_subject=args.min_samples_per_subject)
 
 
 def add_data_arguments(p):
@@ -50,6 +51,8 @@ def add_data_arguments(p):
     p.add_argument("--landmarks", default="auto",
                    help="'auto' (the release's landmarks_mtcnn.csv), 'template', or a CSV path")
     p.add_argument("--standardize", action="store_true", help="per-channel standardisation")
+    p.add_argument("--min-samples-per-subject", type=int, default=1,
+                   help="reject subjects with fewer samples (default 1: the release has 8 such subjects)")
     p.add_argument("--subjects", help="comma-separated subject ids, or a count taken across datasets")
     p.add_argument("--model", default="htnet", choices=list_models())
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",

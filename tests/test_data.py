@@ -153,3 +153,12 @@ def test_landmarks_missing_sample_or_out_of_image(broken_release):
     with pytest.raises(UserError, match="out of the 28x28 image"):
         load_release(broken_release)
     assert load_release(broken_release, landmarks="template").landmarks.shape[1:] == (5, 2)
+
+
+def test_subject_with_one_sample_is_accepted_unless_a_minimum_is_asked(broken_release):
+    table = pd.read_csv(broken_release / CSV_NAME, dtype=str)
+    lonely = table["sub"].iloc[0]
+    table[(table["sub"] != lonely) | (table.index == 0)].to_csv(broken_release / CSV_NAME, index=False)
+    assert (load_release(broken_release).subjects == lonely).sum() == 1
+    with pytest.raises(UserError, match=f"subject '{lonely}' has 1 sample"):
+        load_release(broken_release, min_samples_per_subject=2)

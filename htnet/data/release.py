@@ -108,12 +108,14 @@ def read_image(path):
     return image.astype(np.float32).transpose(2, 0, 1)
 
 
-def load_release(root, landmarks="auto", standardize=False):
+def load_release(root, landmarks="auto", standardize=False, min_samples_per_subject=1):
     """Load the release at `root`.
 
     landmarks: "auto" (the release's landmarks_mtcnn.csv where present, else the template),
     "template", or the path of a landmarks CSV. standardize: per-channel zero mean / unit
     variance over the whole set instead of the reference's raw 0..255 values.
+    min_samples_per_subject: reject subjects with fewer samples (the real release has 8 subjects
+    with a single sample, so the default accepts them).
     """
     root = Path(root)
     if not root.is_dir():
@@ -125,6 +127,11 @@ def load_release(root, landmarks="auto", standardize=False):
         table, images = _read_loso_folders(root / LOSO_DIR)
     else:
         raise UserError(f"{root} holds neither {CSV_NAME} nor {LOSO_DIR}/: not an HTNet release")
+    sizes = table.groupby("sub").size()
+    small = sizes[sizes < min_samples_per_subject]
+    if len(small):
+        raise UserError(f"{root}: subject {small.index[0]!r} has {small.iloc[0]} sample(s), "
+                        f"fewer than min_samples_per_subject={min_samples_per_subject}")
     points = _read_landmarks(root, table["sample"], landmarks)
     if standardize:
         mean = images.mean(axis=(0, 2, 3), keepdims=True)
