@@ -336,7 +336,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     device = resolve_device(config.device)
     started = time.perf_counter()
     X = torch.as_tensor(model_inputs(data, config), device=device)
-    y = torch.as_tensor(data.labels, device=device)
+    y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":
         from htnet.batched import run_folds_batched as run_folds

@@ -5,7 +5,7 @@ import pytest
 from htnet.data import load_release, make_synthetic
 
 REAL_RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "htnet_composite"
-TINY_STSTNET = {"model": "ststnet", "epochs": 6, "lr": 1e-3, "batch_size": 32}
+TINY_STSTNET = {"model": "ststnet", "epochs": 8, "lr": 3e-3, "batch_size": 32}
 
 
 @pytest.fixture(scope="session")
