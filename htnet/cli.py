@@ -83,7 +83,7 @@ def build_parser():
     train.add_argument("--eval-every", type=int)
     train.add_argument("--engine", choices=list(ENGINES))
     train.add_argument("--save-weights", action="store_true", default=None,
-                       help="write <out>/weights/<subject>.pth (the paper protocol's epoch)")
+                       help="write <out>/weights/<subject>.pth (the paper protocol's epoch, else the last)")
     train.add_argument("--out", default="outputs/train", help="folder for predictions, metrics, weights")
 
     evaluate = commands.add_parser("evaluate", help="test every subject with saved per-subject weights")

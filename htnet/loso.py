@@ -257,53 +257,89 @@ def build_model(config, seed, device):
     return create_model(config.model, **config.model_config).to(device)
 
 
+class InnerChoice:
+    """The inner run's validation curve: E* = the epoch with the best validation UF1 (earlier
+    wins ties); `done` once `patience` evaluations pass without improvement."""
+
+    def __init__(self, labels, patience=None):
+        self.labels, self.patience = labels, patience
+        self.best, self.epoch, self.predictions, self.since_best = -1.0, None, None, 0
+
+    def add(self, epoch, predictions):
+        uf1 = uf1_uar(self.labels, predictions)[0]
+        self.since_best += 1
+        if uf1 > self.best:
+            self.best, self.epoch, self.predictions, self.since_best = uf1, epoch, predictions, 0
+        return uf1
+
+    @property
+    def done(self):
+        return bool(self.patience) and self.since_best >= self.patience
+
+
+class TestChoice:
+    """The main run's test predictions by epoch; picks the `paper` epoch (best test accuracy,
+    later wins ties), `final` (the last) and `inner` (E*, from the inner run)."""
+
+    def __init__(self, labels):
+        self.labels, self.by_epoch, self.best_acc, self.paper_epoch = labels, {}, -1.0, None
+
+    def add(self, epoch, predictions):
+        """Record one evaluation; True where it becomes the paper protocol's choice."""
+        self.by_epoch[epoch] = predictions
+        acc = float((predictions == self.labels).mean())
+        if acc >= self.best_acc:
+            self.best_acc, self.paper_epoch = acc, epoch
+            return acc, True
+        return acc, False
+
+    def chosen(self, protocols, inner_epoch=None):
+        epochs = {"paper": self.paper_epoch, "final": max(self.by_epoch), "inner": inner_epoch}
+        return {p: (epochs[p], self.by_epoch[epochs[p]]) for p in protocols}
+
+
+def weights_protocol(config):
+    """Which epoch's weights `save_weights` keeps: the paper protocol's (as the reference's
+    `--train True` does) when it is run, else the last epoch's."""
+    return "paper" if "paper" in config.protocols else "final"
+
+
+def snapshot(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def run_fold(fold, X, y, data, config, device, progress=False):
     """Train one fold's models (inner, then main) and choose each protocol's epoch."""
-    history, fold_epochs, inner_epoch, val_best = [], 0, None, None
+    history, fold_epochs, inner = [], 0, None
     if "inner" in config.protocols:
         seed = subject_seed(config.seed, fold.subject, "inner")
         model = build_model(config, seed, device)
         order = training_order(fold.inner_train, data.labels, data.samples)
-        best, since_best = -1.0, 0
+        inner = InnerChoice(data.labels[fold.val], config.inner_patience)
         for epoch, loss, preds in train_epochs(model, X, y, order, {"val": fold.val}, config,
                                                torch.Generator().manual_seed(seed),
                                                desc=f"{fold.subject} inner" if progress else None):
-            val_uf1 = uf1_uar(data.labels[fold.val], preds["val"])[0]
-            history.append(("inner", epoch, loss, np.nan, val_uf1))
+            history.append(("inner", epoch, loss, np.nan, inner.add(epoch, preds["val"])))
             fold_epochs = epoch
-            since_best += 1
-            if val_uf1 > best:
-                best, since_best, inner_epoch, val_best = val_uf1, 0, epoch, preds["val"]
-            if config.inner_patience and since_best >= config.inner_patience:
+            if inner.done:
                 break
 
     seed = subject_seed(config.seed, fold.subject, "main")
     model = build_model(config, seed, device)
     order = training_order(fold.train, data.labels, data.samples)
-    weights_protocol = next(p for p in ("paper", "inner", "final") if p in config.protocols)
-    chosen, best_acc, weights = {}, -1.0, None
+    test, weights = TestChoice(data.labels[fold.test]), None
     for epoch, loss, preds in train_epochs(model, X, y, order, {"test": fold.test}, config,
                                            torch.Generator().manual_seed(seed),
                                            desc=f"{fold.subject}" if progress else None):
-        test_pred = preds["test"]
-        acc = float((test_pred == data.labels[fold.test]).mean())
+        acc, is_paper_best = test.add(epoch, preds["test"])
         history.append(("main", epoch, loss, acc, np.nan))
-        keep = []
-        if "paper" in config.protocols and acc >= best_acc:  # later epoch wins ties
-            best_acc = acc
-            keep.append("paper")
-        if "inner" in config.protocols and epoch == inner_epoch:
-            keep.append("inner")
-        if epoch == config.epochs and "final" in config.protocols:
-            keep.append("final")
-        for protocol in keep:
-            chosen[protocol] = (epoch, test_pred)
-        if config.save_weights and weights_protocol in keep:
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    # Both runs evaluate at the same epochs, so E* is always among the main run's.
+        if config.save_weights and (is_paper_best if weights_protocol(config) == "paper" else epoch == config.epochs):
+            weights = snapshot(model)
     fold_epochs += config.epochs
-    val_labels = data.labels[fold.val] if val_best is not None else None
-    return FoldOutcome(fold.subject, fold.test, chosen, val_labels, val_best, history, fold_epochs, weights)
+    # Both runs evaluate at the same epochs, so E* is always one of the main run's.
+    chosen = test.chosen(config.protocols, inner.epoch if inner else None)
+    return FoldOutcome(fold.subject, fold.test, chosen, inner.labels if inner else None,
+                       inner.predictions if inner else None, history, fold_epochs, weights)
 
 
 def _prediction_rows(outcome, data):
