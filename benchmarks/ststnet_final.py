@@ -2,7 +2,7 @@
 (800 epochs, Adam lr 5e-5, batch 256, no shuffle), compared with the published PyTorch result
 (Full UF1 0.7209, UAR 0.7250).
 
-    python benchmarks/ststnet_final.py [--data ../shared/data/htnet_composite] [--engine plain]
+    python -m benchmarks.ststnet_final [--data ../shared/data/htnet_composite] [--engine plain]
 
 Prints a Markdown row for benchmarks/RESULTS.md and writes the run to outputs/bench-ststnet-final/.
 """

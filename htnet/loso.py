@@ -380,7 +380,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
         run_folds = _run_folds_plain
     outcomes, prediction_rows, history_rows, stopped = [], [], [], False
     bar = tqdm(total=len(folds), desc="LOSO folds", disable=not progress)
-    for outcome in run_folds(folds, X, y, data, config, device):
+    for outcome in run_folds(folds, X, y, data, config, device, progress=progress):
         outcomes.append(outcome)
         prediction_rows += _prediction_rows(outcome, data)
         history_rows += [(outcome.subject, *row) for row in outcome.history]
@@ -422,10 +422,10 @@ def _postfix(prediction_rows):
     return ", ".join(parts)
 
 
-def _run_folds_plain(folds, X, y, data, config, device):
+def _run_folds_plain(folds, X, y, data, config, device, progress=False):
     """The plain engine: one fold after another, one model at a time."""
     for fold in folds:
-        yield run_fold(fold, X, y, data, config, device, progress=False)
+        yield run_fold(fold, X, y, data, config, device, progress=progress)
 
 
 def evaluate_weights(weights_dir, data, config):
