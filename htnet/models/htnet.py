@@ -63,6 +63,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.scale = dim_head ** -0.5
         self.attend = nn.Softmax(dim=-1)
+        self.dropout = nn.Dropout(dropout)
         self.to_qkv = nn.Conv2d(dim, inner_dim * 3, 1, bias=False)
         self.to_out = nn.Sequential(nn.Conv2d(inner_dim, dim, 1), nn.Dropout(dropout))
 
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         q, k, v = self.to_qkv(x).chunk(3, dim=1)
         q, k, v = (rearrange(t, "b (h d) x y -> b h (x y) d", h=self.heads) for t in (q, k, v))
-        attn = self.attend(einsum("b h i d, b h j d -> b h i j", q, k) * self.scale)
+        attn = self.dropout(self.attend(einsum("b h i d, b h j d -> b h i j", q, k) * self.scale))
         out = einsum("b h i j, b h j d -> b h i d", attn, v)
         return self.to_out(rearrange(out, "b h (x y) d -> b (h d) x y", x=h, y=w))
 
