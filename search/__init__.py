@@ -1,0 +1,3 @@
+"""Distributed hyper-parameter search over full LOSO runs: Ray Tune trials, Optuna sampling and
+pruning, MLflow tracking. `python -m search --help`; the design is in search/pruning.py (the
+Optuna pruning bridge) and search/tracking.py (the MLflow schema)."""

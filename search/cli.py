@@ -1,0 +1,127 @@
+"""python -m search run|resume|status
+
+  run [SPACE]      start a search (default space: search/spaces/demo.yaml, synthetic data)
+  run --resume NAME, resume NAME
+                   go on with a search whose driver stopped (killed, Ctrl+C, lost head node)
+  status [NAME]    list the searches, or one search's trials
+
+Exit codes: 0 done, 1 the search did not finish (resume it), 2 bad input (one line on stderr).
+"""
+import argparse
+import sys
+
+from htnet.errors import UserError
+
+OBJECTIVE_HELP = ("inner: the leak-free validation UF1 of the inner protocol (default); paper: the "
+                  "test-fold UF1 of the paper protocol (leaks the test subject; tagged on every run)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m search", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start (or with --resume, resume) a search",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("space", nargs="?", default=None,
+                     help="search space YAML, or the name of one in search/spaces/ (default: demo)")
+    run.add_argument("--resume", metavar="NAME", help="resume the search NAME instead of starting one")
+    run.add_argument("--name", help="search name (default: <space>-<date>-<time>)")
+    run.add_argument("--data", help="release folder (default: the built-in synthetic set)")
+    run.add_argument("--subjects", help="limit every trial to these subjects: a count taken across "
+                                        "datasets, or comma-separated ids (default: all)")
+    run.add_argument("--objective", choices=["inner", "paper"], help=OBJECTIVE_HELP)
+    run.add_argument("--num-samples", type=int, help="trials (default: the space file's)")
+    run.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials",
+                     help="trials at once (default: the space file's)")
+    run.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space file's)")
+    run.add_argument("--gpus-per-trial", type=float,
+                     help="GPUs per trial, fractions allowed: 0.25 packs four trials on a GPU")
+    run.add_argument("--sampler", choices=["tpe", "random", "grid"], help="Optuna sampler")
+    run.add_argument("--seed", type=int, help="sampler seed")
+    run.add_argument("--pruner", choices=["median", "percentile", "successive_halving", "hyperband",
+                                          "patient", "none"],
+                     help="Optuna pruner (its arguments come from the space file when the type matches)")
+    run.add_argument("--max-failures", type=int, help="retries of a trial whose worker died")
+    run.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                     help="hold a LOSO config key fixed, e.g. epochs=5 or model_config.dim=64 (repeatable)")
+    run.add_argument("--save-weights", action="store_true", help="log per-subject weights of every finished trial")
+    add_common(run)
+    run.add_argument("--verbose", type=int, choices=[0, 1, 2], default=1,
+                     help="Ray Tune's progress output: 0 silent, 1 trial table (default), 2 every result")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (default: "
+                                            "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+                                            "working folder)")
+    run.add_argument("--experiment", default="htnet", help="MLflow experiment (default: htnet)")
+    run.add_argument("--optuna-storage", help="Optuna storage: sqlite:///FILE, an SQLAlchemy URL, or "
+                                              "journal:FILE (default: sqlite:///<storage>/optuna.db)")
+    run.add_argument("--ray-storage", help="Ray Tune results: a folder or s3://bucket/prefix; a cluster "
+                                           "needs storage every node reaches (default: <storage>/ray)")
+
+    resume = commands.add_parser("resume", help="resume a search whose driver stopped",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    resume.add_argument("name")
+    add_common(resume)
+
+    status = commands.add_parser("status", help="list searches, or show one search's trials",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("name", nargs="?")
+    status.add_argument("--storage", default="runs", help="folder of the search records (default: runs)")
+    status.add_argument("--top", type=int, default=10, help="trials shown (default: 10)")
+    return parser
+
+
+def add_common(p):
+    p.add_argument("--storage", default="runs",
+                   help="folder for the search records, Ray results, the Optuna study and synthetic "
+                        "data (default: runs)")
+    p.add_argument("--address", help="'auto' joins the running Ray cluster (ray up / ray start); "
+                                     "default: start a local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--top", type=int, default=10, help="trials in the final table (default: 10)")
+
+
+def cmd_run(args):
+    from search import runner
+
+    if args.resume:
+        return cmd_resume(argparse.Namespace(**{**vars(args), "name": args.resume}))
+    options = runner.Options(
+        space=args.space or str(runner.DEFAULT_SPACE), name=args.name, data=args.data,
+        storage=args.storage, ray_storage=args.ray_storage, optuna_storage=args.optuna_storage,
+        tracking_uri=args.tracking_uri, experiment=args.experiment, address=args.address,
+        num_cpus=args.num_cpus, num_samples=args.num_samples,
+        max_concurrent_trials=args.max_concurrent_trials, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, objective=args.objective, sampler=args.sampler,
+        seed=args.seed, pruner=args.pruner, max_failures=args.max_failures, subjects=args.subjects,
+        save_weights=args.save_weights, sets=args.sets, top=args.top, verbose=args.verbose)
+    summary = runner.run_search(options)
+    return 0 if summary["complete"] else 1
+
+
+def cmd_resume(args):
+    from search import runner
+
+    summary = runner.resume_search(args.name, storage=args.storage, address=args.address,
+                                   num_cpus=args.num_cpus, top=args.top)
+    return 0 if summary["complete"] else 1
+
+
+def cmd_status(args):
+    from search import runner
+
+    runner.status(args.storage, args.name, args.top)
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    commands = {"run": cmd_run, "resume": cmd_resume, "status": cmd_status}
+    try:
+        return commands[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with `python -m search resume NAME`", file=sys.stderr)
+        return 130

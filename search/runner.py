@@ -1,0 +1,471 @@
+"""Start, resume and inspect a search: the driver that ties Ray Tune, Optuna and MLflow together.
+
+    runs/                      (--storage; every path below can be moved by a flag)
+      ray/<name>/              Ray Tune's experiment (Tuner.restore resumes from here)
+      searches/<name>.yaml     what the search was started with (space, data, stores, parent run)
+      searches/<name>.best.yaml the best finished trial's LOSO config (python -m htnet train --config)
+      optuna.db                the Optuna studies, one per search (optuna-dashboard sqlite:///runs/optuna.db)
+      synthetic/               the built-in synthetic data set, generated once
+    mlflow.db                  the MLflow store (mlflow ui --backend-store-uri sqlite:///mlflow.db)
+"""
+import datetime
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from htnet.errors import UserError
+from htnet.io import atomic_write, ensure_writable_dir
+from search.space import SPACES_DIR, load_space, parse_space, set_fixed, with_overrides
+
+DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass
+class Options:
+    """Everything `python -m search run` takes; None leaves the space file's value."""
+    space: str = str(DEFAULT_SPACE)
+    name: str | None = None
+    data: str | None = None
+    storage: str = "runs"
+    ray_storage: str | None = None
+    optuna_storage: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "htnet"
+    address: str | None = None
+    num_cpus: int | None = None
+    num_samples: int | None = None
+    max_concurrent_trials: int | None = None
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    objective: str | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    pruner: str | None = None
+    max_failures: int | None = None
+    subjects: str | None = None
+    save_weights: bool = False
+    sets: list = field(default_factory=list)
+    top: int = 10
+    verbose: int | None = 1
+
+
+# ----------------------------------------------------------------------------- stores and paths
+
+def default_tracking_uri():
+    """MLFLOW_TRACKING_URI (set on the cluster's head), else sqlite:///mlflow.db here."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def default_optuna_storage(storage):
+    return f"sqlite:///{(Path(storage) / 'optuna.db').resolve()}"
+
+
+def open_optuna_storage(url):
+    """sqlite:///path, any SQLAlchemy URL, or journal:path / a *.log file (JournalStorage)."""
+    import optuna
+
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        path = Path(url[len("journal:"):] if url.startswith("journal:") else url).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # noqa: BLE001 - any bad URL is the user's
+        raise UserError(f"--optuna-storage {url}: {str(e).splitlines()[0]}") from None
+
+
+def manifest_path(storage, name):
+    return Path(storage) / "searches" / f"{name}.yaml"
+
+
+def read_manifest(storage, name):
+    path = manifest_path(storage, name)
+    if not path.is_file():
+        known = sorted(p.stem for p in (Path(storage) / "searches").glob("*.yaml")
+                       if not p.stem.endswith(".best"))
+        raise UserError(f"no search named {name!r} in {Path(storage) / 'searches'}"
+                        + (f" (known: {', '.join(known)})" if known else ""))
+    return yaml.safe_load(path.read_text())
+
+
+def write_manifest(storage, name, manifest):
+    with atomic_write(manifest_path(storage, name)) as f:
+        yaml.safe_dump(manifest, f, sort_keys=False)
+
+
+def check_name(name):
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 100)")
+    return name
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def resolve_space(options):
+    space = load_space(options.space)
+    resources = {}
+    if options.cpus_per_trial is not None:
+        if options.cpus_per_trial <= 0:
+            raise UserError(f"--cpus-per-trial must be > 0, got {options.cpus_per_trial}")
+        resources["cpu"] = float(options.cpus_per_trial)
+    if options.gpus_per_trial is not None:
+        if options.gpus_per_trial < 0:
+            raise UserError(f"--gpus-per-trial must be >= 0, got {options.gpus_per_trial}")
+        resources["gpu"] = float(options.gpus_per_trial)
+    for flag, value, minimum in (("--num-samples", options.num_samples, 1),
+                                 ("--max-concurrent", options.max_concurrent_trials, 1),
+                                 ("--max-failures", options.max_failures, 0)):
+        if value is not None and value < minimum:
+            raise UserError(f"{flag} must be >= {minimum}, got {value}")
+    space = with_overrides(space, num_samples=options.num_samples,
+                           max_concurrent_trials=options.max_concurrent_trials,
+                           objective=options.objective, sampler=options.sampler, seed=options.seed,
+                           pruner=options.pruner, max_failures=options.max_failures,
+                           resources=resources or None)
+    return set_fixed(space, options.sets)
+
+
+def overrides_of(options):
+    """LOSO config values the CLI sets for every trial."""
+    overrides = {}
+    if options.subjects:
+        text = str(options.subjects)
+        overrides["subjects"] = int(text) if text.isdigit() else [s for s in text.split(",") if s]
+    if options.save_weights:
+        overrides["save_weights"] = True
+    return overrides
+
+
+def data_source(options, space, storage):
+    if options.data:
+        path = Path(options.data).resolve()
+        if not path.exists():
+            raise UserError(f"--data {options.data}: no such folder")
+        return {"path": str(path)}
+    return {"synthetic": {"subjects_per_dataset": space.data["synthetic_subjects"],
+                          "seed": space.data["synthetic_seed"],
+                          "cache": str((Path(storage) / "synthetic").resolve())}}
+
+
+def load_data(source):
+    """The CompositeData of a search: a release folder, or the synthetic set generated once."""
+    from htnet.data import load_release, synthetic_cache
+
+    if "path" in source:
+        return load_release(source["path"]), source["path"]
+    synth = source["synthetic"]
+    root = synthetic_cache(synth["cache"], synth["subjects_per_dataset"], synth["seed"])
+    return load_release(root), str(root)
+
+
+def init_ray(address, num_cpus):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    return True
+
+
+def trial_dirname(trial):
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+def make_searcher(space, name, storage_url):
+    from search.pruning import PruningOptunaSearch
+
+    return PruningOptunaSearch(space=space.optuna_space(), metric=space.metric, mode="max",
+                               pruner=space.make_pruner(), sampler=space.make_sampler(),
+                               study_name=name, storage=open_optuna_storage(storage_url))
+
+
+def make_trainable(space, data, overrides, replay=None):
+    from ray import tune
+
+    from search.trainable import loso_trial
+
+    settings = {"space": space, "overrides": overrides, "replay": replay or {}}
+    trainable = tune.with_parameters(loso_trial, data=data, settings=settings)
+    return tune.with_resources(trainable, {"cpu": space.resources["cpu"], "gpu": space.resources["gpu"]})
+
+
+def effective_samples(space):
+    if space.sampler["type"] == "grid":
+        return min(space.num_samples, len(space.grid_points()))
+    return space.num_samples
+
+
+# ----------------------------------------------------------------------------- run / resume
+
+def run_search(options, out=None):
+    """Start a new search; returns its summary (see `summarize`)."""
+    import optuna
+    from ray import tune
+
+    from search import tracking
+    from search.pruning import OptunaPruningScheduler
+
+    out = out or sys.stdout
+    space = resolve_space(options)
+    name = check_name(options.name or f"{Path(space.source).stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    storage = ensure_writable_dir(Path(options.storage).resolve())
+    if manifest_path(storage, name).exists():
+        raise UserError(f"search {name!r} exists: resume it with `python -m search resume {name}` "
+                        f"or pick another --name")
+    ray_storage = options.ray_storage or str(storage / "ray")
+    if "://" not in ray_storage:
+        ray_storage = str(ensure_writable_dir(Path(ray_storage).resolve()))
+    optuna_url = options.optuna_storage or default_optuna_storage(storage)
+    if name in optuna.get_all_study_names(open_optuna_storage(optuna_url)):
+        raise UserError(f"an Optuna study named {name!r} exists in {optuna_url}: pick another --name")
+    overrides = overrides_of(options)
+    source = data_source(options, space, storage)
+    data, data_root = load_data(source)
+    tracking_uri = options.tracking_uri or default_tracking_uri()
+    client = tracking.client_for(tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, options.experiment, tracking_uri)
+    samples = effective_samples(space)
+    if samples < space.num_samples:
+        space.num_samples = samples
+    parent_run_id = tracking.start_parent_run(
+        client, experiment_id, name, space, space.metric,
+        {"data": data_root, "optuna_storage": optuna_url, "ray_storage": ray_storage,
+         **{f"override.{k}": v for k, v in overrides.items()}})
+    manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                "status": "running", "space_file": space.source, "space": space.raw,
+                "settings": {"num_samples": space.num_samples,
+                             "max_concurrent_trials": space.max_concurrent_trials,
+                             "objective": space.objective, "resources": space.resources,
+                             "max_failures": space.max_failures, "sampler": space.sampler,
+                             "pruner": space.pruner},
+                "sets": list(options.sets), "overrides": overrides, "data": source,
+                "data_root": data_root, "tracking_uri": tracking_uri, "experiment": options.experiment,
+                "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                "optuna_storage": optuna_url, "ray_storage": ray_storage,
+                "ray_path": f"{ray_storage.rstrip('/')}/{name}", "address": options.address}
+    write_manifest(storage, name, manifest)
+    print(f"search {name}: {space.num_samples} trials of {space.source}, objective {space.metric} "
+          f"({space.objective} protocol), {space.sampler['type']} sampler, {space.pruner['type']} pruner",
+          file=out)
+    print(f"data: {data_root} ({len(data)} samples, {len(data.subject_ids)} subjects)", file=out)
+
+    started_ray = init_ray(options.address, options.num_cpus)
+    try:
+        searcher = make_searcher(space, name, optuna_url)
+        callback = tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space,
+                                           searcher, overrides)
+        tuner = tune.Tuner(
+            make_trainable(space, data, overrides),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=OptunaPruningScheduler(searcher),
+                num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
+                trial_dirname_creator=trial_dirname, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=name, storage_path=ray_storage, callbacks=[callback],
+                failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                verbose=options.verbose))
+        tuner.fit()
+    finally:
+        if started_ray:
+            import ray
+            ray.shutdown()
+    return finish(storage, name, space, options.top, out)
+
+
+def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out=None):
+    """Resume a search whose driver stopped (killed, Ctrl+C, machine restart). Everything else
+    (space, data, stores, progress output) is as the search was started."""
+    from ray import tune
+
+    from search import tracking
+
+    out = out or sys.stdout
+    storage = Path(storage).resolve()
+    manifest = read_manifest(storage, name)
+    if not tune.Tuner.can_restore(manifest["ray_path"]):
+        raise UserError(f"search {name!r}: Ray Tune has no restorable experiment at {manifest['ray_path']}")
+    space = space_of(manifest)
+    data, data_root = load_data(manifest["data"])
+    client = tracking.client_for(manifest["tracking_uri"])
+    tracking.retry(client.update_run, manifest["parent_run_id"], status="RUNNING")
+    replay = tracking.replay_results(client, manifest["experiment_id"], manifest["parent_run_id"], space.metric)
+    manifest["status"] = "running"
+    manifest.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
+    write_manifest(storage, name, manifest)
+    print(f"resuming search {name} from {manifest['ray_path']} ({len(replay)} trials already ended)", file=out)
+    started_ray = init_ray(address or manifest.get("address"), num_cpus)
+    try:
+        tuner = tune.Tuner.restore(manifest["ray_path"],
+                                   trainable=make_trainable(space, data, manifest.get("overrides") or {}, replay),
+                                   resume_unfinished=True, resume_errored=False)
+        tuner.fit()
+    finally:
+        if started_ray:
+            import ray
+            ray.shutdown()
+    return finish(storage, name, space, top, out)
+
+
+def space_of(manifest):
+    space = parse_space(manifest["space"], manifest["space_file"])
+    settings = manifest["settings"]
+    space = with_overrides(space, num_samples=settings["num_samples"],
+                           max_concurrent_trials=settings["max_concurrent_trials"],
+                           objective=settings["objective"], max_failures=settings["max_failures"],
+                           resources=settings["resources"])
+    space.sampler, space.pruner = settings["sampler"], settings["pruner"]
+    return set_fixed(space, manifest.get("sets"))
+
+
+# ----------------------------------------------------------------------------- the end
+
+def summarize(storage, name, space=None):
+    """The trial table of a search (from MLflow) with counts and the Optuna study's view."""
+    from search import tracking
+
+    manifest = read_manifest(storage, name)
+    space = space or space_of(manifest)
+    client = tracking.client_for(manifest["tracking_uri"])
+    table = tracking.trial_table(client, manifest["experiment_id"], manifest["parent_run_id"],
+                                 space.metric, space.names)
+    counts = table["status"].value_counts().to_dict() if len(table) else {}
+    ended = sum(counts.get(s, 0) for s in ("finished", "pruned", "failed"))
+    return {"name": name, "manifest": manifest, "space": space, "table": table, "counts": counts,
+            "complete": ended >= manifest["settings"]["num_samples"], "client": client}
+
+
+def finish(storage, name, space, top, out):
+    from search import tracking
+
+    summary = summarize(storage, name, space)
+    manifest, table = summary["manifest"], summary["table"]
+    status = "finished" if summary["complete"] else "interrupted"
+    manifest["status"] = status
+    write_manifest(storage, name, manifest)
+    best = write_best_config(storage, name, summary)
+    if not summary["complete"]:
+        tracking.mark_interrupted(summary["client"], manifest["experiment_id"], manifest["parent_run_id"])
+        summary = summarize(storage, name, space)
+        table = summary["table"]
+    tracking.finish_parent_run(summary["client"], manifest["parent_run_id"], table, space.metric,
+                               "FINISHED" if summary["complete"] else "KILLED")
+    print_summary(summary, top, best, out)
+    summary["best_config"] = best
+    return summary
+
+
+def write_best_config(storage, name, summary):
+    import mlflow.artifacts
+
+    table, metric = summary["table"], summary["space"].metric
+    finished = table[table["status"] == "finished"] if len(table) else table
+    if not len(finished) or finished[metric].isna().all():
+        return None
+    best = finished.loc[finished[metric].idxmax()]
+    path = Path(storage) / "searches" / f"{name}.best.yaml"
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="config.yaml",
+                                                    tracking_uri=summary["manifest"]["tracking_uri"])
+        config = yaml.safe_load(Path(local).read_text())
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not read the best trial's config.yaml: {e}", file=sys.stderr)
+        return None
+    with atomic_write(path) as f:
+        f.write(f"# best trial {best['trial_id']} of search {name}: {metric} = {best[metric]:.4f}\n")
+        yaml.safe_dump(config, f, sort_keys=False)
+    return path
+
+
+def ui_command(tracking_uri):
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        try:
+            shown = db.relative_to(Path.cwd())
+        except ValueError:
+            shown = db
+        return f"mlflow ui --backend-store-uri sqlite:///{shown}"
+    return f"open {tracking_uri} in a browser"
+
+
+def print_summary(summary, top, best, out):
+    import pandas as pd
+
+    table, space, manifest = summary["table"], summary["space"], summary["manifest"]
+    counts = summary["counts"]
+    print(f"\nsearch {summary['name']} ({manifest['status']}): "
+          + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "pruned", "failed", "running")
+                      if s != "running" or counts.get(s))
+          + "".join(f", {counts[s]} {s}" for s in ("interrupted",) if counts.get(s))
+          + f" of {manifest['settings']['num_samples']} trials; objective {space.metric} (max)", file=out)
+    if len(table):
+        columns = ["trial_id", "status", space.metric, "inner_full_uf1", "inner_full_uar",
+                   "paper_full_uf1", "paper_full_uar", "folds_done", *space.names]
+        shown = table[[c for c in dict.fromkeys(columns) if c in table]].head(top).copy()
+        for column in space.names:  # MLflow params are text: numbers print as numbers
+            numbers = pd.to_numeric(shown[column], errors="coerce")
+            if numbers.notna().sum() == shown[column].notna().sum():
+                shown[column] = numbers
+        with pd.option_context("display.width", 250, "display.max_columns", 40):
+            text = shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
+        print(f"top trials:\n{text}", file=out)
+    if best is not None:
+        data = manifest["data_root"]
+        print(f"best configuration: {best}\n  rerun it: python -m htnet train --config {best} --data {data}",
+              file=out)
+    if manifest["status"] != "finished":
+        print(f"the search did not finish: resume it with `python -m search resume {summary['name']}`", file=out)
+    print(f"browse the runs: {ui_command(manifest['tracking_uri'])}   (then http://127.0.0.1:5000, "
+          f"experiment {manifest['experiment']})", file=out)
+    print(f"inspect the Optuna study (pip install optuna-dashboard): optuna-dashboard "
+          f"{manifest['optuna_storage']}", file=out)
+
+
+def list_searches(storage, out=None):
+    out = out or sys.stdout
+    folder = Path(storage) / "searches"
+    names = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.endswith(".best")) if folder.is_dir() else []
+    if not names:
+        print(f"no searches in {folder}", file=out)
+        return []
+    for name in names:
+        manifest = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        print(f"{name}: {manifest.get('status')}, started {manifest.get('created')}, "
+              f"{manifest['settings']['num_samples']} trials of {manifest.get('space_file')}", file=out)
+    return names
+
+
+def optuna_counts(manifest):
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=manifest["name"],
+                                  storage=open_optuna_storage(manifest["optuna_storage"]))
+    except KeyError:
+        return {}
+    counts = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def status(storage, name=None, top=10, out=None):
+    out = out or sys.stdout
+    if name is None:
+        return list_searches(storage, out)
+    summary = summarize(Path(storage), name)
+    best = Path(storage) / "searches" / f"{name}.best.yaml"
+    print_summary(summary, top, best if best.is_file() else None, out)
+    counts = optuna_counts(summary["manifest"])
+    print("Optuna study: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no trials"), file=out)
+    return summary
+

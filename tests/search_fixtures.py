@@ -1,0 +1,143 @@
+"""Helpers and fixtures of the search tests (real Ray, Optuna and MLflow; nothing mocked)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# STSTNet for 2 epochs on 6 synthetic subjects: a LOSO trial takes a few seconds on one core.
+TINY_FIXED = {"model": "ststnet", "epochs": 2, "batch_size": 32, "inner_val_subjects": 2,
+              "protocols": ["paper", "final", "inner"], "device": "cpu", "report_every": 1}
+
+
+def write_space(path, fixed=None, space=None, **settings):
+    """A small search space file; keyword arguments replace top-level settings."""
+    space = space or {"lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
+                      "batch_size": {"choice": [16, 32]}}
+    fixed = {k: v for k, v in {**TINY_FIXED, **(fixed or {})}.items() if k not in space}
+    content = {"num_samples": 2, "max_concurrent_trials": 2, "objective": "inner",
+               "resources": {"cpu": 1, "gpu": 0}, "max_failures": 0,
+               "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
+               "data": {"synthetic_subjects": 2, "synthetic_seed": 0},
+               "fixed": fixed, "space": space}
+    content.update(settings)
+    Path(path).write_text(yaml.safe_dump(content, sort_keys=False))
+    return Path(path)
+
+
+def search_options(tmp_path, space_path, name, **kwargs):
+    from search.runner import Options
+
+    return Options(space=str(space_path), name=name, storage=str(tmp_path / "runs"),
+                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0, **kwargs)
+
+
+def trial_runs(tracking_uri, name):
+    """The MLflow child runs of search `name`, all attempts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("htnet")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`htnet.search` = '{name}' and tags.`htnet.role` = 'trial'",
+                              max_results=1000)
+
+
+def parent_run(tracking_uri, name):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("htnet")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`htnet.search` = '{name}' and tags.`htnet.role` = 'search'")
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def optuna_trials(storage_dir, name, url=None):
+    """The Optuna trials of search `name` (default store: <storage>/optuna.db)."""
+    import optuna
+
+    from search.runner import open_optuna_storage
+
+    url = url or f"sqlite:///{Path(storage_dir) / 'optuna.db'}"
+    study = optuna.load_study(study_name=name, storage=open_optuna_storage(url))
+    return study.get_trials(deepcopy=False)
+
+
+def wait_until(condition, timeout, interval=0.5, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args, cwd=REPO, timeout=300, **kwargs):
+    """`python -m search ...` in a subprocess; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def start_cli(args, log_path, cwd=REPO):
+    """`python -m search ...` in its own session (process group), output to `log_path`."""
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_session(process, grace=20):
+    """After its leader died: wait for Ray's fate-sharing to take the session's processes down,
+    then end what is left of that session (only processes this test started)."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _session_members(process.pid):
+        time.sleep(0.5)
+    for pid in _session_members(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _session_members(sid):
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3] is the session id
+            members.append(int(entry.name))
+    return members
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray with 2 CPUs and one logical GPU (Ray schedules GPU fractions without a
+    physical GPU; the trials still compute on the CPU) for a test module."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,250 @@
+"""End-to-end searches on a local Ray with 2 CPUs: real Ray Tune, Optuna and MLflow.
+
+Trials are STSTNet LOSO runs on 6 synthetic subjects (2 epochs): a few seconds each.
+"""
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from search import runner
+from search_fixtures import (free_port, local_ray, optuna_trials, parent_run, search_options,  # noqa: F401
+                             trial_runs, wait_until, write_space)
+
+PROTOCOLS = ("paper", "final", "inner")
+DATASETS = ("full", "smic", "casme2", "samm")
+
+
+def test_tiny_search_two_concurrent_trials(local_ray, tmp_path, capsys):
+    space = write_space(tmp_path / "tiny.yaml", num_samples=2, max_concurrent_trials=2)
+    # Half a GPU per trial: two trials share the (logical) GPU at once.
+    options = search_options(tmp_path, space, "tiny", subjects="6", gpus_per_trial=0.5, save_weights=True)
+    summary = runner.run_search(options)
+    assert summary["complete"] and summary["counts"] == {"finished": 2}
+    uri = options.tracking_uri
+
+    parent = parent_run(uri, "tiny")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["htnet.objective"] == "inner_val_uf1"
+    assert parent.data.tags["htnet.objective_protocol"] == "inner"
+    assert parent.data.metrics["trials_finished"] == 2
+
+    runs = trial_runs(uri, "tiny")
+    assert len(runs) == 2 and len({r.data.tags["htnet.trial_id"] for r in runs}) == 2
+    client = MlflowClient(uri)
+    for run in runs:
+        tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+        assert run.info.status == "FINISHED" and tags["htnet.status"] == "finished"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["htnet.role"] == "trial"
+        assert tags["htnet.device"] == "cpu" and tags["htnet.optuna_trial"].isdigit()
+        assert tags["htnet.resources"] == "cpu=1,gpu=0.5"
+        assert params["model"] == "ststnet" and params["epochs"] == "2" and params["subjects"] == "6"
+        assert params["save_weights"] == "True"
+        assert 1e-3 <= float(params["lr"]) <= 1e-2
+        for protocol in PROTOCOLS:
+            for dataset in DATASETS:
+                for m in ("uf1", "uar"):
+                    assert 0 <= metrics[f"{protocol}_{dataset}_{m}"] <= 1
+        assert metrics["folds_done"] == 6 and metrics["wall_time_s"] > 0 and metrics["trial_wall_time_s"] > 0
+        curve = client.get_metric_history(run.info.run_id, "curve_inner_val_uf1")
+        assert sorted(m.step for m in curve) == [1, 2, 3, 4, 5, 6]
+        assert len(client.get_metric_history(run.info.run_id, "curve_train_loss")) == 6
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "predictions.csv", "history.csv", "metrics.json",
+                "confusion_matrix.png", "learning_curve.png", "weights"} <= artifacts
+        weights = client.list_artifacts(run.info.run_id, "weights")
+        assert len(weights) == 6 and all(w.path.endswith(".pth") for w in weights)  # one per subject
+    # Two trials ran at the same time.
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+    trials = optuna_trials(tmp_path / "runs", "tiny")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    by_id = {r.data.tags["htnet.trial_id"]: r for r in runs}
+    for t in trials:
+        run = by_id[t.user_attrs["ray_trial_id"]]
+        assert math.isclose(t.value, run.data.metrics["inner_val_uf1"])
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4, 5, 6]
+
+    best = summary["best_config"]
+    assert best.is_file() and "model: ststnet" in best.read_text()
+    out = capsys.readouterr().out
+    assert "top trials:" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "python -m htnet train --config" in out
+
+    # `status` reads the same records back.
+    runner.status(tmp_path / "runs", "tiny")
+    assert "2 finished" in capsys.readouterr().out
+    with pytest.raises(runner.UserError, match="search 'tiny' exists"):
+        runner.run_search(options)
+
+
+def test_weak_configurations_are_pruned_by_the_optuna_pruner(local_ray, tmp_path):
+    """lr 1e-7 cannot learn in 3 epochs: the median pruner stops such trials early. The objective
+    here is the paper protocol's test UF1, picked explicitly, and tagged on every run."""
+    space = write_space(
+        tmp_path / "prune.yaml", num_samples=6, max_concurrent_trials=2,
+        sampler={"type": "random", "seed": 1},
+        pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+        fixed={"epochs": 3, "batch_size": 16},
+        space={"lr": {"choice": [3.0e-3, 1.0e-7]}, "seed": {"choice": [1, 2, 3]}},
+        objective="paper")
+    options = search_options(tmp_path, space, "prune")
+    summary = runner.run_search(options)
+    assert summary["complete"]
+    trials = optuna_trials(tmp_path / "runs", "prune")
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, [(t.state, t.params, dict(t.intermediate_values)) for t in trials]
+    assert all(t.user_attrs["pruned_at_step"] < 6 for t in pruned)
+    runs = {r.data.tags["htnet.trial_id"]: r for r in trial_runs(options.tracking_uri, "prune")}
+    assert all(r.data.tags["htnet.objective_protocol"] == "paper" for r in runs.values())
+    for t in trials:
+        run = runs[t.user_attrs["ray_trial_id"]]
+        if t.state == TrialState.PRUNED:
+            assert run.data.tags["htnet.status"] == "pruned" and run.info.status == "FINISHED"
+            assert run.data.metrics["folds_done"] < 6  # stopped in Ray Tune before its last fold
+            assert int(run.data.tags["htnet.pruned_at_step"]) == t.user_attrs["pruned_at_step"]
+        else:
+            assert t.state == TrialState.COMPLETE and run.data.tags["htnet.status"] == "finished"
+            assert run.data.metrics["folds_done"] == 6
+    # Ray Tune stopped the pruned trials: their last result is marked and is not the last fold.
+    from ray import tune
+    analysis = tune.ExperimentAnalysis(summary["manifest"]["ray_path"])
+    assert {t.status for t in analysis.trials} == {"TERMINATED"}
+    stopped = [t for t in analysis.trials if t.last_result.get("htnet_status") == "pruned"]
+    assert len(stopped) == len(pruned) and all(t.last_result["step"] < 6 for t in stopped)
+
+
+def test_trial_whose_worker_dies_is_retried(local_ray, tmp_path):
+    """SIGKILL the trial's worker process after its first result: Ray retries the trial
+    (FailureConfig); MLflow keeps the failed attempt as FAILED and the retry as FINISHED."""
+    space = write_space(tmp_path / "kill.yaml", num_samples=1, max_concurrent_trials=1, max_failures=1,
+                        fixed={"epochs": 12})
+    options = search_options(tmp_path, space, "kill")
+    killed = {}
+
+    def kill_first_worker():
+        def running_worker():
+            for run in trial_runs(options.tracking_uri, "kill"):
+                pid = run.data.tags.get("htnet.worker_pid")
+                if run.info.status == "RUNNING" and pid and run.data.metrics.get("curve_inner_val_uf1") is not None:
+                    return int(pid)
+            return None
+        try:
+            pid = wait_until(running_worker, timeout=120, interval=0.2, what="a trial's first result")
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            killed["error"] = repr(e)
+
+    watcher = threading.Thread(target=kill_first_worker, daemon=True)
+    watcher.start()
+    summary = runner.run_search(options)
+    watcher.join(timeout=10)
+    assert "pid" in killed, killed
+    assert summary["complete"] and summary["counts"] == {"finished": 1}
+
+    runs = sorted(trial_runs(options.tracking_uri, "kill"), key=lambda r: int(r.data.tags["htnet.attempt"]))
+    assert [r.data.tags["htnet.attempt"] for r in runs] == ["1", "2"]
+    assert len({r.data.tags["htnet.trial_id"] for r in runs}) == 1
+    failed, retried = runs
+    assert failed.info.status == "FAILED" and failed.data.tags["htnet.status"] == "failed"
+    assert failed.data.tags["htnet.retried"] == "true" and failed.data.tags["htnet.worker_pid"] == str(killed["pid"])
+    assert failed.data.tags["htnet.error"]
+    assert retried.info.status == "FINISHED" and retried.data.tags["htnet.status"] == "finished"
+    assert retried.data.metrics["folds_done"] == 6
+    assert retried.data.tags["htnet.worker_pid"] != str(killed["pid"])
+    [trial] = optuna_trials(tmp_path / "runs", "kill")
+    assert trial.state == TrialState.COMPLETE
+    from ray import tune
+    [ray_trial] = tune.ExperimentAnalysis(summary["manifest"]["ray_path"]).trials
+    assert ray_trial.status == "TERMINATED" and ray_trial.run_metadata.num_failures == 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1, started with the module (it takes a while to come up)
+    and stopped after it; only the test that logs to it waits for it."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    yield {"uri": f"http://127.0.0.1:{port}", "process": server, "folder": folder}
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=20)
+    log.close()
+
+
+def test_search_logs_to_a_real_mlflow_server(local_ray, mlflow_server, tmp_path):
+    uri, server, folder = mlflow_server["uri"], mlflow_server["process"], mlflow_server["folder"]
+
+    def healthy():
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return server.poll() is not None  # ends the wait if the server died
+    wait_until(healthy, timeout=120, what="mlflow server")
+    assert server.poll() is None, (folder / "server.log").read_text()
+    space = write_space(tmp_path / "server.yaml", num_samples=2, max_concurrent_trials=2)
+    options = search_options(tmp_path, space, "server")
+    options.tracking_uri = uri
+    summary = runner.run_search(options)
+    assert summary["complete"]
+    client = MlflowClient(uri)
+    parent = parent_run(uri, "server")
+    assert parent.info.status == "FINISHED"
+    runs = trial_runs(uri, "server")
+    assert len(runs) == 2 and {r.data.tags["htnet.status"] for r in runs} == {"finished"}
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"predictions.csv", "confusion_matrix.png", "config.yaml"} <= \
+            {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
+    assert list((folder / "artifacts").rglob("predictions.csv"))  # uploaded through the server
+
+
+def test_configurations_that_cannot_train_fail_without_retries(local_ray, tmp_path):
+    """Four trials at once (grid sampler, Optuna journal storage): HTNet with 8 heads on 4 channels
+    is impossible. Such a trial reports failed (Optuna FAIL, MLflow FAILED) and is not retried:
+    retries are for workers that die."""
+    space = write_space(
+        tmp_path / "grid.yaml", num_samples=10, max_concurrent_trials=4, max_failures=2,
+        resources={"cpu": 0.5, "gpu": 0}, sampler={"type": "grid"},
+        fixed={"model": "htnet", "model_config.dim": 4, "model_config.patch_size": 14,
+               "model_config.num_hierarchies": 1, "model_config.block_repeats": [1]},
+        space={"model_config.heads": {"choice": [1, 8]}, "seed": {"choice": [1, 2]}})
+    options = search_options(tmp_path, space, "grid", optuna_storage=f"journal:{tmp_path / 'optuna.log'}")
+    summary = runner.run_search(options)
+    assert summary["complete"] and summary["counts"] == {"finished": 2, "failed": 2}
+    assert summary["manifest"]["settings"]["num_samples"] == 4  # a grid of 4 points
+    runs = trial_runs(options.tracking_uri, "grid")
+    assert len(runs) == 4 and all(r.data.tags["htnet.attempt"] == "1" for r in runs)
+    for run in runs:
+        if run.data.params["model_config.heads"] == "8":
+            assert run.info.status == "FAILED" and run.data.tags["htnet.status"] == "failed"
+            assert "heads 8 exceeds dim 4" in run.data.tags["htnet.error"]
+        else:
+            assert run.info.status == "FINISHED" and run.data.tags["htnet.status"] == "finished"
+    assert not (tmp_path / "runs" / "optuna.db").exists()  # the study is in the journal file
+    trials = optuna_trials(tmp_path / "runs", "grid", options.optuna_storage)
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
+    assert sorted(t.params["grid_point"] for t in trials) == [
+        "model_config.heads=1, seed=1", "model_config.heads=1, seed=2",
+        "model_config.heads=8, seed=1", "model_config.heads=8, seed=2"]
+    assert all("heads 8 exceeds" in t.user_attrs["error"] for t in trials if t.state == TrialState.FAIL)

@@ -1,0 +1,66 @@
+"""Resume after the driver is killed: `python -m search run` in a subprocess, SIGKILL mid-search,
+then `python -m search run --resume NAME`; no trial may be lost or run twice."""
+import os
+import signal
+from collections import Counter
+
+import yaml
+from optuna.trial import TrialState
+
+from search_fixtures import (kill_session, optuna_trials, parent_run, run_cli, start_cli, trial_runs,
+                             wait_until, write_space)
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    samples = 4
+    space = write_space(tmp_path / "resume.yaml", num_samples=samples, max_concurrent_trials=2,
+                        fixed={"epochs": 4})
+    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--storage", str(storage), "--num-cpus", "2"]
+    driver = start_cli(["run", str(space), "--name", "resume", "--tracking-uri", uri, "--verbose", "0", *common],
+                       tmp_path / "driver.log")
+    try:
+        def mid_search():
+            runs = trial_runs(uri, "resume")
+            finished = [r for r in runs if r.data.tags.get("htnet.status") == "finished"]
+            running = [r for r in runs if r.info.status == "RUNNING"
+                       and r.data.metrics.get("curve_inner_val_uf1") is not None]
+            return finished and running
+        wait_until(mid_search, timeout=240, interval=0.3, what="one finished and one running trial")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        kill_session(driver)
+    before = trial_runs(uri, "resume")
+    assert sum(r.data.tags.get("htnet.status") == "finished" for r in before) < samples
+    assert yaml.safe_load((storage / "searches" / "resume.yaml").read_text())["status"] == "running"
+
+    resumed = run_cli(["run", "--resume", "resume", *common], timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "search resume (finished): 4 finished" in resumed.stdout
+
+    runs = trial_runs(uri, "resume")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    kept = [r for r in runs if r.data.tags.get("htnet.lost") != "true"]
+    lost = [r for r in runs if r.data.tags.get("htnet.lost") == "true"]
+    assert all(r.info.status == "KILLED" and r.data.tags["htnet.status"] == "failed" for r in lost)
+    per_trial = Counter(r.data.tags["htnet.trial_id"] for r in kept)
+    assert len(per_trial) == samples and set(per_trial.values()) == {1}, per_trial  # none twice
+    assert {r.data.tags["htnet.status"] for r in kept} == {"finished"}
+    assert all(r.data.metrics["folds_done"] == 6 for r in kept)
+    assert parent_run(uri, "resume").info.status == "FINISHED"
+
+    trials = optuna_trials(storage, "resume")
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] == samples and states[TrialState.RUNNING] == 0
+    requeued = {t.user_attrs.get("requeued_from") for t in trials} - {None}
+    assert {t.number for t in trials if t.state == TrialState.FAIL} == requeued
+    assert {t.user_attrs["ray_trial_id"] for t in trials if t.state == TrialState.COMPLETE} == set(per_trial)
+
+    from ray import tune
+    analysis = tune.ExperimentAnalysis(str(storage / "ray" / "resume"))
+    assert sorted(t.status for t in analysis.trials) == ["TERMINATED"] * samples
+    assert yaml.safe_load((storage / "searches" / "resume.yaml").read_text())["status"] == "finished"
