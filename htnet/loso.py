@@ -371,7 +371,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
         out_dir = ensure_writable_dir(out_dir)
     device = resolve_device(config.device)
     started = time.perf_counter()
-    X = torch.as_tensor(model_inputs(data, config), device=device)
+    X = torch.tensor(model_inputs(data, config), device=device)
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":
@@ -440,7 +440,7 @@ def evaluate_weights(weights_dir, data, config):
     if missing:
         raise UserError(f"weights folder {weights_dir} has no {missing[0]}.pth for subject {missing[0]!r}")
     device = resolve_device(config.device)
-    X = torch.as_tensor(model_inputs(data, config), device=device)
+    X = torch.tensor(model_inputs(data, config), device=device)
     model = create_model(config.model, **config.model_config).to(device).eval()
     rows = []
     for subject in data.subject_ids:

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 from search.plots import confusion_matrix_png, learning_curve_png
@@ -67,8 +66,6 @@ def loso_trial(config, data=None, settings=None):
         return
 
     torch.set_num_threads(_threads(context.get_trial_resources()))
-    # The object store hands out read-only arrays; the engine only reads its inputs.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     info = {"htnet_node": ray.get_runtime_context().get_node_id(), "htnet_pid": os.getpid()}
 
     def failed(error, step=0):
