@@ -1,9 +1,11 @@
-"""python -m search run|resume|status
+"""python -m search run|resume|status|leaderboard|rerun|paper-table|compare|nested|plots
 
   run [SPACE]      start a search (default space: search/spaces/demo.yaml, synthetic data)
   run --resume NAME, resume NAME
                    go on with a search whose driver stopped (killed, Ctrl+C, lost head node)
   status [NAME]    list the searches, or one search's trials
+  leaderboard, rerun, paper-table, compare, nested, plots
+                   the paper table and its evidence, read from MLflow (search/report_cli.py)
 
 Exit codes: 0 done, 1 the search did not finish (resume it), 2 bad input (one line on stderr).
 """
@@ -68,6 +70,9 @@ def build_parser():
     status.add_argument("name", nargs="?")
     status.add_argument("--storage", default="runs", help="folder of the search records (default: runs)")
     status.add_argument("--top", type=int, default=10, help="trials shown (default: 10)")
+
+    from search import report_cli
+    report_cli.register(commands)  # leaderboard, rerun, nested, paper-table, compare, plots
     return parser
 
 
@@ -116,7 +121,8 @@ def cmd_status(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "resume": cmd_resume, "status": cmd_status}
+    from search import report_cli
+    commands = {"run": cmd_run, "resume": cmd_resume, "status": cmd_status, **report_cli.COMMANDS}
     try:
         return commands[args.command](args)
     except UserError as e:

@@ -1,0 +1,258 @@
+"""Reruns, nested LOSO, the paper table, paired comparisons and plots, end to end on a small
+synthetic search: real Ray (2 CPUs), Optuna and MLflow (sqlite in tmp_path), nothing mocked.
+
+The search: 3 STSTNet trials (2 epochs) on 6 synthetic subjects. Reruns use 2-3 seeds, nested
+LOSO 2 outer folds x 2 trials: about a minute in all on 2 cores.
+"""
+import ast
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from htnet.metrics import per_subject_accuracy
+from search import report_cli, runner
+from search.export import read_latex_table, read_markdown_table
+from search.leaderboard import leaderboard, open_store, read_csv_artifact
+from search.nested import NestedOptions, run_nested
+from search.paper_table import PUBLISHED
+from search_fixtures import parent_run, search_options, write_space
+
+T_975_2 = 4.302652730  # Student t quantile 0.975 with 2 degrees of freedom (tables)
+TINY_HTNET = ["--set", "model_config.dim=16", "--set", "model_config.heads=1", "--set", "model_config.patch_size=14",
+              "--set", "model_config.num_hierarchies=1", "--set", "model_config.block_repeats=[1]"]
+SMALL = ["--set", "epochs=2", "--set", "batch_size=32", "--set", "lr=0.003", "--set", "subjects=6",
+         "--set", "inner_val_subjects=2", "--set", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def ray2():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def runs_with(uri, **tags):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("htnet")
+    where = " and ".join(f"tags.`{k.replace('_', '.')}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([experiment.experiment_id], filter_string=where, max_results=1000)
+
+
+def artifacts(uri, run_id, path=None):
+    return {a.path for a in MlflowClient(uri).list_artifacts(run_id, path)}
+
+
+@pytest.fixture(scope="module")
+def work(ray2, tmp_path_factory):
+    """One search, its reruns (best found with 3 seeds, the paper-config preset and STSTNet with 2
+    seeds each, made small by --set) and a nested LOSO, all in one MLflow store."""
+    tmp = tmp_path_factory.mktemp("report")
+    space = write_space(tmp / "tiny.yaml", num_samples=3, max_concurrent_trials=2)
+    options = search_options(tmp, space, "tiny", subjects="6")
+    summary = runner.run_search(options)
+    assert summary["complete"] and summary["counts"] == {"finished": 3}
+    uri, storage = options.tracking_uri, str(tmp / "runs")
+    common = ["--tracking-uri", uri, "--storage", storage]
+    data = summary["manifest"]["data_root"]
+    codes = {
+        "best": report_cli.main(["rerun", "--best", "tiny", "--seeds", "3", *common]),
+        "paper": report_cli.main(["rerun", "--preset", "htnet-paper", "--seeds", "2", "--data", data,
+                                  *TINY_HTNET, *SMALL, *common]),
+        "ststnet": report_cli.main(["rerun", "--preset", "ststnet", "--seeds", "2", "--data", data, *SMALL,
+                                    "--set", "protocols=[paper,final]", *common]),
+    }
+    nested = run_nested(NestedOptions(space=str(space), name="nest", storage=storage, outer_subjects="2",
+                                      num_samples=2, tracking_uri=uri))
+    return {"tmp": tmp, "uri": uri, "storage": storage, "summary": summary, "codes": codes, "nested": nested,
+            "data": data}
+
+
+def test_leaderboard_ranks_the_real_search(work):
+    table = leaderboard(open_store(work["uri"]), ["tiny"])
+    runs = {r.info.run_id: r for r in runs_with(work["uri"], htnet_search="tiny", htnet_role="trial")}
+    assert len(table) == 3 and set(table["run_id"]) == set(runs)
+    values = [runs[r].data.metrics["inner_val_uf1"] for r in table["run_id"]]
+    assert values == sorted(values, reverse=True) and table["objective_value"].tolist() == values
+    assert {"lr", "batch_size", "model"} <= set(table.columns)
+    for _, row in table.iterrows():
+        assert row["Full UF1"] == runs[row["run_id"]].data.metrics["inner_full_uf1"]
+        assert row["CASME II UAR"] == runs[row["run_id"]].data.metrics["inner_casme2_uar"]
+
+
+def test_rerun_of_the_best_trial_reports_intervals(work):
+    uri = work["uri"]
+    assert work["codes"]["best"] == 0
+    search = parent_run(uri, "tiny")
+    [parent] = runs_with(uri, htnet_role="rerun", htnet_method="STSTNet (best found)")
+    tags, metrics = parent.data.tags, parent.data.metrics
+    assert tags["htnet.source_run_id"] == search.data.tags["htnet.best_run_id"]
+    assert tags["htnet.source_search"] == "tiny"
+    assert tags["htnet.seeds"] == "2,3,4"   # the trial ran seed 1: its rerun takes fresh seeds
+    assert parent.info.status == "FINISHED" and metrics["n_seeds"] == 3
+    children = runs_with(uri, mlflow_parentRunId=parent.info.run_id)
+    assert sorted(int(c.data.tags["htnet.seed"]) for c in children) == [2, 3, 4]
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["htnet.role"] == "rerun_seed"
+        assert child.data.params["seed"] == child.data.tags["htnet.seed"]
+        assert child.data.params["lr"] == parent.data.params["lr"]
+        assert {"predictions.csv", "config.yaml", "confusion_matrix.png", "learning_curve.png"} <= \
+            artifacts(uri, child.info.run_id)
+    for key in ("inner_full_uf1", "paper_samm_uar", "final_smic_uf1"):
+        values = np.array([c.data.metrics[key] for c in children])
+        mean, std = values.mean(), values.std(ddof=1)
+        half = T_975_2 * std / math.sqrt(3)
+        assert metrics[f"{key}_mean"] == pytest.approx(mean)
+        assert metrics[f"{key}_std"] == pytest.approx(std)
+        assert metrics[f"{key}_ci95_low"] == pytest.approx(mean - half, abs=1e-7)
+        assert metrics[f"{key}_ci95_high"] == pytest.approx(mean + half, abs=1e-7)
+    assert {"seeds.csv", "summary.csv", "summary.md", "predictions.csv", "confusion_matrices.png",
+            "config.yaml"} <= artifacts(uri, parent.info.run_id)
+    pooled = read_csv_artifact(open_store(uri), parent.info.run_id, "predictions.csv")
+    assert sorted(pooled["seed"].unique()) == [2, 3, 4]
+    assert "plots/rerun_confusion_matrices.png" in artifacts(uri, search.info.run_id, "plots")
+
+
+def test_rerun_with_the_trials_seed_reproduces_it(work, capsys):
+    uri = work["uri"]
+    best_id = parent_run(uri, "tiny").data.tags["htnet.best_run_id"]
+    code = report_cli.main(["rerun", "--run-id", best_id, "--seed-list", "1", "--method", "replica",
+                            "--tracking-uri", uri, "--storage", work["storage"]])
+    assert code == 0 and "(one seed: no spread or interval)" in capsys.readouterr().out
+    [replica] = runs_with(uri, htnet_role="rerun", htnet_method="replica")
+    trial = MlflowClient(uri).get_run(best_id)
+    for key in ("paper_full_uf1", "inner_full_uar", "final_samm_uf1", "inner_val_uf1"):
+        assert replica.data.metrics[f"{key}_mean"] == pytest.approx(trial.data.metrics[key])
+    assert math.isnan(replica.data.metrics.get("inner_full_uf1_std", float("nan")))
+
+
+def test_nested_loso_runs_the_search_inside_each_outer_fold(work):
+    uri, nested = work["uri"], work["nested"]
+    [parent] = runs_with(uri, htnet_role="nested")
+    metrics, tags = parent.data.metrics, parent.data.tags
+    assert parent.info.status == "FINISHED" and tags["htnet.method"] == "Search + STSTNet (nested LOSO)"
+    assert metrics["nested_outer_folds"] == 2 and metrics["nested_trials"] == 4
+    assert metrics["nested_fold_epochs"] > 0 and metrics["nested_wall_time_s"] > 0
+    assert "2 outer folds x 2 trials" in tags["htnet.cost"] and "fold-epochs" in tags["htnet.cost_actual"]
+    assert 0 <= metrics["inner_full_uf1"] <= 1 and "paper_full_uf1" in metrics
+    folds = runs_with(uri, mlflow_parentRunId=parent.info.run_id)
+    assert len(folds) == 2
+    store = open_store(uri)
+    for fold in folds:
+        outer = fold.data.tags["htnet.outer_subject"]
+        trained_on = fold.data.params["subjects"]
+        assert outer not in ast.literal_eval(trained_on) and len(ast.literal_eval(trained_on)) == 5
+        predictions = read_csv_artifact(store, fold.info.run_id, "predictions.csv")
+        assert set(predictions["subject"].astype(str)) == {outer}
+        trials = read_csv_artifact(store, fold.info.run_id, "inner_trials.csv")
+        assert len(trials) == 2 and set(trials["status"]) <= {"finished", "pruned", "failed"}
+    pooled = nested["predictions"]
+    assert pooled["subject"].nunique() == 2 and set(pooled["protocol"]) == {"paper", "final", "inner"}
+    assert {"predictions.csv", "outer_folds.csv", "inner_trials.csv", "summary.md"} <= \
+        artifacts(uri, parent.info.run_id)
+
+
+def test_paper_table_has_both_protocols_and_the_published_rows(work, tmp_path, capsys):
+    uri = work["uri"]
+    assert work["codes"]["paper"] == 0 and work["codes"]["ststnet"] == 0
+    out = tmp_path / "table"
+    assert report_cli.main(["paper-table", "--tracking-uri", uri, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "missing row 'HTNet (paper config)'" not in printed and "missing row 'STSTNet'" not in printed
+
+    md = read_markdown_table((out / "paper_table.md").read_text())
+    tex = read_latex_table((out / "paper_table.tex").read_text())
+    assert list(md.columns[:3]) == ["Method", "Protocol", "Source"] and len(md.columns) == 11
+    assert list(tex.columns[3:]) == ["UF1", "UAR"] * 4
+    assert md.fillna("").values.tolist() == tex.fillna("").values.tolist()  # the same table
+    rows = {(m, p): row for m, p, row in zip(md["Method"], md["Protocol"], md.to_dict("records"))}
+
+    htnet = rows[("HTNet *", "paper")]
+    assert htnet["Source"].startswith("published")
+    assert [float(htnet[c]) for c in md.columns[3:]] == [.8603, .8475, .8049, .7905, .9532, .9516, .8131, .8124]
+    ststnet = rows[("STSTNet *", "final")]
+    assert ststnet["Source"].startswith("published")
+    assert (float(ststnet["Full UF1"]), float(ststnet["Full UAR"])) == (0.7209, 0.7250)
+    assert all(pd.isna(ststnet[c]) for c in md.columns[5:])  # no per-dataset published numbers
+    assert PUBLISHED[0]["values"]["full"] == (0.8603, 0.8475)
+
+    # Ours: the paper protocol and the leak-free one, side by side, mean ± std over the seeds.
+    for method, leak_free, seeds in (("STSTNet (best found)", "inner", 3), ("HTNet (paper config)", "inner", 2),
+                                     ("STSTNet", "final", 2)):
+        [run] = runs_with(uri, htnet_role="rerun", htnet_method=method)
+        for protocol in ("paper", leak_free):
+            row = rows[(method, protocol)]
+            assert row["Source"] == f"ours, {seeds} seeds"
+            m = run.data.metrics
+            assert row["Full UF1"] == f"{m[f'{protocol}_full_uf1_mean']:.4f} ± {m[f'{protocol}_full_uf1_std']:.4f}"
+            assert row["SAMM UAR"] == f"{m[f'{protocol}_samm_uar_mean']:.4f} ± {m[f'{protocol}_samm_uar_std']:.4f}"
+    assert ("STSTNet", "inner") not in rows  # that rerun ran paper and final only
+    nested = rows[("Search + STSTNet (nested LOSO)", "inner")]
+    assert nested["Source"] == "ours, nested LOSO (2 outer folds)"
+    assert float(nested["Full UF1"]) == pytest.approx(work["nested"]["metrics"]["inner_full_uf1"], abs=5e-5)
+    assert ("Search + STSTNet (nested LOSO)", "paper") in rows
+    # Published rows come first within their model family, then ours.
+    methods = md["Method"].tolist()
+    assert methods.index("HTNet *") < methods.index("HTNet (paper config)")
+    assert methods.index("STSTNet *") < methods.index("STSTNet")
+    assert "published numbers" in (out / "paper_table.md").read_text()
+    assert r"\multicolumn{2}{c}{CASME II}" in (out / "paper_table.tex").read_text()
+
+    numbers = pd.read_csv(out / "paper_table.csv")
+    assert set(numbers["kind"]) == {"published", "rerun", "nested"}
+    [logged] = runs_with(uri, htnet_role="paper_table")
+    assert {"paper_table.md", "paper_table.tex", "paper_table.csv"} <= artifacts(uri, logged.info.run_id)
+
+
+def test_paired_comparison_of_two_trials(work, tmp_path, capsys):
+    uri = work["uri"]
+    table = leaderboard(open_store(uri), ["tiny"])
+    best, worst = table["run_id"].iloc[0], table["run_id"].iloc[-1]
+    out_json, out_csv = tmp_path / "cmp.json", tmp_path / "cmp.csv"
+    code = report_cli.main(["compare", best, worst, "--tracking-uri", uri, "--n-boot", "2000",
+                            "--json", str(out_json), "--csv", str(out_csv)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "sign-flip permutation test, exact" in printed and "95% paired bootstrap interval" in printed
+    result = json.loads(out_json.read_text())
+    per_subject = pd.read_csv(out_csv, dtype={"subject": str})
+    store = open_store(uri)
+    expected = {}
+    for name, run_id in (("a", best), ("b", worst)):
+        acc = per_subject_accuracy(read_csv_artifact(store, run_id, "predictions.csv"))
+        acc = acc[acc["protocol"] == "inner"]
+        expected[name] = dict(zip(acc["subject"].astype(str), acc["accuracy"]))
+    assert result["subjects"] == 6 == len(per_subject)
+    for _, row in per_subject.iterrows():
+        assert row["diff"] == pytest.approx(expected["a"][row["subject"]] - expected["b"][row["subject"]])
+    assert result["mean_diff"] == pytest.approx(per_subject["diff"].mean())
+    assert result["ci95"][0] <= result["mean_diff"] <= result["ci95"][1]
+    assert 0 < result["p_sign_flip"] <= 1 and result["p_exact"]
+
+    [rerun] = runs_with(uri, htnet_role="rerun", htnet_method="STSTNet (best found)")
+    assert report_cli.main(["compare", rerun.info.run_id, worst, "--tracking-uri", uri, "--protocol", "paper",
+                            "--n-boot", "500", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["seeds_a"] == 3
+    assert report_cli.main(["compare", best, "no-such-run", "--tracking-uri", uri]) == 2
+    assert "neither a file nor an MLflow run" in capsys.readouterr().err
+
+
+def test_plots_are_logged_to_the_search_parent_run(work, tmp_path):
+    uri = work["uri"]
+    assert report_cli.main(["plots", "tiny", "--tracking-uri", uri]) == 0
+    search = parent_run(uri, "tiny")
+    logged = artifacts(uri, search.info.run_id, "plots")
+    assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/parallel_coordinate.png",
+            "plots/best_trial_per_subject_accuracy.png"} <= logged
+    import mlflow.artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=search.info.run_id, artifact_path="plots/param_importances.png",
+                                                tracking_uri=uri, dst_path=str(tmp_path))
+    with open(local, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
