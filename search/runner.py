@@ -359,9 +359,23 @@ def finish(storage, name, space, top, out):
         table = summary["table"]
     tracking.finish_parent_run(summary["client"], manifest["parent_run_id"], table, space.metric,
                                "FINISHED" if summary["complete"] else "KILLED")
+    if summary["complete"]:
+        log_plots(manifest, name, out)
     print_summary(summary, top, best, out)
     summary["best_config"] = best
     return summary
+
+
+def log_plots(manifest, name, out):
+    """Optuna's plots and the best trial's per-subject accuracy, on the search's parent run."""
+    from search.leaderboard import open_store
+    from search.report_plots import log_search_plots
+
+    try:
+        store = open_store(manifest["tracking_uri"], manifest["experiment"])
+        log_search_plots(store, name, manifest["optuna_storage"], out=out)
+    except Exception as e:  # noqa: BLE001  (plots are a convenience: never fail a finished search)
+        print(f"warning: could not log the search's plots: {str(e).splitlines()[0] if str(e) else e!r}", file=out)
 
 
 def write_best_config(storage, name, summary):
