@@ -11,7 +11,7 @@ import yaml
 from htnet.data import CROP_MODES, load_release, synthetic_cache
 from htnet.errors import TrainingDiverged, UserError
 from htnet.io import atomic_write, ensure_writable_dir
-from htnet.loso import ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, run_loso
+from htnet.loso import ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, parse_subjects, run_loso
 from htnet.metrics import PROTOCOLS, per_subject_accuracy, summary_table
 from htnet.models import list_models
 
@@ -27,12 +27,6 @@ def model_args(pairs):
             raise UserError(f"--model-arg {pair!r} is not KEY=VALUE")
         config[key.strip()] = yaml.safe_load(value)
     return config
-
-
-def subjects_arg(text):
-    if text is None:
-        return None
-    return int(text) if text.isdigit() else [s for s in text.split(",") if s]
 
 
 def load_data(args):
@@ -113,7 +107,7 @@ def train_config(args):
             raise UserError(f"{path}: expected a mapping of LOSO config keys")
     flags = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
              "optimizer": args.optimizer, "weight_decay": args.weight_decay, "shuffle": args.shuffle,
-             "seed": args.seed, "device": args.device, "subjects": subjects_arg(args.subjects),
+             "seed": args.seed, "device": args.device, "subjects": parse_subjects(args.subjects),
              "inner_val_subjects": args.inner_val_subjects, "inner_patience": args.inner_patience,
              "eval_every": args.eval_every, "crop_mode": args.crop_mode, "engine": args.engine,
              "save_weights": args.save_weights, "standardize": args.standardize or None,
@@ -139,7 +133,7 @@ def cmd_train(args):
 def cmd_evaluate(args):
     config = LosoConfig.from_dict({"model": args.model, "model_config": model_args(args.model_arg),
                                    "crop_mode": args.crop_mode, "device": args.device,
-                                   "subjects": subjects_arg(args.subjects), "protocols": ["final"]})
+                                   "subjects": parse_subjects(args.subjects), "protocols": ["final"]})
     out = ensure_writable_dir(args.out)
     predictions, metrics = evaluate_weights(args.weights, load_data(args), config)
     with atomic_write(out / "predictions.csv") as f:

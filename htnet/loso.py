@@ -163,6 +163,17 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def parse_subjects(text):
+    """Command-line subjects: a count ('12') or comma-separated ids ('sub01,s03', '006').
+    Zero-padded digits are ids: SAMM's subjects are '006' ... '037'."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text.isdigit() and not text.startswith("0"):
+        return int(text)
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def select_subjects(data, subjects):
     """subjects: None (all), a count (taken in turn from each source dataset) or a list of ids."""
     if subjects is None:

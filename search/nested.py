@@ -73,13 +73,6 @@ class NestedOptions:
     gpus_per_fold: float = 0.0
 
 
-def subjects_arg(text):
-    if text is None:
-        return None
-    text = str(text)
-    return int(text) if text.isdigit() else [s for s in text.split(",") if s]
-
-
 # ----------------------------------------------------------------------------- one outer fold
 
 def fit_and_score(config, data, outer):
@@ -241,7 +234,7 @@ def run_nested(options, out=None):
     trials (DataFrame), predictions, cost."""
     import ray
 
-    from htnet.loso import select_subjects
+    from htnet.loso import parse_subjects, select_subjects
     from search.runner import Options, data_source, init_ray, load_data, resolve_space
 
     out = out or sys.stdout
@@ -252,8 +245,8 @@ def run_nested(options, out=None):
         raise UserError("--cpus-per-fold must be > 0 and --gpus-per-fold >= 0")
     source = data_source(Options(data=options.data), space, options.storage)
     data, data_root = load_data(source)
-    data = select_subjects(data, subjects_arg(options.subjects))
-    outer = subjects_arg(options.outer_subjects)
+    data = select_subjects(data, parse_subjects(options.subjects))
+    outer = parse_subjects(options.outer_subjects)
     if outer is None:
         outer = data.subject_ids
     elif isinstance(outer, int):

@@ -16,7 +16,6 @@
 Exit codes: 0 done, 1 nothing usable came out (every seed or fold failed), 2 bad input.
 """
 import argparse
-import sys
 
 from htnet.errors import UserError
 
@@ -219,23 +218,3 @@ def cmd_plots(args):
 
 COMMANDS = {"leaderboard": cmd_leaderboard, "rerun": cmd_rerun, "paper-table": cmd_paper_table,
             "compare": cmd_compare, "nested": cmd_nested, "plots": cmd_plots}
-
-
-def main(argv=None):
-    """Stand-alone entry (python -m search.report_cli ...), until search/cli.py wires `register`."""
-    parser = argparse.ArgumentParser(prog="python -m search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

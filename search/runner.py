@@ -19,6 +19,7 @@ import yaml
 
 from htnet.errors import UserError
 from htnet.io import atomic_write, ensure_writable_dir
+from htnet.loso import parse_subjects
 from search.space import SPACES_DIR, load_space, parse_space, set_fixed, with_overrides
 
 DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
@@ -136,8 +137,7 @@ def overrides_of(options):
     """LOSO config values the CLI sets for every trial."""
     overrides = {}
     if options.subjects:
-        text = str(options.subjects)
-        overrides["subjects"] = int(text) if text.isdigit() else [s for s in text.split(",") if s]
+        overrides["subjects"] = parse_subjects(options.subjects)
     if options.save_weights:
         overrides["save_weights"] = True
     return overrides

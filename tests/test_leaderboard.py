@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from htnet.metrics import uf1_uar
-from search import report_cli, tracking
+from search import cli, tracking
 from search.compare import compare
 from search.export import (format_numbers, latex_table, markdown_table, read_latex_table,
                            read_markdown_table)
@@ -131,7 +131,7 @@ def test_several_searches_protocols_and_filters(store):
 
 def test_exports_parse_back(store, tmp_path, capsys):
     csv, md, tex = tmp_path / "lb.csv", tmp_path / "lb.md", tmp_path / "lb.tex"
-    code = report_cli.main(["leaderboard", "alpha", "--tracking-uri", store["uri"], "--csv", str(csv),
+    code = cli.main(["leaderboard", "alpha", "--tracking-uri", store["uri"], "--csv", str(csv),
                             "--markdown", str(md), "--latex", str(tex)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -154,12 +154,12 @@ def test_exports_parse_back(store, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(store, capsys):
-    assert report_cli.main(["leaderboard", "nope", "--tracking-uri", store["uri"]]) == 2
+    assert cli.main(["leaderboard", "nope", "--tracking-uri", store["uri"]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no search named 'nope'") and err.count("\n") == 1 and "alpha" in err
-    assert report_cli.main(["leaderboard", "alpha", "--tracking-uri", store["uri"], "--param", "x=1"]) == 2
+    assert cli.main(["leaderboard", "alpha", "--tracking-uri", store["uri"], "--param", "x=1"]) == 2
     assert "no trial has parameter 'x'" in capsys.readouterr().err
-    assert report_cli.main(["leaderboard", "--tracking-uri", store["uri"], "--experiment", "none"]) == 2
+    assert cli.main(["leaderboard", "--tracking-uri", store["uri"], "--experiment", "none"]) == 2
     assert "no MLflow experiment 'none'" in capsys.readouterr().err
 
 

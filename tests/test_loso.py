@@ -135,3 +135,11 @@ def test_pooled_uf1_is_computed_over_all_folds(tiny_run):
     final = result.predictions[result.predictions.protocol == "final"]
     assert result.metrics["final_full_uf1"] == pytest.approx(uf1_uar(final.label, final.prediction)[0])
     assert np.isfinite(result.history.train_loss).all()
+
+
+def test_subjects_on_the_command_line_are_a_count_or_ids():
+    from htnet.loso import parse_subjects
+    assert parse_subjects("12") == 12
+    assert parse_subjects("006") == ["006"]          # SAMM ids are zero-padded digits
+    assert parse_subjects("sub01, s03,006") == ["sub01", "s03", "006"]
+    assert parse_subjects(None) is None

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from htnet.metrics import per_subject_accuracy
-from search import report_cli, runner
+from search import cli, runner
 from search.export import read_latex_table, read_markdown_table
 from search.leaderboard import leaderboard, open_store, read_csv_artifact
 from search.nested import NestedOptions, run_nested
@@ -63,10 +63,10 @@ def work(ray2, tmp_path_factory):
     common = ["--tracking-uri", uri, "--storage", storage]
     data = summary["manifest"]["data_root"]
     codes = {
-        "best": report_cli.main(["rerun", "--best", "tiny", "--seeds", "3", *common]),
-        "paper": report_cli.main(["rerun", "--preset", "htnet-paper", "--seeds", "2", "--data", data,
+        "best": cli.main(["rerun", "--best", "tiny", "--seeds", "3", *common]),
+        "paper": cli.main(["rerun", "--preset", "htnet-paper", "--seeds", "2", "--data", data,
                                   *TINY_HTNET, *SMALL, *common]),
-        "ststnet": report_cli.main(["rerun", "--preset", "ststnet", "--seeds", "2", "--data", data, *SMALL,
+        "ststnet": cli.main(["rerun", "--preset", "ststnet", "--seeds", "2", "--data", data, *SMALL,
                                     "--set", "protocols=[paper,final]", *common]),
     }
     nested = run_nested(NestedOptions(space=str(space), name="nest", storage=storage, outer_subjects="2",
@@ -123,7 +123,7 @@ def test_rerun_of_the_best_trial_reports_intervals(work):
 def test_rerun_with_the_trials_seed_reproduces_it(work, capsys):
     uri = work["uri"]
     best_id = parent_run(uri, "tiny").data.tags["htnet.best_run_id"]
-    code = report_cli.main(["rerun", "--run-id", best_id, "--seed-list", "1", "--method", "replica",
+    code = cli.main(["rerun", "--run-id", best_id, "--seed-list", "1", "--method", "replica",
                             "--tracking-uri", uri, "--storage", work["storage"]])
     assert code == 0 and "(one seed: no spread or interval)" in capsys.readouterr().out
     [replica] = runs_with(uri, htnet_role="rerun", htnet_method="replica")
@@ -163,7 +163,7 @@ def test_paper_table_has_both_protocols_and_the_published_rows(work, tmp_path, c
     uri = work["uri"]
     assert work["codes"]["paper"] == 0 and work["codes"]["ststnet"] == 0
     out = tmp_path / "table"
-    assert report_cli.main(["paper-table", "--tracking-uri", uri, "--out", str(out)]) == 0
+    assert cli.main(["paper-table", "--tracking-uri", uri, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "missing row 'HTNet (paper config)'" not in printed and "missing row 'STSTNet'" not in printed
 
@@ -216,7 +216,7 @@ def test_paired_comparison_of_two_trials(work, tmp_path, capsys):
     table = leaderboard(open_store(uri), ["tiny"])
     best, worst = table["run_id"].iloc[0], table["run_id"].iloc[-1]
     out_json, out_csv = tmp_path / "cmp.json", tmp_path / "cmp.csv"
-    code = report_cli.main(["compare", best, worst, "--tracking-uri", uri, "--n-boot", "2000",
+    code = cli.main(["compare", best, worst, "--tracking-uri", uri, "--n-boot", "2000",
                             "--json", str(out_json), "--csv", str(out_csv)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -237,16 +237,16 @@ def test_paired_comparison_of_two_trials(work, tmp_path, capsys):
     assert 0 < result["p_sign_flip"] <= 1 and result["p_exact"]
 
     [rerun] = runs_with(uri, htnet_role="rerun", htnet_method="STSTNet (best found)")
-    assert report_cli.main(["compare", rerun.info.run_id, worst, "--tracking-uri", uri, "--protocol", "paper",
+    assert cli.main(["compare", rerun.info.run_id, worst, "--tracking-uri", uri, "--protocol", "paper",
                             "--n-boot", "500", "--json", str(out_json)]) == 0
     assert json.loads(out_json.read_text())["seeds_a"] == 3
-    assert report_cli.main(["compare", best, "no-such-run", "--tracking-uri", uri]) == 2
+    assert cli.main(["compare", best, "no-such-run", "--tracking-uri", uri]) == 2
     assert "neither a file nor an MLflow run" in capsys.readouterr().err
 
 
 def test_plots_are_logged_to_the_search_parent_run(work, tmp_path):
     uri = work["uri"]
-    assert report_cli.main(["plots", "tiny", "--tracking-uri", uri]) == 0
+    assert cli.main(["plots", "tiny", "--tracking-uri", uri]) == 0
     search = parent_run(uri, "tiny")
     logged = artifacts(uri, search.info.run_id, "plots")
     assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/parallel_coordinate.png",
