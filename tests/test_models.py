@@ -69,7 +69,7 @@ def test_htnet_parameter_names_are_the_reference_ones():
     ({"block_repeats": (2, 0, 1)}, "block_repeats [2, 0, 1] must be 3 positive integers"),
     ({"dim": 0}, "dim must be a positive integer, got 0"),
     ({"heads": 300}, "heads 300 exceeds dim 256"),
-    ({"dropout": 1.5}, "dropout must be in [0, 1)"),
+    ({"dropout": 1.5}, "dropout must be a number in [0, 1)"),
 ])
 def test_impossible_htnet_configs_are_rejected_with_the_argument_named(config, message):
     with pytest.raises(UserError) as error:

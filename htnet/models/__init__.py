@@ -2,9 +2,11 @@
 
 Each entry says which input it reads: "face_crops" (four landmark crops tiled 2x2, HTNet) or
 "whole_face" (the whole-face flow image, STSTNet). Every model maps (B, 3, 28, 28) to
-(B, num_classes) logits.
+(B, num_classes) logits. Configuration errors raise UserError with a one-line message naming the
+argument and its value, before any weights are built.
 """
 import inspect
+import numbers
 
 from htnet.errors import UserError
 
@@ -12,6 +14,10 @@ _REGISTRY = {}
 
 
 def register_model(name, input_kind):
+    """Class decorator: make `cls` available as `create_model(name, ...)`."""
+    if input_kind not in ("face_crops", "whole_face"):
+        raise ValueError(f"input_kind must be 'face_crops' or 'whole_face', got {input_kind!r}")
+
     def add(cls):
         _REGISTRY[name] = (cls, input_kind)
         return cls
@@ -29,6 +35,7 @@ def _entry(name):
 
 
 def model_input(name):
+    """Which image the model `name` reads: "face_crops" or "whole_face"."""
     return _entry(name)[1]
 
 
@@ -39,6 +46,22 @@ def create_model(name, **config):
         if key not in accepted or key == "self":
             raise UserError(f"model {name} has no argument {key!r}")
     return cls(**config)
+
+
+# argument checks shared by the models (messages: "<model>: <argument> ...")
+
+def positive_int(model, name, value):
+    """`value` as an int >= 1 (numpy integers accepted), else UserError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UserError(f"{model}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def dropout_rate(model, name, value):
+    """`value` as a float in [0, 1), else UserError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise UserError(f"{model}: {name} must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 from htnet.models import htnet, ststnet  # noqa: E402,F401  (registration)
