@@ -9,9 +9,10 @@ from pathlib import Path
 import yaml
 
 from htnet.data import CROP_MODES, load_release, synthetic_cache
-from htnet.errors import TrainingDiverged, UserError
+from htnet.errors import ArgumentParser, TrainingDiverged, UserError
 from htnet.io import atomic_write, ensure_writable_dir
-from htnet.loso import ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, parse_subjects, run_loso
+from htnet.loso import (ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, lone_subjects_warning,
+                        parse_subjects, run_loso, select_subjects)
 from htnet.metrics import PROTOCOLS, per_subject_accuracy, summary_table
 from htnet.models import list_models
 
@@ -48,7 +49,8 @@ def add_data_arguments(p):
     p.add_argument("--min-samples-per-subject", type=int, default=1,
                    help="reject subjects with fewer samples (default 1: the release has 8 such subjects)")
     p.add_argument("--subjects", help="comma-separated subject ids, or a count taken across datasets")
-    p.add_argument("--model", default="htnet", choices=list_models())
+    p.add_argument("--model", choices=list_models(),
+                   help="default: the --config file's model, else htnet")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="model constructor argument, e.g. dim=64 or block_repeats=[1,1,2] (repeatable)")
     p.add_argument("--crop-mode", default="reference", choices=CROP_MODES)
@@ -56,8 +58,8 @@ def add_data_arguments(p):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m htnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m htnet", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="LOSO cross-validation of one configuration")
@@ -120,7 +122,10 @@ def train_config(args):
 def cmd_train(args):
     config = train_config(args)
     out = ensure_writable_dir(args.out)
-    data = load_data(args)
+    data = select_subjects(load_data(args), config.subjects)
+    warning = lone_subjects_warning(data)
+    if warning:
+        print(warning, file=sys.stderr)
     result = run_loso(config, data, out_dir=out)
     print(f"\n{config.model} LOSO on {data.source}: {result.folds_done} subjects, "
           f"{result.fold_epochs} fold-epochs, {result.wall_time_s:.0f} s on {result.device}")
@@ -131,7 +136,7 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    config = LosoConfig.from_dict({"model": args.model, "model_config": model_args(args.model_arg),
+    config = LosoConfig.from_dict({"model": args.model or "htnet", "model_config": model_args(args.model_arg),
                                    "crop_mode": args.crop_mode, "device": args.device,
                                    "subjects": parse_subjects(args.subjects), "protocols": ["final"]})
     out = ensure_writable_dir(args.out)

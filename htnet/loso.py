@@ -196,18 +196,38 @@ def subject_seed(seed, subject, run):
     return (seed * 1_000_003 + zlib.crc32(f"{subject}/{run}".encode())) % 2**31
 
 
+def check_fold_classes(data):
+    """Every fold's training set (all subjects but one) must hold every class; UserError names
+    the first fold that lacks one. Checked before any training."""
+    for subject in data.subject_ids:
+        present = set(data.labels[data.subjects != subject].tolist())
+        missing = sorted(set(range(len(CLASS_NAMES))) - present)
+        if missing:
+            raise UserError(f"fold {subject}: training set lacks class {missing[0]} ({CLASS_NAMES[missing[0]]})")
+
+
+def lone_subjects_warning(data):
+    """One line naming the subjects with a single sample, or None. They are valid LOSO folds (the
+    real release has 8), but each tests one sample: its per-subject accuracy is 0 or 1, and the
+    paper protocol's best-test-epoch choice is then right whenever any epoch is."""
+    counts = pd.Series(data.subjects).value_counts()
+    lone = [s for s in data.subject_ids if counts[s] == 1]
+    if not lone:
+        return None
+    return (f"warning: {len(lone)} subject(s) with a single sample ({', '.join(lone)}): each fold tests "
+            f"one sample (--min-samples-per-subject 2 makes this an error)")
+
+
 def make_folds(data, config):
     """One fold per subject, with the inner run's validation subjects drawn from its training
     subjects, one per source dataset in turn so that validation spans the datasets."""
     subjects = data.subject_ids
     dataset_of = dict(zip(data.subjects.tolist(), data.datasets.tolist()))
+    check_fold_classes(data)
     folds = []
     for subject in subjects:
         test = np.flatnonzero(data.subjects == subject)
         train = np.flatnonzero(data.subjects != subject)
-        missing = sorted(set(range(len(CLASS_NAMES))) - set(data.labels[train].tolist()))
-        if missing:
-            raise UserError(f"fold {subject}: training set lacks class {missing[0]} ({CLASS_NAMES[missing[0]]})")
         val_subjects = []
         if "inner" in config.protocols:
             others = [s for s in subjects if s != subject]
@@ -382,7 +402,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
         out_dir = ensure_writable_dir(out_dir)
     device = resolve_device(config.device)
     started = time.perf_counter()
-    X = torch.tensor(model_inputs(data, config), device=device)
+    X = torch.tensor(np.ascontiguousarray(model_inputs(data, config)), device=device)
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":
@@ -451,7 +471,7 @@ def evaluate_weights(weights_dir, data, config):
     if missing:
         raise UserError(f"weights folder {weights_dir} has no {missing[0]}.pth for subject {missing[0]!r}")
     device = resolve_device(config.device)
-    X = torch.tensor(model_inputs(data, config), device=device)
+    X = torch.tensor(np.ascontiguousarray(model_inputs(data, config)), device=device)
     model = create_model(config.model, **config.model_config).to(device).eval()
     rows = []
     for subject in data.subject_ids:

@@ -7,20 +7,21 @@
   leaderboard, rerun, paper-table, compare, nested, plots
                    the paper table and its evidence, read from MLflow (search/report_cli.py)
 
-Exit codes: 0 done, 1 the search did not finish (resume it), 2 bad input (one line on stderr).
+Exit codes: 0 done, 1 the search did not finish (resume it; also when MLflow went away mid-search:
+its results are kept), 2 bad input or an unreachable MLflow (one line on stderr).
 """
 import argparse
 import sys
 
-from htnet.errors import UserError
+from htnet.errors import ArgumentParser, UserError
 
 OBJECTIVE_HELP = ("inner: the leak-free validation UF1 of the inner protocol (default); paper: the "
                   "test-fold UF1 of the paper protocol (leaks the test subject; tagged on every run)")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m search", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="start (or with --resume, resume) a search",
@@ -131,3 +132,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: resume with `python -m search resume NAME`", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - an MLflow store that fails is one line, not a traceback
+        from search.tracking import mlflow_errors
+
+        if not isinstance(e, mlflow_errors()):
+            raise
+        text = str(e).strip()
+        print(f"error: MLflow: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
+        return 2

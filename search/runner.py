@@ -20,7 +20,7 @@ import yaml
 from htnet.errors import UserError
 from htnet.io import atomic_write, ensure_writable_dir
 from htnet.loso import parse_subjects
-from search.space import SPACES_DIR, load_space, parse_space, set_fixed, with_overrides
+from search.space import SPACES_DIR, check_fixed_values, load_space, parse_space, set_fixed, with_overrides
 
 DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -130,7 +130,10 @@ def resolve_space(options):
                            objective=options.objective, sampler=options.sampler, seed=options.seed,
                            pruner=options.pruner, max_failures=options.max_failures,
                            resources=resources or None)
-    return set_fixed(space, options.sets)
+    space = set_fixed(space, options.sets)
+    if options.sets:
+        check_fixed_values(space, "--set")
+    return space
 
 
 def overrides_of(options):
@@ -218,6 +221,8 @@ def run_search(options, out=None):
     out = out or sys.stdout
     space = resolve_space(options)
     name = check_name(options.name or f"{Path(space.source).stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    tracking_uri = options.tracking_uri or default_tracking_uri()
+    tracking.check_reachable(tracking_uri)  # before anything is written or any trial runs
     storage = ensure_writable_dir(Path(options.storage).resolve())
     if manifest_path(storage, name).exists():
         raise UserError(f"search {name!r} exists: resume it with `python -m search resume {name}` "
@@ -225,22 +230,25 @@ def run_search(options, out=None):
     ray_storage = options.ray_storage or str(storage / "ray")
     if "://" not in ray_storage:
         ray_storage = str(ensure_writable_dir(Path(ray_storage).resolve()))
-    optuna_url = options.optuna_storage or default_optuna_storage(storage)
-    if name in optuna.get_all_study_names(open_optuna_storage(optuna_url)):
-        raise UserError(f"an Optuna study named {name!r} exists in {optuna_url}: pick another --name")
     overrides = overrides_of(options)
     source = data_source(options, space, storage)
     data, data_root = load_data(source)
-    tracking_uri = options.tracking_uri or default_tracking_uri()
-    client = tracking.client_for(tracking_uri)
-    experiment_id = tracking.ensure_experiment(client, options.experiment, tracking_uri)
+    check_data(data, overrides)
+    optuna_url = options.optuna_storage or default_optuna_storage(storage)
+    if name in optuna.get_all_study_names(open_optuna_storage(optuna_url)):
+        raise UserError(f"an Optuna study named {name!r} exists in {optuna_url}: pick another --name")
     samples = effective_samples(space)
     if samples < space.num_samples:
         space.num_samples = samples
-    parent_run_id = tracking.start_parent_run(
-        client, experiment_id, name, space, space.metric,
-        {"data": data_root, "optuna_storage": optuna_url, "ray_storage": ray_storage,
-         **{f"override.{k}": v for k, v in overrides.items()}})
+    try:
+        client = tracking.client_for(tracking_uri)
+        experiment_id = tracking.ensure_experiment(client, options.experiment, tracking_uri)
+        parent_run_id = tracking.start_parent_run(
+            client, experiment_id, name, space, space.metric,
+            {"data": data_root, "optuna_storage": optuna_url, "ray_storage": ray_storage,
+             **{f"override.{k}": v for k, v in overrides.items()}})
+    except tracking.mlflow_errors() as e:
+        raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
     manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                 "status": "running", "space_file": space.source, "space": space.raw,
                 "settings": {"num_samples": space.num_samples,
@@ -263,7 +271,7 @@ def run_search(options, out=None):
     try:
         searcher = make_searcher(space, name, optuna_url)
         callback = tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space,
-                                           searcher, overrides)
+                                           searcher, overrides, results_path=manifest["ray_path"])
         tuner = tune.Tuner(
             make_trainable(space, data, overrides),
             tune_config=tune.TuneConfig(
@@ -279,7 +287,9 @@ def run_search(options, out=None):
         if started_ray:
             import ray
             ray.shutdown()
-    return finish(storage, name, space, options.top, out)
+    if callback.offline:  # MLflow went away mid-search: fill it in now if it is back
+        return fill_and_finish(storage, name, space, options.top, out)
+    return guarded_finish(storage, name, space, options.top, out)
 
 
 def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out=None):
@@ -294,6 +304,7 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
     manifest = read_manifest(storage, name)
     if not tune.Tuner.can_restore(manifest["ray_path"]):
         raise UserError(f"search {name!r}: Ray Tune has no restorable experiment at {manifest['ray_path']}")
+    tracking.check_reachable(manifest["tracking_uri"])
     space = space_of(manifest)
     data, data_root = load_data(manifest["data"])
     client = tracking.client_for(manifest["tracking_uri"])
@@ -313,7 +324,7 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
         if started_ray:
             import ray
             ray.shutdown()
-    return finish(storage, name, space, top, out)
+    return fill_and_finish(storage, name, space, top, out)
 
 
 def space_of(manifest):
@@ -325,6 +336,85 @@ def space_of(manifest):
                            resources=settings["resources"])
     space.sampler, space.pruner = settings["sampler"], settings["pruner"]
     return set_fixed(space, manifest.get("sets"))
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def check_data(data, overrides):
+    """Before any trial: every fold must be trainable (a class in every training set); subjects
+    with a single sample are valid folds, named in one warning line."""
+    from htnet.loso import check_fold_classes, lone_subjects_warning, select_subjects
+
+    data = select_subjects(data, overrides.get("subjects"))
+    check_fold_classes(data)
+    warning = lone_subjects_warning(data)
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- MLflow gone
+
+def fill_mlflow(storage, name, out=None):
+    """Log to MLflow every ended trial that Ray Tune recorded and MLflow missed (see
+    tracking.backfill); returns the trial ids filled in."""
+    import optuna
+    from ray import tune
+
+    from search import tracking
+
+    manifest = read_manifest(storage, name)
+    space = space_of(manifest)
+    analysis = tune.ExperimentAnalysis(manifest["ray_path"])
+    try:
+        study = optuna.load_study(study_name=name, storage=open_optuna_storage(manifest["optuna_storage"]))
+        numbers = {t.user_attrs["ray_trial_id"]: t.number for t in study.get_trials(deepcopy=False)
+                   if "ray_trial_id" in t.user_attrs}
+    except KeyError:
+        numbers = {}
+    client = tracking.client_for(manifest["tracking_uri"])
+    filled = tracking.backfill(client, manifest["experiment_id"], manifest["parent_run_id"], name, space,
+                               analysis.trials, analysis.trial_dataframes, manifest.get("overrides") or {},
+                               numbers)
+    if filled:
+        print(f"MLflow: logged {len(filled)} ended trial(s) it had missed", file=out or sys.stdout)
+    return filled
+
+
+def mlflow_down(storage, name, reason, out):
+    """MLflow does not answer at the end of a search: say so in one line, keep everything."""
+    from search import tracking
+
+    manifest = read_manifest(storage, name)
+    manifest["status"] = "interrupted"
+    write_manifest(storage, name, manifest)
+    print(f"error: {tracking.unreachable_message(manifest['tracking_uri'], reason, name, manifest['ray_path'])}",
+          file=sys.stderr, flush=True)
+    return {"name": name, "manifest": manifest, "complete": False, "mlflow_error": reason}
+
+
+def fill_and_finish(storage, name, space, top, out):
+    from search import tracking
+
+    reason = tracking.unreachable(read_manifest(storage, name)["tracking_uri"])
+    if reason is not None:
+        return mlflow_down(storage, name, reason, out)
+    try:
+        fill_mlflow(storage, name, out)
+    except tracking.mlflow_errors() as e:
+        return mlflow_down(storage, name, tracking.short_reason(e), out)
+    return guarded_finish(storage, name, space, top, out)
+
+
+def guarded_finish(storage, name, space, top, out):
+    from search import tracking
+
+    try:
+        return finish(storage, name, space, top, out)
+    except tracking.mlflow_errors() as e:
+        return mlflow_down(storage, name, tracking.short_reason(e), out)
 
 
 # ----------------------------------------------------------------------------- the end

@@ -709,6 +709,7 @@ def parse_space(raw, source="<space>"):
     _check_models(space, _known_models(), source)
     _check_conditions_satisfiable(space)
     _check_objective(space)
+    _check_fixed_values(space, f"{source}: fixed")
     if space.sampler["type"] == "grid":
         points = space.grid_points()
         if not points:
@@ -735,6 +736,41 @@ def _check_conditions_satisfiable(space):
                 context = ", ".join(f"{d.name}={v!r}" for d, v in zip(deps, combo)) or "the fixed values"
                 raise UserError(f"{space.source}: space.{param.name}: no value satisfies the conditions "
                                 f"when {context}")
+
+
+def _check_fixed_values(space, where, model=True):
+    """What every trial gets is checked once, before any trial runs: the fixed LOSO values (those
+    without `when`), so that `epochs: 0` or `protocols: [best]` stops the search at the start; and,
+    where nothing about the model is sampled or conditional, the model itself (built on the meta
+    device: no memory, no time), so that an impossible fixed model config does too."""
+    import torch
+
+    from htnet.loso import LosoConfig
+
+    def model_key(name):
+        return name == "model" or name == "model_config" or name.startswith("model_config.")
+
+    values = {f.name: f.value for f in space.fixed if f.when is None and not model_key(f.name)}
+    if "protocols" in space.names:  # inner_val_subjects only matters where a sample has 'inner'
+        values.pop("inner_val_subjects", None)
+    model_fixed = model and not any(model_key(n) for n in space.names) and \
+        not any(model_key(f.name) and f.when is not None for f in space.fixed)
+    model_values = {"model": "ststnet", "model_config": {}}
+    if model_fixed:
+        model_values = {"model": "htnet", **nest({f.name: f.value for f in space.fixed if model_key(f.name)})}
+        model_values.setdefault("model_config", {})
+    try:
+        with torch.device("meta"):
+            LosoConfig.from_dict({**values, **model_values})
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def check_fixed_values(space, where):
+    """The check of parse_space, again after `--set` (which may complete or break the model)."""
+    _check_fixed_values(space, where)
 
 
 def _check_objective(space):
@@ -819,6 +855,7 @@ def set_fixed(space, assignments):
             raise UserError(f"--set {key}: cannot read value {value!r}") from None
         space.fixed = [f for f in space.fixed if f.name != key] + [Fixed(key, parsed)]
     _check_objective(space)
+    _check_fixed_values(space, "--set", model=False)  # the model: check_fixed_values, once all is set
     return space
 
 

@@ -22,10 +22,18 @@ attempt as a FAILED run tagged htnet.retried=true; the retry is a new run (htnet
 A resumed search reuses the RUNNING run of a trial Ray restarts (tagged htnet.restarts), replays
 trials that ended after Ray's last snapshot instead of running them again, and marks runs of
 trials Ray lost with the driver (never in a snapshot) as failed with htnet.lost=true.
+
+MLflow unreachable: a search does not start (`check_reachable`). If it goes away mid-search, the
+callback prints one line and stops writing; trials go on, Ray keeps their results and files; the
+search ends unfinished (exit 1) unless MLflow is back by then. `search resume` then logs every
+ended trial MLflow missed (`backfill`, tagged htnet.backfilled=true), into the trial's open run
+where it has one, so no trial gets two runs.
 """
 import logging
 import math
+import os
 import re
+import sys
 import time
 
 from ray import tune
@@ -33,6 +41,14 @@ from ray import tune
 from search.space import flatten
 
 logger = logging.getLogger(__name__)
+
+# MLflow's HTTP client retries a dead server for minutes by default (7 retries, backoff factor 2,
+# 120 s timeout per request). The driver fails over to Ray's records instead (see MlflowTracking),
+# so it asks for a few quick retries; `retry` below adds its own backoff. Environment wins.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+FINAL_ERROR_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                     "BAD_REQUEST")
 
 TERMINAL = ("finished", "pruned", "failed")
 CURVE_SKIP = {"step", "folds_total", "final", "training_iteration", "time_this_iter_s", "time_total_s",
@@ -43,7 +59,79 @@ RESULT_KEYS = ("_uf1", "_uar")
 def client_for(tracking_uri):
     from mlflow import MlflowClient
 
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def mlflow_errors():
+    """What a failing MLflow store raises: MlflowException (the HTTP client wraps connection
+    errors and timeouts in it, the sqlite store its database errors) or a requests error."""
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+
+    return (MlflowException, RequestException)
+
+
+def short_reason(error):
+    """A few words for why an MLflow call failed (its messages quote whole URLs and retry states)."""
+    text = str(error).strip()
+    if "Connection refused" in text or "NewConnectionError" in text or "RemoteDisconnected" in text:
+        return "connection refused"
+    if "timed out" in text or "Timeout" in text:
+        return "timed out"
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def is_http(tracking_uri):
+    return str(tracking_uri).startswith(("http://", "https://"))
+
+
+def unreachable(tracking_uri, timeout=5.0):
+    """Why the MLflow store at `tracking_uri` cannot be used now, in a few words; None if it can.
+    A server must answer HTTP within `timeout` s (one try); a sqlite file needs a writable folder."""
+    from pathlib import Path
+
+    if is_http(tracking_uri):
+        import requests
+
+        try:
+            response = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout)
+        except requests.RequestException as e:
+            reason = type(e).__name__
+            if isinstance(e, requests.ConnectionError):
+                reason = "connection refused"
+            return reason
+        if response.status_code in (502, 503, 504):
+            return f"HTTP {response.status_code}"
+        return None
+    if str(tracking_uri).startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            return f"folder {folder} does not exist"
+        if not os.access(folder, os.W_OK):
+            return f"folder {folder} is not writable"
+    return None
+
+
+def unreachable_message(tracking_uri, reason, search_name=None, kept=None):
+    """The one line a user sees when MLflow is gone: what failed, what is kept, what to do."""
+    what = f"MLflow tracking server at {tracking_uri}" if is_http(tracking_uri) else f"MLflow store {tracking_uri}"
+    text = f"{what} unreachable ({reason})"
+    if search_name is not None:
+        text += (f": results are kept in {kept}; restart it and run `python -m search resume "
+                 f"{search_name}` to fill MLflow in")
+    return text
+
+
+def check_reachable(tracking_uri):
+    """UserError (one line) unless the MLflow store answers: checked before a search starts."""
+    from htnet.errors import UserError
+
+    reason = unreachable(tracking_uri)
+    if reason is not None:
+        fix = "start it or pass another --tracking-uri" if is_http(tracking_uri) else "pass another --tracking-uri"
+        raise UserError(f"{unreachable_message(tracking_uri, reason)}; {fix}")
 
 
 def retry(fn, *args, tries=6, **kwargs):
@@ -55,8 +143,7 @@ def retry(fn, *args, tries=6, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MlflowException as e:
-            if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
-                                "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST") or attempt == tries - 1:
+            if e.error_code in FINAL_ERROR_CODES or attempt == tries - 1:
                 raise
             delay = min(8.0, 0.25 * 2 ** attempt)
         except OSError:
@@ -203,11 +290,72 @@ def trial_table(client, experiment_id, parent_run_id, metric, param_names=()):
             .reset_index(drop=True))
 
 
+def create_trial_run(client, experiment_id, parent_run_id, search_name, space, trial_id, config,
+                     attempt, optuna_number=None, resources=None, run_name=None, extra_tags=None):
+    """The child run of one trial attempt: tags, flattened parameters and config.yaml."""
+    tags = {"mlflow.parentRunId": parent_run_id, "htnet.role": "trial",
+            "htnet.search": search_name, "htnet.trial_id": trial_id,
+            "htnet.attempt": attempt, "htnet.status": "running",
+            "htnet.objective": space.metric, "htnet.objective_protocol": space.objective,
+            "htnet.optuna_study": search_name, **(extra_tags or {})}
+    if optuna_number is not None:
+        tags["htnet.optuna_trial"] = optuna_number
+    tags["htnet.resources"] = ",".join(f"{k.lower()}={v:g}" for k, v in sorted((resources or {}).items())
+                                       if k in ("CPU", "GPU"))
+    run = retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items()},
+                run_name=run_name)
+    run_id = run.info.run_id
+    log_params(client, run_id, flatten(config))
+    retry(client.log_dict, run_id, config, "config.yaml")
+    return run_id
+
+
+def trial_status(result, pruned=False):
+    if pruned or result.get("htnet_status") == "pruned":
+        return "pruned"
+    return "failed" if result.get("htnet_status") == "failed" else "finished"
+
+
+def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
+    """Final metrics, the files of a finished trial (its Ray checkpoint) and the end status."""
+    metrics = {k: v for k, v in result.items()
+               if (k.endswith(RESULT_KEYS) or k in ("fold_epochs", "wall_time_s"))
+               and not k.startswith("htnet_") and _is_number(v)}
+    metrics["folds_done"] = result.get("step", 0)
+    if wall_time_s is not None:
+        metrics["trial_wall_time_s"] = wall_time_s
+    log_metrics(client, run_id, metrics, step=result.get("step", 0))
+    if status == "finished" and checkpoint is not None:
+        try:
+            with checkpoint.as_directory() as folder:
+                retry(client.log_artifacts, run_id, folder)
+        except mlflow_errors():
+            raise
+        except Exception as e:  # noqa: BLE001 - a missing artifact must not end the search
+            logger.warning("could not log the artifacts of trial %s: %s", trial_id, e)
+            set_tags(client, run_id, {"htnet.artifacts_error": str(e).splitlines()[0][:500]})
+    tags = dict(tags or {})
+    if status == "failed":
+        tags.setdefault("htnet.error", str(result.get("htnet_error", ""))[:5000])
+    if status == "pruned":
+        tags["htnet.pruned_at_step"] = result.get("step", "")
+    set_tags(client, run_id, {"htnet.status": status, **tags})
+    retry(client.set_terminated, run_id, "FAILED" if status == "failed" else "FINISHED")
+
+
 class MlflowTracking(tune.Callback):
-    """Ray Tune callback: the child run of every trial attempt, logged from the driver."""
+    """Ray Tune callback: the child run of every trial attempt, logged from the driver.
+
+    If MLflow stops answering (a tracking server that died, a full disk), the callback prints one
+    line and stops writing to MLflow; the trials go on and Ray keeps their results (result.json
+    and the checkpoint with the trial's files, under the search's Ray folder). `search resume`
+    then logs what MLflow missed (`backfill`)."""
+
+    _offline = None      # why MLflow became unreachable; None while it answers
+    results_path = None  # where Ray keeps the trials' results (for the message)
 
     def __init__(self, tracking_uri, experiment_id, search_name, parent_run_id, space, searcher,
-                 overrides=None):
+                 overrides=None, results_path=None):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.search_name = search_name
@@ -215,6 +363,7 @@ class MlflowTracking(tune.Callback):
         self.space = space
         self.searcher = searcher
         self.overrides = overrides or {}
+        self.results_path = results_path
         self._client = None
         self._reset_state()
 
@@ -230,6 +379,7 @@ class MlflowTracking(tune.Callback):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_client"] = None
+        state.pop("_offline", None)
         return state
 
     @property
@@ -238,10 +388,32 @@ class MlflowTracking(tune.Callback):
             self._client = client_for(self.tracking_uri)
         return self._client
 
+    @property
+    def offline(self):
+        return self._offline
+
+    def _guard(self, what, fn, *args):
+        """Run one MLflow step of a Ray event; a store that fails turns the callback offline."""
+        if self._offline:
+            return None
+        try:
+            return fn(*args)
+        except mlflow_errors() as e:
+            from mlflow.exceptions import MlflowException
+
+            if isinstance(e, MlflowException) and e.error_code in FINAL_ERROR_CODES:
+                logger.warning("MLflow refused %s: %s", what, str(e).strip()[:300])  # one call, not the store
+                return None
+            self._offline = first = short_reason(e)
+            kept = self.results_path or "Ray's results folder"
+            print(f"error: {unreachable_message(self.tracking_uri, first, self.search_name, kept)} "
+                  f"(the trials go on)", file=sys.stderr, flush=True)
+            return None
+
     # -- state from MLflow (resume)
 
     def setup(self, **info):
-        self._load_existing()
+        self._guard("setup", self._load_existing)
 
     def _load_existing(self):
         if self._loaded:
@@ -265,6 +437,9 @@ class MlflowTracking(tune.Callback):
         if self._orphans_checked:
             return
         self._orphans_checked = True
+        self._guard("the check for lost trials", self._mark_lost, trials)
+
+    def _mark_lost(self, trials):
         known = {t.trial_id for t in trials}
         for trial_id, run_id in list(self._runs.items()):
             if trial_id not in known:
@@ -282,6 +457,13 @@ class MlflowTracking(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         trial_id = trial.trial_id
         self._started[trial_id] = time.time()
+        if self._offline:  # Optuna still learns which Ray trial is which (backfill, resume)
+            self.searcher.set_ray_trial_attrs(trial_id, ray_trial_id=trial_id)
+            return
+        self._guard("the start of trial " + trial_id, self._start, trial)
+
+    def _start(self, trial):
+        trial_id = trial.trial_id
         if trial_id in self._terminal:
             return  # ended before the driver was killed: the trainable replays its result
         if trial_id in self._runs:  # restarted by a resumed search: the same run goes on
@@ -294,31 +476,21 @@ class MlflowTracking(tune.Callback):
             return
         attempt = self._attempts.get(trial_id, 0) + 1
         self._attempts[trial_id] = attempt
-        config = self._config_of(trial)
-        optuna_number = self.searcher.optuna_trial_number(trial_id)
-        tags = {"mlflow.parentRunId": self.parent_run_id, "htnet.role": "trial",
-                "htnet.search": self.search_name, "htnet.trial_id": trial_id,
-                "htnet.attempt": attempt, "htnet.status": "running",
-                "htnet.objective": self.space.metric, "htnet.objective_protocol": self.space.objective,
-                "htnet.optuna_study": self.search_name}
-        if optuna_number is not None:
-            tags["htnet.optuna_trial"] = optuna_number
-        resources = getattr(trial.placement_group_factory, "required_resources", {})
-        tags["htnet.resources"] = ",".join(f"{k.lower()}={v:g}" for k, v in sorted(resources.items())
-                                           if k in ("CPU", "GPU"))
         name = str(trial) + (f"-attempt{attempt}" if attempt > 1 else "")
-        run = retry(self.client.create_run, self.experiment_id,
-                    tags={k: str(v) for k, v in tags.items()}, run_name=name)
-        run_id = run.info.run_id
+        run_id = create_trial_run(
+            self.client, self.experiment_id, self.parent_run_id, self.search_name, self.space, trial_id,
+            self._config_of(trial), attempt, self.searcher.optuna_trial_number(trial_id),
+            getattr(trial.placement_group_factory, "required_resources", {}), name)
         self._runs[trial_id] = run_id
-        log_params(self.client, run_id, flatten(config))
-        retry(self.client.log_dict, run_id, config, "config.yaml")
         self.searcher.set_ray_trial_attrs(trial_id, ray_trial_id=trial_id, mlflow_run_id=run_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        trial_id = trial.trial_id
-        if self.searcher.is_pruned(trial_id):
+        if self.searcher.is_pruned(trial.trial_id):
             result["htnet_status"] = "pruned"  # shows in Ray Tune's table and results
+        self._guard("a result of trial " + trial.trial_id, self._result, trial, result)
+
+    def _result(self, trial, result):
+        trial_id = trial.trial_id
         run_id = self._runs.get(trial_id)
         if run_id is None or result.get("htnet_status") == "replayed":
             return
@@ -330,10 +502,7 @@ class MlflowTracking(tune.Callback):
         step = result.get("step")
         if step is None or result.get("htnet_status") == "failed":
             return
-        curve = {f"curve_{k}": v for k, v in result.items()
-                 if k not in CURVE_SKIP and not k.startswith("htnet_") and _is_number(v)
-                 and (k.endswith(RESULT_KEYS) or k in ("train_loss", "fold_epochs"))}
-        log_metrics(self.client, run_id, curve, step=step)
+        log_metrics(self.client, run_id, curve_of(result), step=step)
 
     def _end(self, trial_id, status, mlflow_status, tags=None):
         run_id = self._runs.pop(trial_id)
@@ -343,57 +512,121 @@ class MlflowTracking(tune.Callback):
         return run_id
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._guard("the end of trial " + trial.trial_id, self._complete, trial)
+
+    def _complete(self, trial):
         trial_id = trial.trial_id
         if trial_id not in self._runs:
             return
         result = trial.last_result or {}
-        if self.searcher.is_pruned(trial_id):
-            status = "pruned"
-        elif result.get("htnet_status") == "failed":
-            status = "failed"
-        else:
-            status = "finished"
+        status = trial_status(result, self.searcher.is_pruned(trial_id))
         run_id = self._runs[trial_id]
-        metrics = {k: v for k, v in result.items()
-                   if (k.endswith(RESULT_KEYS) or k in ("fold_epochs", "wall_time_s"))
-                   and not k.startswith("htnet_") and _is_number(v)}
-        metrics["folds_done"] = result.get("step", 0)
-        if trial_id in self._started:
-            metrics["trial_wall_time_s"] = time.time() - self._started[trial_id]
-        log_metrics(self.client, run_id, metrics, step=result.get("step", 0))
-        if status == "finished" and trial.checkpoint is not None:
-            try:
-                with trial.checkpoint.as_directory() as folder:
-                    retry(self.client.log_artifacts, run_id, folder)
-            except Exception as e:  # noqa: BLE001 - a missing artifact must not end the search
-                logger.warning("could not log the artifacts of trial %s: %s", trial_id, e)
-                set_tags(self.client, run_id, {"htnet.artifacts_error": str(e).splitlines()[0][:500]})
-        tags = {}
-        if status == "failed":
-            tags["htnet.error"] = str(result.get("htnet_error", ""))[:5000]
-        if status == "pruned":
-            tags["htnet.pruned_at_step"] = result.get("step", "")
-        self._end(trial_id, status, "FAILED" if status == "failed" else "FINISHED", tags)
+        wall = time.time() - self._started[trial_id] if trial_id in self._started else None
+        log_trial_end(self.client, run_id, trial_id, result, status,
+                      trial.checkpoint if status == "finished" else None, wall)
+        self._runs.pop(trial_id)
+        self._tagged.discard(trial_id)
         self._terminal[trial_id] = run_id
 
     def _error_text(self, trial):
-        try:
-            error = trial.get_error()
-        except Exception:  # noqa: BLE001
-            error = None
-        text = str(error) if error is not None else "the trial's worker failed"
-        lines = [line for line in text.strip().splitlines() if line.strip()]
-        return (lines[-1] if lines else text)[:5000]
+        return error_text(trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         if trial.trial_id in self._runs:
-            self._end(trial.trial_id, "failed", "FAILED",
-                      {"htnet.retried": "true", "htnet.error": self._error_text(trial)})
+            self._guard("the retry of trial " + trial.trial_id, self._end, trial.trial_id, "failed", "FAILED",
+                        {"htnet.retried": "true", "htnet.error": self._error_text(trial)})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if trial.trial_id in self._runs:
-            run_id = self._end(trial.trial_id, "failed", "FAILED", {"htnet.error": self._error_text(trial)})
-            self._terminal[trial.trial_id] = run_id
+            run_id = self._guard("the error of trial " + trial.trial_id, self._end, trial.trial_id, "failed",
+                                 "FAILED", {"htnet.error": self._error_text(trial)})
+            if run_id is not None:
+                self._terminal[trial.trial_id] = run_id
+
+
+def curve_of(result):
+    """The intermediate curve of one result: `curve_<key>` at step = folds done."""
+    return {f"curve_{k}": v for k, v in result.items()
+            if k not in CURVE_SKIP and not k.startswith("htnet_") and _is_number(v)
+            and (k.endswith(RESULT_KEYS) or k in ("train_loss", "fold_epochs"))}
+
+
+def error_text(trial):
+    try:
+        error = trial.get_error()
+    except Exception:  # noqa: BLE001
+        error = None
+    text = str(error) if error is not None else "the trial's worker failed"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else text)[:5000]
+
+
+def backfill(client, experiment_id, parent_run_id, search_name, space, trials, histories=None,
+             overrides=None, optuna_numbers=None):
+    """Log to MLflow what Ray Tune recorded while MLflow did not answer.
+
+    Every Ray trial that ended (TERMINATED or ERROR) without an ended, non-retried run gets its
+    end logged: into its open run (the one that was RUNNING when MLflow went away) or, if it has
+    none, into a new run (attempt + 1), with the curve from Ray's result.json (`histories`: trial
+    id -> DataFrame of its results) and the files of its checkpoint. Nothing is logged twice: a
+    trial with an ended run is left alone. Returns the trial ids filled in."""
+    runs = {}
+    for run in child_runs(client, experiment_id, parent_run_id):
+        tags = run.data.tags
+        if tags.get("htnet.trial_id") and tags.get("htnet.lost") != "true":
+            runs.setdefault(tags["htnet.trial_id"], []).append(run)
+    filled = []
+    for trial in trials:
+        if trial.status not in ("TERMINATED", "ERROR"):
+            continue
+        mine = sorted(runs.get(trial.trial_id, []), key=lambda r: int(r.data.tags.get("htnet.attempt", 1)))
+        ended = [r for r in mine if r.data.tags.get("htnet.status") in TERMINAL
+                 and r.data.tags.get("htnet.retried") != "true"]
+        if ended:
+            for run in ended:  # the status tag made it, the end of the run did not
+                if run.info.status == "RUNNING":
+                    retry(client.set_terminated, run.info.run_id,
+                          "FAILED" if run.data.tags["htnet.status"] == "failed" else "FINISHED")
+            continue
+        result = dict(trial.last_result or {})
+        open_runs = [r for r in mine if r.data.tags.get("htnet.status", "running") in ("running", "interrupted")
+                     and r.data.tags.get("htnet.retried") != "true"]
+        failures = getattr(getattr(trial, "run_metadata", None), "num_failures", 0) or 0
+        tags = {"htnet.backfilled": "true", **({"htnet.failures": failures} if failures else {})}
+        if open_runs:
+            run_id = open_runs[-1].info.run_id
+            if open_runs[-1].info.status != "RUNNING":
+                retry(client.update_run, run_id, status="RUNNING")
+        else:
+            attempt = max([int(r.data.tags.get("htnet.attempt", 1)) for r in mine], default=0) + 1
+            config = space.resolve(space.sampled(trial.config), overrides)
+            resources = getattr(trial.placement_group_factory, "required_resources", {})
+            run_id = create_trial_run(client, experiment_id, parent_run_id, search_name, space,
+                                      trial.trial_id, config, attempt,
+                                      (optuna_numbers or {}).get(trial.trial_id), resources,
+                                      str(trial) + (f"-attempt{attempt}" if attempt > 1 else ""))
+        if result.get("htnet_device"):
+            tags.update({"htnet.device": result["htnet_device"], "htnet.node_id": result.get("htnet_node", ""),
+                         "htnet.worker_pid": result.get("htnet_pid", "")})
+        history = (histories or {}).get(trial.trial_id)
+        if history is not None and len(history) and "step" in history:
+            by_step = {}
+            for row in history.to_dict("records"):
+                if row.get("step") is not None and _is_number(row["step"]) \
+                        and row.get("htnet_status") not in ("failed", "replayed"):
+                    by_step[int(row["step"])] = curve_of(row)  # a retried step: the last report
+            for step, curve in sorted(by_step.items()):
+                log_metrics(client, run_id, curve, step=step)
+        if trial.status == "ERROR":
+            status = "failed"
+            tags["htnet.error"] = error_text(trial)
+        else:
+            status = trial_status(result)
+        checkpoint = getattr(trial, "checkpoint", None) if status == "finished" else None
+        log_trial_end(client, run_id, trial.trial_id, result, status, checkpoint,
+                      result.get("time_total_s"), tags)
+        filled.append(trial.trial_id)
+    return filled
 
 
 def mark_interrupted(client, experiment_id, parent_run_id):

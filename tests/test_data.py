@@ -7,8 +7,9 @@ import pytest
 
 from htnet.data import htnet_input, load_release, make_synthetic
 from htnet.data.crops import patch_centres
-from htnet.data.release import CSV_NAME, IMAGE_DIR, TEMPLATE_LANDMARKS, image_path
+from htnet.data.release import CSV_NAME, TEMPLATE_LANDMARKS, image_path
 from htnet.errors import UserError
+from release_edits import drop_label_column, duplicate_sample, first_png, set_label_7
 
 REAL_COUNTS = {  # from the release's README: samples, subjects, class 0/1/2
     "casme2": (145, 24, 88, 32, 25), "smic": (164, 16, 70, 51, 43), "samm": (133, 28, 92, 26, 15)}
@@ -98,30 +99,6 @@ def broken_release(synth_root, tmp_path):
     root = tmp_path / "release"
     shutil.copytree(synth_root, root)
     return root
-
-
-def edit_csv(root, change):
-    table = pd.read_csv(root / CSV_NAME, dtype=str)
-    change(table)
-    table.to_csv(root / CSV_NAME, index=False)
-
-
-def drop_label_column(root):
-    edit_csv(root, lambda t: t.pop("label"))
-
-
-def set_label_7(root):
-    edit_csv(root, lambda t: t.__setitem__("label", t["label"].where(t.index != 3, "7")))
-
-
-def duplicate_sample(root):
-    def change(table):
-        table.loc[1, ["sub", "filename_o"]] = table.loc[0, ["sub", "filename_o"]].to_numpy()
-    edit_csv(root, change)
-
-
-def first_png(root):
-    return sorted((root / IMAGE_DIR).glob("*.png"))[0]
 
 
 @pytest.mark.parametrize("breakage, message", [

@@ -243,9 +243,10 @@ def write_release(root, table, images, landmarks=None):
             raise UserError(f"could not encode image for sample {sample_id(sub, filename_o)!r}")
         with atomic_write(image_path(root, sample_id(sub, filename_o)), "wb") as f:
             f.write(png.tobytes())
-    extra = [c for c in table.columns if c not in CSV_COLUMNS]
-    with atomic_write(root / CSV_NAME) as f:
-        table[CSV_COLUMNS + extra].to_csv(f, index=False)
     if landmarks is not None:
         with atomic_write(root / LANDMARKS_NAME) as f:
             landmarks.to_csv(f, index=False)
+    # The CSV comes last: a release folder with its CSV is complete (synthetic_cache relies on it).
+    extra = [c for c in table.columns if c not in CSV_COLUMNS]
+    with atomic_write(root / CSV_NAME) as f:
+        table[CSV_COLUMNS + extra].to_csv(f, index=False)

@@ -1,0 +1,213 @@
+"""The fold-batched engine (htnet.batched) and the grouped models (htnet.models.grouped)."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from htnet.batched import group_size, make_groups, plan_members, worker_count
+from htnet.loso import LosoConfig, evaluate_weights, make_folds, run_loso
+from htnet.metrics import per_subject_accuracy
+from htnet.models import create_model
+from htnet.models.grouped import dropout_mask, grouped_model
+
+from conftest import TINY_STSTNET
+
+TINY_HTNET = {"dim": 8, "heads": 2, "patch_size": 14, "num_hierarchies": 2, "block_repeats": [1, 1]}
+MODELS = [("ststnet", {}), ("htnet", TINY_HTNET),
+          ("htnet", {"dim": 12, "heads": 3, "block_repeats": [1, 1, 2], "mlp_mult": 2})]
+
+
+def plain_models(name, config, count, negative_gamma=True):
+    models = []
+    for g in range(count):
+        torch.manual_seed(100 + g)
+        model = create_model(name, **config)
+        if name == "ststnet":  # trained-looking BatchNorm state, one negative scale (min-pool path)
+            for bn in (model.bn1, model.bn2, model.bn3):
+                bn.running_mean.uniform_(0, 40)
+                bn.running_var.uniform_(20, 400)
+                bn.weight.data.uniform_(0.5, 1.5)
+            if negative_gamma:
+                model.bn2.weight.data[1] = -0.7
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("name, config", MODELS)
+def test_grouped_forward_equals_each_plain_model(name, config):
+    models = plain_models(name, config, 3)
+    grouped = grouped_model(name, [m.state_dict() for m in models], config).eval()
+    x = torch.rand(7, 3, 28, 28) * 255
+    with torch.no_grad():
+        out = grouped(x)
+        assert out.shape == (7, 3, 3)
+        for g, model in enumerate(models):
+            torch.testing.assert_close(out[:, g], model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, config", MODELS)
+def test_fold_state_dict_loads_strict_into_the_plain_model(name, config):
+    models = plain_models(name, config, 2)
+    grouped = grouped_model(name, [m.state_dict() for m in models], config)
+    for g, model in enumerate(models):
+        state = grouped.fold_state_dict(g)
+        assert list(state) == list(model.state_dict())
+        fresh = create_model(name, **config)
+        fresh.load_state_dict(state, strict=True)
+        for key, value in model.state_dict().items():
+            assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("negative_gamma", [False, True], ids=["fast-stem", "min-pool"])
+def test_grouped_ststnet_training_step_matches_plain_models_on_their_own_samples(negative_gamma):
+    """Train mode with a per-fold mask: member g's BatchNorm statistics and gradients are those of
+    the plain model run on ITS samples only (the held-out samples never enter them). Both stem
+    paths: the C kernels (all BN scales positive) and the min-pool path (one negative)."""
+    models = plain_models("ststnet", {}, 3, negative_gamma)
+    for model in models:
+        model.dropout.p = 0.0
+    grouped = grouped_model("ststnet", [m.state_dict() for m in models], {}).train()
+    grouped.dropout = 0.0
+    x, y = torch.rand(12, 3, 28, 28) * 255, torch.randint(0, 3, (12,))
+    mask = torch.ones(12, 3)
+    mask[0:3, 0] = 0
+    mask[3:5, 1] = 0
+    mask[10:, 2] = 0
+    logits = grouped(x, mask)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), y[:, None].expand(12, 3).reshape(-1),
+                                           reduction="none").view(12, 3)
+    ((ce * mask).sum(0) / mask.sum(0)).sum().backward()
+    for g, model in enumerate(models):
+        own = mask[:, g].bool()
+        ref = model.train()(x[own])
+        torch.testing.assert_close(logits[own, g], ref, rtol=1e-4, atol=1e-4)
+        torch.nn.functional.cross_entropy(ref, y[own]).backward()
+        state = grouped.fold_state_dict(g)
+        for key, param in model.named_parameters():
+            grad = grouped.params[key.replace(".", "__")].grad[g]
+            torch.testing.assert_close(grad, param.grad, rtol=1e-3, atol=1e-5 * param.grad.abs().max().item())
+        for key, buffer in model.state_dict().items():  # running statistics after the step
+            torch.testing.assert_close(state[key].to(buffer.dtype), buffer, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_mask_keeps_half_and_scales():
+    generator = torch.Generator().manual_seed(0)
+    mask = dropout_mask((64, 10, 10), 0.5, generator)
+    assert set(mask.unique().tolist()) == {0.0, 2.0} and abs(mask.mean().item() - 1.0) < 0.05
+    other = dropout_mask((200, 100), 0.2, generator)
+    assert abs((other > 0).float().mean().item() - 0.8) < 0.02 and abs(other.max().item() - 1.25) < 1e-6
+
+
+def test_groups_keep_a_folds_runs_together_and_size_follows_memory(synth_data, monkeypatch):
+    config = LosoConfig.from_dict({**TINY_STSTNET, "engine": "batched"})
+    members = plan_members(make_folds(synth_data, config), config)
+    assert len(members) == 18 and [m.run for m in members[:2]] == ["inner", "main"]
+    groups = make_groups(members, 5)   # rounded down to whole folds
+    assert [len(g) for g in groups] == [4, 4, 4, 4, 2]
+    for group in groups:
+        assert all(group[i].fold is group[i + 1].fold for i in range(0, len(group), 2))
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("HTNET_BATCHED_GROUP", raising=False)
+    assert 1 <= group_size(config, cpu, 18) <= 18
+    monkeypatch.setattr("htnet.batched._available_memory", lambda device: 1)
+    assert group_size(config, cpu, 18) == 1
+    monkeypatch.setenv("HTNET_BATCHED_GROUP", "6")
+    assert group_size(config, cpu, 18) == 6
+    monkeypatch.delenv("HTNET_BATCHED_WORKERS", raising=False)
+    assert worker_count(cpu, 5, work=10) == 0 and worker_count(torch.device("cuda"), 5) == 0
+
+
+@pytest.fixture(scope="module")
+def batched_run(synth_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batched")
+    reports = []
+    result = run_loso({**TINY_STSTNET, "engine": "batched", "save_weights": True}, synth_data,
+                      callback=reports.append, out_dir=out, progress=False)
+    return result, reports, out
+
+
+@pytest.fixture(scope="module")
+def plain_runs(synth_data):
+    return [run_loso({**TINY_STSTNET, "seed": seed}, synth_data, progress=False) for seed in (1, 2)]
+
+
+def test_batched_engine_matches_plain_within_seed_noise(batched_run, plain_runs):
+    batched, _, _ = batched_run
+    assert batched.folds_done == batched.folds_total == 9
+    for protocol in ("paper", "final", "inner"):
+        plain = [r.metrics[f"{protocol}_full_uf1"] for r in plain_runs]
+        value = batched.metrics[f"{protocol}_full_uf1"]
+        spread = max(plain) - min(plain)
+        assert abs(value - plain[0]) <= max(0.1, 1.5 * spread), (protocol, value, plain)
+        assert min(plain) - 0.1 <= value <= max(plain) + 0.1, (protocol, value, plain)
+        assert abs(batched.metrics[f"{protocol}_full_uar"] - plain_runs[0].metrics[f"{protocol}_full_uar"]) <= 0.15
+    assert batched.fold_epochs == plain_runs[0].fold_epochs
+    assert list(batched.history.columns) == list(plain_runs[0].history.columns)
+    assert len(batched.history) == len(plain_runs[0].history)
+
+
+def test_batched_protocols_callback_and_paper_at_least_final(batched_run):
+    result, reports, out = batched_run
+    assert set(result.predictions.protocol) == {"paper", "final", "inner"}
+    assert [r["step"] for r in reports] == list(range(1, 10))
+    assert "inner_val_uf1" in result.metrics and reports[-1]["fold_epochs"] == result.fold_epochs
+    accuracy = per_subject_accuracy(result.predictions).pivot(index="subject", columns="protocol", values="accuracy")
+    assert (accuracy["paper"] >= accuracy["final"]).all()
+    final = result.predictions[result.predictions.protocol == "final"]
+    assert (final.epoch == TINY_STSTNET["epochs"]).all()
+
+
+def test_batched_weights_are_the_plain_models_and_reproduce_paper_predictions(batched_run, synth_data):
+    result, _, out = batched_run
+    files = sorted((out / "weights").iterdir())
+    assert [f.stem for f in files] == sorted(result.predictions.subject.unique())
+    model = create_model("ststnet")
+    model.load_state_dict(torch.load(files[0], weights_only=True), strict=True)
+    predictions, _ = evaluate_weights(out / "weights", synth_data, {**TINY_STSTNET})
+    paper = result.predictions[result.predictions.protocol == "paper"].set_index("sample").prediction
+    agree = (predictions.set_index("sample").prediction == paper.loc[predictions["sample"]].values).mean()
+    assert agree >= 0.95
+
+
+def test_batched_engine_is_deterministic_in_process_and_in_workers(synth_data, monkeypatch):
+    config = {**TINY_STSTNET, "epochs": 3, "subjects": 4, "protocols": ["paper", "final"], "engine": "batched"}
+    monkeypatch.setenv("HTNET_BATCHED_GROUP", "2")
+    a = run_loso(config, synth_data, progress=False).predictions
+    b = run_loso(config, synth_data, progress=False).predictions
+    pd.testing.assert_frame_equal(a, b)
+    monkeypatch.setenv("HTNET_BATCHED_WORKERS", "2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the workers' thread count: same arithmetic, same predictions
+    try:
+        single = run_loso(config, synth_data, progress=False).predictions
+        monkeypatch.setenv("HTNET_BATCHED_WORKERS", "0")
+        in_process = run_loso(config, synth_data, progress=False).predictions
+    finally:
+        torch.set_num_threads(threads)
+    pd.testing.assert_frame_equal(single, in_process)
+    assert (a.prediction == single.prediction).mean() >= 0.9
+
+
+def test_batched_htnet_and_early_stopping_inner_run(synth_data):
+    config = {"model": "htnet", "model_config": TINY_HTNET, "epochs": 6, "lr": 3e-3, "batch_size": 32,
+              "subjects": 4, "inner_patience": 2, "inner_val_subjects": 2}
+    plain = run_loso(config, synth_data, progress=False)
+    batched = run_loso({**config, "engine": "batched"}, synth_data, progress=False)
+    assert set(batched.predictions.protocol) == {"paper", "final", "inner"}
+    assert 4 * 6 < batched.fold_epochs <= 4 * 2 * 6
+    for protocol in ("paper", "final"):
+        assert abs(batched.metrics[f"{protocol}_full_uf1"] - plain.metrics[f"{protocol}_full_uf1"]) <= 0.25
+    inner = batched.history[batched.history.run == "inner"]
+    assert inner.groupby("subject").epoch.max().le(6).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+def test_grouped_models_on_gpu_match_cpu():
+    for name, config in MODELS:
+        models = plain_models(name, config, 2)
+        grouped = grouped_model(name, [m.state_dict() for m in models], config).eval()
+        x = torch.rand(5, 3, 28, 28) * 255
+        with torch.no_grad():
+            cpu = grouped(x)
+            gpu = grouped.cuda()(x.cuda()).cpu()
+        torch.testing.assert_close(gpu, cpu, rtol=1e-2, atol=1e-2)
