@@ -97,6 +97,14 @@ def make_groups(members, size):
     return [members[i:i + size] for i in range(0, len(members), size)]
 
 
+def plan_groups(folds, config, device, min_groups=1):
+    """The groups a run trains: as large as memory and the device cap allow, and at least
+    `min_groups` of them (see run_folds_batched)."""
+    members = plan_members(folds, config)
+    size = min(group_size(config, device, len(members)), math.ceil(len(members) / max(1, min_groups)))
+    return make_groups(members, size)
+
+
 # ----------------------------------------------------------------------------------- group size
 
 def _available_memory(device):
@@ -343,8 +351,10 @@ def _worker_run(group_folds, group_members):
     return _outcomes(members, results, w["config"])
 
 
-def run_folds_batched(folds, X, y, data, config, device, progress=False):
-    """Yield a FoldOutcome per fold, in fold order, as `htnet.loso._run_folds_plain` does."""
+def run_folds_batched(folds, X, y, data, config, device, progress=False, min_groups=1):
+    """Yield a FoldOutcome per fold, in fold order, as `htnet.loso._run_folds_plain` does.
+    `min_groups`: split the folds into at least this many groups, so that a run whose intermediate
+    results may stop it (a search's pruner) reports that often (on a GPU, one group could hold all)."""
     if config.model not in GROUPED:
         from htnet.loso import run_fold
         for fold in folds:
@@ -354,9 +364,8 @@ def run_folds_batched(folds, X, y, data, config, device, progress=False):
     _gpu_setup(device)
     if device.type == "cpu":
         tune_malloc()
-    members = plan_members(folds, config)
-    groups = make_groups(members, group_size(config, device, len(members)))
-    workers = worker_count(device, len(groups), len(members) * config.epochs * len(data.labels))
+    groups = plan_groups(folds, config, device, min_groups)
+    workers = worker_count(device, len(groups), sum(map(len, groups)) * config.epochs * len(data.labels))
     if workers == 0:
         for group in groups:
             yield from _outcomes(group, train_group(group, X, y, data, config, device, progress), config)

@@ -77,7 +77,8 @@ def build_parser():
     train.add_argument("--inner-val-subjects", type=int)
     train.add_argument("--inner-patience", type=int)
     train.add_argument("--eval-every", type=int)
-    train.add_argument("--engine", choices=list(ENGINES))
+    train.add_argument("--engine", choices=list(ENGINES),
+                       help="batched (default): fold-models trained together; plain: one at a time, the reference recipe")
     train.add_argument("--save-weights", action="store_true", default=None,
                        help="write <out>/weights/<subject>.pth (the paper protocol's epoch, else the last)")
     train.add_argument("--out", default="outputs/train", help="folder for predictions, metrics, weights")

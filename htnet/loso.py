@@ -15,6 +15,7 @@ tested on that subject. Three protocols are read off the same run, each named in
 `report_every` folds, so a search can prune; the callback returns True to stop the run.
 """
 import dataclasses
+import functools
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from htnet.models import create_model, model_input
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 ENGINES = ("plain", "batched")
+REPORTS_WITH_CALLBACK = 8
 
 
 @dataclass
@@ -56,7 +58,7 @@ class LosoConfig:
     eval_every: int = 1
     crop_mode: str = "reference"
     standardize: bool = False
-    engine: str = "plain"
+    engine: str = "batched"  # "plain": one fold-model at a time, the reference recipe
     save_weights: bool = False
     report_every: int = 1
 
@@ -406,7 +408,10 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":
-        from htnet.batched import run_folds_batched as run_folds
+        from htnet.batched import run_folds_batched
+
+        # a run that reports to a pruner gets intermediate results at least REPORTS_WITH_CALLBACK times
+        run_folds = functools.partial(run_folds_batched, min_groups=REPORTS_WITH_CALLBACK if callback else 1)
     else:
         run_folds = _run_folds_plain
     outcomes, prediction_rows, history_rows, stopped = [], [], [], False

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from htnet.batched import group_size, make_groups, plan_members, worker_count
+from htnet.batched import group_size, make_groups, plan_groups, plan_members, worker_count
 from htnet.loso import LosoConfig, evaluate_weights, make_folds, run_loso
 from htnet.metrics import per_subject_accuracy
 from htnet.models import create_model
@@ -115,6 +115,11 @@ def test_groups_keep_a_folds_runs_together_and_size_follows_memory(synth_data, m
     assert group_size(config, cpu, 18) == 6
     monkeypatch.delenv("HTNET_BATCHED_WORKERS", raising=False)
     assert worker_count(cpu, 5, work=10) == 0 and worker_count(torch.device("cuda"), 5) == 0
+    # memory for all 18 members in one group; a run that reports to a pruner still gets 3 groups
+    monkeypatch.setenv("HTNET_BATCHED_GROUP", "100")
+    folds = make_folds(synth_data, config)
+    assert [len(g) for g in plan_groups(folds, config, cpu)] == [18]
+    assert [len(g) for g in plan_groups(folds, config, cpu, min_groups=3)] == [6, 6, 6]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +133,8 @@ def batched_run(synth_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_runs(synth_data):
-    return [run_loso({**TINY_STSTNET, "seed": seed}, synth_data, progress=False) for seed in (1, 2)]
+    return [run_loso({**TINY_STSTNET, "seed": seed, "engine": "plain"}, synth_data, progress=False)
+            for seed in (1, 2)]
 
 
 def test_batched_engine_matches_plain_within_seed_noise(batched_run, plain_runs):
@@ -191,7 +197,7 @@ def test_batched_engine_is_deterministic_in_process_and_in_workers(synth_data, m
 def test_batched_htnet_and_early_stopping_inner_run(synth_data):
     config = {"model": "htnet", "model_config": TINY_HTNET, "epochs": 6, "lr": 3e-3, "batch_size": 32,
               "subjects": 4, "inner_patience": 2, "inner_val_subjects": 2}
-    plain = run_loso(config, synth_data, progress=False)
+    plain = run_loso({**config, "engine": "plain"}, synth_data, progress=False)
     batched = run_loso({**config, "engine": "batched"}, synth_data, progress=False)
     assert set(batched.predictions.protocol) == {"paper", "final", "inner"}
     assert 4 * 6 < batched.fold_epochs <= 4 * 2 * 6
