@@ -37,13 +37,15 @@ Where it runs
   `HTNET_COMPILE=default|reduce-overhead|max-autotune` wraps the grouped model in torch.compile
   (reduce-overhead = CUDA graphs); off by default (slower on CPU here, and not measured on a GPU).
 
-Group size (`group_size`): members per group = min(all members, what memory allows, a device cap).
+Group size (`fold_group_size` in the config, else `group_size`): members per group = min(all members, what memory allows, a device cap).
 Memory per member = 16 bytes per parameter (weights, gradient, two Adam moments) + the activations
 a step saves (measured once with saved-tensor hooks on a small batch, scaled to batch_size) x 1.5;
 free memory from torch.cuda.mem_get_info on GPU, /proc/meminfo MemAvailable on CPU; half of it is
 used. The CPU cap (CPU_GROUP_CAP) is where the measured per-fold-epoch time stops falling (see
 benchmarks/RESULTS.md). Environment overrides: HTNET_BATCHED_GROUP (members per group),
-HTNET_BATCHED_WORKERS (CPU worker processes; 0 = in process).
+HTNET_BATCHED_WORKERS (CPU worker processes; 0 = in process). The grouping shapes each member's
+batches and dropout stream, so run_loso records the size it used in the result's config: a rerun
+from that config (search rerun --method replica) trains the same groups and reproduces the run.
 
 Trade-offs measured on the 2-core CPU (benchmarks/RESULTS.md): a naive vmap over folds and a grouped
 STSTNet with einsum-masked BatchNorm were slower than the plain loop; the fused formulation is what
@@ -97,12 +99,18 @@ def make_groups(members, size):
     return [members[i:i + size] for i in range(0, len(members), size)]
 
 
+def resolve_fold_group_size(folds, config, device, min_groups=1):
+    """Members per group: `config.fold_group_size` where set, else as many as memory and the device
+    cap allow, small enough for at least `min_groups` groups (see run_folds_batched)."""
+    if config.fold_group_size is not None:
+        return config.fold_group_size
+    total = len(plan_members(folds, config))
+    return min(group_size(config, torch.device(device), total), math.ceil(total / max(1, min_groups)))
+
+
 def plan_groups(folds, config, device, min_groups=1):
-    """The groups a run trains: as large as memory and the device cap allow, and at least
-    `min_groups` of them (see run_folds_batched)."""
-    members = plan_members(folds, config)
-    size = min(group_size(config, device, len(members)), math.ceil(len(members) / max(1, min_groups)))
-    return make_groups(members, size)
+    """The groups a run trains (resolve_fold_group_size members each, a fold's runs kept together)."""
+    return make_groups(plan_members(folds, config), resolve_fold_group_size(folds, config, device, min_groups))
 
 
 # ----------------------------------------------------------------------------------- group size

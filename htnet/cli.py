@@ -79,6 +79,9 @@ def build_parser():
     train.add_argument("--eval-every", type=int)
     train.add_argument("--engine", choices=list(ENGINES),
                        help="batched (default): fold-models trained together; plain: one at a time, the reference recipe")
+    train.add_argument("--fold-group-size", type=int,
+                       help="batched engine: fold-models per group (default: what memory allows; the value "
+                            "used is saved in config.yaml, and rerunning that config reproduces the run)")
     train.add_argument("--save-weights", action="store_true", default=None,
                        help="write <out>/weights/<subject>.pth (the paper protocol's epoch, else the last)")
     train.add_argument("--out", default="outputs/train", help="folder for predictions, metrics, weights")
@@ -113,6 +116,7 @@ def train_config(args):
              "seed": args.seed, "device": args.device, "subjects": parse_subjects(args.subjects),
              "inner_val_subjects": args.inner_val_subjects, "inner_patience": args.inner_patience,
              "eval_every": args.eval_every, "crop_mode": args.crop_mode, "engine": args.engine,
+             "fold_group_size": args.fold_group_size,
              "save_weights": args.save_weights, "standardize": args.standardize or None,
              "protocols": args.protocols.split(",") if args.protocols else None}
     values.update({k: v for k, v in flags.items() if v is not None})

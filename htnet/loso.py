@@ -15,7 +15,6 @@ tested on that subject. Three protocols are read off the same run, each named in
 `report_every` folds, so a search can prune; the callback returns True to stop the run.
 """
 import dataclasses
-import functools
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -59,6 +58,10 @@ class LosoConfig:
     crop_mode: str = "reference"
     standardize: bool = False
     engine: str = "batched"  # "plain": one fold-model at a time, the reference recipe
+    # batched engine: fold-models trained together. None = as many as memory and the device allow
+    # (at least REPORTS_WITH_CALLBACK groups when a pruner listens); the run records the value it
+    # used, because the grouping shapes the batches and dropout stream (a rerun needs the same one).
+    fold_group_size: int | None = None
     save_weights: bool = False
     report_every: int = 1
 
@@ -87,6 +90,8 @@ class LosoConfig:
 
         for name in ("epochs", "batch_size", "eval_every", "report_every"):
             positive(name)
+        if self.fold_group_size is not None:
+            positive("fold_group_size")
         positive("lr", integer=False)
         if self.weight_decay < 0:
             raise UserError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -408,36 +413,37 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":
-        from htnet.batched import run_folds_batched
+        from htnet.batched import resolve_fold_group_size, run_folds_batched
 
         # a run that reports to a pruner gets intermediate results at least REPORTS_WITH_CALLBACK times
-        run_folds = functools.partial(run_folds_batched, min_groups=REPORTS_WITH_CALLBACK if callback else 1)
+        config = dataclasses.replace(config, fold_group_size=resolve_fold_group_size(
+            folds, config, device, min_groups=REPORTS_WITH_CALLBACK if callback else 1))
+        run_folds = run_folds_batched
     else:
         run_folds = _run_folds_plain
     outcomes, prediction_rows, history_rows, stopped = [], [], [], False
-    bar = tqdm(total=len(folds), desc="LOSO folds", disable=not progress)
-    for outcome in run_folds(folds, X, y, data, config, device, progress=progress):
-        outcomes.append(outcome)
-        prediction_rows += _prediction_rows(outcome, data)
-        history_rows += [(outcome.subject, *row) for row in outcome.history]
-        if out_dir is not None and outcome.weights is not None:
-            with atomic_write(out_dir / "weights" / f"{outcome.subject}.pth", "wb") as f:
-                torch.save(outcome.weights, f)
-        bar.update(1)
-        done = len(outcomes)
-        if callback is not None and (done % config.report_every == 0 or done == len(folds)):
-            _, metrics = _pooled_metrics(prediction_rows, outcomes, data)
-            fold_history = pd.DataFrame([r for o in outcomes for r in o.history if r[0] == "main"],
-                                        columns=["run", "epoch", "train_loss", "test_acc", "val_uf1"])
-            report = {"step": done, "folds_total": len(folds),
-                      "fold_epochs": sum(o.fold_epochs for o in outcomes),
-                      "train_loss": float(fold_history.groupby("epoch")["train_loss"].mean().iloc[-1]),
-                      **metrics}
-            if callback(report) and done < len(folds):
-                stopped = True
-                break
-        bar.set_postfix_str(_postfix(prediction_rows))
-    bar.close()
+    with tqdm(total=len(folds), desc="LOSO folds", disable=not progress) as bar:  # closed on errors too
+        for outcome in run_folds(folds, X, y, data, config, device, progress=progress):
+            outcomes.append(outcome)
+            prediction_rows += _prediction_rows(outcome, data)
+            history_rows += [(outcome.subject, *row) for row in outcome.history]
+            if out_dir is not None and outcome.weights is not None:
+                with atomic_write(out_dir / "weights" / f"{outcome.subject}.pth", "wb") as f:
+                    torch.save(outcome.weights, f)
+            bar.update(1)
+            done = len(outcomes)
+            if callback is not None and (done % config.report_every == 0 or done == len(folds)):
+                _, metrics = _pooled_metrics(prediction_rows, outcomes, data)
+                fold_history = pd.DataFrame([r for o in outcomes for r in o.history if r[0] == "main"],
+                                            columns=["run", "epoch", "train_loss", "test_acc", "val_uf1"])
+                report = {"step": done, "folds_total": len(folds),
+                          "fold_epochs": sum(o.fold_epochs for o in outcomes),
+                          "train_loss": float(fold_history.groupby("epoch")["train_loss"].mean().iloc[-1]),
+                          **metrics}
+                if callback(report) and done < len(folds):
+                    stopped = True
+                    break
+            bar.set_postfix_str(_postfix(prediction_rows))
     predictions, metrics = _pooled_metrics(prediction_rows, outcomes, data)
     fold_epochs = sum(o.fold_epochs for o in outcomes)
     wall = time.perf_counter() - started

@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from htnet.batched import group_size, make_groups, plan_groups, plan_members, worker_count
 from htnet.loso import LosoConfig, evaluate_weights, make_folds, run_loso
@@ -173,6 +174,16 @@ def test_batched_weights_are_the_plain_models_and_reproduce_paper_predictions(ba
     paper = result.predictions[result.predictions.protocol == "paper"].set_index("sample").prediction
     agree = (predictions.set_index("sample").prediction == paper.loc[predictions["sample"]].values).mean()
     assert agree >= 0.95
+
+
+def test_a_run_records_its_grouping_and_rerunning_its_config_reproduces_it(batched_run, synth_data):
+    result, _, out = batched_run
+    # reporting to a callback split the 18 members into groups of 2 (at least 8 groups); rerun without
+    # a callback, the saved config must bring back the same groups, hence the same predictions
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["fold_group_size"] == result.config.fold_group_size == 3
+    again = run_loso(saved, synth_data, progress=False)
+    pd.testing.assert_frame_equal(again.predictions, result.predictions)
 
 
 def test_batched_engine_is_deterministic_in_process_and_in_workers(synth_data, monkeypatch):
