@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,70 @@ def wait_until(condition, timeout, interval=0.5, what="condition"):
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
+
+
+def run_search_and_meanwhile(options, ready, act, timeout, what):
+    """Run the search; meanwhile, from a watcher thread, wait until `ready()` gives a value and call
+    `act(value)`. Returns (summary, outcome): outcome["value"] once acted, else outcome["error"]."""
+    import threading
+
+    from search import runner
+
+    outcome = {}
+
+    def watch():
+        try:
+            value = wait_until(ready, timeout=timeout, interval=0.2, what=what)
+            act(value)
+            outcome["value"] = value
+        except Exception as e:  # noqa: BLE001 - reported by the caller's assertion
+            outcome["error"] = repr(e)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    summary = runner.run_search(options)
+    watcher.join(timeout=30)
+    return summary, outcome
+
+
+def launch_mlflow_server(folder, port):
+    """A real `mlflow server` on 127.0.0.1:port over a sqlite store in `folder`, its own process
+    group (so a test stops only what it started); not waited for: see wait_for_mlflow_server."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "server.log", "a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+             "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_mlflow_server(server, port, folder, timeout=120):
+    def healthy():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return server.poll() is not None  # ends the wait if the server died
+    wait_until(healthy, timeout=timeout, what="mlflow server")
+    assert server.poll() is None, (folder / "server.log").read_text()
+
+
+def start_mlflow_server(folder, port):
+    server = launch_mlflow_server(folder, port)
+    wait_for_mlflow_server(server, port, folder)
+    return server
+
+
+def stop_mlflow_server(server, sig=signal.SIGKILL):
+    """Only the server this test started: its own process group."""
+    if server.poll() is None:
+        os.killpg(server.pid, sig)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
 
 def free_port():
     with socket.socket() as s:

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from search import runner
-from search_fixtures import (REPO, free_port, local_ray, optuna_trials, parent_run, search_options,  # noqa: F401
-                             trial_runs, wait_until, write_space)
+from search_fixtures import (REPO, free_port, local_ray, start_mlflow_server, stop_mlflow_server, optuna_trials, parent_run,  # noqa: F401
+                             run_search_and_meanwhile, search_options, trial_runs, write_space)
 
 # ----------------------------------------------------------------------------- atomic writes
 
@@ -277,35 +276,6 @@ def test_a_diverging_trial_fails_cleanly_and_the_search_goes_on(local_ray, tmp_p
     assert states == {TrialState.COMPLETE: 2, TrialState.FAIL: 1}
 
 
-def start_mlflow_server(folder, port):
-    folder.mkdir(parents=True, exist_ok=True)
-    log = open(folder / "server.log", "a")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-
-    def healthy():
-        import urllib.request
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return server.poll() is not None
-    wait_until(healthy, timeout=120, what="mlflow server")
-    assert server.poll() is None, (folder / "server.log").read_text()
-    return server
-
-
-def stop_mlflow_server(server, sig=signal.SIGKILL):
-    """Only the server this test started: its own process group."""
-    if server.poll() is None:
-        os.killpg(server.pid, sig)
-        server.wait(timeout=30)
-
-
 def test_mlflow_server_stopped_mid_search_then_resume_fills_it_in(local_ray, tmp_path, capsys):
     """The tracking server dies while trials run: the trials go on and Ray keeps their results,
     the driver says in one line what happened and what to do, and exits unfinished. After the
@@ -320,27 +290,17 @@ def test_mlflow_server_stopped_mid_search_then_resume_fills_it_in(local_ray, tmp
                             fixed={"epochs": 4})
         options = search_options(tmp_path, space, name)
         options.tracking_uri = uri
-        stopped = {}
 
-        def stop_mid_search():
-            def mid_search():
-                runs = trial_runs(uri, name)
-                finished = [r for r in runs if r.data.tags.get("htnet.status") == "finished"]
-                running = [r for r in runs if r.info.status == "RUNNING"
-                           and r.data.metrics.get("curve_inner_val_uf1") is not None]
-                return finished and running
-            try:
-                wait_until(mid_search, timeout=240, interval=0.3, what="one finished and one running trial")
-                stop_mlflow_server(server)
-                stopped["ok"] = True
-            except Exception as e:  # noqa: BLE001 - reported by the assertion below
-                stopped["error"] = repr(e)
+        def mid_search():
+            runs = trial_runs(uri, name)
+            finished = [r for r in runs if r.data.tags.get("htnet.status") == "finished"]
+            running = [r for r in runs if r.info.status == "RUNNING"
+                       and r.data.metrics.get("curve_inner_val_uf1") is not None]
+            return finished and running
 
-        watcher = threading.Thread(target=stop_mid_search, daemon=True)
-        watcher.start()
-        summary = runner.run_search(options)
-        watcher.join(timeout=30)
-        assert stopped.get("ok"), stopped
+        summary, stopped = run_search_and_meanwhile(options, mid_search, lambda _: stop_mlflow_server(server),
+                                                    timeout=240, what="one finished and one running trial")
+        assert "value" in stopped, stopped
         assert not summary["complete"] and summary["mlflow_error"]
         errors = [line for line in capsys.readouterr().err.splitlines()
                   if line.startswith(f"error: MLflow tracking server at {uri} unreachable")]

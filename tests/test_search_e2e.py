@@ -5,17 +5,15 @@ Trials are STSTNet LOSO runs on 6 synthetic subjects (2 epochs): a few seconds e
 import math
 import os
 import signal
-import subprocess
-import sys
-import threading
 
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from search import runner
-from search_fixtures import (free_port, local_ray, optuna_trials, parent_run, search_options,  # noqa: F401
-                             trial_runs, wait_until, write_space)
+from search_fixtures import (free_port, launch_mlflow_server, local_ray, optuna_trials,  # noqa: F401
+                             parent_run, run_search_and_meanwhile, search_options, stop_mlflow_server,
+                             trial_runs, wait_for_mlflow_server, write_space)
 
 PROTOCOLS = ("paper", "final", "inner")
 DATASETS = ("full", "smic", "casme2", "samm")
@@ -130,27 +128,17 @@ def test_trial_whose_worker_dies_is_retried(local_ray, tmp_path):
     space = write_space(tmp_path / "kill.yaml", num_samples=1, max_concurrent_trials=1, max_failures=1,
                         fixed={"epochs": 12})
     options = search_options(tmp_path, space, "kill")
-    killed = {}
 
-    def kill_first_worker():
-        def running_worker():
-            for run in trial_runs(options.tracking_uri, "kill"):
-                pid = run.data.tags.get("htnet.worker_pid")
-                if run.info.status == "RUNNING" and pid and run.data.metrics.get("curve_inner_val_uf1") is not None:
-                    return int(pid)
-            return None
-        try:
-            pid = wait_until(running_worker, timeout=120, interval=0.2, what="a trial's first result")
-            os.kill(pid, signal.SIGKILL)
-            killed["pid"] = pid
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
-            killed["error"] = repr(e)
+    def running_worker():
+        for run in trial_runs(options.tracking_uri, "kill"):
+            pid = run.data.tags.get("htnet.worker_pid")
+            if run.info.status == "RUNNING" and pid and run.data.metrics.get("curve_inner_val_uf1") is not None:
+                return int(pid)
+        return None
 
-    watcher = threading.Thread(target=kill_first_worker, daemon=True)
-    watcher.start()
-    summary = runner.run_search(options)
-    watcher.join(timeout=10)
-    assert "pid" in killed, killed
+    summary, killed = run_search_and_meanwhile(options, running_worker, lambda pid: os.kill(pid, signal.SIGKILL),
+                                               timeout=120, what="a trial's first result")
+    assert "value" in killed, killed
     assert summary["complete"] and summary["counts"] == {"finished": 1}
 
     runs = sorted(trial_runs(options.tracking_uri, "kill"), key=lambda r: int(r.data.tags["htnet.attempt"]))
@@ -158,11 +146,11 @@ def test_trial_whose_worker_dies_is_retried(local_ray, tmp_path):
     assert len({r.data.tags["htnet.trial_id"] for r in runs}) == 1
     failed, retried = runs
     assert failed.info.status == "FAILED" and failed.data.tags["htnet.status"] == "failed"
-    assert failed.data.tags["htnet.retried"] == "true" and failed.data.tags["htnet.worker_pid"] == str(killed["pid"])
+    assert failed.data.tags["htnet.retried"] == "true" and failed.data.tags["htnet.worker_pid"] == str(killed["value"])
     assert failed.data.tags["htnet.error"]
     assert retried.info.status == "FINISHED" and retried.data.tags["htnet.status"] == "finished"
     assert retried.data.metrics["folds_done"] == 6
-    assert retried.data.tags["htnet.worker_pid"] != str(killed["pid"])
+    assert retried.data.tags["htnet.worker_pid"] != str(killed["value"])
     [trial] = optuna_trials(tmp_path / "runs", "kill")
     assert trial.state == TrialState.COMPLETE
     from ray import tune
@@ -176,34 +164,14 @@ def mlflow_server(tmp_path_factory):
     and stopped after it; only the test that logs to it waits for it."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    yield {"uri": f"http://127.0.0.1:{port}", "process": server, "folder": folder}
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=20)
-    log.close()
+    server = launch_mlflow_server(folder, port)
+    yield {"uri": f"http://127.0.0.1:{port}", "port": port, "process": server, "folder": folder}
+    stop_mlflow_server(server, signal.SIGTERM)
 
 
 def test_search_logs_to_a_real_mlflow_server(local_ray, mlflow_server, tmp_path):
-    uri, server, folder = mlflow_server["uri"], mlflow_server["process"], mlflow_server["folder"]
-
-    def healthy():
-        import urllib.request
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return server.poll() is not None  # ends the wait if the server died
-    wait_until(healthy, timeout=120, what="mlflow server")
-    assert server.poll() is None, (folder / "server.log").read_text()
+    uri = mlflow_server["uri"]
+    wait_for_mlflow_server(mlflow_server["process"], mlflow_server["port"], mlflow_server["folder"])
     space = write_space(tmp_path / "server.yaml", num_samples=2, max_concurrent_trials=2)
     options = search_options(tmp_path, space, "server")
     options.tracking_uri = uri
@@ -219,7 +187,7 @@ def test_search_logs_to_a_real_mlflow_server(local_ray, mlflow_server, tmp_path)
         assert {"predictions.csv", "confusion_matrix.png", "config.yaml"} <= \
             {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
-    assert list((folder / "artifacts").rglob("predictions.csv"))  # uploaded through the server
+    assert list((mlflow_server["folder"] / "artifacts").rglob("predictions.csv"))  # uploaded through the server
 
 
 def test_configurations_that_cannot_train_fail_without_retries(local_ray, tmp_path):
