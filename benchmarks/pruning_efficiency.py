@@ -113,6 +113,12 @@ def main():
     parser.add_argument("--n-warmup-steps", type=int, default=3)
     parser.add_argument("--engine", default="batched")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--percentile", type=float, default=25.0, help="with --pruner percentile: prune a trial "
+                        "whose best value so far is below this percentile of the others' at the same step "
+                        "(50 = median; 75 keeps the top quarter; default 25)")
+    parser.add_argument("--unpruned-from", help="a JSON this script wrote for the same trials, subjects, epochs, "
+                        "engine and seed: take its no-pruner arm instead of running it again (the engine is "
+                        "deterministic, so it is the same arm)")
     parser.add_argument("--json", default="outputs/bench/pruning_efficiency.json")
     args = parser.parse_args()
 
@@ -133,14 +139,25 @@ def main():
     if args.pruner in ("median", "percentile"):
         spec.update(n_startup_trials=args.n_startup_trials, n_warmup_steps=args.n_warmup_steps)
     if args.pruner == "percentile":
-        spec["percentile"] = 25.0
+        spec["percentile"] = args.percentile
     import optuna
 
     print(f"# pruning efficiency {datetime.date.today()} | data {source} | {args.trials} trials | "
           f"subjects {args.subjects} | {args.epochs} epochs | engine {args.engine} | pruner {spec}")
-    unpruned, unpruned_s = run_arm(space, data, optuna.pruners.NopPruner(), args.trials, overrides, args.seed, "no pruner")
+    if args.unpruned_from:
+        earlier = json.loads(Path(args.unpruned_from).read_text())
+        for key in ("data", "trials", "subjects", "epochs", "engine", "seed"):
+            if earlier["args"][key] != vars(args)[key]:
+                raise SystemExit(f"error: --unpruned-from {args.unpruned_from}: {key} was {earlier['args'][key]!r}, "
+                                 f"not {vars(args)[key]!r}")
+        unpruned, unpruned_s = earlier["unpruned"]["trials"], earlier["unpruned"]["wall_s"]
+        print(f"no-pruner arm from {args.unpruned_from} ({earlier['date']})")
+    else:
+        unpruned, unpruned_s = run_arm(space, data, optuna.pruners.NopPruner(), args.trials, overrides, args.seed,
+                                       "no pruner")
     pruned, pruned_s = run_arm(space, data, make_pruner(spec, "--pruner"), args.trials, overrides, args.seed, "pruner")
-    same = [a["config"] for a in unpruned] == [b["config"] for b in pruned]
+    same = [json.dumps(a["config"], sort_keys=True, default=str) for a in unpruned] == \
+        [json.dumps(b["config"], sort_keys=True, default=str) for b in pruned]
     metric = space.metric
     a, b = summary(unpruned, metric), summary(pruned, metric)
     # the fold-epochs the pruned arm had spent when it first found a trial as good as the unpruned best

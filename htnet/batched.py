@@ -37,19 +37,21 @@ Where it runs
   `HTNET_COMPILE=default|reduce-overhead|max-autotune` wraps the grouped model in torch.compile
   (reduce-overhead = CUDA graphs); off by default (slower on CPU here, and not measured on a GPU).
 
-Group size (`fold_group_size` in the config, else `group_size`): members per group = min(all members, what memory allows, a device cap).
+Group size (`fold_group_size` in the config, else `group_size`): members per group = min(all
+members, what memory allows, a device cap).
 Memory per member = 16 bytes per parameter (weights, gradient, two Adam moments) + the activations
 a step saves (measured once with saved-tensor hooks on a small batch, scaled to batch_size) x 1.5;
 free memory from torch.cuda.mem_get_info on GPU, /proc/meminfo MemAvailable on CPU; half of it is
-used. The CPU cap (CPU_GROUP_CAP) is where the measured per-fold-epoch time stops falling (see
-benchmarks/RESULTS.md). Environment overrides: HTNET_BATCHED_GROUP (members per group),
+used. The CPU cap (CPU_GROUP_CAP) is where per-fold-epoch time stopped falling in development runs
+on the 2-core CPU; `HTNET_BATCHED_GROUP=G python -m benchmarks.throughput --models ststnet` measures
+it on another machine. Environment overrides: HTNET_BATCHED_GROUP (members per group),
 HTNET_BATCHED_WORKERS (CPU worker processes; 0 = in process). The grouping shapes each member's
 batches and dropout stream, so run_loso records the size it used in the result's config: a rerun
 from that config (search rerun --method replica) trains the same groups and reproduces the run.
 
-Trade-offs measured on the 2-core CPU (benchmarks/RESULTS.md): a naive vmap over folds and a grouped
-STSTNet with einsum-masked BatchNorm were slower than the plain loop; the fused formulation is what
-pays. Pruning granularity is a group: a stopped run has computed the folds of the groups in flight.
+Trade-offs: a naive torch.func.vmap over the 68 STSTNet folds ran 7x slower than the plain loop on
+the 2-core CPU (the issue's measurement); the fused formulation is what pays (benchmarks/RESULTS.md). Pruning granularity is a group: a stopped
+run has computed the folds of the groups in flight.
 """
 import contextlib
 import ctypes
