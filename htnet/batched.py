@@ -50,8 +50,8 @@ batches and dropout stream, so run_loso records the size it used in the result's
 from that config (search rerun --method replica) trains the same groups and reproduces the run.
 
 Trade-offs: a naive torch.func.vmap over the 68 STSTNet folds ran 7x slower than the plain loop on
-the 2-core CPU (the issue's measurement); the fused formulation is what pays (benchmarks/RESULTS.md). Pruning granularity is a group: a stopped
-run has computed the folds of the groups in flight.
+the 2-core CPU (the issue's measurement); the fused formulation is what pays (benchmarks/RESULTS.md).
+Pruning granularity is a group: a stopped run has computed the folds of the groups in flight.
 """
 import contextlib
 import ctypes
