@@ -15,6 +15,10 @@ MLflow store (sqlite) and Optuna storage; no pruner. Then, from MLflow:
 - overhead share = 1 - sum_i(LOSO time_i) / (c x search wall): the part of the c trial slots'
   time not spent training. It also prints the per-trial part: trial wall (`trial_wall_time_s`,
   the driver's view) minus its LOSO time, and the fixed part (search wall - sum of trial walls / c).
+- straggler tail: the slot-seconds the last c trials' slots sit idle waiting for the slowest of
+  them (from the MLflow runs' end times). Trials sharing cores finish at different times; that
+  idle time is neither Ray's nor MLflow's, so the share is also given without it:
+  1 - sum_i(LOSO time_i) / (c x search wall - tail).
 
 The share depends on how long a trial is: the fixed seconds per trial and per search are printed
 so the share of a full-size trial (a full LOSO run is minutes to hours) can be read off.
@@ -63,14 +67,20 @@ def one_search(args, c, folder):
     client = tracking.client_for(options.tracking_uri)
     trials = []
     for run_id in summary["table"]["run_id"]:
-        metrics = client.get_run(run_id).data.metrics
+        run = client.get_run(run_id)
+        metrics = run.data.metrics
         trials.append({"loso_s": metrics.get("wall_time_s"), "trial_s": metrics.get("trial_wall_time_s"),
-                       "fold_epochs": metrics.get("fold_epochs")})
+                       "fold_epochs": metrics.get("fold_epochs"), "end_ms": run.info.end_time})
     loso = sum(t["loso_s"] or 0 for t in trials)
     trial_walls = [t["trial_s"] for t in trials if t["trial_s"] is not None]
+    # slots idle while the last trials finish at different speeds (c trials sharing 2 cores): not
+    # Ray's or MLflow's time, so also reported apart
+    ends = sorted(t["end_ms"] for t in trials if t["end_ms"])[-c:]
+    tail = sum(ends[-1] - e for e in ends) / 1000 if ends else 0.0
     return {"concurrency": c, "cpus_per_trial": args.cpus / c, "search_wall_s": wall, "trials": trials,
             "finished": int((summary["table"]["status"] == "finished").sum()),
-            "loso_s_sum": loso, "overhead_share": 1 - loso / (c * wall),
+            "loso_s_sum": loso, "overhead_share": 1 - loso / (c * wall), "straggler_tail_s": tail,
+            "overhead_share_without_tail": 1 - loso / (c * wall - tail),
             "per_trial_overhead_s": (sum(trial_walls) - loso) / len(trials) if trial_walls else None,
             "fixed_overhead_s": wall - sum(trial_walls) / c if trial_walls else None}
 
@@ -102,14 +112,15 @@ def main():
         print(f"  c={c}: search {r['search_wall_s']:.1f} s, {r['finished']}/{args.trials} finished, sum LOSO "
               f"{r['loso_s_sum']:.1f} s, overhead {r['overhead_share'] * 100:.1f}%", flush=True)
     print("\n| concurrent trials | CPUs per trial | search wall | mean trial LOSO time | overhead share | "
-          "per-trial overhead | fixed per search |")
-    print("|---|---|---|---|---|---|---|")
+          "per-trial overhead | fixed per search | straggler tail (slot-s) | share without the tail |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mean_loso = r["loso_s_sum"] / max(1, len(r["trials"]))
         per_trial = "n/a" if r["per_trial_overhead_s"] is None else f"{r['per_trial_overhead_s']:.1f} s"
         fixed = "n/a" if r["fixed_overhead_s"] is None else f"{r['fixed_overhead_s']:.1f} s"
         print(f"| {r['concurrency']} | {r['cpus_per_trial']:g} | {r['search_wall_s']:.1f} s | {mean_loso:.1f} s | "
-              f"{r['overhead_share'] * 100:.1f}% | {per_trial} | {fixed} |")
+              f"{r['overhead_share'] * 100:.1f}% | {per_trial} | {fixed} | {r['straggler_tail_s']:.1f} s | "
+              f"{r['overhead_share_without_tail'] * 100:.1f}% |")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": str(datetime.date.today()), "args": {k: v for k, v in vars(args).items()},

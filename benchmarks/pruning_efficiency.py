@@ -2,20 +2,31 @@
 and with one; fold-epochs consumed and the best objective found.
 
     python -m benchmarks.pruning_efficiency [--data ../shared/data/htnet_composite] [--trials 16]
-        [--subjects 24] [--epochs 15] [--pruner median] [--engine batched] [--json FILE]
+        [--subjects 24] [--epochs 15] [--pruner median | --pruner-spec '{type: ...}'] [--seed 0]
+        [--engine batched] [--json FILE]
+    python -m benchmarks.pruning_efficiency --only-unpruned --json A.json      # the no-pruner arm only
+    python -m benchmarks.pruning_efficiency --replay A.json --pruner-spec '{type: median}' \
+        --pruner-spec '{type: successive_halving, reduction_factor: 3}'        # compare pruners, no training
 
 Both arms draw their configurations from Optuna's RandomSampler with the same seed, which does not
 look at results, so the two arms run the same N configurations (checked, and printed). The space
 and the pruner are the search package's: `search.space.parse_space` (STSTNet: lr, batch size,
 dropout, optimizer; fixed: all three protocols, report after every fold) and
-`search.space.make_pruner` (default: the demo space's median pruner). Trials run one after another
+`search.space.make_pruner` (any pruner a space file can name). Trials run one after another
 in this process through `htnet.loso.run_loso`, whose callback reports the pooled objective after
 every fold to the Optuna trial and stops the run when `trial.should_prune()` says so: the same
 report/prune protocol the search's Ray trainable and its PruningOptunaSearch follow, without Ray
 (whose overhead is benchmarks/orchestration_overhead.py's subject), so the comparison is
-deterministic. Fold-epochs are the engine's count (run_loso's `fold_epochs`: inner + main epochs
-of the folds reported); the batched engine also computes the rest of the group a stopped fold
-belonged to, so the wall time of each arm is printed too.
+deterministic. Two counts of fold-epochs: "reported" (run_loso's `fold_epochs`, the folds whose
+results were reported) and "trained" (what the engine computed: the batched engine trains a group of
+folds together, so a trial stopped inside a group paid for the whole group). Shares use "trained".
+
+Replay: every trial records the values it reported, fold by fold. Because the engine is
+deterministic, a trial reports the same values whether or not a pruner stops it later, so feeding
+the no-pruner arm's records to a real Optuna study with another pruner gives exactly the pruned arm
+that pruner would run (a real pruned arm prints its replay beside it as a check). Choosing a pruner
+by replay on one set of configurations and then measuring it on another (--seed) keeps the choice
+honest.
 
 Target (the issue): the pruned search reaches the unpruned search's best objective with at most
 1/3 of its fold-epochs.
@@ -26,6 +37,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+import yaml
 
 SPACE = {
     "description": "pruning benchmark: STSTNet on the real composite",
@@ -42,6 +55,24 @@ SPACE = {
     },
 }
 
+STUDY_NAME = "pruning-benchmark"
+
+
+def trained_fold_epochs_by_step(result, data):
+    """{step: fold-epochs the engine had trained when the step-th fold was reported}. The batched
+    engine trains a group of folds together, so a stop inside a group still paid for the whole group."""
+    from htnet.batched import plan_groups
+    from htnet.loso import make_folds, select_subjects
+
+    per_fold = result.fold_epochs // max(1, result.folds_done)
+    if result.config.engine != "batched":
+        return {step: per_fold * step for step in range(1, result.folds_done + 1)}
+    folds = make_folds(select_subjects(data, result.config.subjects), result.config)
+    group_ends = [max(m.fold_index for m in group) + 1  # the recorded fold_group_size fixes the grouping
+                  for group in plan_groups(folds, result.config, "cpu")]
+    return {step: per_fold * min(end for end in group_ends if end >= step)
+            for step in range(1, result.folds_done + 1)}
+
 
 def run_arm(space, data, pruner, trials, overrides, seed, label):
     import optuna
@@ -50,8 +81,8 @@ def run_arm(space, data, pruner, trials, overrides, seed, label):
     from htnet.loso import run_loso
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed),
-                                pruner=pruner)
+    study = optuna.create_study(study_name=STUDY_NAME, direction="maximize",  # Hyperband hashes the name
+                                sampler=optuna.samplers.RandomSampler(seed=seed), pruner=pruner)
     metric = space.metric
     rows, started = [], time.perf_counter()
     for number in range(trials):
@@ -60,11 +91,14 @@ def run_arm(space, data, pruner, trials, overrides, seed, label):
         config = space.resolve(sampled, overrides)
         t = time.perf_counter()
 
-        def callback(progress, trial=trial):
+        reports = []
+
+        def callback(progress, trial=trial, reports=reports):
             value = progress.get(metric)
             if value is None or not math.isfinite(value):
                 return False
             trial.report(float(value), progress["step"])
+            reports.append([progress["step"], float(value), progress["fold_epochs"]])
             return trial.should_prune()
 
         try:
@@ -83,7 +117,9 @@ def run_arm(space, data, pruner, trials, overrides, seed, label):
                        state=optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL)
             status = "finished"
         rows.append({"trial": number, "config": sampled, "status": status, "folds_done": result.folds_done,
-                     "fold_epochs": result.fold_epochs, metric: value,
+                     "folds_total": result.folds_total, "fold_epochs": result.fold_epochs,
+                     "trained_by_step": trained_fold_epochs_by_step(result, data),
+                     "reports": reports, metric: value,
                      "inner_full_uf1": result.metrics.get("inner_full_uf1"),
                      "paper_full_uf1": result.metrics.get("paper_full_uf1"),
                      "seconds": time.perf_counter() - t})
@@ -92,14 +128,91 @@ def run_arm(space, data, pruner, trials, overrides, seed, label):
     return rows, time.perf_counter() - started
 
 
+def trained(row):
+    """Fold-epochs a trial's engine trained (JSON turns the step keys into strings)."""
+    by_step = {int(k): v for k, v in row.get("trained_by_step", {}).items()}
+    return by_step.get(row.get("folds_done"), row["fold_epochs"])
+
+
 def summary(rows, metric):
     finished = [r for r in rows if r["status"] == "finished" and math.isfinite(r.get(metric, float("nan")))]
     best = max(finished, key=lambda r: r[metric]) if finished else None
-    return {"fold_epochs": sum(r["fold_epochs"] for r in rows),
+    return {"fold_epochs": sum(r["fold_epochs"] for r in rows), "trained_fold_epochs": sum(trained(r) for r in rows),
             "finished": len(finished), "pruned": sum(r["status"] == "pruned" for r in rows),
             "failed": sum(r["status"] == "failed" for r in rows),
             "best": best[metric] if best else float("nan"), "best_trial": best["trial"] if best else None,
             "best_inner_full_uf1": best["inner_full_uf1"] if best else None}
+
+
+def reached_best_after(rows, best, metric):
+    """Fold-epochs (reported, trained) spent when the arm first finished a trial at least as good as best."""
+    spent = spent_trained = 0
+    for row in rows:
+        spent, spent_trained = spent + row["fold_epochs"], spent_trained + trained(row)
+        if row["status"] == "finished" and row.get(metric, -1) >= best - 1e-12:
+            return spent, spent_trained
+    return None, None
+
+
+def replay_arm(pruner, recorded, metric):
+    """The pruned arm without training: feed a no-pruner arm's recorded reports, in order, to a real
+    Optuna study with `pruner`. The engine is deterministic, so a trial reports the same values
+    whether or not it is pruned later, and the study sees what a real pruned arm's study sees."""
+    import optuna
+
+    study = optuna.create_study(study_name=STUDY_NAME, direction="maximize", pruner=pruner)
+    rows = []
+    for rec in recorded:
+        trial = study.ask()
+        if rec["status"] == "failed" or not rec.get("reports"):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            rows.append(dict(rec))
+            continue
+        stopped_at = None
+        for step, value, _ in rec["reports"]:
+            trial.report(value, step)
+            if trial.should_prune() and step < rec["folds_total"]:  # run_loso stops only before the last fold
+                stopped_at = step
+                break
+        if stopped_at is None:
+            study.tell(trial, rec[metric])
+            rows.append(dict(rec))
+            continue
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        step, value, fold_epochs = rec["reports"][stopped_at - 1]
+        rows.append({**rec, "status": "pruned", "folds_done": stopped_at, "fold_epochs": fold_epochs, metric: value})
+    return rows
+
+
+def pruner_spec(args):
+    """The pruner --pruner and its options describe."""
+    spec = {"type": args.pruner}
+    if args.pruner in ("median", "percentile"):
+        spec.update(n_startup_trials=args.n_startup_trials, n_warmup_steps=args.n_warmup_steps)
+    if args.pruner == "percentile":
+        spec["percentile"] = args.percentile
+    return spec
+
+
+def yaml_mapping(text):
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict) or "type" not in value:
+        raise argparse.ArgumentTypeError(f"expected a mapping with a type, like '{{type: median}}', not {text!r}")
+    return value
+
+
+def print_table(metric, arms, unpruned_summary):
+    a = unpruned_summary
+    print(f"| arm | finished / pruned / failed | fold-epochs reported | trained | share of unpruned (trained) | "
+          f"best {metric} | unpruned best reached after (trained) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in arms:
+        s = summary(rows, metric)
+        _, reached = reached_best_after(rows, a["best"], metric)
+        reached = f"{reached} ({reached / a['trained_fold_epochs']:.2f})" if reached else "not reached"
+        print(f"| {name} | {s['finished']} / {s['pruned']} / {s['failed']} | {s['fold_epochs']} | "
+              f"{s['trained_fold_epochs']} | {s['trained_fold_epochs'] / a['trained_fold_epochs']:.2f} | "
+              f"{s['best']:.4f} (trial {s['best_trial']}) | {reached} |")
 
 
 def main():
@@ -113,35 +226,60 @@ def main():
     parser.add_argument("--n-warmup-steps", type=int, default=3)
     parser.add_argument("--engine", default="batched")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--percentile", type=float, default=25.0, help="with --pruner percentile: prune a trial "
-                        "whose best value so far is below this percentile of the others' at the same step "
-                        "(50 = median; 75 keeps the top quarter; default 25)")
+    parser.add_argument("--percentile", type=float, default=25.0, help="with --pruner percentile: Optuna keeps "
+                        "the trials in the top PERCENTILE percent at a step (25 keeps the top quarter; 50 is the "
+                        "median pruner; default 25)")
+    parser.add_argument("--pruner-spec", action="append", type=yaml_mapping, help="a pruner as the search's space "
+                        "file writes it, e.g. '{type: successive_halving, min_resource: 2, reduction_factor: 3}' "
+                        "(overrides --pruner and its options; repeat it with --replay to compare several)")
     parser.add_argument("--unpruned-from", help="a JSON this script wrote for the same trials, subjects, epochs, "
                         "engine and seed: take its no-pruner arm instead of running it again (the engine is "
                         "deterministic, so it is the same arm)")
+    parser.add_argument("--replay", metavar="JSON", help="train nothing: replay that JSON's no-pruner arm through "
+                        "each --pruner-spec (or --pruner) and print what each pruned arm would spend and find")
+    parser.add_argument("--only-unpruned", action="store_true", help="run and record the no-pruner arm only "
+                        "(for --replay and --unpruned-from later)")
     parser.add_argument("--json", default="outputs/bench/pruning_efficiency.json")
     args = parser.parse_args()
 
+    import optuna
+
+    from htnet.errors import UserError
+    from search.space import make_pruner, parse_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")
+    metric = space.metric
+    specs = args.pruner_spec or [pruner_spec(args)]
+    try:
+        pruners = [make_pruner(spec, "--pruner-spec" if args.pruner_spec else "--pruner") for spec in specs]
+    except UserError as e:
+        raise SystemExit(f"error: {e}")
+    if args.replay:
+        earlier = json.loads(Path(args.replay).read_text())
+        recorded = earlier["unpruned"]["trials"]
+        if not all(r.get("reports") for r in recorded if r["status"] != "failed"):
+            raise SystemExit(f"error: --replay {args.replay}: its no-pruner arm has no per-fold reports "
+                             f"(written before they were recorded); run the benchmark again")
+        print(f"# pruning replay of {args.replay} ({earlier['date']}, {len(recorded)} trials, subjects "
+              f"{earlier['args']['subjects']}, {earlier['args']['epochs']} epochs, seed {earlier['args']['seed']})")
+        arms = [("no pruner", recorded)]
+        arms += [(json.dumps(spec), replay_arm(pruner, recorded, metric)) for spec, pruner in zip(specs, pruners)]
+        print_table(metric, arms, summary(recorded, metric))
+        return
+
     from htnet.data import load_release, synthetic_cache
     from htnet.loso import parse_subjects
-    from search.space import make_pruner, parse_space
 
     root = Path(args.data)
     if (root / "combined_3_class2_for_optical_flow.csv").is_file():
         data, source = load_release(root), str(root)
     else:
         data, source = load_release(synthetic_cache(subjects_per_dataset=8)), "SYNTHETIC (real release absent)"
-    space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")
     overrides = {"epochs": args.epochs, "engine": args.engine, "seed": 1}
     if args.subjects != "all":
         overrides["subjects"] = parse_subjects(args.subjects)
-    spec = {"type": args.pruner}
-    if args.pruner in ("median", "percentile"):
-        spec.update(n_startup_trials=args.n_startup_trials, n_warmup_steps=args.n_warmup_steps)
-    if args.pruner == "percentile":
-        spec["percentile"] = args.percentile
-    import optuna
-
+    spec = specs[0]
     print(f"# pruning efficiency {datetime.date.today()} | data {source} | {args.trials} trials | "
           f"subjects {args.subjects} | {args.epochs} epochs | engine {args.engine} | pruner {spec}")
     if args.unpruned_from:
@@ -155,33 +293,32 @@ def main():
     else:
         unpruned, unpruned_s = run_arm(space, data, optuna.pruners.NopPruner(), args.trials, overrides, args.seed,
                                        "no pruner")
-    pruned, pruned_s = run_arm(space, data, make_pruner(spec, "--pruner"), args.trials, overrides, args.seed, "pruner")
-    same = [json.dumps(a["config"], sort_keys=True, default=str) for a in unpruned] == \
-        [json.dumps(b["config"], sort_keys=True, default=str) for b in pruned]
-    metric = space.metric
-    a, b = summary(unpruned, metric), summary(pruned, metric)
-    # the fold-epochs the pruned arm had spent when it first found a trial as good as the unpruned best
-    spent, reached_at = 0, None
-    for row in pruned:
-        spent += row["fold_epochs"]
-        if row["status"] == "finished" and row.get(metric, -1) >= a["best"] - 1e-12 and reached_at is None:
-            reached_at = spent
-    ratio = b["fold_epochs"] / a["fold_epochs"] if a["fold_epochs"] else float("nan")
-    print(f"\nsame configurations in both arms: {same}")
-    print("| arm | trials finished / pruned / failed | fold-epochs | wall | best " + metric + " | its inner_full_uf1 |")
-    print("|---|---|---|---|---|---|")
-    for name, s, wall in (("no pruner", a, unpruned_s), (f"{args.pruner} pruner", b, pruned_s)):
-        print(f"| {name} | {s['finished']} / {s['pruned']} / {s['failed']} | {s['fold_epochs']} | {wall / 60:.1f} min | "
-              f"{s['best']:.4f} (trial {s['best_trial']}) | {s['best_inner_full_uf1'] if s['best_inner_full_uf1'] is None else round(s['best_inner_full_uf1'], 4)} |")
-    reached = f" after {reached_at} fold-epochs ({reached_at / a['fold_epochs']:.3f} of the unpruned arm's)" \
-        if reached_at else ""
-    print(f"pruned/unpruned fold-epochs: {ratio:.3f}; unpruned best reached: {b['best'] >= a['best'] - 1e-12}{reached}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only_unpruned:
+        out.write_text(json.dumps({"date": str(datetime.date.today()), "args": vars(args), "pruner": None,
+                                   "unpruned": {"summary": summary(unpruned, metric), "wall_s": unpruned_s,
+                                                "trials": unpruned}}, indent=2, default=str))
+        print_table(metric, [("no pruner", unpruned)], summary(unpruned, metric))
+        print(f"wrote {out}")
+        return
+    pruned, pruned_s = run_arm(space, data, pruners[0], args.trials, overrides, args.seed, "pruner")
+    same = [json.dumps(a["config"], sort_keys=True, default=str) for a in unpruned] == \
+        [json.dumps(b["config"], sort_keys=True, default=str) for b in pruned]
+    a, b = summary(unpruned, metric), summary(pruned, metric)
+    reached_at, reached_trained = reached_best_after(pruned, a["best"], metric)
+    ratio = b["trained_fold_epochs"] / a["trained_fold_epochs"] if a["trained_fold_epochs"] else float("nan")
+    print(f"\nsame configurations in both arms: {same}; walls: no pruner {unpruned_s / 60:.1f} min, "
+          f"pruner {pruned_s / 60:.1f} min")
+    arms = [("no pruner", unpruned), (json.dumps(spec), pruned)]
+    if all(r.get("reports") for r in unpruned if r["status"] != "failed"):  # the replay must agree with the run
+        arms.append((f"replay of {json.dumps(spec)}", replay_arm(make_pruner(spec, "--pruner"), unpruned, metric)))
+    print_table(metric, arms, a)
     out.write_text(json.dumps({"date": str(datetime.date.today()), "args": vars(args), "pruner": spec,
                                "same_configurations": same, "unpruned": {"summary": a, "wall_s": unpruned_s, "trials": unpruned},
                                "pruned": {"summary": b, "wall_s": pruned_s, "trials": pruned},
-                               "fold_epoch_ratio": ratio, "reached_best_after_fold_epochs": reached_at},
+                               "trained_fold_epoch_ratio": ratio, "reached_best_after_fold_epochs": reached_at,
+                               "reached_best_after_trained_fold_epochs": reached_trained},
                               indent=2, default=str))
     print(f"wrote {out}")
 

@@ -83,23 +83,27 @@ def test_tiny_search_two_concurrent_trials(local_ray, tmp_path, capsys):
         runner.run_search(options)
 
 
+def weak_and_strong_search(tmp_path, name, pruner):
+    """Six trials, two at a time, objective the paper protocol's UF1. Random sampler seed 10 draws
+    lr 3e-3, 3e-3, 1e-7, 1e-7, 3e-3, 1e-7 (1e-7 cannot learn in 3 epochs)."""
+    space = write_space(
+        tmp_path / f"{name}.yaml", num_samples=6, max_concurrent_trials=2,
+        sampler={"type": "random", "seed": 10}, pruner=pruner, fixed={"epochs": 3, "batch_size": 16},
+        space={"lr": {"choice": [3.0e-3, 1.0e-7]}, "seed": {"choice": [1, 2, 3]}}, objective="paper")
+    options = search_options(tmp_path, space, name)
+    summary = runner.run_search(options)
+    assert summary["complete"]
+    return options, summary, optuna_trials(tmp_path / "runs", name)
+
+
 def test_weak_configurations_are_pruned_by_the_optuna_pruner(local_ray, tmp_path):
     """lr 1e-7 cannot learn in 3 epochs: the median pruner stops such trials early. The objective
     here is the paper protocol's test UF1, picked explicitly, and tagged on every run.
     Random sampler seed 10 draws lr 3e-3, 3e-3, 1e-7, 1e-7, 3e-3, 1e-7: the first trials to finish
     are strong ones, and one finished trial arms the pruner, so which trials are pruned does not
     depend on which of the two concurrent trials happens to finish first."""
-    space = write_space(
-        tmp_path / "prune.yaml", num_samples=6, max_concurrent_trials=2,
-        sampler={"type": "random", "seed": 10},
-        pruner={"type": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
-        fixed={"epochs": 3, "batch_size": 16},
-        space={"lr": {"choice": [3.0e-3, 1.0e-7]}, "seed": {"choice": [1, 2, 3]}},
-        objective="paper")
-    options = search_options(tmp_path, space, "prune")
-    summary = runner.run_search(options)
-    assert summary["complete"]
-    trials = optuna_trials(tmp_path / "runs", "prune")
+    options, summary, trials = weak_and_strong_search(
+        tmp_path, "prune", {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 1})
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, [(t.state, t.params, dict(t.intermediate_values)) for t in trials]
     assert all(t.user_attrs["pruned_at_step"] < 6 for t in pruned)
@@ -120,6 +124,24 @@ def test_weak_configurations_are_pruned_by_the_optuna_pruner(local_ray, tmp_path
     assert {t.status for t in analysis.trials} == {"TERMINATED"}
     stopped = [t for t in analysis.trials if t.last_result.get("htnet_status") == "pruned"]
     assert len(stopped) == len(pruned) and all(t.last_result["step"] < 6 for t in stopped)
+
+
+def test_successive_halving_prunes_through_ray(local_ray, tmp_path):
+    """search/spaces/htnet.yaml uses Optuna's successive halving: it keeps its rungs in the study's
+    trial attributes, and the Ray bridge must let it read and write them like the median pruner's
+    plain comparisons. Same weak/strong draws as above; rungs at 1, 3 folds."""
+    options, _, trials = weak_and_strong_search(
+        tmp_path, "asha", {"type": "successive_halving", "min_resource": 1, "reduction_factor": 3})
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and len(pruned) < len(trials), [(t.state, t.params, t.system_attrs) for t in trials]
+    assert all("completed_rung_0" in t.system_attrs for t in trials)
+    assert all(t.user_attrs["pruned_at_step"] < 6 for t in pruned)
+    runs = {r.data.tags["htnet.trial_id"]: r for r in trial_runs(options.tracking_uri, "asha")}
+    for t in trials:
+        run = runs[t.user_attrs["ray_trial_id"]]
+        status = "pruned" if t.state == TrialState.PRUNED else "finished"
+        assert run.data.tags["htnet.status"] == status
+        assert (run.data.metrics["folds_done"] < 6) == (status == "pruned")
 
 
 def test_trial_whose_worker_dies_is_retried(local_ray, tmp_path):
