@@ -42,9 +42,9 @@ members, what memory allows, a device cap).
 Memory per member = 16 bytes per parameter (weights, gradient, two Adam moments) + the activations
 a step saves (measured once with saved-tensor hooks on a small batch, scaled to batch_size) x 1.5;
 free memory from torch.cuda.mem_get_info on GPU, /proc/meminfo MemAvailable on CPU; half of it is
-used. The CPU cap (CPU_GROUP_CAP) is where per-fold-epoch time stopped falling in development runs
-on the 2-core CPU; `HTNET_BATCHED_GROUP=G python -m benchmarks.throughput --models ststnet` measures
-it on another machine. Environment overrides: HTNET_BATCHED_GROUP (members per group),
+used. The CPU cap (CPU_GROUP_CAP): on the 2-core CPU, STSTNet's time per fold-epoch falls from 1 to
+2 members per group and is flat from 2 to 8 (benchmarks/RESULTS.md, group size);
+`HTNET_BATCHED_GROUP=G python -m benchmarks.throughput --models ststnet` measures it on another machine. Environment overrides: HTNET_BATCHED_GROUP (members per group),
 HTNET_BATCHED_WORKERS (CPU worker processes; 0 = in process). The grouping shapes each member's
 batches and dropout stream, so run_loso records the size it used in the result's config: a rerun
 from that config (search rerun --method replica) trains the same groups and reproduces the run.
