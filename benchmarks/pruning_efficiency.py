@@ -14,14 +14,15 @@ and the pruner are the search package's: `search.space.parse_space` (STSTNet: lr
 dropout, optimizer; fixed: all three protocols, report after every fold) and
 `search.space.make_pruner` (any pruner a space file can name). Trials run one after another
 in this process through `htnet.loso.run_loso`, whose callback reports the pooled objective after
-every fold to the Optuna trial and stops the run when `trial.should_prune()` says so: the same
+every fold (a Wilcoxon pruner: that fold's own objective at step = fold number) to the Optuna trial
+and stops the run when `trial.should_prune()` says so: the same
 report/prune protocol the search's Ray trainable and its PruningOptunaSearch follow, without Ray
 (whose overhead is benchmarks/orchestration_overhead.py's subject), so the comparison is
 deterministic. Two counts of fold-epochs: "reported" (run_loso's `fold_epochs`, the folds whose
 results were reported) and "trained" (what the engine computed: the batched engine trains a group of
 folds together, so a trial stopped inside a group paid for the whole group). Shares use "trained".
 
-Replay: every trial records the values it reported, fold by fold. Because the engine is
+Replay: every trial records the values it reported, fold by fold (pooled, and each fold's own). Because the engine is
 deterministic, a trial reports the same values whether or not a pruner stops it later, so feeding
 the no-pruner arm's records to a real Optuna study with another pruner gives exactly the pruned arm
 that pruner would run (a real pruned arm prints its replay beside it as a check). Choosing a pruner
@@ -74,11 +75,20 @@ def trained_fold_epochs_by_step(result, data):
             for step in range(1, result.folds_done + 1)}
 
 
+def report(trial, pruner, step, value, folds):
+    """What the search reports to Optuna for one LOSO report (search.space.pruner_steps)."""
+    from search.space import pruner_steps
+
+    for s, v in pruner_steps(pruner, step, value, folds):
+        trial.report(v, s)
+
+
 def run_arm(space, data, pruner, trials, overrides, seed, label):
     import optuna
 
     from htnet.errors import TrainingDiverged
     from htnet.loso import run_loso
+    from search.space import fold_objectives
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=STUDY_NAME, direction="maximize",  # Hyperband hashes the name
@@ -97,8 +107,9 @@ def run_arm(space, data, pruner, trials, overrides, seed, label):
             value = progress.get(metric)
             if value is None or not math.isfinite(value):
                 return False
-            trial.report(float(value), progress["step"])
-            reports.append([progress["step"], float(value), progress["fold_epochs"]])
+            folds = fold_objectives(progress, metric)
+            report(trial, pruner, progress["step"], float(value), folds)
+            reports.append([progress["step"], float(value), progress["fold_epochs"], folds])
             return trial.should_prune()
 
         try:
@@ -169,8 +180,8 @@ def replay_arm(pruner, recorded, metric):
             rows.append(dict(rec))
             continue
         stopped_at = None
-        for step, value, _ in rec["reports"]:
-            trial.report(value, step)
+        for step, value, _, *folds in rec["reports"]:
+            report(trial, pruner, step, value, folds[0] if folds else [])
             if trial.should_prune() and step < rec["folds_total"]:  # run_loso stops only before the last fold
                 stopped_at = step
                 break
@@ -179,7 +190,7 @@ def replay_arm(pruner, recorded, metric):
             rows.append(dict(rec))
             continue
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        step, value, fold_epochs = rec["reports"][stopped_at - 1]
+        step, value, fold_epochs = rec["reports"][stopped_at - 1][:3]
         rows.append({**rec, "status": "pruned", "folds_done": stopped_at, "fold_epochs": fold_epochs, metric: value})
     return rows
 
@@ -245,7 +256,7 @@ def main():
     import optuna
 
     from htnet.errors import UserError
-    from search.space import make_pruner, parse_space
+    from search.space import make_pruner, pairs_folds, parse_space
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")
@@ -261,6 +272,10 @@ def main():
         if not all(r.get("reports") for r in recorded if r["status"] != "failed"):
             raise SystemExit(f"error: --replay {args.replay}: its no-pruner arm has no per-fold reports "
                              f"(written before they were recorded); run the benchmark again")
+        if any(pairs_folds(p) for p in pruners) and not all(
+                len(rec["reports"][0]) > 3 for rec in recorded if rec["status"] != "failed"):
+            raise SystemExit(f"error: --replay {args.replay}: its no-pruner arm has no per-fold objectives "
+                             f"(written before they were recorded), which a wilcoxon pruner needs; run it again")
         print(f"# pruning replay of {args.replay} ({earlier['date']}, {len(recorded)} trials, subjects "
               f"{earlier['args']['subjects']}, {earlier['args']['epochs']} epochs, seed {earlier['args']['seed']})")
         arms = [("no pruner", recorded)]

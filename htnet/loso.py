@@ -12,7 +12,9 @@ tested on that subject. Three protocols are read off the same run, each named in
   prediction is the main model's prediction at epoch E*. The test subject is never looked at.
 
 `run_loso(config, data, callback)` reports pooled results through `callback` after every
-`report_every` folds, so a search can prune; the callback returns True to stop the run.
+`report_every` folds, so a search can prune; the callback returns True to stop the run. A report
+also lists, under `folds`, each new fold's own metrics with its number in the LOSO order (for
+pruners that compare trials fold by fold).
 """
 import dataclasses
 import time
@@ -422,10 +424,16 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     else:
         run_folds = _run_folds_plain
     outcomes, prediction_rows, history_rows, stopped = [], [], [], False
+    fold_numbers = {fold.subject: number for number, fold in enumerate(folds, 1)}
+    new_folds = []  # each fold's own metrics since the last report, for pruners that pair folds across trials
     with tqdm(total=len(folds), desc="LOSO folds", disable=not progress) as bar:  # closed on errors too
         for outcome in run_folds(folds, X, y, data, config, device, progress=progress):
             outcomes.append(outcome)
-            prediction_rows += _prediction_rows(outcome, data)
+            rows = _prediction_rows(outcome, data)
+            prediction_rows += rows
+            if callback is not None:
+                new_folds.append({"fold": fold_numbers[outcome.subject], "subject": outcome.subject,
+                                  **_pooled_metrics(rows, [outcome], data)[1]})
             history_rows += [(outcome.subject, *row) for row in outcome.history]
             if out_dir is not None and outcome.weights is not None:
                 with atomic_write(out_dir / "weights" / f"{outcome.subject}.pth", "wb") as f:
@@ -439,7 +447,8 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
                 report = {"step": done, "folds_total": len(folds),
                           "fold_epochs": sum(o.fold_epochs for o in outcomes),
                           "train_loss": float(fold_history.groupby("epoch")["train_loss"].mean().iloc[-1]),
-                          **metrics}
+                          **metrics, "folds": new_folds}
+                new_folds = []
                 if callback(report) and done < len(folds):
                     stopped = True
                     break

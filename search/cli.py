@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from htnet.errors import ArgumentParser, UserError
+from search.space import PRUNERS
 
 OBJECTIVE_HELP = ("inner: the leak-free validation UF1 of the inner protocol (default); paper: the "
                   "test-fold UF1 of the paper protocol (leaks the test subject; tagged on every run)")
@@ -42,8 +43,7 @@ def build_parser():
                      help="GPUs per trial, fractions allowed: 0.25 packs four trials on a GPU")
     run.add_argument("--sampler", choices=["tpe", "random", "grid"], help="Optuna sampler")
     run.add_argument("--seed", type=int, help="sampler seed")
-    run.add_argument("--pruner", choices=["median", "percentile", "successive_halving", "hyperband",
-                                          "patient", "none"],
+    run.add_argument("--pruner", choices=PRUNERS,
                      help="Optuna pruner (its arguments come from the space file when the type matches)")
     run.add_argument("--max-failures", type=int, help="retries of a trial whose worker died")
     run.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",

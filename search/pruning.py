@@ -11,7 +11,8 @@ live in the search driver:
 2. `OptunaPruningScheduler` (a `FIFOScheduler`) sees every intermediate result first: Ray calls
    the scheduler's `on_trial_result` before the searcher's. It hands the result to the searcher,
    which reports the objective to the trial's Optuna trial at step = LOSO folds done
-   (`trial.report(value, step)`) and asks `trial.should_prune()`. True: the scheduler returns
+   (`trial.report(value, step)`; a Wilcoxon pruner gets each fold's own objective at step = its
+   fold number instead, see `search.space.pruner_steps`) and asks `trial.should_prune()`. True: the scheduler returns
    `TrialScheduler.STOP` and Ray stops the trial (Ray Tune status TERMINATED; the trial's last
    result gets `htnet_status: pruned` from the tracking callback).
 3. When Ray completes the stopped trial, `PruningOptunaSearch.on_trial_complete` tells Optuna
@@ -30,11 +31,14 @@ import math
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from search.space import pruner_steps
+
 logger = logging.getLogger(__name__)
 
 STEP_KEY = "step"
 FINAL_KEY = "final"
 STATUS_KEY = "htnet_status"
+FOLDS_KEY = "fold_objectives"  # [[fold number, its own objective], ...], for pruners that pair folds
 
 
 def _finite(value):
@@ -84,8 +88,9 @@ class PruningOptunaSearch(OptunaSearch):
         frozen = self._frozen(ot_trial)
         if frozen.state.is_finished():
             return None
-        if step not in frozen.intermediate_values:
-            ot_trial.report(float(value), step)
+        for at, reported in pruner_steps(self._pruner, step, value, result.get(FOLDS_KEY) or []):
+            if at not in frozen.intermediate_values:
+                ot_trial.report(reported, at)
         self._reported[trial_id] = step
         return ot_trial
 

@@ -18,6 +18,7 @@ Exit codes: 0 done, 1 nothing usable came out (every seed or fold failed), 2 bad
 import argparse
 
 from htnet.errors import UserError
+from search.space import PRUNERS
 
 TRACKING_HELP = ("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
                  "working folder)")
@@ -122,8 +123,7 @@ def register(subparsers):
     p.add_argument("--objective", choices=["inner", "paper"], help="the search objective (default: the space's)")
     p.add_argument("--sampler", choices=["tpe", "random", "grid"])
     p.add_argument("--seed", type=int, help="sampler seed")
-    p.add_argument("--pruner", choices=["median", "percentile", "successive_halving", "hyperband",
-                                        "patient", "none"])
+    p.add_argument("--pruner", choices=PRUNERS)
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="hold a LOSO config key fixed, e.g. epochs=5 (repeatable)")
     _ray_args(p, "fold")

@@ -53,7 +53,7 @@ from htnet.errors import UserError
 BUILTINS = {"image_size": 28}
 OBJECTIVES = {"inner": "inner_val_uf1", "paper": "paper_full_uf1"}
 SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient", "none")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "patient", "none")
 TOP_KEYS = ("description", "num_samples", "max_concurrent_trials", "objective", "resources",
             "max_failures", "sampler", "pruner", "data", "fixed", "space", "conditions")
 DATA_KEYS = ("synthetic_subjects", "synthetic_seed")
@@ -382,10 +382,15 @@ def make_pruner(spec, where):
     kind = spec.pop("type", "median")
     classes = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
                "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-               "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+               "hyperband": optuna.pruners.HyperbandPruner, "wilcoxon": optuna.pruners.WilcoxonPruner,
+               "none": optuna.pruners.NopPruner}
     if kind not in classes and kind != "patient":
         raise UserError(f"{where}: unknown type {kind!r} (known: {', '.join(PRUNERS)})")
     try:
+        if kind == "wilcoxon":
+            with warnings.catch_warnings():  # "experimental since v3.6.0"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.pruners.WilcoxonPruner(**spec)
         if kind == "patient":
             wrapped = spec.pop("wrapped", None)
             if wrapped is not None and not isinstance(wrapped, dict):
@@ -399,6 +404,26 @@ def make_pruner(spec, where):
         return classes[kind](**spec)
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: {e}") from None
+
+
+def pairs_folds(pruner):
+    """True for a pruner that compares trials fold by fold: Wilcoxon, whose instances are the LOSO
+    folds (the same subjects in every trial), tested pairwise against the best trial."""
+    import optuna
+
+    return isinstance(pruner, optuna.pruners.WilcoxonPruner)
+
+
+def fold_objectives(progress, metric):
+    """[[fold number, that fold's own objective], ...] for the folds an engine report adds."""
+    return [[f["fold"], float(f[metric])] for f in progress.get("folds", [])
+            if isinstance(f.get(metric), (int, float)) and math.isfinite(f[metric])]
+
+
+def pruner_steps(pruner, step, value, folds):
+    """The (step, value) pairs one LOSO report gives the pruner: the pooled objective at step = folds
+    done, or, for a pruner that pairs folds, each new fold's own objective at step = its fold number."""
+    return [(int(f), float(v)) for f, v in folds] if pairs_folds(pruner) else [(int(step), float(value))]
 
 
 def nest(flat):

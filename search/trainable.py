@@ -55,6 +55,8 @@ def loso_trial(config, data=None, settings=None):
 
     from htnet.errors import TrainingDiverged, UserError
     from htnet.loso import LosoConfig, resolve_device, run_loso
+    from search.pruning import FOLDS_KEY
+    from search.space import fold_objectives
 
     space = settings["space"]
     metric = space.metric
@@ -86,7 +88,8 @@ def loso_trial(config, data=None, settings=None):
         done["step"] = progress["step"]
         if progress["step"] >= progress["folds_total"]:
             return None  # the final report follows, with the files
-        tune.report(_report({**_numbers(progress), "final": 0, "htnet_status": "running", **info}, metric))
+        tune.report(_report({**_numbers(progress), FOLDS_KEY: fold_objectives(progress, metric), "final": 0,
+                             "htnet_status": "running", **info}, metric))
         return None
 
     out = Path(tempfile.mkdtemp(prefix=f"htnet-{trial_id}-"))

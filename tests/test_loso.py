@@ -51,6 +51,23 @@ def test_callback_reports_every_fold_and_can_stop_the_run(tiny_run, synth_data):
     assert stopped.stopped and stopped.folds_done == 2 and stopped.folds_total == 9
 
 
+def test_each_report_carries_its_new_folds_own_metrics(tiny_run):
+    """Pruners that pair folds across trials (Wilcoxon) need each fold's own objective, numbered by
+    the fold's place in the LOSO order, not the pooled one."""
+    result, reports, _ = tiny_run
+    subjects = list(dict.fromkeys(result.predictions.subject))
+    assert [[f["fold"] for f in r["folds"]] for r in reports] == [[n] for n in range(1, 10)]
+    for report in reports:
+        (fold,) = report["folds"]
+        assert fold["subject"] == subjects[fold["fold"] - 1]
+        own = result.predictions[(result.predictions.subject == fold["subject"])
+                                 & (result.predictions.protocol == "final")]
+        assert fold["final_full_uf1"] == pytest.approx(uf1_uar(own.label, own.prediction)[0])
+        assert 0 <= fold["inner_val_uf1"] <= 1
+    assert reports[0]["folds"][0]["final_full_uf1"] == pytest.approx(reports[0]["final_full_uf1"])
+    assert any(r["folds"][0]["final_full_uf1"] != pytest.approx(r["final_full_uf1"]) for r in reports[1:])
+
+
 def test_inner_protocol_never_looks_at_the_test_subject(synth_data):
     config = LosoConfig.from_dict({**TINY_STSTNET, "subjects": 6, "protocols": ["paper", "inner"]})
     for fold in make_folds(synth_data.restrict(synth_data.pick_subjects(6)), config):

@@ -1,20 +1,29 @@
 """benchmarks/pruning_efficiency.py: its replay of a recorded no-pruner arm must be the pruned arm a
 real run gives, and its fold-epoch counts must charge a stopped trial for the whole fold group."""
 import optuna
+import pytest
 
 from benchmarks.pruning_efficiency import SPACE, replay_arm, run_arm, summary
 from search.space import make_pruner, parse_space
 
-PRUNER = {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 1}
+# 9 subjects; 4 members per group = 2 folds (inner + main run each) trained together
+OVERRIDES = {"epochs": 1, "engine": "batched", "seed": 1, "fold_group_size": 4}
 
 
-def test_replay_of_the_unpruned_arm_is_the_real_pruned_arm(synth_data):
+@pytest.fixture(scope="module")
+def unpruned(synth_data):
     space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")
-    # 9 subjects; 4 members per group = 2 folds (inner + main run each) trained together
-    overrides = {"epochs": 1, "engine": "batched", "seed": 1, "fold_group_size": 4}
-    unpruned, _ = run_arm(space, synth_data, optuna.pruners.NopPruner(), 5, overrides, 0, "no pruner")
-    pruned, _ = run_arm(space, synth_data, make_pruner(PRUNER, "test"), 5, overrides, 0, "pruner")
-    replayed = replay_arm(make_pruner(PRUNER, "test"), unpruned, space.metric)
+    return run_arm(space, synth_data, optuna.pruners.NopPruner(), 5, OVERRIDES, 0, "no pruner")[0]
+
+
+@pytest.mark.parametrize("pruner", [
+    {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
+    {"type": "wilcoxon", "p_threshold": 0.5},   # per-fold objectives at step = fold number
+])
+def test_replay_of_the_unpruned_arm_is_the_real_pruned_arm(synth_data, unpruned, pruner):
+    space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")
+    pruned, _ = run_arm(space, synth_data, make_pruner(pruner, "test"), 5, OVERRIDES, 0, "pruner")
+    replayed = replay_arm(make_pruner(pruner, "test"), unpruned, space.metric)
 
     assert all(r["status"] == "finished" and len(r["reports"]) == 9 for r in unpruned)
     assert any(r["status"] == "pruned" for r in pruned), "the test needs a pruned trial"

@@ -144,6 +144,27 @@ def test_successive_halving_prunes_through_ray(local_ray, tmp_path):
         assert (run.data.metrics["folds_done"] < 6) == (status == "pruned")
 
 
+def test_wilcoxon_pruner_gets_each_folds_own_objective_through_ray(local_ray, tmp_path):
+    """The Wilcoxon pruner pairs LOSO folds across trials: through the Ray bridge each fold's own
+    objective reaches Optuna at step = its fold number (the pooled one goes to MLflow's curve).
+    Same weak/strong draws as above; with 6 folds a weak trial is 3 worse folds from p = 0.125."""
+    options, _, trials = weak_and_strong_search(tmp_path, "wilcoxon", {"type": "wilcoxon", "p_threshold": 0.2})
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and len(pruned) < len(trials), [(t.state, t.params, dict(t.intermediate_values)) for t in trials]
+    assert all(t.params["lr"] == 1.0e-7 for t in pruned)
+    runs = {r.data.tags["htnet.trial_id"]: r for r in trial_runs(options.tracking_uri, "wilcoxon")}
+    client = MlflowClient(options.tracking_uri)
+    per_fold_differs = False
+    for t in trials:
+        run = runs[t.user_attrs["ray_trial_id"]]
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) == min(5, t.user_attrs.get("pruned_at_step", 5))
+        pooled = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "curve_paper_full_uf1")}
+        assert t.intermediate_values[1] == pytest.approx(pooled[1])  # one fold: its own objective is the pooled one
+        per_fold_differs |= any(t.intermediate_values[s] != pytest.approx(pooled[s]) for s in steps[1:])
+    assert per_fold_differs
+
+
 def test_trial_whose_worker_dies_is_retried(local_ray, tmp_path):
     """SIGKILL the trial's worker process after its first result: Ray retries the trial
     (FailureConfig); MLflow keeps the failed attempt as FAILED and the retry as FINISHED."""

@@ -139,6 +139,8 @@ def test_overrides_and_sets():
     ({"sampler": "grid", "space": {"lr": {"low": 0.1, "high": 1.0}}}, "t.yaml: space.lr: a float range cannot be enumerated"),
     ({"space": {"model": {"choice": ["ststnet"]}, "model_config.dim": {"choice": [8], "when": "modell == 'htnet'"}}},
      "t.yaml: space.model_config.dim.when: 'modell' is not"),
+    ({"pruner": {"type": "wilcoxon", "p_threshold": 2}},
+     "t.yaml: pruner: p_threshold must be between 0 and 1"),
 ])
 def test_bad_space_is_one_line_naming_the_key(raw, message):
     with pytest.raises(UserError, match=message) as info:
@@ -150,7 +152,8 @@ def test_pruner_types_build():
     for spec in ({"type": "median"}, {"type": "successive_halving", "min_resource": 1},
                  {"type": "hyperband", "min_resource": 1, "max_resource": 6},
                  {"type": "patient", "patience": 2, "wrapped": {"type": "median"}},
-                 {"type": "percentile", "percentile": 25.0}, {"type": "none"}):
+                 {"type": "percentile", "percentile": 25.0}, {"type": "wilcoxon", "p_threshold": 0.2},
+                 {"type": "none"}):
         pruner = parse_space({"pruner": spec}, "p.yaml").make_pruner()
         assert isinstance(pruner, optuna.pruners.BasePruner)
 
