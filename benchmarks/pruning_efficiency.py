@@ -75,20 +75,12 @@ def trained_fold_epochs_by_step(result, data):
             for step in range(1, result.folds_done + 1)}
 
 
-def report(trial, pruner, step, value, folds):
-    """What the search reports to Optuna for one LOSO report (search.space.pruner_steps)."""
-    from search.space import pruner_steps
-
-    for s, v in pruner_steps(pruner, step, value, folds):
-        trial.report(v, s)
-
-
 def run_arm(space, data, pruner, trials, overrides, seed, label):
     import optuna
 
     from htnet.errors import TrainingDiverged
     from htnet.loso import run_loso
-    from search.space import fold_objectives
+    from search.space import fold_objectives, report_loso_step
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=STUDY_NAME, direction="maximize",  # Hyperband hashes the name
@@ -108,7 +100,7 @@ def run_arm(space, data, pruner, trials, overrides, seed, label):
             if value is None or not math.isfinite(value):
                 return False
             folds = fold_objectives(progress, metric)
-            report(trial, pruner, progress["step"], float(value), folds)
+            report_loso_step(trial, pruner, progress["step"], float(value), folds)
             reports.append([progress["step"], float(value), progress["fold_epochs"], folds])
             return trial.should_prune()
 
@@ -171,6 +163,8 @@ def replay_arm(pruner, recorded, metric):
     whether or not it is pruned later, and the study sees what a real pruned arm's study sees."""
     import optuna
 
+    from search.space import report_loso_step
+
     study = optuna.create_study(study_name=STUDY_NAME, direction="maximize", pruner=pruner)
     rows = []
     for rec in recorded:
@@ -181,7 +175,7 @@ def replay_arm(pruner, recorded, metric):
             continue
         stopped_at = None
         for step, value, _, *folds in rec["reports"]:
-            report(trial, pruner, step, value, folds[0] if folds else [])
+            report_loso_step(trial, pruner, step, value, folds[0] if folds else [])
             if trial.should_prune() and step < rec["folds_total"]:  # run_loso stops only before the last fold
                 stopped_at = step
                 break

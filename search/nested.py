@@ -44,7 +44,7 @@ from search import tracking
 from search.export import format_numbers, markdown_table
 from search.leaderboard import open_store
 from search.rerun import log_frame, model_label
-from search.space import flatten, fold_objectives, pruner_steps
+from search.space import flatten, fold_objectives, report_loso_step
 
 COST_KEYS = ("nested_outer_folds", "nested_trials", "nested_trials_pruned", "nested_trials_failed",
              "nested_fold_epochs", "nested_wall_time_s", "nested_task_time_s")
@@ -128,8 +128,7 @@ def inner_search(space, data, train_subjects, overrides, outer=""):
             value, step = progress.get(metric), progress["step"]
             if step >= progress["folds_total"] or value is None or not math.isfinite(value):
                 return None
-            for at, reported in pruner_steps(study.pruner, step, value, fold_objectives(progress, metric)):
-                trial.report(reported, at)
+            report_loso_step(trial, study.pruner, step, value, fold_objectives(progress, metric))
             if trial.should_prune():
                 pruned["at"] = step
                 return True

@@ -386,24 +386,21 @@ def make_pruner(spec, where):
                "none": optuna.pruners.NopPruner}
     if kind not in classes and kind != "patient":
         raise UserError(f"{where}: unknown type {kind!r} (known: {', '.join(PRUNERS)})")
-    try:
-        if kind == "wilcoxon":
-            with warnings.catch_warnings():  # "experimental since v3.6.0"
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.pruners.WilcoxonPruner(**spec)
-        if kind == "patient":
-            wrapped = spec.pop("wrapped", None)
-            if wrapped is not None and not isinstance(wrapped, dict):
-                raise UserError(f"{where}.wrapped: expected a mapping like {{type: median}}")
-            inner = make_pruner(wrapped, f"{where}.wrapped") if wrapped else None
-            if "patience" not in spec:
-                raise UserError(f"{where}: patient needs 'patience' (reports without improvement)")
-            with warnings.catch_warnings():  # "experimental since v2.8": stable in use
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    # Wilcoxon ("experimental since v3.6.0") and Patient ("since v2.8") are stable in use
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            if kind == "patient":
+                wrapped = spec.pop("wrapped", None)
+                if wrapped is not None and not isinstance(wrapped, dict):
+                    raise UserError(f"{where}.wrapped: expected a mapping like {{type: median}}")
+                inner = make_pruner(wrapped, f"{where}.wrapped") if wrapped else None
+                if "patience" not in spec:
+                    raise UserError(f"{where}: patient needs 'patience' (reports without improvement)")
                 return optuna.pruners.PatientPruner(inner, **spec)
-        return classes[kind](**spec)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: {e}") from None
+            return classes[kind](**spec)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where}: {e}") from None
 
 
 def pairs_folds(pruner):
@@ -424,6 +421,12 @@ def pruner_steps(pruner, step, value, folds):
     """The (step, value) pairs one LOSO report gives the pruner: the pooled objective at step = folds
     done, or, for a pruner that pairs folds, each new fold's own objective at step = its fold number."""
     return [(int(f), float(v)) for f, v in folds] if pairs_folds(pruner) else [(int(step), float(value))]
+
+
+def report_loso_step(trial, pruner, step, value, folds):
+    """Report one LOSO report to an Optuna trial (see pruner_steps)."""
+    for at, reported in pruner_steps(pruner, step, value, folds):
+        trial.report(reported, at)
 
 
 def nest(flat):
