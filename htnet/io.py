@@ -38,3 +38,77 @@ def ensure_writable_dir(path):
     except OSError as e:
         raise UserError(f"output folder {path} is not writable: {e.strerror}") from None
     return path
+
+
+# Every YAML the project reads goes through these: a file that is not UTF-8, not YAML, far too
+# big, or built from many aliases ("billion laughs": a few lines that expand to gigabytes once the
+# loaded value is walked) is refused with one line before anything else happens.
+MAX_YAML_BYTES = 4 * 1024 * 1024
+MAX_YAML_NODES = 200_000  # after alias expansion; a search space or config has a few hundred
+
+
+def parse_yaml(text, where):
+    """yaml.safe_load of `text` with the limits above; `where` names the file or flag in errors."""
+    import yaml
+
+    if isinstance(text, bytes):
+        if len(text) > MAX_YAML_BYTES:
+            raise UserError(f"{where}: {len(text)} bytes is too big for a YAML file (limit {MAX_YAML_BYTES})")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 text (byte 0x{text[e.start]:02x} at offset {e.start})") from None
+    if "\x00" in text:
+        raise UserError(f"{where}: not a text file (contains NUL bytes)")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise UserError(f"{where}: YAML expands to over {MAX_YAML_NODES} values through its "
+                            f"aliases: refusing a possible alias bomb")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{where}:{line} not valid YAML ({problem})") from None
+    except RecursionError:
+        raise UserError(f"{where}: YAML nested too deeply") from None
+
+
+def _expanded_size(node, memo):
+    """How many values the node stands for once aliases are expanded (shared nodes counted once
+    per use, computed once each)."""
+    import yaml
+
+    if node is None or isinstance(node, yaml.ScalarNode):
+        return 1
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a node that contains itself expands without end
+    children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+    size = 1
+    for child in children:
+        size += _expanded_size(child, memo)
+        if size > MAX_YAML_NODES:
+            break
+    memo[id(node)] = size
+    return size
+
+
+def read_yaml(path, where=None):
+    """parse_yaml of a file's bytes; a missing or unreadable file is one line too."""
+    path = Path(path)
+    where = where or str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise UserError(f"{where}: {size} bytes is too big for a YAML file (limit {MAX_YAML_BYTES})")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a folder, not a file") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot read ({e.strerror})") from None
+    return parse_yaml(data, where)
