@@ -39,8 +39,6 @@ import math
 import time
 from pathlib import Path
 
-import yaml
-
 SPACE = {
     "description": "pruning benchmark: STSTNet on the real composite",
     "objective": "inner",
@@ -200,7 +198,13 @@ def pruner_spec(args):
 
 
 def yaml_mapping(text):
-    value = yaml.safe_load(text)
+    from htnet.errors import UserError
+    from htnet.io import parse_yaml
+
+    try:
+        value = parse_yaml(text, "--pruner-spec")  # not YAML, an alias bomb: one line
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not isinstance(value, dict) or "type" not in value:
         raise argparse.ArgumentTypeError(f"expected a mapping with a type, like '{{type: median}}', not {text!r}")
     return value

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htnet.errors import TrainingDiverged
+from htnet.errors import TrainingDiverged, UserError
 from htnet.loso import (OPTIMIZERS, FoldOutcome, InnerChoice, TestChoice, build_model, subject_seed,
                         training_order, weights_protocol)
 from htnet.models.grouped import GROUPED, grouped_model
@@ -148,11 +148,21 @@ def member_bytes(config, probe_batch=8):
     return int(16 * params + 1.5 * activations)
 
 
+def env_int(name, minimum):
+    """An integer environment override, or None where unset; anything else is one UserError line."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit() or int(text) < minimum:
+        raise UserError(f"environment variable {name}={text!r} must be an integer >= {minimum}")
+    return int(text)
+
+
 def group_size(config, device, members_total):
     """Members per group: all of them where memory allows, capped on CPU (see the docstring)."""
-    override = os.environ.get("HTNET_BATCHED_GROUP")
+    override = env_int("HTNET_BATCHED_GROUP", 1)
     if override:
-        return max(1, min(int(override), members_total))
+        return min(override, members_total)
     per_member = member_bytes(config)
     by_memory = max(1, int(0.5 * _available_memory(device) // per_member))
     cap = GPU_GROUP_CAP if device.type == "cuda" else CPU_GROUP_CAP.get(config.model, 4)
@@ -166,9 +176,9 @@ MIN_WORK_FOR_WORKERS = 500_000
 
 def worker_count(device, groups, work=math.inf):
     """CPU worker processes (1 torch thread each): as many as this process's torch threads."""
-    override = os.environ.get("HTNET_BATCHED_WORKERS")
-    if override is not None and override != "":
-        return max(0, min(int(override), groups))
+    override = env_int("HTNET_BATCHED_WORKERS", 0)
+    if override is not None:
+        return min(override, groups)
     if device.type != "cpu" or groups < 2 or work < MIN_WORK_FOR_WORKERS:
         return 0
     threads = torch.get_num_threads()

@@ -6,11 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from htnet.data import CROP_MODES, load_release, synthetic_cache
 from htnet.errors import ArgumentParser, TrainingDiverged, UserError
-from htnet.io import atomic_write, ensure_writable_dir
+from htnet.io import atomic_write, ensure_writable_dir, parse_yaml, read_yaml
 from htnet.loso import (ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, lone_subjects_warning,
                         parse_subjects, run_loso, select_subjects)
 from htnet.metrics import PROTOCOLS, per_subject_accuracy, summary_table
@@ -26,12 +24,14 @@ def model_args(pairs):
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--model-arg {pair!r} is not KEY=VALUE")
-        config[key.strip()] = yaml.safe_load(value)
+        config[key.strip()] = parse_yaml(value, f"--model-arg {pair}")
     return config
 
 
 def load_data(args):
     """--data PATH, or the built-in synthetic set when none is given."""
+    if not args.data and args.synth_subjects < 1:
+        raise UserError(f"--synth-subjects must be at least 1, got {args.synth_subjects}")
     root = Path(args.data) if args.data else synthetic_cache(SYNTH_CACHE, args.synth_subjects)
     if not args.data:
         print(f"no --data given: using the built-in synthetic set at {root}", file=sys.stderr)
@@ -105,12 +105,14 @@ def build_parser():
 def train_config(args):
     values = {}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(args.config)
+        values = {} if values is None else values
         if not isinstance(values, dict):
-            raise UserError(f"{path}: expected a mapping of LOSO config keys")
+            raise UserError(f"{args.config}: expected a mapping of LOSO config keys, got a {type(values).__name__}")
+        if values.get("model_config") is None:
+            values.pop("model_config", None)
+        elif not isinstance(values["model_config"], dict):
+            raise UserError(f"{args.config}: model_config must be a mapping, got {values['model_config']!r}")
     flags = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
              "optimizer": args.optimizer, "weight_decay": args.weight_decay, "shuffle": args.shuffle,
              "seed": args.seed, "device": args.device, "subjects": parse_subjects(args.subjects),
@@ -119,9 +121,22 @@ def train_config(args):
              "fold_group_size": args.fold_group_size,
              "save_weights": args.save_weights, "standardize": args.standardize or None,
              "protocols": args.protocols.split(",") if args.protocols else None}
+    from_file = dict(values)
     values.update({k: v for k, v in flags.items() if v is not None})
     values["model_config"] = {**values.get("model_config", {}), **model_args(args.model_arg)}
-    return LosoConfig.from_dict(values)
+    try:
+        return LosoConfig.from_dict(values)
+    except UserError as e:
+        if args.config and _error_of(from_file) == str(e):  # the file's own value: name the file
+            raise UserError(f"{args.config}: {e}") from None
+        raise
+
+
+def _error_of(values):
+    try:
+        LosoConfig.from_dict(values)
+    except UserError as e:
+        return str(e)
 
 
 def cmd_train(args):

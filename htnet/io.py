@@ -1,6 +1,8 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never half of one."""
+"""Safe file handling: atomic writes (a crash or a full disk leaves the old file or the new one,
+never half of one), paths kept under their root, text and YAML read with one-line errors."""
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -9,7 +11,9 @@ from htnet.errors import UserError
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path`."""
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
+    An OSError on the way (a full disk or quota: ENOSPC, EDQUOT, EFBIG) becomes one UserError line;
+    the temporary file is removed and the old `path`, if any, is kept."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -17,15 +21,53 @@ def atomic_write(path, mode="w", **open_kwargs):
     except OSError as e:
         raise UserError(f"cannot write to folder {path.parent}: {e.strerror}") from None
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, mode, **open_kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_files(contents):
+    """Write several files all or none ({path: str or bytes}): every one is written and fsynced to
+    its temporary file before any is renamed, so a full disk leaves all the old files."""
+    with contextlib.ExitStack() as stack:
+        for path, data in contents.items():
+            f = stack.enter_context(atomic_write(path, "wb" if isinstance(data, bytes) else "w"))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# Ids that become file names (subjects, samples, hence weights/<subject>.pth and image paths):
+# ASCII letters, digits, '.', '_', '-', not starting with '.' and without '..'. Every id of the
+# real release fits ('sub01', 's01', '006', 'EP02_01f', '006_1_2').
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", re.ASCII)
+SAFE_NAME_RULE = "letters, digits, '.', '_', '-'"
+
+
+def is_safe_name(name):
+    return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None and ".." not in name
+
+
+def path_under(root, *parts):
+    """root/parts, or UserError where it would resolve outside `root` (an absolute part, '..', a
+    symlink out of it). Every path built from ids goes through it."""
+    root = Path(root)
+    path = root.joinpath(*map(str, parts))
+    if "\x00" in str(path):
+        raise UserError(f"{path!r}: not a valid path (contains a NUL byte)")
+    real_root, real = root.resolve(), path.resolve()
+    if real == real_root or not real.is_relative_to(real_root):
+        raise UserError(f"{path} resolves to {real}, outside {root}")
+    return path
 
 
 def ensure_writable_dir(path):
@@ -54,12 +96,7 @@ def parse_yaml(text, where):
     if isinstance(text, bytes):
         if len(text) > MAX_YAML_BYTES:
             raise UserError(f"{where}: {len(text)} bytes is too big for a YAML file (limit {MAX_YAML_BYTES})")
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{where}: not UTF-8 text (byte 0x{text[e.start]:02x} at offset {e.start})") from None
-    if "\x00" in text:
-        raise UserError(f"{where}: not a text file (contains NUL bytes)")
+    text = decode_text(text, where)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         size = _expanded_size(node, {})
@@ -98,17 +135,40 @@ def _expanded_size(node, memo):
 
 def read_yaml(path, where=None):
     """parse_yaml of a file's bytes; a missing or unreadable file is one line too."""
+    where = where or str(path)
+    return parse_yaml(read_bytes(path, where, MAX_YAML_BYTES, "a YAML file"), where)
+
+
+def read_bytes(path, where=None, max_bytes=None, kind="this file"):
+    """A file's bytes; a missing, unreadable or too big file is one UserError line."""
     path = Path(path)
     where = where or str(path)
     try:
         size = path.stat().st_size
-        if size > MAX_YAML_BYTES:
-            raise UserError(f"{where}: {size} bytes is too big for a YAML file (limit {MAX_YAML_BYTES})")
-        data = path.read_bytes()
+        if max_bytes is not None and size > max_bytes:
+            raise UserError(f"{where}: {size} bytes is too big for {kind} (limit {max_bytes})")
+        return path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{where}: is a folder, not a file") from None
     except OSError as e:
         raise UserError(f"{where}: cannot read ({e.strerror})") from None
-    return parse_yaml(data, where)
+
+
+def decode_text(data, where):
+    """bytes (or str) -> str: UTF-8 (a leading BOM dropped) without NUL bytes, else one line."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if "\x00" in data:
+        raise UserError(f"{where}: not a text file (contains NUL bytes)")
+    return data.removeprefix("\ufeff")
+
+
+def read_text(path, where=None, max_bytes=None):
+    """A UTF-8 text file's contents (CSV files go through it); one UserError line otherwise."""
+    where = where or str(path)
+    return decode_text(read_bytes(path, where, max_bytes), where)

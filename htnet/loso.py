@@ -17,7 +17,12 @@ also lists, under `folds`, each new fold's own metrics with its number in the LO
 pruners that compare trials fold by fold).
 """
 import dataclasses
+import io
+import math
+import numbers
+import re
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +34,20 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from htnet.data import CompositeData, htnet_input
+from htnet.data import CROP_MODES, CompositeData, htnet_input
 from htnet.errors import TrainingDiverged, UserError
-from htnet.io import atomic_write, ensure_writable_dir
+from htnet.io import atomic_write, ensure_writable_dir, path_under, write_files
 from htnet.metrics import CLASS_NAMES, PROTOCOLS, compute_metrics, uf1_uar
 from htnet.models import create_model, model_input
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 ENGINES = ("plain", "batched")
 REPORTS_WITH_CALLBACK = 8
+# LosoConfig's numbers: integer fields and their minimum (None allowed where marked), float fields
+INTEGERS = {"epochs": 1, "batch_size": 1, "eval_every": 1, "report_every": 1, "seed": 0,
+            "inner_val_subjects": 0, "inner_patience": 1, "fold_group_size": 1}
+OPTIONAL = ("inner_patience", "fold_group_size")
+BOOLEANS = ("shuffle", "standardize", "save_weights")
 
 
 @dataclass
@@ -69,12 +79,13 @@ class LosoConfig:
 
     @classmethod
     def from_dict(cls, values):
+        if not isinstance(values, dict):
+            raise UserError(f"a LOSO config must be a mapping of keys to values, got {values!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in known:
                 raise UserError(f"unknown LOSO config key {key!r} (known: {', '.join(sorted(known))})")
         config = cls(**values)
-        config.protocols = tuple(config.protocols)
         config.validate()
         return config
 
@@ -84,34 +95,60 @@ class LosoConfig:
         return values
 
     def validate(self):
-        def positive(name, integer=True):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    (integer and int(value) != value) or value <= 0:
-                raise UserError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-        for name in ("epochs", "batch_size", "eval_every", "report_every"):
-            positive(name)
-        if self.fold_group_size is not None:
-            positive("fold_group_size")
-        positive("lr", integer=False)
-        if self.weight_decay < 0:
-            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
-        if self.engine not in ENGINES:
-            raise UserError(f"unknown engine {self.engine!r} (known: {', '.join(ENGINES)})")
-        if not self.protocols or any(p not in PROTOCOLS for p in self.protocols):
-            bad = next((p for p in self.protocols if p not in PROTOCOLS), "(none)")
+        """Types and ranges of every field, one UserError line for the first bad one; numbers are
+        normalised to int/float/bool (numpy scalars from a search included). Integers must be
+        integers (1.0 and True are not), floats finite."""
+        protocols = self.protocols.split(",") if isinstance(self.protocols, str) else self.protocols
+        if not isinstance(protocols, (list, tuple)):
+            raise UserError(f"protocols must be a list of names, got {protocols!r}")
+        if not protocols or any(not isinstance(p, str) or p not in PROTOCOLS for p in protocols):
+            bad = next((p for p in protocols if not isinstance(p, str) or p not in PROTOCOLS), "(none)")
             raise UserError(f"unknown protocol {bad!r} (known: {', '.join(PROTOCOLS)})")
-        if "inner" in self.protocols:
-            positive("inner_val_subjects")
-        if self.inner_patience is not None:
-            positive("inner_patience")
-        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
+        self.protocols = tuple(protocols)
+        for name, minimum in INTEGERS.items():
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise UserError(f"{name} must be an integer, got {value!r}")
+            if name == "inner_val_subjects" and "inner" in self.protocols:
+                minimum = 1
+            if value < minimum:
+                raise UserError(f"{name} must be a {'positive' if minimum else 'non-negative'} integer, got {value!r}")
+            setattr(self, name, int(value))
+        for name, positive in (("lr", True), ("weight_decay", False)):
+            value = getattr(self, name)
+            if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+                value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as text
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                raise UserError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, "
+                                f"got {value!r}")
+            setattr(self, name, float(value))
+        for name in BOOLEANS:
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise UserError(f"{name} must be true or false, got {value!r}")
+            setattr(self, name, bool(value))
+        for name, known in (("optimizer", OPTIMIZERS), ("engine", ENGINES), ("crop_mode", CROP_MODES)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in known:
+                raise UserError(f"unknown {name} {value!r} (known: {', '.join(known)})")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda, cuda:N)")
+        subjects = self.subjects
+        if isinstance(subjects, bool) or not (subjects is None or isinstance(subjects, (numbers.Integral, list, tuple))) \
+                or (isinstance(subjects, (list, tuple)) and not all(isinstance(s, (str, int)) for s in subjects)):
+            raise UserError(f"subjects must be a count or a list of subject ids, got {subjects!r}")
+        if isinstance(subjects, numbers.Integral):
+            if subjects < 2:
+                raise UserError(f"subjects must be at least 2 for LOSO, got {subjects}")
+            self.subjects = int(subjects)
         if not isinstance(self.model_config, dict):
             raise UserError(f"model_config must be a mapping, got {self.model_config!r}")
+        bad = next((k for k in self.model_config if not isinstance(k, str)), None)
+        if bad is not None:
+            raise UserError(f"model {self.model} has no argument {bad!r}")
         create_model(self.model, **self.model_config)  # raises UserError on an impossible config
 
 
@@ -152,15 +189,12 @@ class LosoResult:
     device: str
 
     def save(self, out_dir):
+        """The four result files, all or none (a full disk keeps a previous run's set whole)."""
         out_dir = ensure_writable_dir(out_dir)
-        with atomic_write(out_dir / "predictions.csv") as f:
-            self.predictions.to_csv(f, index=False)
-        with atomic_write(out_dir / "history.csv") as f:
-            self.history.to_csv(f, index=False)
-        with atomic_write(out_dir / "metrics.json") as f:
-            pd.Series(self.metrics, dtype=float).to_json(f, indent=2)
-        with atomic_write(out_dir / "config.yaml") as f:
-            yaml.safe_dump(self.config.to_dict(), f, sort_keys=False)
+        write_files({out_dir / "predictions.csv": self.predictions.to_csv(index=False),
+                     out_dir / "history.csv": self.history.to_csv(index=False),
+                     out_dir / "metrics.json": pd.Series(self.metrics, dtype=float).to_json(indent=2),
+                     out_dir / "config.yaml": yaml.safe_dump(self.config.to_dict(), sort_keys=False)})
         return out_dir
 
 
@@ -436,8 +470,11 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
                                   **_pooled_metrics(rows, [outcome], data)[1]})
             history_rows += [(outcome.subject, *row) for row in outcome.history]
             if out_dir is not None and outcome.weights is not None:
-                with atomic_write(out_dir / "weights" / f"{outcome.subject}.pth", "wb") as f:
-                    torch.save(outcome.weights, f)
+                # serialised in memory first: torch.save turns a full disk into an opaque RuntimeError
+                buffer = io.BytesIO()
+                torch.save(outcome.weights, buffer)
+                with atomic_write(path_under(out_dir, "weights", f"{outcome.subject}.pth"), "wb") as f:
+                    f.write(buffer.getbuffer())
             bar.update(1)
             done = len(outcomes)
             if callback is not None and (done % config.report_every == 0 or done == len(folds)):
@@ -479,6 +516,28 @@ def _run_folds_plain(folds, X, y, data, config, device, progress=False):
         yield run_fold(fold, X, y, data, config, device, progress=progress)
 
 
+def load_weights(path, device="cpu"):
+    """A state_dict saved by torch.save, read with weights_only=True (no code runs); one UserError
+    line for a file that is not one, holds something else, or has non-finite values."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: one line is ours
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except Exception as e:  # noqa: BLE001  (UnpicklingError, RuntimeError, EOFError, ...: any unreadable file)
+        raise UserError(f"{path}: not a PyTorch weights file (torch.load with weights_only=True failed: "
+                        f"{type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state_dict "
+                        f"(a mapping of parameter names to tensors)")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{path}: weight {bad!r} has non-finite values (NaN or inf)")
+    return state
+
+
 def evaluate_weights(weights_dir, data, config):
     """Test every subject of `data` with `<weights_dir>/<subject>.pth` (the reference's
     `ourmodel_threedatasets_weights/` layout); protocol 'weights'. Returns (predictions, metrics)."""
@@ -487,19 +546,19 @@ def evaluate_weights(weights_dir, data, config):
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
         raise UserError(f"weights folder not found: {weights_dir}")
-    missing = [s for s in data.subject_ids if not (weights_dir / f"{s}.pth").is_file()]
+    paths = {s: path_under(weights_dir, f"{s}.pth") for s in data.subject_ids}
+    missing = [s for s, path in paths.items() if not path.is_file()]
     if missing:
         raise UserError(f"weights folder {weights_dir} has no {missing[0]}.pth for subject {missing[0]!r}")
     device = resolve_device(config.device)
     X = torch.tensor(np.ascontiguousarray(model_inputs(data, config)), device=device)
     model = create_model(config.model, **config.model_config).to(device).eval()
     rows = []
-    for subject in data.subject_ids:
-        path = weights_dir / f"{subject}.pth"
+    for subject, path in paths.items():
+        state = load_weights(path, device)
         try:
-            state = torch.load(path, map_location=device, weights_only=True)
             model.load_state_dict(state, strict=True)
-        except (RuntimeError, KeyError, AttributeError, EOFError, ValueError) as e:
+        except (RuntimeError, KeyError, AttributeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{path}: not weights of model {config.model} with this config ({first})") from None
         test = np.flatnonzero(data.subjects == subject)

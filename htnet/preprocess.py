@@ -80,7 +80,7 @@ import numpy as np
 import pandas as pd
 
 from htnet.errors import UserError
-from htnet.io import atomic_write
+from htnet.io import SAFE_NAME_RULE, atomic_write, is_safe_name
 
 CSV_NAME = "combined_3_class2_for_optical_flow.csv"
 IMAGE_DIR = os.path.join("datasets", "STSNet_whole_norm_u_v_os")
@@ -428,9 +428,9 @@ def read_index(index_csv) -> pd.DataFrame:
         for col in ("dataset", "subject", "sample", "onset"):
             if not row[col]:
                 raise UserError(f"{where}: empty {col!r}")
-        for col in ("subject", "sample"):
-            if "/" in row[col] or "\\" in row[col] or row[col] in (".", ".."):
-                raise UserError(f"{where}: column {col!r} value {row[col]!r} must not be a path")
+        for col in ("subject", "sample"):  # they become file names (<subject>_<sample> .png)
+            if not is_safe_name(row[col]):
+                raise UserError(f"{where}: column {col!r} value {row[col]!r} is not a safe name ({SAFE_NAME_RULE})")
         lab = row["label"].lower()
         if lab in LABEL_NAMES:
             labels.append(LABEL_NAMES[lab])

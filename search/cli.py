@@ -8,10 +8,13 @@
                    the paper table and its evidence, read from MLflow (search/report_cli.py)
 
 Exit codes: 0 done, 1 the search did not finish (resume it; also when MLflow went away mid-search:
-its results are kept), 2 bad input or an unreachable MLflow (one line on stderr).
+its results are kept), 2 bad input, an unreachable or damaged store, or a search that another
+process is running (one line on stderr). SIGTERM stops a search as Ctrl+C does.
 """
 import argparse
+import signal
 import sys
+import threading
 
 from htnet.errors import ArgumentParser, UserError
 from search.space import PRUNERS
@@ -83,8 +86,18 @@ def add_common(p):
                         "data (default: runs)")
     p.add_argument("--address", help="'auto' joins the running Ray cluster (ray up / ray start); "
                                      "default: start a local Ray")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--top", type=int, default=10, help="trials in the final table (default: 10)")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def cmd_run(args):
@@ -120,10 +133,23 @@ def cmd_status(args):
     return 0
 
 
+def terminate(signum, frame):
+    """SIGTERM does what Ctrl+C does: Ray Tune's handler stops the trials and saves the experiment
+    (resume goes on from there), elsewhere a KeyboardInterrupt; either way Ray is shut down."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a background job): still stop
+        raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from search import report_cli
     commands = {"run": cmd_run, "resume": cmd_resume, "status": cmd_status, **report_cli.COMMANDS}
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return commands[args.command](args)
     except UserError as e:
@@ -140,3 +166,6 @@ def main(argv=None):
         text = str(e).strip()
         print(f"error: MLflow: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -74,15 +74,17 @@ def search_parents(store, names=None):
 
 
 def searched_names(store, parent):
-    """The parameter names the search sampled (its space.yaml), or None if unreadable."""
-    try:
-        import yaml
+    """The parameter names the search sampled (its space.yaml), or None if unreadable (missing,
+    not YAML, an alias bomb: refused by htnet.io's limits)."""
+    from htnet.io import parse_yaml
 
-        text = read_artifact(store, parent.info.run_id, "space.yaml")
-        space = yaml.safe_load(text) or {}
-        return list((space.get("space") or {}).keys())
+    run_id = parent.info.run_id
+    try:
+        space = parse_yaml(read_artifact_bytes(store, run_id, "space.yaml"), f"run {run_id}: space.yaml")
     except Exception:  # noqa: BLE001 - fall back to the parameters that vary
         return None
+    section = space.get("space") if isinstance(space, dict) else None
+    return [str(name) for name in section] if isinstance(section, dict) else None
 
 
 def _download(store, run_id, path, read):
@@ -108,6 +110,13 @@ def read_artifact(store, run_id, path):
     from pathlib import Path
 
     return _download(store, run_id, path, lambda local: Path(local).read_text())
+
+
+def read_artifact_bytes(store, run_id, path):
+    """An artifact's bytes (for htnet.io.parse_yaml, which checks the encoding and size)."""
+    from pathlib import Path
+
+    return _download(store, run_id, path, lambda local: Path(local).read_bytes())
 
 
 def read_csv_artifact(store, run_id, path):

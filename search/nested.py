@@ -235,7 +235,7 @@ def run_nested(options, out=None):
     import ray
 
     from htnet.loso import parse_subjects, select_subjects
-    from search.runner import Options, data_source, init_ray, load_data, resolve_space
+    from search.runner import Options, data_source, init_ray, load_data, resolve_space, stop_ray
 
     out = out or sys.stdout
     space = resolve_space(Options(space=options.space, num_samples=options.num_samples,
@@ -347,8 +347,7 @@ def run_nested(options, out=None):
             tracking.retry(client.set_terminated, parent_id, "KILLED")
             raise
     finally:
-        if started_ray:
-            ray.shutdown()
+        stop_ray(started_ray)
     return finish_nested(client, parent_id, name, method, space, results, estimate, started, out)
 
 

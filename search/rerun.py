@@ -30,15 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from htnet.errors import UserError
 from htnet.metrics import PROTOCOLS
 from search import tracking
 from search.export import markdown_table
-from search.leaderboard import (DATASET_COLUMNS, leaderboard, open_store, read_artifact,
+from htnet.io import parse_yaml, read_yaml
+from search.leaderboard import (DATASET_COLUMNS, leaderboard, open_store, read_artifact_bytes,
                                 search_parents)
-from search.space import flatten, nest
+from search.space import check_value, flatten, nest
 from search.stats import summarize_columns
 
 MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet"}
@@ -94,12 +94,15 @@ def model_label(model):
 
 def config_of_run(store, run):
     """The LOSO config of a run: its config.yaml artifact, else its params."""
+    run_id = run.info.run_id
     try:
-        config = yaml.safe_load(read_artifact(store, run.info.run_id, "config.yaml"))
+        text = read_artifact_bytes(store, run_id, "config.yaml")
+    except UserError:  # no such artifact: the params say it too
+        text = None
+    if text is not None:
+        config = parse_yaml(text, f"run {run_id}: config.yaml")
         if isinstance(config, dict):
             return config
-    except UserError:
-        pass
     params = run.data.params
     if not params or "model" not in params:
         raise UserError(f"run {run.info.run_id} has neither a config.yaml artifact nor LOSO params")
@@ -107,7 +110,7 @@ def config_of_run(store, run):
     import dataclasses
 
     known = {f.name for f in dataclasses.fields(LosoConfig)}
-    flat = {k: yaml.safe_load(v) for k, v in params.items() if k.split(".")[0] in known}
+    flat = {k: parse_yaml(v, f"run {run_id}: param {k}") for k, v in params.items() if k.split(".")[0] in known}
     return nest(flat)
 
 
@@ -116,7 +119,7 @@ def resolve_source(store, options):
     given = [x for x in (options.best, options.run_id, options.preset, options.config) if x]
     if len(given) != 1:
         raise UserError("name exactly one of --best SEARCH, --run-id RUN, --preset NAME, --config FILE")
-    client = store.client
+    client = store.client if store is not None else None
     if options.best:
         parent = search_parents(store, [options.best])[0]
         run_id = parent.data.tags.get("htnet.best_run_id")
@@ -155,12 +158,7 @@ def resolve_source(store, options):
         config, label = PRESETS[options.preset]
         return RerunSource(dict(config), options.method or label, description=f"preset {options.preset}")
     path = Path(options.config)
-    if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    config = read_yaml(path, f"--config {path}")  # missing, not UTF-8, not YAML, an alias bomb: one line
     if not isinstance(config, dict):
         raise UserError(f"--config {path}: expected a mapping of LOSO config keys")
     return RerunSource(config, options.method or f"{model_label(config.get('model', 'htnet'))} ({path.stem})",
@@ -172,18 +170,31 @@ def apply_sets(config, sets):
     flat = flatten(config)
     for text in sets or []:
         key, sep, value = str(text).partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise UserError(f"--set {text!r}: expected KEY=VALUE")
-        try:
-            flat[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: cannot read value {value!r}") from None
+        flat[key] = parse_yaml(value, f"--set {key}")
+        check_value(key, flat[key], f"--set {key}")
     return nest(flat)
+
+
+def checked_config(source, sets, where):
+    """The source's config with --set applied, each value checked where it came from (integers
+    are integers, numbers finite) before anything is written."""
+    config = apply_sets(source.config, sets)
+    given = {str(text).partition("=")[0].strip() for text in sets or []}
+    for key, value in flatten(source.config).items():
+        if key not in given:
+            check_value(key, value, f"{where}: {key}")
+    return config
 
 
 def seeds_for(config, source, count, seed_list=None):
     if seed_list:
-        seeds = [int(s) for s in seed_list]
+        try:
+            seeds = [int(s) for s in seed_list]
+        except ValueError:
+            raise UserError(f"--seed-list: expected comma-separated integers, got {','.join(seed_list)!r}") from None
         if len(set(seeds)) != len(seeds):
             raise UserError(f"--seed-list has repeated seeds: {seeds}")
         return seeds
@@ -351,18 +362,23 @@ def rerun(options, out=None):
     one row per seed), summary (rows = metric keys: n, mean, std, ci_low, ci_high) and method."""
     from htnet.loso import LosoConfig
     from search.plots import confusion_matrix_png
-    from search.runner import init_ray
+    from search.runner import init_ray, stop_ray
 
     out = out or sys.stdout
-    store = open_store(options.tracking_uri, options.experiment, create=True)
+    # a config file or preset is checked before the MLflow store is opened (created): nothing written
+    store = open_store(options.tracking_uri, options.experiment, create=True) \
+        if options.best or options.run_id else None
     source = resolve_source(store, options)
-    config = apply_sets(source.config, options.sets)
+    where = f"--config {options.config}" if options.config else \
+        f"run {source.run_id}" if source.run_id else source.description
+    config = checked_config(source, options.sets, where)
     config.pop("save_weights", None)
     seeds = seeds_for(config, source, options.seeds, options.seed_list)
     base = LosoConfig.from_dict({**config, "seed": seeds[0]})  # checks the config before any work
     data, data_root = load_rerun_data(options.data, source, options.storage)
     if options.cpus_per_seed <= 0 or options.gpus_per_seed < 0:
         raise UserError("--cpus-per-seed must be > 0 and --gpus-per-seed >= 0")
+    store = store or open_store(options.tracking_uri, options.experiment, create=True)
     client = store.client
     shown = {k: v for k, v in flatten(base.to_dict()).items() if k != "seed"}
     tags = {"htnet.role": "rerun", "htnet.method": source.method, "htnet.model": base.model,
@@ -432,9 +448,7 @@ def rerun(options, out=None):
         tracking.retry(client.set_terminated, parent_id, "KILLED")
         raise
     finally:
-        if started_ray:
-            import ray
-            ray.shutdown()
+        stop_ray(started_ray)
 
     seeds_table = pd.DataFrame(rows).sort_values("seed").reset_index(drop=True)
     finished = seeds_table[seeds_table["status"] == "finished"]

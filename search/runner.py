@@ -5,12 +5,21 @@
       searches/<name>.yaml     what the search was started with (space, data, stores, parent run)
       searches/<name>.best.yaml the best finished trial's LOSO config (python -m htnet train --config)
       optuna.db                the Optuna studies, one per search (optuna-dashboard sqlite:///runs/optuna.db)
+      searches/<name>.lock     held (flock) by the process running or resuming the search
       synthetic/               the built-in synthetic data set, generated once
     mlflow.db                  the MLflow store (mlflow ui --backend-store-uri sqlite:///mlflow.db)
+
+One process at a time runs or resumes a search (the lock above); the shared stores (MLflow's and
+Optuna's sqlite files, the synthetic data) are created under a file lock beside them. Without
+--address the driver starts its own local Ray and a watchdog process that ends that Ray session's
+processes when the driver ends, however it ends (SIGKILL included).
 """
+import contextlib
 import datetime
 import os
 import re
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from htnet.errors import UserError
-from htnet.io import atomic_write, ensure_writable_dir
+from htnet.io import atomic_write, ensure_writable_dir, read_yaml
 from htnet.loso import parse_subjects
 from search.space import SPACES_DIR, check_fixed_values, load_space, parse_space, set_fixed, with_overrides
 
@@ -74,26 +83,63 @@ def open_optuna_storage(url):
         path = Path(url[len("journal:"):] if url.startswith("journal:") else url).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    from search.tracking import file_lock
+
+    lock = contextlib.nullcontext()
+    if url.startswith("sqlite:///"):  # a new file gets its tables: one process at a time
+        path = Path(url[len("sqlite:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = file_lock(path.parent / f".{path.name}.lock")
     try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as e:  # noqa: BLE001 - any bad URL is the user's
-        raise UserError(f"--optuna-storage {url}: {str(e).splitlines()[0]}") from None
+        with lock:
+            return optuna.storages.RDBStorage(url)
+    except Exception as e:  # noqa: BLE001 - any bad URL or damaged file is the user's
+        raise UserError(f"Optuna storage {url}: {first_line(getattr(e, 'orig', None) or e)}") from None
 
 
 def manifest_path(storage, name):
     return Path(storage) / "searches" / f"{name}.yaml"
 
 
+MANIFEST_KEYS = {"name": str, "status": str, "space_file": str, "space": dict, "settings": dict,
+                 "data": dict, "data_root": str, "tracking_uri": str, "experiment": str,
+                 "experiment_id": str, "parent_run_id": str, "optuna_storage": str,
+                 "ray_storage": str, "ray_path": str}
+SETTINGS_KEYS = ("num_samples", "max_concurrent_trials", "objective", "resources", "max_failures",
+                 "sampler", "pruner")
+
+
+def search_names(storage):
+    folder = Path(storage) / "searches"
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.endswith(".best")) if folder.is_dir() else []
+
+
+def no_such_search(storage, name):
+    known = search_names(storage)
+    return UserError(f"no search named {name!r} in {Path(storage) / 'searches'}"
+                     + (f" (known: {', '.join(known)})" if known else ""))
+
+
 def read_manifest(storage, name):
+    """The search record, checked: a damaged one (not YAML, binary, a key missing) is one line
+    naming the file and what is wrong."""
     path = manifest_path(storage, name)
     if not path.is_file():
-        known = sorted(p.stem for p in (Path(storage) / "searches").glob("*.yaml")
-                       if not p.stem.endswith(".best"))
-        raise UserError(f"no search named {name!r} in {Path(storage) / 'searches'}"
-                        + (f" (known: {', '.join(known)})" if known else ""))
-    return yaml.safe_load(path.read_text())
+        raise no_such_search(storage, name)
+    manifest = read_yaml(path)
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: damaged search record (not a mapping of keys)")
+    for key, kind in MANIFEST_KEYS.items():
+        if key not in manifest:
+            raise UserError(f"{path}: damaged search record: key {key!r} is missing")
+        if not isinstance(manifest[key], kind):
+            raise UserError(f"{path}: damaged search record: {key} is not a {kind.__name__}")
+    missing = [k for k in SETTINGS_KEYS if k not in manifest["settings"]]
+    if missing:
+        raise UserError(f"{path}: damaged search record: key 'settings.{missing[0]}' is missing")
+    if manifest["name"] != name:
+        raise UserError(f"{path}: damaged search record: it names search {manifest['name']!r}")
+    return manifest
 
 
 def write_manifest(storage, name, manifest):
@@ -161,23 +207,257 @@ def load_data(source):
     """The CompositeData of a search: a release folder, or the synthetic set generated once."""
     from htnet.data import load_release, synthetic_cache
 
+    from search.tracking import file_lock
+
     if "path" in source:
         return load_release(source["path"]), source["path"]
     synth = source["synthetic"]
-    root = synthetic_cache(synth["cache"], synth["subjects_per_dataset"], synth["seed"])
+    Path(synth["cache"]).mkdir(parents=True, exist_ok=True)
+    with file_lock(Path(synth["cache"]) / ".lock"):  # two searches starting at once make it once
+        root = synthetic_cache(synth["cache"], synth["subjects_per_dataset"], synth["seed"])
     return load_release(root), str(root)
 
 
+# The watchdog of a local Ray, run as `python -I -c WATCHDOG DRIVER_PID SESSION_DIR` (standard
+# library only, so it starts in a blink). It waits until the driver writes to or closes its stdin
+# (after ray.shutdown) or dies (SIGKILL included, when nothing can run in the driver), then ends
+# every process left of that Ray session: those whose command line names the session folder
+# (gcs_server, raylet, ...) or whose stdout/stderr go into it (agents and workers, whose process
+# titles Ray rewrites). Ray's own fate-sharing ends only its direct children, and its agents and
+# workers otherwise linger for a minute or more. Other Ray sessions are never touched.
+WATCHDOG = r"""
+import os, select, signal, sys, time
+driver, session = int(sys.argv[1]), sys.argv[2].rstrip("/")
+for sig in (signal.SIGINT, signal.SIGHUP):  # Ctrl+C, a closed terminal: the driver handles them
+    signal.signal(sig, signal.SIG_IGN)
+events = [sys.stdin]
+try:
+    events.append(os.pidfd_open(driver))
+except (AttributeError, OSError):
+    pass  # no pidfd: os.getppid() notices the driver's death within a second
+while os.getppid() == driver and not select.select(events, [], [], 1.0)[0]:
+    pass
+marks = (session + "/").encode(), (session + "\0").encode()
+
+def session_processes():
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (os.getpid(), driver):
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read() + b"\0"
+        except OSError:
+            continue
+        outputs = []
+        for fd in (1, 2):
+            try:
+                outputs.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
+            except OSError:
+                pass
+        if any(m in cmdline for m in marks) or any(o.startswith(session + "/") for o in outputs):
+            found.append(int(entry))
+    return found
+
+first, deadline = {}, time.monotonic() + 60
+while time.monotonic() < deadline:
+    pids = session_processes()
+    if not pids:
+        break
+    for pid in pids:  # SIGTERM, then SIGKILL what is still there 3 s later
+        if pid not in first:
+            first[pid], sig = time.monotonic(), signal.SIGTERM
+        elif time.monotonic() - first[pid] > 3:
+            sig = signal.SIGKILL
+        else:
+            continue
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    time.sleep(0.2)
+"""
+
+_watchdog = None  # the watchdog of the local Ray this process started (subprocess.Popen)
+
+
 def init_ray(address, num_cpus):
+    """Join the Ray cluster at `address`, or start a local Ray with its watchdog (WATCHDOG).
+    address="local" makes Ray start one even if a ray_current_cluster file (maybe left by a crashed
+    Ray) or RAY_ADDRESS names another cluster. Returns False if Ray was already initialized (the
+    caller's Ray, left alone), else True; end with stop_ray."""
     import ray
 
+    global _watchdog
     if ray.is_initialized():
         return False
+    if num_cpus is not None and num_cpus < 1:
+        raise UserError(f"--num-cpus must be >= 1, got {num_cpus}")
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, ValueError) as e:
+            raise UserError(f"--address {address}: {first_line(e)}") from None
+        restore_sigterm(sigterm)
+        return True
+    end_watchdog()  # this process's previous local Ray was shut down: clear what is left of it
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    restore_sigterm(sigterm)
+    _watchdog = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()),
+                                  context.address_info["session_dir"]],
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return True
+
+
+def restore_sigterm(handler):
+    """ray.init replaces the driver's SIGTERM handler (with one that exits at once, and a crash
+    handler that aborts): put back the one that was there (the CLI's stops the search as Ctrl+C
+    does). Without one of ours, Ray's stays: SystemExit, so stop_ray still runs."""
+    import threading
+
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def end_watchdog():
+    """Tell the watchdog that Ray is shut down; wait while it ends what is left of the session."""
+    global _watchdog
+    watchdog, _watchdog = _watchdog, None
+    if watchdog is None:
+        return
+    with contextlib.suppress(OSError):
+        watchdog.stdin.write(b"x")  # wakes it even if a forked child still holds this pipe open
+        watchdog.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        watchdog.wait(timeout=90)
+
+
+def stop_ray(started):
+    if started:
+        import ray
+
+        try:
+            ray.shutdown()
+        finally:
+            end_watchdog()
+
+
+@contextlib.contextmanager
+def ray_session(address, num_cpus):
+    """init_ray ... stop_ray around the block, whatever ends it (an error, Ctrl+C, SIGTERM)."""
+    started = init_ray(address, num_cpus)
+    try:
+        yield started
+    finally:
+        stop_ray(started)
+
+
+def is_local_ray():
+    """True when this process's Ray is a cluster ray.init() started (one node, no autoscaler)."""
+    import ray
+
+    return bool(getattr(getattr(ray._private.worker, "_global_node", None), "ray_init_cluster", False))
+
+
+def check_resources(resources, where):
+    """Ray keeps a trial that fits no node PENDING forever: refuse it before anything is recorded.
+    A cluster that was joined (--address) may still get such a node from its autoscaler: a warning."""
+    import ray
+
+    cpu, gpu = float(resources["cpu"]), float(resources["gpu"])
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(n.get("CPU", 0) >= cpu and n.get("GPU", 0) >= gpu for n in nodes):
+        return
+    most = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
+    text = (f"{where}: a trial needs cpu={cpu:g}, gpu={gpu:g}, but no node of the Ray cluster has that "
+            f"much (the most any node has: cpu={most['CPU']:g}, gpu={most['GPU']:g})")
+    if is_local_ray():
+        raise UserError(f"{text}; its trials would wait forever")
+    print(f"warning: {text}; the trials wait until the cluster gets such a node", file=sys.stderr, flush=True)
+
+
+def lock_path(storage, name):
+    return Path(storage) / "searches" / f"{name}.lock"
+
+
+@contextlib.contextmanager
+def search_lock(storage, name, hint="wait for it to end"):
+    """Held (flock) while this process runs or resumes search `name`, from before its first record
+    is written to its end. A second process is refused in one line: two drivers of one search would
+    run its trials twice and overwrite each other's records."""
+    import fcntl
+
+    path = lock_path(storage, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"search {name!r} is running in another process (pid {holder}); {hint}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock (the kernel does it too if this process is killed)
+
+
+def check_restorable(manifest, name):
+    """Refuse (one line) a Ray experiment that someone else could have written.
+
+    `tune.Tuner.restore` unpickles the experiment's tuner.pkl, its searcher state and its trial
+    state, and so does `tune.ExperimentAnalysis`: whoever can write those files can run code as you
+    when you resume. So only the experiment the search record names is read, `<ray_storage>/<name>`,
+    which must lie inside the recorded Ray storage (symbolic links resolved), and only if every
+    folder from the storage root down to it and everything in it is owned by you and writable by
+    nobody else (no group or other write bit). For storage given as a URL (s3://, gs://, ...) this
+    cannot be checked from here: the bucket or prefix must be writable by you alone."""
+    import stat
+
+    storage, path = manifest["ray_storage"].rstrip("/"), manifest["ray_path"].rstrip("/")
+    if path != f"{storage}/{name}":
+        raise UserError(f"search {name!r}: its record names the Ray experiment {path}, not "
+                        f"{storage}/{name}: refusing to load it")
+    if "://" in storage:
+        return
+    root, folder = Path(storage).resolve(), Path(path).resolve()
+    if root not in folder.parents:
+        raise UserError(f"search {name!r}: the Ray experiment {path} leads outside the Ray storage {storage} "
+                        f"(a symbolic link?): refusing to load it")
+    if not folder.is_dir():
+        return  # nothing to load: the caller says there is no restorable experiment
+    inside = [folder] + [Path(d) / n for d, dirs, files in os.walk(folder) for n in dirs + files]
+    me = os.geteuid()
+    for item in [root, *reversed([p for p in folder.parents if root in p.parents]), *inside]:
+        try:
+            info = item.stat()  # a link: what it points to is what would be read
+        except OSError:
+            continue
+        if info.st_uid != me:
+            problem = f"is owned by uid {info.st_uid}, not by you (uid {me})"
+        elif info.st_mode & 0o002 or (info.st_mode & 0o020 and not private_group(info.st_gid)):
+            problem = f"is writable by others than you (mode {stat.filemode(info.st_mode)})"
+        else:
+            continue
+        raise UserError(f"search {name!r}: refusing to load the Ray experiment {folder}: {item} {problem}; "
+                        f"resuming unpickles these files, so whoever can write them could run code as you "
+                        f"(if you trust them, chown them to you and chmod -R go-w {folder})")
+
+
+def private_group(gid):
+    """True for your own user-private group (your name, your primary group, no other member): with
+    umask 002, as many distributions set it, Ray writes group-writable files, and a group that only
+    you are in lets nobody else write them."""
+    import grp
+    import pwd
+
+    try:
+        me, group = pwd.getpwuid(os.geteuid()), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
 
 
 def trial_dirname(trial):
@@ -224,9 +504,6 @@ def run_search(options, out=None):
     tracking_uri = options.tracking_uri or default_tracking_uri()
     tracking.check_reachable(tracking_uri)  # before anything is written or any trial runs
     storage = ensure_writable_dir(Path(options.storage).resolve())
-    if manifest_path(storage, name).exists():
-        raise UserError(f"search {name!r} exists: resume it with `python -m search resume {name}` "
-                        f"or pick another --name")
     ray_storage = options.ray_storage or str(storage / "ray")
     if "://" not in ray_storage:
         ray_storage = str(ensure_writable_dir(Path(ray_storage).resolve()))
@@ -234,97 +511,106 @@ def run_search(options, out=None):
     source = data_source(options, space, storage)
     data, data_root = load_data(source)
     check_data(data, overrides)
-    optuna_url = options.optuna_storage or default_optuna_storage(storage)
-    if name in optuna.get_all_study_names(open_optuna_storage(optuna_url)):
-        raise UserError(f"an Optuna study named {name!r} exists in {optuna_url}: pick another --name")
-    samples = effective_samples(space)
-    if samples < space.num_samples:
-        space.num_samples = samples
-    try:
-        client = tracking.client_for(tracking_uri)
-        experiment_id = tracking.ensure_experiment(client, options.experiment, tracking_uri)
-        parent_run_id = tracking.start_parent_run(
-            client, experiment_id, name, space, space.metric,
-            {"data": data_root, "optuna_storage": optuna_url, "ray_storage": ray_storage,
-             **{f"override.{k}": v for k, v in overrides.items()}})
-    except tracking.mlflow_errors() as e:
-        raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
-    manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                "status": "running", "space_file": space.source, "space": space.raw,
-                "settings": {"num_samples": space.num_samples,
-                             "max_concurrent_trials": space.max_concurrent_trials,
-                             "objective": space.objective, "resources": space.resources,
-                             "max_failures": space.max_failures, "sampler": space.sampler,
-                             "pruner": space.pruner},
-                "sets": list(options.sets), "overrides": overrides, "data": source,
-                "data_root": data_root, "tracking_uri": tracking_uri, "experiment": options.experiment,
-                "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                "optuna_storage": optuna_url, "ray_storage": ray_storage,
-                "ray_path": f"{ray_storage.rstrip('/')}/{name}", "address": options.address}
-    write_manifest(storage, name, manifest)
-    print(f"search {name}: {space.num_samples} trials of {space.source}, objective {space.metric} "
-          f"({space.objective} protocol), {space.sampler['type']} sampler, {space.pruner['type']} pruner",
-          file=out)
-    print(f"data: {data_root} ({len(data)} samples, {len(data.subject_ids)} subjects)", file=out)
+    with search_lock(storage, name, "wait for it to end or pick another --name"):
+        if manifest_path(storage, name).exists():
+            raise UserError(f"search {name!r} exists: resume it with `python -m search resume {name}` "
+                            f"or pick another --name")
+        client = tracking.client_for(tracking_uri)  # creates or checks a local store
+        optuna_url = options.optuna_storage or default_optuna_storage(storage)
+        if name in optuna.get_all_study_names(open_optuna_storage(optuna_url)):
+            raise UserError(f"an Optuna study named {name!r} exists in {optuna_url}: pick another --name")
+        space.num_samples = min(space.num_samples, effective_samples(space))
+        with ray_session(options.address, options.num_cpus):
+            check_resources(space.resources, resources_flags(options) or f"{space.source}: resources")
+            try:  # the search's records: only once its trials can run
+                experiment_id = tracking.ensure_experiment(client, options.experiment, tracking_uri)
+                parent_run_id = tracking.start_parent_run(
+                    client, experiment_id, name, space, space.metric,
+                    {"data": data_root, "optuna_storage": optuna_url, "ray_storage": ray_storage,
+                     **{f"override.{k}": v for k, v in overrides.items()}})
+            except tracking.mlflow_errors() as e:
+                raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
+            manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "status": "running", "space_file": space.source, "space": space.raw,
+                        "settings": {"num_samples": space.num_samples,
+                                     "max_concurrent_trials": space.max_concurrent_trials,
+                                     "objective": space.objective, "resources": space.resources,
+                                     "max_failures": space.max_failures, "sampler": space.sampler,
+                                     "pruner": space.pruner},
+                        "sets": list(options.sets), "overrides": overrides, "data": source,
+                        "data_root": data_root, "tracking_uri": tracking_uri, "experiment": options.experiment,
+                        "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                        "optuna_storage": optuna_url, "ray_storage": ray_storage,
+                        "ray_path": f"{ray_storage.rstrip('/')}/{name}", "address": options.address}
+            write_manifest(storage, name, manifest)
+            print(f"search {name}: {space.num_samples} trials of {space.source}, objective {space.metric} "
+                  f"({space.objective} protocol), {space.sampler['type']} sampler, {space.pruner['type']} pruner",
+                  file=out)
+            print(f"data: {data_root} ({len(data)} samples, {len(data.subject_ids)} subjects)", file=out)
+            searcher = make_searcher(space, name, optuna_url)
+            callback = tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space,
+                                               searcher, overrides, results_path=manifest["ray_path"])
+            tuner = tune.Tuner(
+                make_trainable(space, data, overrides),
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=OptunaPruningScheduler(searcher),
+                    num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
+                    trial_dirname_creator=trial_dirname, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=ray_storage, callbacks=[callback],
+                    failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                    verbose=options.verbose))
+            tuner.fit()
+        if callback.offline:  # MLflow went away mid-search: fill it in now if it is back
+            return fill_and_finish(storage, name, space, options.top, out)
+        return guarded_finish(storage, name, space, options.top, out)
 
-    started_ray = init_ray(options.address, options.num_cpus)
-    try:
-        searcher = make_searcher(space, name, optuna_url)
-        callback = tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space,
-                                           searcher, overrides, results_path=manifest["ray_path"])
-        tuner = tune.Tuner(
-            make_trainable(space, data, overrides),
-            tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=OptunaPruningScheduler(searcher),
-                num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
-                trial_dirname_creator=trial_dirname, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=name, storage_path=ray_storage, callbacks=[callback],
-                failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                verbose=options.verbose))
-        tuner.fit()
-    finally:
-        if started_ray:
-            import ray
-            ray.shutdown()
-    if callback.offline:  # MLflow went away mid-search: fill it in now if it is back
-        return fill_and_finish(storage, name, space, options.top, out)
-    return guarded_finish(storage, name, space, options.top, out)
+
+def resources_flags(options):
+    flags = [f"{flag} {value:g}" for flag, value in (("--cpus-per-trial", options.cpus_per_trial),
+                                                     ("--gpus-per-trial", options.gpus_per_trial),
+                                                     ("--num-cpus", options.num_cpus)) if value is not None]
+    return " with ".join(flags)
 
 
 def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out=None):
     """Resume a search whose driver stopped (killed, Ctrl+C, machine restart). Everything else
-    (space, data, stores, progress output) is as the search was started."""
+    (space, data, stores, progress output) is as the search was started. Ray's experiment is
+    checked before it is loaded (check_restorable)."""
     from ray import tune
 
     from search import tracking
 
     out = out or sys.stdout
     storage = Path(storage).resolve()
-    manifest = read_manifest(storage, name)
-    if not tune.Tuner.can_restore(manifest["ray_path"]):
-        raise UserError(f"search {name!r}: Ray Tune has no restorable experiment at {manifest['ray_path']}")
-    tracking.check_reachable(manifest["tracking_uri"])
-    space = space_of(manifest)
-    data, data_root = load_data(manifest["data"])
-    client = tracking.client_for(manifest["tracking_uri"])
-    tracking.retry(client.update_run, manifest["parent_run_id"], status="RUNNING")
-    replay = tracking.replay_results(client, manifest["experiment_id"], manifest["parent_run_id"], space.metric)
-    manifest["status"] = "running"
-    manifest.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
-    write_manifest(storage, name, manifest)
-    print(f"resuming search {name} from {manifest['ray_path']} ({len(replay)} trials already ended)", file=out)
-    started_ray = init_ray(address or manifest.get("address"), num_cpus)
-    try:
-        tuner = tune.Tuner.restore(manifest["ray_path"],
-                                   trainable=make_trainable(space, data, manifest.get("overrides") or {}, replay),
-                                   resume_unfinished=True, resume_errored=False)
-        tuner.fit()
-    finally:
-        if started_ray:
-            import ray
-            ray.shutdown()
-    return fill_and_finish(storage, name, space, top, out)
+    if not NAME_PATTERN.match(name) or not (manifest_path(storage, name).is_file()
+                                            or lock_path(storage, name).is_file()):
+        raise no_such_search(storage, name)
+    with search_lock(storage, name):
+        manifest = read_manifest(storage, name)
+        check_restorable(manifest, name)
+        if not tune.Tuner.can_restore(manifest["ray_path"]):
+            raise UserError(f"search {name!r}: Ray Tune has no restorable experiment at {manifest['ray_path']}")
+        tracking.check_reachable(manifest["tracking_uri"])
+        space = space_of(manifest)
+        data, data_root = load_data(manifest["data"])
+        client = tracking.client_for(manifest["tracking_uri"])
+        with ray_session(address or manifest.get("address"), num_cpus):
+            check_resources(space.resources, f"search {name!r} (resources in {manifest_path(storage, name)})"
+                            + (f" with --num-cpus {num_cpus}" if num_cpus is not None else ""))
+            tracking.retry(client.update_run, manifest["parent_run_id"], status="RUNNING")
+            replay = tracking.replay_results(client, manifest["experiment_id"], manifest["parent_run_id"],
+                                             space.metric)
+            manifest["status"] = "running"
+            manifest.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
+            write_manifest(storage, name, manifest)
+            print(f"resuming search {name} from {manifest['ray_path']} ({len(replay)} trials already ended)",
+                  file=out)
+            tuner = tune.Tuner.restore(
+                manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {}, replay),
+                resume_unfinished=True, resume_errored=False)
+            tuner.fit()
+        return fill_and_finish(storage, name, space, top, out)
 
 
 def space_of(manifest):
@@ -367,6 +653,7 @@ def fill_mlflow(storage, name, out=None):
 
     manifest = read_manifest(storage, name)
     space = space_of(manifest)
+    check_restorable(manifest, name)  # ExperimentAnalysis unpickles the trials' state
     analysis = tune.ExperimentAnalysis(manifest["ray_path"])
     try:
         study = optuna.load_study(study_name=name, storage=open_optuna_storage(manifest["optuna_storage"]))
@@ -480,7 +767,7 @@ def write_best_config(storage, name, summary):
     try:
         local = mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="config.yaml",
                                                     tracking_uri=summary["manifest"]["tracking_uri"])
-        config = yaml.safe_load(Path(local).read_text())
+        config = read_yaml(local)
     except Exception as e:  # noqa: BLE001
         print(f"warning: could not read the best trial's config.yaml: {e}", file=sys.stderr)
         return None
@@ -535,16 +822,25 @@ def print_summary(summary, top, best, out):
 
 
 def list_searches(storage, out=None):
+    """One line per search; a damaged record is marked on its line, the others are listed, and
+    the list ends in one error line naming the damaged files (exit 2)."""
     out = out or sys.stdout
     folder = Path(storage) / "searches"
-    names = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.endswith(".best")) if folder.is_dir() else []
+    names, damaged = search_names(storage), []
     if not names:
         print(f"no searches in {folder}", file=out)
         return []
     for name in names:
-        manifest = yaml.safe_load((folder / f"{name}.yaml").read_text())
-        print(f"{name}: {manifest.get('status')}, started {manifest.get('created')}, "
-              f"{manifest['settings']['num_samples']} trials of {manifest.get('space_file')}", file=out)
+        try:
+            manifest = read_manifest(storage, name)
+        except UserError as e:
+            damaged.append(manifest_path(storage, name).name)
+            print(f"{name}: DAMAGED: {e}", file=out)
+            continue
+        print(f"{name}: {manifest['status']}, started {manifest.get('created')}, "
+              f"{manifest['settings']['num_samples']} trials of {manifest['space_file']}", file=out)
+    if damaged:
+        raise UserError(f"{folder}: damaged search record(s): {', '.join(damaged)} (the others are listed)")
     return names
 
 

@@ -27,7 +27,10 @@ integers, optional `step`, `log`) or a float range (`log: true` for log scale; `
 forces the kind). A plain value in `space` is fixed. `when` makes a parameter (or a fixed value)
 apply only to some configurations. Expressions (`when`, `conditions`) use parameter names
 (`model_config.dim`), `image_size` (28), numbers, strings, arithmetic, comparisons, `and`/`or`/
-`not`, `in`, and len/min/max/abs.
+`not`, `in`, and len/min/max/abs. Their cost is bounded: at most 1000 characters, 200 nodes, 32
+deep; integers of at most 128 bits, strings of 256 characters, lists of 1000 values (a power or a
+repetition is sized before it runs); parts made of constants are evaluated at parse time, and every
+expression is tried at load on the values it can meet, so `1 / 0` or `'a' * 10**9` stops the file.
 
 Conditions are kept by construction, never by rejection: a condition filters the candidate
 values of the last parameter it names (which must be a choice or an int range) given the values
@@ -38,6 +41,7 @@ by earlier values is suggested to Optuna under a name that carries those values
 `load_space(path)` raises `UserError` with one line naming the file and the key.
 """
 import ast
+import functools
 import itertools
 import json
 import math
@@ -46,9 +50,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from htnet.errors import UserError
+from htnet.io import parse_yaml, read_yaml
 
 BUILTINS = {"image_size": 28}
 OBJECTIVES = {"inner": "inner_val_uf1", "paper": "paper_full_uf1"}
@@ -63,17 +66,88 @@ SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 
 # ----------------------------------------------------------------------------- expressions
 
+# An expression costs little whatever the file says: the text, its node count and depth are bounded
+# at parse time; every value it computes with (names, constants, each operation's result) is a
+# small integer, a short string or a short list; a power or a repetition is sized before it runs.
+MAX_EXPR_CHARS = 1000
+MAX_EXPR_NODES = 200
+MAX_EXPR_DEPTH = 32
+MAX_INT_BITS = 128
+MAX_TEXT = 256                # characters of a string value
+MAX_ITEMS = 1000              # values in a list or mapping, nested ones included
+MAX_EVALUATIONS = 500_000     # expression evaluations a load-time check may spend
+EXERCISE_COMBINATIONS = 10_000  # value combinations each expression is tried on at load
+
+
 class _Missing(Exception):
     """A name the expression uses has no value in this configuration."""
 
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-           ast.Pow: operator.pow}
+class _TooCostly(Exception):
+    """An operation whose result would be too big to compute with."""
+
+
+def _is_number(value):
+    return isinstance(value, (int, float))
+
+
+def _pow(base, exponent):
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and \
+            (abs(base).bit_length() - 1) * exponent > MAX_INT_BITS:
+        raise _TooCostly(f"integer result over {MAX_INT_BITS} bits")
+    return operator.pow(base, exponent)
+
+
+def _mul(left, right):
+    for seq, count in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+            text = isinstance(seq, str)
+            if len(seq) * count > (MAX_TEXT if text else MAX_ITEMS):
+                raise _TooCostly(f"string result over {MAX_TEXT} characters" if text else
+                                 f"{type(seq).__name__} result over {MAX_ITEMS} values")
+    return operator.mul(left, right)
+
+
+def _numeric(op):
+    def apply(left, right):  # no string formatting ('%0999999d' % 1), no sequence arithmetic
+        if not (_is_number(left) and _is_number(right)):
+            raise TypeError(f"unsupported operand types {type(left).__name__} and {type(right).__name__}")
+        return op(left, right)
+    return apply
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: _numeric(operator.sub), ast.Mult: _mul,
+           ast.Div: _numeric(operator.truediv), ast.FloorDiv: _numeric(operator.floordiv),
+           ast.Mod: _numeric(operator.mod), ast.Pow: _numeric(_pow)}
 _CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
            ast.NotIn: lambda a, b: a not in b}
+_UNARY = {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos}
 _FUNCS = {"len": len, "min": min, "max": max, "abs": abs}
+
+
+def _bounded(value, what="result"):
+    """`value`, if it is small enough to compute with; else _TooCostly says why."""
+    budget, stack = MAX_ITEMS, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool) or item is None or isinstance(item, float):
+            continue
+        if isinstance(item, int):
+            if item.bit_length() > MAX_INT_BITS:
+                raise _TooCostly(f"integer {what} over {MAX_INT_BITS} bits")
+        elif isinstance(item, str):
+            if len(item) > MAX_TEXT:
+                raise _TooCostly(f"string {what} over {MAX_TEXT} characters")
+        elif isinstance(item, (list, tuple, dict)):
+            items = list(item.items()) if isinstance(item, dict) else item
+            budget -= len(items)
+            if budget < 0:
+                raise _TooCostly(f"{type(value).__name__} {what} over {MAX_ITEMS} values")
+            stack.extend(items)
+        elif isinstance(item, complex):
+            raise TypeError("complex result")
+    return value
 
 
 def _dotted(node):
@@ -85,79 +159,102 @@ def _dotted(node):
     return None
 
 
+def _short(text, limit=80):
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+
+
 class Expr:
-    """A small, safe expression over parameter names (no Python eval)."""
+    """A small, safe expression over parameter names (no Python eval), cheap to evaluate (see the
+    limits above). Parts made of constants only are evaluated once, at parse time, so that
+    `'a' * 10**9` or `1 / 0` stops the file at load."""
 
     def __init__(self, text, where):
         self.text, self.where = str(text), where
+        if len(self.text) > MAX_EXPR_CHARS:
+            raise UserError(f"{where}: expression too long ({len(self.text)} characters, limit {MAX_EXPR_CHARS})")
         try:
             self.tree = ast.parse(self.text, mode="eval").body
-        except SyntaxError:
-            raise UserError(f"{where}: cannot parse expression {self.text!r}") from None
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            raise UserError(f"{where}: cannot parse expression {_short(self.text)}") from None
+        stack, count = [(self.tree, 1)], 0
+        while stack:
+            node, depth = stack.pop()
+            count += 1
+            if count > MAX_EXPR_NODES or depth > MAX_EXPR_DEPTH:
+                limit = f"over {MAX_EXPR_NODES} nodes" if count > MAX_EXPR_NODES else f"nested over {MAX_EXPR_DEPTH} deep"
+                raise UserError(f"{where}: expression too costly ({limit}): {_short(self.text)}")
+            stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
         self.names = set()
         self._check(self.tree)
 
     def _check(self, node):
+        """Whitelist the node; collect the names; evaluate the parts without names. Returns
+        whether `node` is made of constants only."""
         name = _dotted(node)
         if name is not None:
-            if name not in _FUNCS:
-                self.names.add(name)
-            return
+            if name in _FUNCS:
+                raise UserError(f"{self.where}: {name} is a function: call it, as in {name}(...)")
+            self.names.add(name)
+            return False
         if isinstance(node, ast.Constant):
-            return
+            if not (node.value is None or isinstance(node.value, (bool, int, float, str))):
+                raise UserError(f"{self.where}: constant {node.value!r} is not allowed in {_short(self.text)}")
+            self._run(node, {}, "constant")
+            return True
         if isinstance(node, (ast.List, ast.Tuple)):
-            for item in node.elts:
-                self._check(item)
+            children = node.elts
         elif isinstance(node, ast.BoolOp):
-            for item in node.values:
-                self._check(item)
+            children = node.values
         elif isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            self._check(node.left)
-            self._check(node.right)
-        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub, ast.UAdd)):
-            self._check(node.operand)
+            children = [node.left, node.right]
+        elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            children = [node.operand]
         elif isinstance(node, ast.Compare) and all(type(op) in _CMPOPS for op in node.ops):
-            self._check(node.left)
-            for item in node.comparators:
-                self._check(item)
+            children = [node.left, *node.comparators]
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
                 node.func.id in _FUNCS and not node.keywords:
-            for item in node.args:
-                self._check(item)
+            children = node.args
         else:
-            raise UserError(f"{self.where}: {type(node).__name__} is not allowed in {self.text!r}")
+            raise UserError(f"{self.where}: {type(node).__name__} is not allowed in {_short(self.text)}")
+        constant = all([self._check(child) for child in children])
+        if constant:
+            self._run(node, {})
+        return constant
 
     def __call__(self, env):
+        return self._run(self.tree, env)
+
+    def _run(self, node, env, what="result"):
         try:
-            return self._eval(self.tree, env)
+            return self._eval(node, env) if what == "result" else _bounded(node.value, what)
         except _Missing:
             raise
-        except (ArithmeticError, TypeError, ValueError) as e:
-            raise UserError(f"{self.where}: {self.text!r} failed: {e}") from None
+        except _TooCostly as e:
+            raise UserError(f"{self.where}: expression too costly ({e}) in {_short(self.text)}") from None
+        except (ArithmeticError, TypeError, ValueError, RecursionError, MemoryError) as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.where}: {_short(self.text)} failed: {message}") from None
 
     def _eval(self, node, env):
         name = _dotted(node)
         if name is not None:
             if name not in env:
                 raise _Missing(name)
-            return env[name]
+            return _bounded(env[name], f"value of {name}")
         if isinstance(node, ast.Constant):
             return node.value
         if isinstance(node, ast.List):
-            return [self._eval(item, env) for item in node.elts]
+            return _bounded([self._eval(item, env) for item in node.elts])
         if isinstance(node, ast.Tuple):
-            return tuple(self._eval(item, env) for item in node.elts)
+            return _bounded(tuple(self._eval(item, env) for item in node.elts))
         if isinstance(node, ast.BoolOp):
             values = (self._eval(item, env) for item in node.values)
             return all(values) if isinstance(node.op, ast.And) else any(values)
         if isinstance(node, ast.BinOp):
             left, right = self._eval(node.left, env), self._eval(node.right, env)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
-            return _BINOPS[type(node.op)](left, right)
+            return _bounded(_BINOPS[type(node.op)](left, right))
         if isinstance(node, ast.UnaryOp):
-            value = self._eval(node.operand, env)
-            return {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos}[type(node.op)](value)
+            return _bounded(_UNARY[type(node.op)](self._eval(node.operand, env)))
         if isinstance(node, ast.Compare):
             left = self._eval(node.left, env)
             for op, comparator in zip(node.ops, node.comparators):
@@ -167,7 +264,7 @@ class Expr:
                 left = right
             return True
         if isinstance(node, ast.Call):
-            return _FUNCS[node.func.id](*[self._eval(item, env) for item in node.args])
+            return _bounded(_FUNCS[node.func.id](*[self._eval(item, env) for item in node.args]))
         raise AssertionError(node)
 
     def holds(self, env, missing=True):
@@ -187,7 +284,7 @@ def _optuna_value(value):
     """Optuna's choices must be None/bool/int/float/str: others travel as JSON text."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return json.dumps(value)
+    return json.dumps(value, default=str)  # default: a YAML date, set, ...
 
 
 @dataclass
@@ -309,7 +406,7 @@ class SearchSpace:
 
     def grid_points(self):
         """Every valid configuration of an all-discrete space, in a stable order."""
-        points = [{}]
+        points, evaluations = [{}], 0
         for param in self.params:
             grown = []
             for point in points:
@@ -317,11 +414,16 @@ class SearchSpace:
                 if param.when is not None and not param.when.holds(env, missing=False):
                     grown.append(point)
                     continue
+                if param.conditions:
+                    evaluations += len(param.values()) * len(param.conditions)
+                    if evaluations > MAX_EVALUATIONS:
+                        raise UserError(f"{self.source}: the grid is too costly to enumerate (over "
+                                        f"{MAX_EVALUATIONS:,} condition evaluations)")
                 for value in (param.allowed(env) if param.conditions else param.values()):
                     grown.append({**point, param.name: value})
+                    if len(grown) > MAX_ENUMERATION:
+                        raise UserError(f"{self.source}: the grid has more than {MAX_ENUMERATION} points")
             points = grown
-            if len(points) > MAX_ENUMERATION:
-                raise UserError(f"{self.source}: the grid has more than {MAX_ENUMERATION} points")
         return points
 
     @staticmethod
@@ -361,14 +463,14 @@ class SearchSpace:
         import optuna
 
         options = {k: v for k, v in self.sampler.items() if k != "type"}
-        kind = self.sampler["type"]
+        cls = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+               "grid": optuna.samplers.GridSampler}[self.sampler["type"]]
+        check_arguments(cls, options, f"{self.source}: sampler")
         try:
-            if kind == "tpe":
-                return optuna.samplers.TPESampler(**options)
-            if kind == "random":
-                return optuna.samplers.RandomSampler(**options)
-            return optuna.samplers.GridSampler(self.grid_search_space(), **options)
-        except TypeError as e:
+            if cls is optuna.samplers.GridSampler:
+                return cls(self.grid_search_space(), **options)
+            return cls(**options)
+        except (TypeError, ValueError) as e:
             raise UserError(f"{self.source}: sampler: {e}") from None
 
     def make_pruner(self):
@@ -397,10 +499,35 @@ def make_pruner(spec, where):
                 inner = make_pruner(wrapped, f"{where}.wrapped") if wrapped else None
                 if "patience" not in spec:
                     raise UserError(f"{where}: patient needs 'patience' (reports without improvement)")
+                check_arguments(optuna.pruners.PatientPruner, spec, where)
                 return optuna.pruners.PatientPruner(inner, **spec)
+            check_arguments(classes[kind], spec, where)
             return classes[kind](**spec)
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: {e}") from None
+
+
+def check_arguments(cls, options, where):
+    """Optuna's arguments from YAML as its annotations want them: `n_startup_trials: 2.0`,
+    `seed: true` or `p_threshold: .nan` is one line naming the key, not a sampler that fails later.
+    Keys the constructor does not take are left to its TypeError."""
+    import inspect
+
+    parameters = inspect.signature(cls).parameters
+    for key, value in options.items():
+        if key not in parameters:
+            continue
+        annotation = parameters[key].annotation
+        if annotation is inspect.Parameter.empty:
+            continue
+        kinds = [k.strip() for k in str(getattr(annotation, "__name__", annotation)).split("|")]
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        ok = (value is None and "None" in kinds) or (isinstance(value, bool) and "bool" in kinds) or \
+            (isinstance(value, str) and "str" in kinds) or (integer and ("int" in kinds or "float" in kinds)) or \
+            (isinstance(value, float) and math.isfinite(value) and "float" in kinds)
+        if not ok:
+            words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text", "None": "null"}
+            raise UserError(f"{where}.{key}: expected {' or '.join(words.get(k, k) for k in kinds)}, got {value!r}")
 
 
 def pairs_folds(pruner):
@@ -472,20 +599,81 @@ def _known_models():
         return None
 
 
-def _number(value, where, what):
-    """YAML 1.1 reads 1e-4 (no dot) as a string: accept numeric text too."""
-    if isinstance(value, bool):
-        raise UserError(f"{where}: {what} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return value
+def _number(value, where):
+    """A range bound, step or resource: a finite number. YAML 1.1 reads 1e-4 (no dot) as text:
+    numeric text counts too."""
+    number = value
     if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-        else:
-            return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
-    raise UserError(f"{where}: {what} must be a number, got {value!r}")
+        for kind in (int, float):
+            try:
+                number = kind(value)
+                break
+            except ValueError:
+                pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise UserError(f"{where}: expected a finite number, got {value!r}")
+    if isinstance(number, int) and abs(number) > 2**63:
+        raise UserError(f"{where}: a {number.bit_length()}-bit integer is out of range (at most 2**63)")
+    return number
+
+
+@functools.cache
+def _value_kinds():
+    """LosoConfig's numeric keys, from its annotations: key -> ("integer" | "number", the other
+    types the key takes, e.g. None and list for `subjects: int | list | None`)."""
+    import dataclasses
+    import typing
+
+    from htnet.loso import LosoConfig
+
+    kinds = {}
+    for f in dataclasses.fields(LosoConfig):
+        args = set(typing.get_args(f.type)) or {f.type}
+        kind = "number" if float in args else "integer" if int in args else None
+        if kind:
+            kinds[f.name] = (kind, tuple(a for a in args if a not in (int, float)))
+    return kinds
+
+
+def _first_non_finite(value):
+    """(path, number) of the first nan or inf in a (nested) value, else None."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, item
+        if isinstance(item, dict):
+            stack.extend(reversed([(f"{path}.{k}", v) for k, v in item.items()]))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed([(f"{path}[{i}]", v) for i, v in enumerate(item)]))
+    return None
+
+
+def check_value(name, value, where):
+    """A LOSO config value from a space file, `--set` or a rerun's config: an integer key takes an
+    integer (not 2.0, not true), a number key a number, and no value holds nan or inf."""
+    kind, others = _value_kinds().get(name, (None, ()))
+    if kind is not None and not isinstance(value, others):
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if not (integer or (kind == "number" and isinstance(value, float))):
+            hint = ""
+            if kind == "number" and isinstance(value, str) and _number_text(value):
+                hint = " (YAML reads 1e-4 without a dot as text: write 1.0e-4)"
+            raise UserError(f"{where}: expected {'an integer' if kind == 'integer' else 'a number'}, "
+                            f"got {value!r}{hint}")
+    bad = _first_non_finite(value)
+    if bad is not None:
+        raise UserError(f"{where}{bad[0]}: expected a finite number, got {bad[1]!r}")
+
+
+def _number_text(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _check_key(name, where, config_keys):
@@ -517,19 +705,26 @@ def _parse_param(name, spec, where):
         encoded = [_optuna_value(v) for v in choices]
         if len(set(map(repr, encoded))) != len(encoded):
             raise UserError(f"{where}.choice: repeated value in {choices!r}")
+        for i, value in enumerate(choices):
+            check_value(name, value, f"{where}.choice[{i}]")
         return Param(name, "choice", choices=list(choices))
     for bound in ("low", "high"):
         if bound not in spec:
             raise UserError(f"{where}: needs 'choice', or 'low' and 'high' (missing {bound!r})")
-    low = _number(spec["low"], where, "low")
-    high = _number(spec["high"], where, "high")
+    low = _number(spec["low"], f"{where}.low")
+    high = _number(spec["high"], f"{where}.high")
+    integer_key = _value_kinds().get(name, ("",))[0] == "integer"
     kind = spec.get("type")
     if kind is None:
-        kind = "int" if isinstance(low, int) and isinstance(high, int) else "float"
+        kind = "int" if integer_key or (isinstance(low, int) and isinstance(high, int)) else "float"
     if kind not in ("int", "float"):
         raise UserError(f"{where}.type: expected int or float, got {kind!r}")
-    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
-        raise UserError(f"{where}: an int range needs integer low and high")
+    if kind == "float" and integer_key:
+        raise UserError(f"{where}.type: {name} takes integers, not a float range")
+    if kind == "int":
+        for bound, number in (("low", low), ("high", high)):
+            if not isinstance(number, int):
+                raise UserError(f"{where}.{bound}: expected an integer, got {spec[bound]!r}")
     if low > high:
         raise UserError(f"{where}: low {low} > high {high}")
     log = spec.get("log", False)
@@ -539,13 +734,13 @@ def _parse_param(name, spec, where):
         raise UserError(f"{where}: log scale needs low > 0, got {low}")
     step = spec.get("step")
     if step is not None:
-        step = _number(step, where, "step")
+        step = _number(step, f"{where}.step")
         if step <= 0:
             raise UserError(f"{where}.step: must be > 0, got {step}")
         if log:
             raise UserError(f"{where}: 'step' does not go with 'log'")
-        if kind == "int" and not float(step).is_integer():
-            raise UserError(f"{where}.step: an int range needs an integer step")
+        if kind == "int" and not isinstance(step, int):
+            raise UserError(f"{where}.step: expected an integer, got {spec['step']!r}")
     if kind == "int":
         low, high = int(low), int(high)
         step = int(step) if step is not None else None
@@ -574,7 +769,7 @@ def parse_space(raw, source="<space>"):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: expected a mapping at the top level")
+        raise UserError(f"{source}: expected a mapping at the top level, got {type(raw).__name__} {_short(str(raw), 40)}")
     for key in raw:
         if key not in TOP_KEYS:
             raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(TOP_KEYS)})")
@@ -607,7 +802,7 @@ def parse_space(raw, source="<space>"):
         for key, value in resources.items():
             if key not in out:
                 raise UserError(f"{source}: resources: unknown key {key!r} (known: cpu, gpu)")
-            value = _number(value, f"{source}: resources.{key}", key)
+            value = _number(value, f"{source}: resources.{key}")
             if value < 0 or (key == "cpu" and value <= 0):
                 raise UserError(f"{source}: resources.{key}: must be {'> 0' if key == 'cpu' else '>= 0'}, got {value}")
             out[key] = float(value)
@@ -659,9 +854,12 @@ def parse_space(raw, source="<space>"):
             if unknown:
                 raise UserError(f"{where}: unknown key {unknown[0]!r} (known: value, when)")
             when = Expr(spec["when"], f"{where}.when") if "when" in spec else None
+            check_value(str(name), spec["value"], f"{where}.value")
             spec = spec["value"]
         elif isinstance(spec, dict):
             raise UserError(f"{where}: a fixed value that is a mapping needs the form {{value: ..., when: ...}}")
+        else:
+            check_value(str(name), spec, where)
         fixed.append(Fixed(str(name), spec, when))
         seen[str(name)] = "fixed"
     for name, spec in space_raw.items():
@@ -674,6 +872,7 @@ def parse_space(raw, source="<space>"):
             unknown = sorted(set(spec) - {"value", "when"})
             if unknown:
                 raise UserError(f"{where}: unknown key {unknown[0]!r} (known: value, when)")
+            check_value(name, spec["value"], f"{where}.value")
             fixed.append(Fixed(name, spec["value"], Expr(spec["when"], f"{where}.when") if "when" in spec else None))
         elif isinstance(spec, dict):
             param = _parse_param(name, spec, where)
@@ -682,6 +881,7 @@ def parse_space(raw, source="<space>"):
                 param.when = Expr(spec["when"], f"{where}.when")
             params.append(param)
         else:
+            check_value(name, spec, where)
             fixed.append(Fixed(name, spec))
         seen[name] = "space"
 
@@ -736,6 +936,7 @@ def parse_space(raw, source="<space>"):
                         **settings)
     _check_models(space, _known_models(), source)
     _check_conditions_satisfiable(space)
+    _exercise_expressions(space)
     _check_objective(space)
     _check_fixed_values(space, f"{source}: fixed")
     if space.sampler["type"] == "grid":
@@ -757,13 +958,45 @@ def _check_conditions_satisfiable(space):
         deps = [by_name[d] for d in param.depends]
         if any(d.kind == "float" for d in deps):
             continue
-        combos = itertools.product(*[d.values() for d in deps])
-        for combo in itertools.islice(combos, MAX_ENUMERATION):
+        domains = [d.values() for d in deps]
+        cost = min(math.prod(map(len, domains)), MAX_ENUMERATION) * len(param.values()) * len(param.conditions)
+        if cost > MAX_EVALUATIONS:
+            raise UserError(f"{space.source}: space.{param.name}: checking its conditions takes {cost:,} "
+                            f"evaluations (limit {MAX_EVALUATIONS:,}): narrow the ranges or list choices")
+        for combo in itertools.islice(itertools.product(*domains), MAX_ENUMERATION):
             env = {**static_env, **{d.name: v for d, v in zip(deps, combo)}}
             if not param.allowed(env):
                 context = ", ".join(f"{d.name}={v!r}" for d, v in zip(deps, combo)) or "the fixed values"
                 raise UserError(f"{space.source}: space.{param.name}: no value satisfies the conditions "
                                 f"when {context}")
+
+
+def _exercise_expressions(space):
+    """Evaluate every `when` and condition on the values it can meet (every choice, a float
+    range's ends, a long int range's ends), so that one that fails (`1 / heads` with heads 0, a
+    string compared with a number, too costly) stops the search at the start, not in a trial."""
+    domains = {name: [value] for name, value in BUILTINS.items()}
+    for item in space.fixed:
+        domains.setdefault(item.name, []).append(item.value)
+    for param in space.params:
+        if param.kind == "choice":
+            domains[param.name] = param.choices
+        elif param.kind == "float":
+            domains[param.name] = [param.low, param.high]
+        else:
+            step = param.step or 1
+            count = (param.high - param.low) // step + 1
+            domains[param.name] = param.values() if count <= 100 else [param.low, param.low + (count - 1) * step]
+    expressions = [p.when for p in space.params if p.when is not None] + \
+        [f.when for f in space.fixed if f.when is not None] + space.conditions
+    for expr in expressions:
+        names = sorted(expr.names & set(domains))
+        combos = itertools.product(*[domains[n] for n in names])
+        for combo in itertools.islice(combos, EXERCISE_COMBINATIONS):
+            try:
+                expr(dict(zip(names, combo)))
+            except _Missing:
+                pass
 
 
 def _check_fixed_values(space, where, model=True):
@@ -792,7 +1025,7 @@ def _check_fixed_values(space, where, model=True):
             LosoConfig.from_dict({**values, **model_values})
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
         raise UserError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
@@ -823,14 +1056,7 @@ def load_space(path):
             path = named
         else:
             raise UserError(f"search space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}:{where}: not valid YAML ({problem})") from None
-    return parse_space(raw, str(path))
+    return parse_space(read_yaml(path), str(path))  # not UTF-8, not YAML, an alias bomb: one line
 
 
 def with_overrides(space, **overrides):
@@ -877,10 +1103,8 @@ def set_fixed(space, assignments):
         _check_key(key, f"--set {key}", config_keys)
         if key in space.names:
             raise UserError(f"--set {key}: {key} is sampled by the space; edit the space file instead")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: cannot read value {value!r}") from None
+        parsed = parse_yaml(value, f"--set {key}")
+        check_value(key, parsed, f"--set {key}")
         space.fixed = [f for f in space.fixed if f.name != key] + [Fixed(key, parsed)]
     _check_objective(space)
     _check_fixed_values(space, "--set", model=False)  # the model: check_fixed_values, once all is set

@@ -29,12 +29,14 @@ search ends unfinished (exit 1) unless MLflow is back by then. `search resume` t
 ended trial MLflow missed (`backfill`, tagged htnet.backfilled=true), into the trial's open run
 where it has one, so no trial gets two runs.
 """
+import contextlib
 import logging
 import math
 import os
 import re
 import sys
 import time
+from pathlib import Path
 
 from ray import tune
 
@@ -56,21 +58,63 @@ CURVE_SKIP = {"step", "folds_total", "final", "training_iteration", "time_this_i
 RESULT_KEYS = ("_uf1", "_uar")
 
 
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive flock on `path` (created if needed) for the block; the kernel drops it when the
+    holder dies, so a killed process never leaves a stale lock."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_checked_stores = set()  # sqlite stores this process has opened (MLflow caches the store per URI)
+
+
 def client_for(tracking_uri):
     from mlflow import MlflowClient
 
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if str(tracking_uri).startswith("sqlite:///") and tracking_uri not in _checked_stores:
+        open_sqlite_store(tracking_uri)
+        _checked_stores.add(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def open_sqlite_store(tracking_uri):
+    """Open a local sqlite store once, one process at a time: a new file gets MLflow's schema
+    migrations (two processes migrating one file at once crash in alembic), and a file that is
+    not an MLflow database is one line naming it, not a traceback."""
+    from mlflow import MlflowClient
+
+    from htnet.errors import UserError
+
+    path = Path(tracking_uri[len("sqlite:///"):])
+    try:
+        with file_lock(path.parent / f".{path.name}.lock"):
+            MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)  # builds the store
+    except OSError as e:
+        raise UserError(f"MLflow store {path}: cannot open it ({e.strerror})") from None
+    except mlflow_errors() as e:
+        reason = str(getattr(e, "orig", None) or short_reason(e)).strip().splitlines()[0][:200]
+        raise UserError(f"MLflow store {path}: not a usable MLflow database ({reason}); move it away "
+                        f"or pass another --tracking-uri") from None
 
 
 def mlflow_errors():
     """What a failing MLflow store raises: MlflowException (the HTTP client wraps connection
-    errors and timeouts in it, the sqlite store its database errors) or a requests error."""
+    errors and timeouts in it, the sqlite store most database errors), a requests error, or a
+    raw SQLAlchemy error (a damaged sqlite file)."""
     from mlflow.exceptions import MlflowException
     from requests import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
 
-    return (MlflowException, RequestException)
+    return (MlflowException, RequestException, SQLAlchemyError)
 
 
 def short_reason(error):
@@ -90,8 +134,6 @@ def is_http(tracking_uri):
 def unreachable(tracking_uri, timeout=5.0):
     """Why the MLflow store at `tracking_uri` cannot be used now, in a few words; None if it can.
     A server must answer HTTP within `timeout` s (one try); a sqlite file needs a writable folder."""
-    from pathlib import Path
-
     if is_http(tracking_uri):
         import requests
 
@@ -157,8 +199,6 @@ def retry(fn, *args, tries=6, **kwargs):
 def ensure_experiment(client, name, tracking_uri=None):
     """The experiment's id, created if needed. With a local sqlite store the artifacts go to
     mlruns/<experiment>/ beside the database file (MLflow's default is mlruns/ in the working folder)."""
-    from pathlib import Path
-
     from mlflow.exceptions import MlflowException
 
     experiment = retry(client.get_experiment_by_name, name)
@@ -243,8 +283,6 @@ def start_parent_run(client, experiment_id, name, space, objective_metric, extra
 def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
     """Counts, the best objective and the trial table on the parent run."""
     import tempfile
-    from pathlib import Path
-
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     metrics = {f"trials_{k}": v for k, v in counts.items()}
     scored = table[table["status"].isin(["finished"])] if len(table) else table

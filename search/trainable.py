@@ -10,8 +10,9 @@ Every `report_every` folds the engine calls back with pooled results; the trial 
 report carries the final metrics and, as a Ray checkpoint, the trial's files (predictions.csv,
 history.csv, metrics.json, config.yaml, confusion_matrix.png, learning_curve.png, weights/), which
 the driver logs to MLflow. A configuration that cannot train (diverged loss, impossible model
-arguments) reports `htnet_status: failed` instead of raising, so Ray does not retry it: retries are
-for infrastructure failures (a worker or node that died).
+arguments, a value LosoConfig rejects: see `trial_config`) reports `htnet_status: failed` instead of
+raising, so Ray does not retry it: retries are for infrastructure failures (a worker or node that
+died).
 """
 import math
 import os
@@ -47,6 +48,23 @@ def _threads(resources):
     return max(1, int(math.floor(cpus)))
 
 
+def trial_config(space, config, overrides=None):
+    """The LosoConfig of a trial's sampled `config`. Whatever rejects the combination (LosoConfig's
+    checks, a `when` or the model's constructor, with a UserError or with the TypeError or
+    ValueError of a value it cannot take) raises one UserError: the trial fails once, not retried."""
+    from htnet.errors import UserError
+    from htnet.loso import LosoConfig
+
+    try:
+        return LosoConfig.from_dict(space.resolve(space.sampled(config), overrides))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - building a config is deterministic: a retry fails again
+        text = str(e).strip()
+        raise UserError(f"invalid configuration: {type(e).__name__}: "
+                        f"{text.splitlines()[0] if text else 'no message'}") from None
+
+
 def loso_trial(config, data=None, settings=None):
     """Run LOSO for the sampled `config`; see the module docstring."""
     import ray
@@ -54,7 +72,7 @@ def loso_trial(config, data=None, settings=None):
     from ray import tune
 
     from htnet.errors import TrainingDiverged, UserError
-    from htnet.loso import LosoConfig, resolve_device, run_loso
+    from htnet.loso import resolve_device, run_loso
     from search.pruning import FOLDS_KEY
     from search.space import fold_objectives
 
@@ -76,7 +94,7 @@ def loso_trial(config, data=None, settings=None):
                      "htnet_error": f"{type(error).__name__}: {message}", **info})
 
     try:
-        loso_config = LosoConfig.from_dict(space.resolve(space.sampled(config), settings.get("overrides")))
+        loso_config = trial_config(space, config, settings.get("overrides"))
         info["htnet_device"] = str(resolve_device(loso_config.device))
     except UserError as e:
         failed(e)

@@ -75,14 +75,39 @@ def optuna_trials(storage_dir, name, url=None):
     return study.get_trials(deepcopy=False)
 
 
-def wait_until(condition, timeout, interval=0.5, what="condition"):
+def wait_until(condition, timeout, interval=0.5, what="condition", unless=None):
+    """Poll `condition` until it gives a true value (returned). `timeout` is a safety net, not a
+    guess of how long it takes; `unless()` giving a text (e.g. the process we wait on died, with
+    its log) ends the wait at once with that text."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
+        reason = unless() if unless else None
+        if reason:
+            raise AssertionError(f"gave up waiting for {what}: {reason}")
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def died(process, log_path):
+    """For wait_until(unless=...): the process's exit and the end of its log once it ended."""
+    def check():
+        if process.poll() is None:
+            return None
+        text = Path(log_path).read_text(errors="replace") if Path(log_path).exists() else ""
+        return f"the process exited with {process.returncode}:\n{text[-3000:]}"
+    return check
+
+
+def wait_for_exit(process, timeout, log_path=None):
+    """The process's exit code; a process still running after `timeout` (a safety net) fails the test."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        text = Path(log_path).read_text(errors="replace")[-3000:] if log_path and Path(log_path).exists() else ""
+        raise AssertionError(f"still running after {timeout} s:\n{text}") from None
 
 
 
@@ -161,11 +186,13 @@ def run_cli(args, cwd=REPO, timeout=300, **kwargs):
                           text=True, timeout=timeout, **kwargs)
 
 
-def start_cli(args, log_path, cwd=REPO):
-    """`python -m search ...` in its own session (process group), output to `log_path`."""
-    log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+def start_cli(args, log_path, cwd=REPO, env=None, err_path=None):
+    """`python -m search ...` in its own session (process group), output to `log_path` (stderr
+    to `err_path` when given); `env` adds environment variables."""
+    with open(log_path, "w") as log, open(err_path or os.devnull, "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, stdout=log,
+                                stderr=err if err_path else subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
 
 
 def kill_session(process, grace=20):
@@ -206,3 +233,47 @@ def local_ray():
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- a private Ray
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """A private Ray temp folder (RAY_TMPDIR; short, for Ray's socket paths) for the test's own
+    Ray sessions: in-process through the environment, subprocesses through env={"RAY_TMPDIR": ...}.
+    Other Ray instances on the machine are neither joined nor disturbed, and the test can find
+    every process of its sessions (ray_processes). Whatever the test left running is ended."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    yield folder
+    for pid in ray_processes(folder):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_processes(folder):
+    """Pids of the processes whose command line names `folder` or whose stdout/stderr go into it:
+    every process of the Ray sessions under that temp folder (workers and agents included, whose
+    process titles Ray rewrites), and the driver's watchdog (its command line names the session)."""
+    folder, found = str(folder), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            named = folder.encode() in (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        for fd in (1, 2):
+            try:
+                named = named or os.readlink(entry / "fd" / str(fd)).startswith(folder + "/")
+            except OSError:
+                pass
+        if named:
+            found.append(int(entry.name))
+    return found

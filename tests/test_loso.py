@@ -125,7 +125,7 @@ def test_evaluate_rejects_missing_subject_and_other_architecture(tiny_run, synth
     ({"protocols": ["paper", "best"]}, "unknown protocol 'best'"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
     ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
-    ({"lr": -1.0}, "lr must be a positive number"),
+    ({"lr": -1.0}, "lr must be a positive finite number"),
 ])
 def test_bad_config_is_rejected_before_training(values, message):
     with pytest.raises(UserError, match=message):

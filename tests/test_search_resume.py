@@ -1,5 +1,9 @@
 """Resume after the driver is killed: `python -m search run` in a subprocess, SIGKILL mid-search,
-then `python -m search run --resume NAME`; no trial may be lost or run twice."""
+then `python -m search run --resume NAME`; no trial may be lost or run twice.
+
+Every wait is for an event (MLflow states, a process's exit, the killed session's processes gone);
+the timeouts are safety nets for a busy 2-core machine, and a process that dies ends its wait at
+once with its log."""
 import os
 import signal
 from collections import Counter
@@ -7,18 +11,22 @@ from collections import Counter
 import yaml
 from optuna.trial import TrialState
 
-from search_fixtures import (kill_session, optuna_trials, parent_run, run_cli, start_cli, trial_runs,
-                             wait_until, write_space)
+from search_fixtures import (died, kill_session, optuna_trials, parent_run, ray_processes, ray_tmpdir,  # noqa: F401
+                             start_cli, trial_runs, wait_for_exit, wait_until, write_space)
+
+SAFETY_NET = 1800  # seconds; each step ends as soon as its event happens
 
 
-def test_resume_after_the_driver_is_killed(tmp_path):
+def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     samples = 4
     space = write_space(tmp_path / "resume.yaml", num_samples=samples, max_concurrent_trials=2,
                         fixed={"epochs": 4})
     storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--storage", str(storage), "--num-cpus", "2"]
+    env = {"RAY_TMPDIR": str(ray_tmpdir)}
+    log = tmp_path / "driver.log"
     driver = start_cli(["run", str(space), "--name", "resume", "--tracking-uri", uri, "--verbose", "0", *common],
-                       tmp_path / "driver.log")
+                       log, env=env)
     try:
         def mid_search():
             runs = trial_runs(uri, "resume")
@@ -26,21 +34,33 @@ def test_resume_after_the_driver_is_killed(tmp_path):
             running = [r for r in runs if r.info.status == "RUNNING"
                        and r.data.metrics.get("curve_inner_val_uf1") is not None]
             return finished and running
-        wait_until(mid_search, timeout=240, interval=0.3, what="one finished and one running trial")
+        wait_until(mid_search, timeout=SAFETY_NET, interval=0.3, what="one finished and one running trial",
+                   unless=died(driver, log))
         os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
+        wait_for_exit(driver, SAFETY_NET)
     finally:
         if driver.poll() is None:
             os.kill(driver.pid, signal.SIGKILL)
-            driver.wait(timeout=30)
+            driver.wait()
         kill_session(driver)
+    # the driver's watchdog ends its Ray session: the resumed search starts a fresh one
+    wait_until(lambda: not ray_processes(ray_tmpdir), timeout=SAFETY_NET, what="the killed Ray session to end")
     before = trial_runs(uri, "resume")
     assert sum(r.data.tags.get("htnet.status") == "finished" for r in before) < samples
     assert yaml.safe_load((storage / "searches" / "resume.yaml").read_text())["status"] == "running"
 
-    resumed = run_cli(["run", "--resume", "resume", *common], timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "search resume (finished): 4 finished" in resumed.stdout
+    log = tmp_path / "resume.log"
+    resumed = start_cli(["run", "--resume", "resume", *common], log, env=env)
+    try:
+        code = wait_for_exit(resumed, SAFETY_NET, log)
+    finally:
+        if resumed.poll() is None:
+            os.kill(resumed.pid, signal.SIGKILL)
+            resumed.wait()
+        kill_session(resumed)
+    output = log.read_text()
+    assert code == 0, output[-5000:]
+    assert "search resume (finished): 4 finished" in output
 
     runs = trial_runs(uri, "resume")
     assert not [r for r in runs if r.info.status == "RUNNING"]

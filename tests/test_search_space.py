@@ -121,7 +121,7 @@ def test_overrides_and_sets():
     ({"fixed": {"model": "resnet"}}, "t.yaml: fixed.model: unknown model 'resnet'"),
     ({"space": {"learning_rate": {"low": 0.1, "high": 1.0}}}, "t.yaml: space.learning_rate: unknown key 'learning_rate'"),
     ({"space": {"lr": {"low": 0.1, "hi": 1.0}}}, "t.yaml: space.lr: unknown key 'hi'"),
-    ({"space": {"lr": {"low": "fast", "high": 1.0}}}, "t.yaml: space.lr: low must be a number"),
+    ({"space": {"lr": {"low": "fast", "high": 1.0}}}, "t.yaml: space.lr.low: expected a number"),
     ({"space": {"epochs": {"low": 1, "high": 5}}, "conditions": ["epochs % heads == 0"]},
      "t.yaml: conditions\\[0\\]: unknown name 'heads'"),
     ({"space": {"epochs": {"low": 1, "high": 5}}, "conditions": ["__import__('os')"]},

@@ -29,8 +29,14 @@ def patch_centres(landmarks):
 
 def htnet_input(images, landmarks, crop_mode="reference"):
     """(N, 3, 28, 28) whole-face images + (N, 5, 2) landmarks -> (N, 3, 28, 28) tiled crops."""
-    if crop_mode not in CROP_MODES:
+    if not isinstance(crop_mode, str) or crop_mode not in CROP_MODES:
         raise UserError(f"unknown crop_mode {crop_mode!r} (known: {', '.join(CROP_MODES)})")
+    if images.ndim != 4 or images.shape[1:] != (3, 28, 28) or landmarks.shape != (len(images), 5, 2):
+        raise UserError(f"htnet_input needs (N, 3, 28, 28) images and (N, 5, 2) landmarks, "
+                        f"got {images.shape} and {landmarks.shape}")
+    if not np.isfinite(landmarks).all():  # NaN would become a garbage int index below
+        raise UserError(f"landmarks of sample {int(np.argmax(~np.isfinite(landmarks).all(axis=(1, 2))))} "
+                        f"(0-based) are not finite")
     centres = patch_centres(landmarks)
     if crop_mode == "reference":
         rows, cols = centres[..., 0], centres[..., 1]

@@ -9,6 +9,7 @@ holding copies of the same images; `load_release` reads those when the CSV is ab
 
 Pixels are kept as the reference uses them: cv2.imread (BGR channel order), float32 0..255.
 """
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from htnet.errors import UserError
-from htnet.io import atomic_write
+from htnet.io import SAFE_NAME_RULE, atomic_write, is_safe_name, path_under, read_text
 
 CSV_NAME = "combined_3_class2_for_optical_flow.csv"
 IMAGE_DIR = Path("datasets") / "STSNet_whole_norm_u_v_os"
@@ -36,6 +37,7 @@ NUM_CLASSES = 3
 # MTCNN puts some points a few pixels outside the face (the release has -6..29.3); the crop clamps
 # them to 7..21. Anything further out than half an image is a broken landmarks file.
 LANDMARK_MARGIN = 14
+MAX_CSV_BYTES = 64 * 1024 * 1024  # the release's CSVs are tens of kB
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def read_image(path):
         raise UserError(f"image not decodable: {path}")
     if image.shape != IMAGE_SHAPE:
         raise UserError(f"image {path} has shape {image.shape}, expected {IMAGE_SHAPE} (28x28, 3 channels)")
+    if image.dtype != np.uint8:  # a 16-bit PNG would give 0..65535 where the models expect 0..255
+        raise UserError(f"image {path} has {image.dtype.itemsize * 8}-bit {image.dtype} pixels, expected 8-bit")
     return image.astype(np.float32).transpose(2, 0, 1)
 
 
@@ -133,32 +137,61 @@ def load_release(root, landmarks="auto", standardize=False, min_samples_per_subj
         raise UserError(f"{root}: subject {small.index[0]!r} has {small.iloc[0]} sample(s), "
                         f"fewer than min_samples_per_subject={min_samples_per_subject}")
     points = _read_landmarks(root, table["sample"], landmarks)
+    _check_finite(root, table, images, "")
     if standardize:
-        mean = images.mean(axis=(0, 2, 3), keepdims=True)
-        std = images.std(axis=(0, 2, 3), keepdims=True) + 1e-6
-        images = (images - mean) / std
+        with np.errstate(all="ignore"):  # an overflow shows up as inf/NaN, checked below
+            mean = images.mean(axis=(0, 2, 3), keepdims=True)
+            std = images.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+            images = (images - mean) / std
+        _check_finite(root, table, images, " after standardisation")
     return CompositeData(images.astype(np.float32), table["label"].to_numpy(np.int64),
                          table["sub"].to_numpy(str), table["dataset"].to_numpy(str),
                          table["sample"].to_numpy(str), points, str(root))
 
 
-def _read_table(csv_path):
+def read_csv(path):
+    """A CSV as strings, cells as written (no 'NA' -> NaN): UTF-8 text, parsable, not empty."""
+    text = read_text(path, max_bytes=MAX_CSV_BYTES)
+    if not text.strip():
+        raise UserError(f"{path}: empty file (expected a CSV with a header row)")
     try:
-        table = pd.read_csv(csv_path, dtype={"sub": str, "filename_o": str, "dataset": str})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise UserError(f"{path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+
+
+def check_names(path, table, columns, what):
+    """Ids that become file names must be safe (see htnet.io.SAFE_NAME); row numbers count the header."""
+    for column in columns:
+        for row, value in enumerate(table[column]):
+            if not is_safe_name(value):
+                raise UserError(f"{path}: row {row + 2}: {what[column]} {value!r} is not a safe name ({SAFE_NAME_RULE})")
+
+
+def _check_finite(root, table, images, when):
+    bad = ~np.isfinite(images).all(axis=(1, 2, 3))
+    if bad.any():
+        raise UserError(f"{root}: sample {table['sample'].iloc[int(np.argmax(bad))]!r} has non-finite pixel values{when}")
+
+
+def _read_table(csv_path):
+    table = read_csv(csv_path)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"{csv_path}: missing column {missing[0]!r}")
     if table.empty:
         raise UserError(f"{csv_path}: no samples")
-    labels = pd.to_numeric(table["label"], errors="coerce")
-    bad = table[~labels.isin(range(NUM_CLASSES))]
+    check_names(csv_path, table, ["sub", "filename_o"], {"sub": "subject id", "filename_o": "sample name"})
+    labels = table["label"].str.strip()
+    bad = table[~labels.isin([str(c) for c in range(NUM_CLASSES)])]  # '1.5', '1.0', '', 'x': refused
     if len(bad):
         row = bad.index[0]
         raise UserError(f"{csv_path}: row {row + 2}: label {str(table['label'][row])!r} is not one of 0, 1, 2")
     table["label"] = labels.astype(np.int64)
     table["dataset"] = table["dataset"].str.strip().str.lower()
+    empty = table.index[table["dataset"] == ""]
+    if len(empty):
+        raise UserError(f"{csv_path}: row {empty[0] + 2}: empty dataset")
     table["sample"] = [sample_id(s, f) for s, f in zip(table["sub"], table["filename_o"])]
     duplicated = table["sample"][table["sample"].duplicated()]
     if len(duplicated):
@@ -168,13 +201,20 @@ def _read_table(csv_path):
 
 def _read_loso_folders(loso_dir):
     """The release's per-subject folders: each subject's u_test/<label>/ holds its own samples."""
-    rows, images = [], []
+    rows, images, seen = [], [], {}
     for subject_dir in sorted(p for p in loso_dir.iterdir() if p.is_dir()):
+        if not is_safe_name(subject_dir.name):
+            raise UserError(f"{subject_dir}: subject id {subject_dir.name!r} is not a safe name ({SAFE_NAME_RULE})")
         for label_dir in sorted((subject_dir / "u_test").glob("*")):
-            if not label_dir.name.isdigit() or int(label_dir.name) not in range(NUM_CLASSES):
+            if label_dir.name not in [str(c) for c in range(NUM_CLASSES)]:
                 raise UserError(f"{label_dir}: label folder {label_dir.name!r} is not one of 0, 1, 2")
             for png in sorted(label_dir.glob("*.png")):
                 sample = png.name[: -len(".png")].rstrip()
+                if not is_safe_name(sample):
+                    raise UserError(f"{png}: sample name {sample!r} is not a safe name ({SAFE_NAME_RULE})")
+                if sample in seen:  # the sample id keys the landmarks and the predictions
+                    raise UserError(f"{png}: duplicate sample id {sample!r} (also {seen[sample]})")
+                seen[sample] = png
                 rows.append({"dataset": _guess_dataset(subject_dir.name), "sub": subject_dir.name,
                              "sample": sample, "label": int(label_dir.name)})
                 images.append(read_image(png))
@@ -201,24 +241,50 @@ def _read_landmarks(root, samples, landmarks):
         return template
     if not path.is_file():
         raise UserError(f"landmarks file not found: {path}")
-    table = pd.read_csv(path, dtype={"sample": str})
-    missing = [c for c in ["sample", "detected", *LANDMARK_COLUMNS] if c not in table.columns]
-    if missing:
-        raise UserError(f"{path}: missing column {missing[0]!r}")
-    table = table.set_index("sample")
+    table = _landmark_table(path)
     absent = [s for s in samples if s not in table.index]
     if absent:
         raise UserError(f"{path}: no landmarks for sample {absent[0]!r}")
     rows = table.loc[list(samples)]
-    detected = rows["detected"].fillna(0).astype(int).to_numpy() == 1
+    detected = rows["detected"].to_numpy() == 1
     points = rows[LANDMARK_COLUMNS].to_numpy(np.float32).reshape(-1, 5, 2)
-    broken = detected & (np.isnan(points).any(axis=(1, 2))
-                         | (points < -LANDMARK_MARGIN).any(axis=(1, 2))
+    broken = detected & ((points < -LANDMARK_MARGIN).any(axis=(1, 2))   # detected points are finite
                          | (points > IMAGE_SHAPE[0] + LANDMARK_MARGIN).any(axis=(1, 2)))
     if broken.any():
         i = int(np.argmax(broken))
         raise UserError(f"{path}: sample {samples.iloc[i]!r}: landmark {points[i].tolist()} is out of the 28x28 image")
     return np.where(detected[:, None, None], points, template).astype(np.float32)
+
+
+def _landmark_table(path):
+    """landmarks_mtcnn.csv indexed by sample, checked row by row: unique safe sample names, detected
+    0 or 1, coordinates numbers (empty where undetected, as in the release), finite where detected."""
+    table = read_csv(path)
+    missing = [c for c in ["sample", "detected", *LANDMARK_COLUMNS] if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: missing column {missing[0]!r}")
+    check_names(path, table, ["sample"], {"sample": "sample"})
+    duplicated = table["sample"].duplicated(keep=False)
+    if duplicated.any():
+        rows = table.index[table["sample"] == table["sample"][duplicated].iloc[0]] + 2
+        raise UserError(f"{path}: duplicate sample {table['sample'][rows[0] - 2]!r} (rows {', '.join(map(str, rows))})")
+    detected = pd.to_numeric(table["detected"].str.strip(), errors="coerce")
+    bad = table.index[~detected.isin([0, 1])]
+    if len(bad):
+        raise UserError(f"{path}: row {bad[0] + 2}: detected {table['detected'][bad[0]]!r} is not 0 or 1")
+    table["detected"] = detected.astype(int)
+    for column in LANDMARK_COLUMNS:
+        text = table[column].str.strip()
+        values = pd.to_numeric(text.where(text != "", "nan"), errors="coerce")
+        bad = table.index[values.isna() & ~text.str.lower().isin(["", "nan"])]
+        if len(bad):
+            raise UserError(f"{path}: row {bad[0] + 2}: {column} {table[column][bad[0]]!r} is not a number")
+        bad = table.index[(table["detected"] == 1) & ~np.isfinite(values.to_numpy(float))]
+        if len(bad):
+            raise UserError(f"{path}: row {bad[0] + 2}: sample {table['sample'][bad[0]]!r}: {column} "
+                            f"{table[column][bad[0]]!r} is not a finite number (and detected is 1)")
+        table[column] = values
+    return table.set_index("sample")
 
 
 def write_release(root, table, images, landmarks=None):
@@ -241,7 +307,7 @@ def write_release(root, table, images, landmarks=None):
         ok, png = cv2.imencode(".png", np.ascontiguousarray(image, dtype=np.uint8))
         if not ok:
             raise UserError(f"could not encode image for sample {sample_id(sub, filename_o)!r}")
-        with atomic_write(image_path(root, sample_id(sub, filename_o)), "wb") as f:
+        with atomic_write(path_under(root, IMAGE_DIR, f"{sample_id(sub, filename_o)} .png"), "wb") as f:
             f.write(png.tobytes())
     if landmarks is not None:
         with atomic_write(root / LANDMARKS_NAME) as f:

@@ -6,6 +6,7 @@ Each entry says which input it reads: "face_crops" (four landmark crops tiled 2x
 argument and its value, before any weights are built.
 """
 import inspect
+import math
 import numbers
 
 from htnet.errors import UserError
@@ -29,7 +30,7 @@ def list_models():
 
 
 def _entry(name):
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise UserError(f"unknown model {name!r} (known: {', '.join(list_models())})")
     return _REGISTRY[name]
 
@@ -42,9 +43,13 @@ def model_input(name):
 def create_model(name, **config):
     cls, _ = _entry(name)
     accepted = inspect.signature(cls.__init__).parameters
-    for key in config:
-        if key not in accepted or key == "self":
+    for key, value in config.items():
+        if not isinstance(key, str) or key not in accepted or key == "self":
             raise UserError(f"model {name} has no argument {key!r}")
+        # each model checks its own arguments; a NaN or inf is refused for all (even unused ones)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in values):
+            raise UserError(f"{name}: {key} must be finite, got {value!r}")
     return cls(**config)
 
 
