@@ -61,7 +61,8 @@ def trained_fold_epochs_by_step(result, data):
     """{step: fold-epochs the engine had trained when the step-th fold was reported}. The batched
     engine trains a group of folds together, so a stop inside a group still paid for the whole group."""
     from htnet.batched import plan_groups
-    from htnet.loso import make_folds, select_subjects
+    from htnet.folds import make_folds
+    from htnet.loso import select_subjects
 
     per_fold = result.fold_epochs // max(1, result.folds_done)
     if result.config.engine != "batched":

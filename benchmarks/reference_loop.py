@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from htnet.loso import LosoConfig, model_inputs, select_subjects, subject_seed, training_order
+from htnet.folds import subject_seed, training_order
+from htnet.loso import LosoConfig, model_inputs, select_subjects
 from htnet.metrics import uf1_uar
 from htnet.models import create_model
 

@@ -142,7 +142,9 @@ def main():
 
     from benchmarks.reference_loop import reference_fold
     from htnet.batched import run_folds_batched, tune_malloc
-    from htnet.loso import LosoConfig, make_folds, model_inputs, resolve_device, run_fold
+    from htnet.folds import make_folds
+    from htnet.loso import LosoConfig, model_inputs, resolve_device
+    from htnet.plain import run_fold
 
     device = resolve_device(args.device)
     data, source = load(args)

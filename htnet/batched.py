@@ -65,9 +65,10 @@ import torch
 import torch.nn.functional as F
 
 from htnet.errors import TrainingDiverged, UserError
-from htnet.loso import (OPTIMIZERS, FoldOutcome, InnerChoice, TestChoice, build_model, subject_seed,
-                        training_order, weights_protocol)
+from htnet.folds import (OPTIMIZERS, FoldOutcome, InnerChoice, TestChoice, build_model, subject_seed,
+                         training_order, weights_protocol)
 from htnet.models.grouped import GROUPED, grouped_model
+from htnet.plain import run_fold
 
 CPU_GROUP_CAP = {"ststnet": 4, "htnet": 4}
 GPU_GROUP_CAP = 256
@@ -372,11 +373,10 @@ def _worker_run(group_folds, group_members):
 
 
 def run_folds_batched(folds, X, y, data, config, device, progress=False, min_groups=1):
-    """Yield a FoldOutcome per fold, in fold order, as `htnet.loso._run_folds_plain` does.
+    """Yield a FoldOutcome per fold, in fold order, as `htnet.plain.run_folds_plain` does.
     `min_groups`: split the folds into at least this many groups, so that a run whose intermediate
     results may stop it (a search's pruner) reports that often (on a GPU, one group could hold all)."""
     if config.model not in GROUPED:
-        from htnet.loso import run_fold
         for fold in folds:
             yield run_fold(fold, X, y, data, config, device, progress=progress)
         return

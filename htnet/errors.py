@@ -10,6 +10,11 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite: the trial fails, a search goes on."""
 
 
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the CLIs' error format: a bad flag or value prints one line
     `error: <prog>: <message>` on stderr and exits 2, without the usage text."""

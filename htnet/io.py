@@ -1,6 +1,7 @@
 """Safe file handling: atomic writes (a crash or a full disk leaves the old file or the new one,
 never half of one), paths kept under their root, text and YAML read with one-line errors."""
 import contextlib
+import fcntl
 import os
 import re
 import tempfile
@@ -68,6 +69,18 @@ def path_under(root, *parts):
     if real == real_root or not real.is_relative_to(real_root):
         raise UserError(f"{path} resolves to {real}, outside {root}")
     return path
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive flock on `path` (created if needed) for the block; the kernel drops it when the
+    holder dies, so a killed process never leaves a stale lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def ensure_writable_dir(path):

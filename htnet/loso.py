@@ -23,24 +23,24 @@ import numbers
 import re
 import time
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
 from htnet.data import CROP_MODES, CompositeData, htnet_input
-from htnet.errors import TrainingDiverged, UserError
+from htnet.errors import UserError
 from htnet.io import atomic_write, ensure_writable_dir, path_under, write_files
-from htnet.metrics import CLASS_NAMES, PROTOCOLS, compute_metrics, uf1_uar
+from htnet.metrics import PROTOCOLS, compute_metrics, uf1_uar
+from htnet.batched import resolve_fold_group_size, run_folds_batched
+from htnet.folds import OPTIMIZERS, make_folds
 from htnet.models import create_model, model_input
+from htnet.plain import run_folds_plain
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 ENGINES = ("plain", "batched")
 REPORTS_WITH_CALLBACK = 8
 # LosoConfig's numbers: integer fields and their minimum (None allowed where marked), float fields
@@ -153,29 +153,6 @@ class LosoConfig:
 
 
 @dataclass
-class Fold:
-    subject: str
-    train: np.ndarray        # sample indices the main model trains on
-    test: np.ndarray
-    inner_train: np.ndarray  # the inner run's training samples (train minus validation subjects)
-    val: np.ndarray
-    val_subjects: list
-
-
-@dataclass
-class FoldOutcome:
-    """What one fold produced: per protocol the chosen epoch and the test predictions."""
-    subject: str
-    test: np.ndarray
-    chosen: dict             # protocol -> (epoch, predictions)
-    val_labels: np.ndarray | None   # the inner run's validation samples at epoch E*
-    val_predictions: np.ndarray | None
-    history: list            # rows: run, epoch, train_loss, test_acc, val_uf1
-    fold_epochs: int
-    weights: dict | None = None  # state_dict of the weights protocol's epoch
-
-
-@dataclass
 class LosoResult:
     config: LosoConfig
     predictions: pd.DataFrame
@@ -235,20 +212,6 @@ def model_inputs(data, config):
     return data.images
 
 
-def subject_seed(seed, subject, run):
-    return (seed * 1_000_003 + zlib.crc32(f"{subject}/{run}".encode())) % 2**31
-
-
-def check_fold_classes(data):
-    """Every fold's training set (all subjects but one) must hold every class; UserError names
-    the first fold that lacks one. Checked before any training."""
-    for subject in data.subject_ids:
-        present = set(data.labels[data.subjects != subject].tolist())
-        missing = sorted(set(range(len(CLASS_NAMES))) - present)
-        if missing:
-            raise UserError(f"fold {subject}: training set lacks class {missing[0]} ({CLASS_NAMES[missing[0]]})")
-
-
 def lone_subjects_warning(data):
     """One line naming the subjects with a single sample, or None. They are valid LOSO folds (the
     real release has 8), but each tests one sample: its per-subject accuracy is 0 or 1, and the
@@ -259,161 +222,6 @@ def lone_subjects_warning(data):
         return None
     return (f"warning: {len(lone)} subject(s) with a single sample ({', '.join(lone)}): each fold tests "
             f"one sample (--min-samples-per-subject 2 makes this an error)")
-
-
-def make_folds(data, config):
-    """One fold per subject, with the inner run's validation subjects drawn from its training
-    subjects, one per source dataset in turn so that validation spans the datasets."""
-    subjects = data.subject_ids
-    dataset_of = dict(zip(data.subjects.tolist(), data.datasets.tolist()))
-    check_fold_classes(data)
-    folds = []
-    for subject in subjects:
-        test = np.flatnonzero(data.subjects == subject)
-        train = np.flatnonzero(data.subjects != subject)
-        val_subjects = []
-        if "inner" in config.protocols:
-            others = [s for s in subjects if s != subject]
-            if config.inner_val_subjects >= len(others):
-                raise UserError(f"inner_val_subjects={config.inner_val_subjects} leaves no training "
-                                f"subject in fold {subject} ({len(others)} others)")
-            rng = np.random.default_rng(subject_seed(config.seed, subject, "val"))
-            by_dataset = {}
-            for s in rng.permutation(others):
-                by_dataset.setdefault(dataset_of[s], []).append(str(s))
-            queues = [by_dataset[d] for d in sorted(by_dataset)]
-            while len(val_subjects) < config.inner_val_subjects:
-                for queue in queues:
-                    if queue and len(val_subjects) < config.inner_val_subjects:
-                        val_subjects.append(queue.pop())
-        val = np.flatnonzero(np.isin(data.subjects, val_subjects))
-        inner_train = np.setdiff1d(train, val)
-        folds.append(Fold(subject, train, test, inner_train, val, val_subjects))
-    return folds
-
-
-def training_order(indices, labels, samples):
-    """The reference reads u_train/<label>/ folder by folder: no shuffle means label-sorted."""
-    return indices[np.lexsort((samples[indices], labels[indices]))]
-
-
-def train_epochs(model, X, y, order, eval_sets, config, generator, desc=None):
-    """Train `model` on samples `order`; after every `eval_every` epochs yield
-    (epoch, mean train loss, {name: predicted labels for eval_sets[name]})."""
-    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr,
-                                              weight_decay=config.weight_decay)
-    order = torch.as_tensor(order, device=X.device)
-    for epoch in tqdm(range(1, config.epochs + 1), desc=desc, leave=False, disable=desc is None):
-        model.train()
-        if config.shuffle:
-            order = order[torch.randperm(len(order), generator=generator).to(X.device)]
-        loss_sum = torch.zeros((), device=X.device)
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start:start + config.batch_size]
-            loss = F.cross_entropy(model(X[batch]), y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(batch)
-        if epoch % config.eval_every and epoch != config.epochs:
-            continue
-        mean_loss = loss_sum.item() / len(order)
-        if not np.isfinite(mean_loss):
-            raise TrainingDiverged(f"training loss is {mean_loss} at epoch {epoch} (lr {config.lr} too high?)")
-        model.eval()
-        with torch.no_grad():
-            predictions = {name: model(X[idx]).argmax(1).cpu().numpy() for name, idx in eval_sets.items()}
-        yield epoch, mean_loss, predictions
-
-
-def build_model(config, seed, device):
-    torch.manual_seed(seed)
-    return create_model(config.model, **config.model_config).to(device)
-
-
-class InnerChoice:
-    """The inner run's validation curve: E* = the epoch with the best validation UF1 (earlier
-    wins ties); `done` once `patience` evaluations pass without improvement."""
-
-    def __init__(self, labels, patience=None):
-        self.labels, self.patience = labels, patience
-        self.best, self.epoch, self.predictions, self.since_best = -1.0, None, None, 0
-
-    def add(self, epoch, predictions):
-        uf1 = uf1_uar(self.labels, predictions)[0]
-        self.since_best += 1
-        if uf1 > self.best:
-            self.best, self.epoch, self.predictions, self.since_best = uf1, epoch, predictions, 0
-        return uf1
-
-    @property
-    def done(self):
-        return bool(self.patience) and self.since_best >= self.patience
-
-
-class TestChoice:
-    """The main run's test predictions by epoch; picks the `paper` epoch (best test accuracy,
-    later wins ties), `final` (the last) and `inner` (E*, from the inner run)."""
-
-    def __init__(self, labels):
-        self.labels, self.by_epoch, self.best_acc, self.paper_epoch = labels, {}, -1.0, None
-
-    def add(self, epoch, predictions):
-        """Record one evaluation; True where it becomes the paper protocol's choice."""
-        self.by_epoch[epoch] = predictions
-        acc = float((predictions == self.labels).mean())
-        if acc >= self.best_acc:
-            self.best_acc, self.paper_epoch = acc, epoch
-            return acc, True
-        return acc, False
-
-    def chosen(self, protocols, inner_epoch=None):
-        epochs = {"paper": self.paper_epoch, "final": max(self.by_epoch), "inner": inner_epoch}
-        return {p: (epochs[p], self.by_epoch[epochs[p]]) for p in protocols}
-
-
-def weights_protocol(config):
-    """Which epoch's weights `save_weights` keeps: the paper protocol's (as the reference's
-    `--train True` does) when it is run, else the last epoch's."""
-    return "paper" if "paper" in config.protocols else "final"
-
-
-def snapshot(model):
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def run_fold(fold, X, y, data, config, device, progress=False):
-    """Train one fold's models (inner, then main) and choose each protocol's epoch."""
-    history, fold_epochs, inner = [], 0, None
-    if "inner" in config.protocols:
-        seed = subject_seed(config.seed, fold.subject, "inner")
-        model = build_model(config, seed, device)
-        order = training_order(fold.inner_train, data.labels, data.samples)
-        inner = InnerChoice(data.labels[fold.val], config.inner_patience)
-        for epoch, loss, preds in train_epochs(model, X, y, order, {"val": fold.val}, config,
-                                               torch.Generator().manual_seed(seed),
-                                               desc=f"{fold.subject} inner" if progress else None):
-            history.append(("inner", epoch, loss, np.nan, inner.add(epoch, preds["val"])))
-            fold_epochs = epoch
-            if inner.done:
-                break
-
-    seed = subject_seed(config.seed, fold.subject, "main")
-    model = build_model(config, seed, device)
-    order = training_order(fold.train, data.labels, data.samples)
-    test, weights = TestChoice(data.labels[fold.test]), None
-    for epoch, loss, preds in train_epochs(model, X, y, order, {"test": fold.test}, config,
-                                           torch.Generator().manual_seed(seed),
-                                           desc=f"{fold.subject}" if progress else None):
-        acc, is_paper_best = test.add(epoch, preds["test"])
-        history.append(("main", epoch, loss, acc, np.nan))
-        if config.save_weights and (is_paper_best if weights_protocol(config) == "paper" else epoch == config.epochs):
-            weights = snapshot(model)
-    fold_epochs += config.epochs
-    # Both runs evaluate at the same epochs, so E* is always one of the main run's.
-    chosen = test.chosen(config.protocols, inner.epoch if inner else None)
-    return FoldOutcome(fold.subject, fold.test, chosen, inner.labels if inner else None,
-                       inner.predictions if inner else None, history, fold_epochs, weights)
 
 
 def _prediction_rows(outcome, data):
@@ -449,14 +257,13 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":
-        from htnet.batched import resolve_fold_group_size, run_folds_batched
 
         # a run that reports to a pruner gets intermediate results at least REPORTS_WITH_CALLBACK times
         config = dataclasses.replace(config, fold_group_size=resolve_fold_group_size(
             folds, config, device, min_groups=REPORTS_WITH_CALLBACK if callback else 1))
         run_folds = run_folds_batched
     else:
-        run_folds = _run_folds_plain
+        run_folds = run_folds_plain
     outcomes, prediction_rows, history_rows, stopped = [], [], [], False
     fold_numbers = {fold.subject: number for number, fold in enumerate(folds, 1)}
     new_folds = []  # each fold's own metrics since the last report, for pruners that pair folds across trials
@@ -508,12 +315,6 @@ def _postfix(prediction_rows):
     for protocol, part in predictions.groupby("protocol", sort=False):
         parts.append(f"{protocol} UF1 {uf1_uar(part['label'], part['prediction'])[0]:.3f}")
     return ", ".join(parts)
-
-
-def _run_folds_plain(folds, X, y, data, config, device, progress=False):
-    """The plain engine: one fold after another, one model at a time."""
-    for fold in folds:
-        yield run_fold(fold, X, y, data, config, device, progress=progress)
 
 
 def load_weights(path, device="cpu"):

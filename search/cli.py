@@ -114,16 +114,33 @@ def cmd_run(args):
         gpus_per_trial=args.gpus_per_trial, objective=args.objective, sampler=args.sampler,
         seed=args.seed, pruner=args.pruner, max_failures=args.max_failures, subjects=args.subjects,
         save_weights=args.save_weights, sets=args.sets, top=args.top, verbose=args.verbose)
-    summary = runner.run_search(options)
-    return 0 if summary["complete"] else 1
+    return ended(runner.run_search(options))
 
 
 def cmd_resume(args):
     from search import runner
 
-    summary = runner.resume_search(args.name, storage=args.storage, address=args.address,
-                                   num_cpus=args.num_cpus, top=args.top)
+    return ended(runner.resume_search(args.name, storage=args.storage, address=args.address,
+                                      num_cpus=args.num_cpus, top=args.top))
+
+
+def ended(summary):
+    """A finished search gets its plots (the driver never imports the reports); exit code."""
+    if summary["complete"]:
+        log_plots(summary["manifest"], summary["name"])
     return 0 if summary["complete"] else 1
+
+
+def log_plots(manifest, name, out=None):
+    """Optuna's plots and the best trial's per-subject accuracy, on the search's parent run."""
+    from search.leaderboard import open_store
+    from search.report_plots import log_search_plots
+
+    try:
+        store = open_store(manifest["tracking_uri"], manifest["experiment"])
+        log_search_plots(store, name, manifest["optuna_storage"], out=out)
+    except Exception as e:  # noqa: BLE001  (plots are a convenience: never fail a finished search)
+        print(f"warning: could not log the search's plots: {str(e).splitlines()[0] if str(e) else e!r}", file=out or sys.stdout)
 
 
 def cmd_status(args):

@@ -41,7 +41,7 @@ class Store:
 
 def open_store(tracking_uri=None, experiment="htnet", create=False):
     """The MLflow client and experiment (default URI: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
-    from search.runner import default_tracking_uri
+    from search.stores import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = tracking.client_for(tracking_uri)

@@ -80,7 +80,9 @@ def fit_and_score(config, data, outer):
     (with its inner run when the config has the inner protocol). Returns (predictions, outcome)."""
     import torch
 
-    from htnet.loso import LosoConfig, make_folds, model_inputs, resolve_device, run_fold
+    from htnet.folds import make_folds
+    from htnet.loso import LosoConfig, model_inputs, resolve_device
+    from htnet.plain import run_fold
 
     config = LosoConfig.from_dict({**config, "subjects": None, "save_weights": False})
     device = resolve_device(config.device)
@@ -235,7 +237,9 @@ def run_nested(options, out=None):
     import ray
 
     from htnet.loso import parse_subjects, select_subjects
-    from search.runner import Options, data_source, init_ray, load_data, resolve_space, stop_ray
+    from search.ray_setup import init_ray, stop_ray
+    from search.runner import Options, resolve_space
+    from search.stores import data_source, load_data
 
     out = out or sys.stdout
     space = resolve_space(Options(space=options.space, num_samples=options.num_samples,

@@ -71,7 +71,7 @@ def _log_axes(client, run_id, axes, name):
 def load_study(parent, search, storage_url=None):
     import optuna
 
-    from search.runner import open_optuna_storage
+    from search.stores import open_optuna_storage
 
     url = storage_url or parent.data.params.get("optuna_storage")
     if not url:

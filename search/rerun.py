@@ -206,7 +206,7 @@ def seeds_for(config, source, count, seed_list=None):
 
 
 def load_rerun_data(data, source, storage):
-    from search.runner import load_data
+    from search.stores import load_data
 
     if data:
         if not Path(data).exists():
@@ -362,7 +362,7 @@ def rerun(options, out=None):
     one row per seed), summary (rows = metric keys: n, mean, std, ci_low, ci_high) and method."""
     from htnet.loso import LosoConfig
     from search.plots import confusion_matrix_png
-    from search.runner import init_ray, stop_ray
+    from search.ray_setup import init_ray, stop_ray
 
     out = out or sys.stdout
     # a config file or preset is checked before the MLflow store is opened (created): nothing written

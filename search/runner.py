@@ -14,21 +14,21 @@ Optuna's sqlite files, the synthetic data) are created under a file lock beside 
 --address the driver starts its own local Ray and a watchdog process that ends that Ray session's
 processes when the driver ends, however it ends (SIGKILL included).
 """
-import contextlib
 import datetime
-import os
 import re
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
 from htnet.io import atomic_write, ensure_writable_dir, read_yaml
 from htnet.loso import parse_subjects
+from search.ray_setup import check_resources, ray_session
+from search.stores import (check_name, check_restorable, data_source, default_optuna_storage, default_tracking_uri,
+                           load_data, lock_path, manifest_path, no_such_search, open_optuna_storage, read_manifest,
+                           search_lock, search_names, write_manifest)
 from search.space import SPACES_DIR, check_fixed_values, load_space, parse_space, set_fixed, with_overrides
 
 DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
@@ -65,93 +65,6 @@ class Options:
 
 
 # ----------------------------------------------------------------------------- stores and paths
-
-def default_tracking_uri():
-    """MLFLOW_TRACKING_URI (set on the cluster's head), else sqlite:///mlflow.db here."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
-def default_optuna_storage(storage):
-    return f"sqlite:///{(Path(storage) / 'optuna.db').resolve()}"
-
-
-def open_optuna_storage(url):
-    """sqlite:///path, any SQLAlchemy URL, or journal:path / a *.log file (JournalStorage)."""
-    import optuna
-
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = Path(url[len("journal:"):] if url.startswith("journal:") else url).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    from search.tracking import file_lock
-
-    lock = contextlib.nullcontext()
-    if url.startswith("sqlite:///"):  # a new file gets its tables: one process at a time
-        path = Path(url[len("sqlite:///"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = file_lock(path.parent / f".{path.name}.lock")
-    try:
-        with lock:
-            return optuna.storages.RDBStorage(url)
-    except Exception as e:  # noqa: BLE001 - any bad URL or damaged file is the user's
-        raise UserError(f"Optuna storage {url}: {first_line(getattr(e, 'orig', None) or e)}") from None
-
-
-def manifest_path(storage, name):
-    return Path(storage) / "searches" / f"{name}.yaml"
-
-
-MANIFEST_KEYS = {"name": str, "status": str, "space_file": str, "space": dict, "settings": dict,
-                 "data": dict, "data_root": str, "tracking_uri": str, "experiment": str,
-                 "experiment_id": str, "parent_run_id": str, "optuna_storage": str,
-                 "ray_storage": str, "ray_path": str}
-SETTINGS_KEYS = ("num_samples", "max_concurrent_trials", "objective", "resources", "max_failures",
-                 "sampler", "pruner")
-
-
-def search_names(storage):
-    folder = Path(storage) / "searches"
-    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.endswith(".best")) if folder.is_dir() else []
-
-
-def no_such_search(storage, name):
-    known = search_names(storage)
-    return UserError(f"no search named {name!r} in {Path(storage) / 'searches'}"
-                     + (f" (known: {', '.join(known)})" if known else ""))
-
-
-def read_manifest(storage, name):
-    """The search record, checked: a damaged one (not YAML, binary, a key missing) is one line
-    naming the file and what is wrong."""
-    path = manifest_path(storage, name)
-    if not path.is_file():
-        raise no_such_search(storage, name)
-    manifest = read_yaml(path)
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: damaged search record (not a mapping of keys)")
-    for key, kind in MANIFEST_KEYS.items():
-        if key not in manifest:
-            raise UserError(f"{path}: damaged search record: key {key!r} is missing")
-        if not isinstance(manifest[key], kind):
-            raise UserError(f"{path}: damaged search record: {key} is not a {kind.__name__}")
-    missing = [k for k in SETTINGS_KEYS if k not in manifest["settings"]]
-    if missing:
-        raise UserError(f"{path}: damaged search record: key 'settings.{missing[0]}' is missing")
-    if manifest["name"] != name:
-        raise UserError(f"{path}: damaged search record: it names search {manifest['name']!r}")
-    return manifest
-
-
-def write_manifest(storage, name, manifest):
-    with atomic_write(manifest_path(storage, name)) as f:
-        yaml.safe_dump(manifest, f, sort_keys=False)
-
-
-def check_name(name):
-    if not NAME_PATTERN.match(name):
-        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 100)")
-    return name
-
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -190,274 +103,6 @@ def overrides_of(options):
     if options.save_weights:
         overrides["save_weights"] = True
     return overrides
-
-
-def data_source(options, space, storage):
-    if options.data:
-        path = Path(options.data).resolve()
-        if not path.exists():
-            raise UserError(f"--data {options.data}: no such folder")
-        return {"path": str(path)}
-    return {"synthetic": {"subjects_per_dataset": space.data["synthetic_subjects"],
-                          "seed": space.data["synthetic_seed"],
-                          "cache": str((Path(storage) / "synthetic").resolve())}}
-
-
-def load_data(source):
-    """The CompositeData of a search: a release folder, or the synthetic set generated once."""
-    from htnet.data import load_release, synthetic_cache
-
-    from search.tracking import file_lock
-
-    if "path" in source:
-        return load_release(source["path"]), source["path"]
-    synth = source["synthetic"]
-    Path(synth["cache"]).mkdir(parents=True, exist_ok=True)
-    with file_lock(Path(synth["cache"]) / ".lock"):  # two searches starting at once make it once
-        root = synthetic_cache(synth["cache"], synth["subjects_per_dataset"], synth["seed"])
-    return load_release(root), str(root)
-
-
-# The watchdog of a local Ray, run as `python -I -c WATCHDOG DRIVER_PID SESSION_DIR` (standard
-# library only, so it starts in a blink). It waits until the driver writes to or closes its stdin
-# (after ray.shutdown) or dies (SIGKILL included, when nothing can run in the driver), then ends
-# every process left of that Ray session: those whose command line names the session folder
-# (gcs_server, raylet, ...) or whose stdout/stderr go into it (agents and workers, whose process
-# titles Ray rewrites). Ray's own fate-sharing ends only its direct children, and its agents and
-# workers otherwise linger for a minute or more. Other Ray sessions are never touched.
-WATCHDOG = r"""
-import os, select, signal, sys, time
-driver, session = int(sys.argv[1]), sys.argv[2].rstrip("/")
-for sig in (signal.SIGINT, signal.SIGHUP):  # Ctrl+C, a closed terminal: the driver handles them
-    signal.signal(sig, signal.SIG_IGN)
-events = [sys.stdin]
-try:
-    events.append(os.pidfd_open(driver))
-except (AttributeError, OSError):
-    pass  # no pidfd: os.getppid() notices the driver's death within a second
-while os.getppid() == driver and not select.select(events, [], [], 1.0)[0]:
-    pass
-marks = (session + "/").encode(), (session + "\0").encode()
-
-def session_processes():
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in (os.getpid(), driver):
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read() + b"\0"
-        except OSError:
-            continue
-        outputs = []
-        for fd in (1, 2):
-            try:
-                outputs.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
-            except OSError:
-                pass
-        if any(m in cmdline for m in marks) or any(o.startswith(session + "/") for o in outputs):
-            found.append(int(entry))
-    return found
-
-first, deadline = {}, time.monotonic() + 60
-while time.monotonic() < deadline:
-    pids = session_processes()
-    if not pids:
-        break
-    for pid in pids:  # SIGTERM, then SIGKILL what is still there 3 s later
-        if pid not in first:
-            first[pid], sig = time.monotonic(), signal.SIGTERM
-        elif time.monotonic() - first[pid] > 3:
-            sig = signal.SIGKILL
-        else:
-            continue
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-    time.sleep(0.2)
-"""
-
-_watchdog = None  # the watchdog of the local Ray this process started (subprocess.Popen)
-
-
-def init_ray(address, num_cpus):
-    """Join the Ray cluster at `address`, or start a local Ray with its watchdog (WATCHDOG).
-    address="local" makes Ray start one even if a ray_current_cluster file (maybe left by a crashed
-    Ray) or RAY_ADDRESS names another cluster. Returns False if Ray was already initialized (the
-    caller's Ray, left alone), else True; end with stop_ray."""
-    import ray
-
-    global _watchdog
-    if ray.is_initialized():
-        return False
-    if num_cpus is not None and num_cpus < 1:
-        raise UserError(f"--num-cpus must be >= 1, got {num_cpus}")
-    sigterm = signal.getsignal(signal.SIGTERM)
-    if address:
-        try:
-            ray.init(address=address)
-        except (ConnectionError, ValueError) as e:
-            raise UserError(f"--address {address}: {first_line(e)}") from None
-        restore_sigterm(sigterm)
-        return True
-    end_watchdog()  # this process's previous local Ray was shut down: clear what is left of it
-    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    restore_sigterm(sigterm)
-    _watchdog = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()),
-                                  context.address_info["session_dir"]],
-                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return True
-
-
-def restore_sigterm(handler):
-    """ray.init replaces the driver's SIGTERM handler (with one that exits at once, and a crash
-    handler that aborts): put back the one that was there (the CLI's stops the search as Ctrl+C
-    does). Without one of ours, Ray's stays: SystemExit, so stop_ray still runs."""
-    import threading
-
-    if callable(handler) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
-def end_watchdog():
-    """Tell the watchdog that Ray is shut down; wait while it ends what is left of the session."""
-    global _watchdog
-    watchdog, _watchdog = _watchdog, None
-    if watchdog is None:
-        return
-    with contextlib.suppress(OSError):
-        watchdog.stdin.write(b"x")  # wakes it even if a forked child still holds this pipe open
-        watchdog.stdin.close()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        watchdog.wait(timeout=90)
-
-
-def stop_ray(started):
-    if started:
-        import ray
-
-        try:
-            ray.shutdown()
-        finally:
-            end_watchdog()
-
-
-@contextlib.contextmanager
-def ray_session(address, num_cpus):
-    """init_ray ... stop_ray around the block, whatever ends it (an error, Ctrl+C, SIGTERM)."""
-    started = init_ray(address, num_cpus)
-    try:
-        yield started
-    finally:
-        stop_ray(started)
-
-
-def is_local_ray():
-    """True when this process's Ray is a cluster ray.init() started (one node, no autoscaler)."""
-    import ray
-
-    return bool(getattr(getattr(ray._private.worker, "_global_node", None), "ray_init_cluster", False))
-
-
-def check_resources(resources, where):
-    """Ray keeps a trial that fits no node PENDING forever: refuse it before anything is recorded.
-    A cluster that was joined (--address) may still get such a node from its autoscaler: a warning."""
-    import ray
-
-    cpu, gpu = float(resources["cpu"]), float(resources["gpu"])
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(n.get("CPU", 0) >= cpu and n.get("GPU", 0) >= gpu for n in nodes):
-        return
-    most = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
-    text = (f"{where}: a trial needs cpu={cpu:g}, gpu={gpu:g}, but no node of the Ray cluster has that "
-            f"much (the most any node has: cpu={most['CPU']:g}, gpu={most['GPU']:g})")
-    if is_local_ray():
-        raise UserError(f"{text}; its trials would wait forever")
-    print(f"warning: {text}; the trials wait until the cluster gets such a node", file=sys.stderr, flush=True)
-
-
-def lock_path(storage, name):
-    return Path(storage) / "searches" / f"{name}.lock"
-
-
-@contextlib.contextmanager
-def search_lock(storage, name, hint="wait for it to end"):
-    """Held (flock) while this process runs or resumes search `name`, from before its first record
-    is written to its end. A second process is refused in one line: two drivers of one search would
-    run its trials twice and overwrite each other's records."""
-    import fcntl
-
-    path = lock_path(storage, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"search {name!r} is running in another process (pid {holder}); {hint}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
-    finally:
-        os.close(fd)  # releases the lock (the kernel does it too if this process is killed)
-
-
-def check_restorable(manifest, name):
-    """Refuse (one line) a Ray experiment that someone else could have written.
-
-    `tune.Tuner.restore` unpickles the experiment's tuner.pkl, its searcher state and its trial
-    state, and so does `tune.ExperimentAnalysis`: whoever can write those files can run code as you
-    when you resume. So only the experiment the search record names is read, `<ray_storage>/<name>`,
-    which must lie inside the recorded Ray storage (symbolic links resolved), and only if every
-    folder from the storage root down to it and everything in it is owned by you and writable by
-    nobody else (no group or other write bit). For storage given as a URL (s3://, gs://, ...) this
-    cannot be checked from here: the bucket or prefix must be writable by you alone."""
-    import stat
-
-    storage, path = manifest["ray_storage"].rstrip("/"), manifest["ray_path"].rstrip("/")
-    if path != f"{storage}/{name}":
-        raise UserError(f"search {name!r}: its record names the Ray experiment {path}, not "
-                        f"{storage}/{name}: refusing to load it")
-    if "://" in storage:
-        return
-    root, folder = Path(storage).resolve(), Path(path).resolve()
-    if root not in folder.parents:
-        raise UserError(f"search {name!r}: the Ray experiment {path} leads outside the Ray storage {storage} "
-                        f"(a symbolic link?): refusing to load it")
-    if not folder.is_dir():
-        return  # nothing to load: the caller says there is no restorable experiment
-    inside = [folder] + [Path(d) / n for d, dirs, files in os.walk(folder) for n in dirs + files]
-    me = os.geteuid()
-    for item in [root, *reversed([p for p in folder.parents if root in p.parents]), *inside]:
-        try:
-            info = item.stat()  # a link: what it points to is what would be read
-        except OSError:
-            continue
-        if info.st_uid != me:
-            problem = f"is owned by uid {info.st_uid}, not by you (uid {me})"
-        elif info.st_mode & 0o002 or (info.st_mode & 0o020 and not private_group(info.st_gid)):
-            problem = f"is writable by others than you (mode {stat.filemode(info.st_mode)})"
-        else:
-            continue
-        raise UserError(f"search {name!r}: refusing to load the Ray experiment {folder}: {item} {problem}; "
-                        f"resuming unpickles these files, so whoever can write them could run code as you "
-                        f"(if you trust them, chown them to you and chmod -R go-w {folder})")
-
-
-def private_group(gid):
-    """True for your own user-private group (your name, your primary group, no other member): with
-    umask 002, as many distributions set it, Ray writes group-writable files, and a group that only
-    you are in lets nobody else write them."""
-    import grp
-    import pwd
-
-    try:
-        me, group = pwd.getpwuid(os.geteuid()), grp.getgrgid(gid)
-    except KeyError:
-        return False
-    return gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
 
 
 def trial_dirname(trial):
@@ -624,15 +269,11 @@ def space_of(manifest):
     return set_fixed(space, manifest.get("sets"))
 
 
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
 def check_data(data, overrides):
     """Before any trial: every fold must be trainable (a class in every training set); subjects
     with a single sample are valid folds, named in one warning line."""
-    from htnet.loso import check_fold_classes, lone_subjects_warning, select_subjects
+    from htnet.folds import check_fold_classes
+    from htnet.loso import lone_subjects_warning, select_subjects
 
     data = select_subjects(data, overrides.get("subjects"))
     check_fold_classes(data)
@@ -736,23 +377,9 @@ def finish(storage, name, space, top, out):
         table = summary["table"]
     tracking.finish_parent_run(summary["client"], manifest["parent_run_id"], table, space.metric,
                                "FINISHED" if summary["complete"] else "KILLED")
-    if summary["complete"]:
-        log_plots(manifest, name, out)
     print_summary(summary, top, best, out)
     summary["best_config"] = best
     return summary
-
-
-def log_plots(manifest, name, out):
-    """Optuna's plots and the best trial's per-subject accuracy, on the search's parent run."""
-    from search.leaderboard import open_store
-    from search.report_plots import log_search_plots
-
-    try:
-        store = open_store(manifest["tracking_uri"], manifest["experiment"])
-        log_search_plots(store, name, manifest["optuna_storage"], out=out)
-    except Exception as e:  # noqa: BLE001  (plots are a convenience: never fail a finished search)
-        print(f"warning: could not log the search's plots: {str(e).splitlines()[0] if str(e) else e!r}", file=out)
 
 
 def write_best_config(storage, name, summary):

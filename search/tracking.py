@@ -29,7 +29,6 @@ search ends unfinished (exit 1) unless MLflow is back by then. `search resume` t
 ended trial MLflow missed (`backfill`, tagged htnet.backfilled=true), into the trial's open run
 where it has one, so no trial gets two runs.
 """
-import contextlib
 import logging
 import math
 import os
@@ -58,20 +57,6 @@ CURVE_SKIP = {"step", "folds_total", "final", "training_iteration", "time_this_i
 RESULT_KEYS = ("_uf1", "_uar")
 
 
-@contextlib.contextmanager
-def file_lock(path):
-    """An exclusive flock on `path` (created if needed) for the block; the kernel drops it when the
-    holder dies, so a killed process never leaves a stale lock."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        os.close(fd)  # releases the lock
-
-
 _checked_stores = set()  # sqlite stores this process has opened (MLflow caches the store per URI)
 
 
@@ -93,6 +78,7 @@ def open_sqlite_store(tracking_uri):
     from mlflow import MlflowClient
 
     from htnet.errors import UserError
+    from htnet.io import file_lock
 
     path = Path(tracking_uri[len("sqlite:///"):])
     try:

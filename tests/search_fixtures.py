@@ -68,7 +68,7 @@ def optuna_trials(storage_dir, name, url=None):
     """The Optuna trials of search `name` (default store: <storage>/optuna.db)."""
     import optuna
 
-    from search.runner import open_optuna_storage
+    from search.stores import open_optuna_storage
 
     url = url or f"sqlite:///{Path(storage_dir) / 'optuna.db'}"
     study = optuna.load_study(study_name=name, storage=open_optuna_storage(url))

@@ -90,11 +90,13 @@ def test_inner_protocol_never_looks_at_the_test_subject(synth_data):
 
 def test_same_seed_same_predictions_and_another_seed_differs(synth_data):
     config = {**TINY_STSTNET, "epochs": 3, "subjects": 4, "protocols": ["final"]}
-    a = run_loso(config, synth_data, progress=False).predictions
-    b = run_loso(config, synth_data, progress=False).predictions
-    pd.testing.assert_frame_equal(a, b)
-    c = run_loso({**config, "seed": 7, "shuffle": True}, synth_data, progress=False).predictions
-    assert len(c) == len(a)
+    a = run_loso(config, synth_data, progress=False)
+    b = run_loso(config, synth_data, progress=False)
+    pd.testing.assert_frame_equal(a.predictions, b.predictions)
+    pd.testing.assert_frame_equal(a.history, b.history)
+    c = run_loso({**config, "seed": 7, "shuffle": True}, synth_data, progress=False)
+    assert c.predictions[["sample", "protocol"]].equals(a.predictions[["sample", "protocol"]])
+    assert not np.allclose(c.history.train_loss, a.history.train_loss)  # other weights, other order
 
 
 def test_evaluate_only_reproduces_the_saved_predictions(tiny_run, synth_data):

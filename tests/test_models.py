@@ -25,13 +25,13 @@ def test_paper_config_has_139_6M_parameters():
         assert model.eval()(torch.rand(2, 3, 28, 28)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("config, params", [
-    ({"dim": 32, "heads": 2, "block_repeats": (1, 1, 1)}, None),
-    ({"dim": 16, "heads": 1, "patch_size": 14, "num_hierarchies": 2, "block_repeats": [1, 2]}, None),
-    ({"dim": 24, "heads": 3, "patch_size": 2, "num_hierarchies": 2, "block_repeats": 1, "num_classes": 5}, None),
-    ({"dim": 8, "heads": 1, "patch_size": 28, "num_hierarchies": 1, "block_repeats": [1]}, None),
+@pytest.mark.parametrize("config", [
+    {"dim": 32, "heads": 2, "block_repeats": (1, 1, 1)},
+    {"dim": 16, "heads": 1, "patch_size": 14, "num_hierarchies": 2, "block_repeats": [1, 2]},
+    {"dim": 24, "heads": 3, "patch_size": 2, "num_hierarchies": 2, "block_repeats": 1, "num_classes": 5},
+    {"dim": 8, "heads": 1, "patch_size": 28, "num_hierarchies": 1, "block_repeats": [1]},
 ])
-def test_htnet_shapes_across_configs(config, params):
+def test_htnet_shapes_across_configs(config):
     model = create_model("htnet", **config)
     out = model(torch.rand(3, 3, 28, 28))
     assert out.shape == (3, config.get("num_classes", 3))

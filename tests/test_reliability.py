@@ -25,7 +25,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from search import runner
+from search import runner, stores
 from search_fixtures import (REPO, free_port, local_ray, start_mlflow_server, stop_mlflow_server, optuna_trials, parent_run,  # noqa: F401
                              run_search_and_meanwhile, search_options, trial_runs, write_space)
 
@@ -168,10 +168,10 @@ def test_the_writers_replace_their_files_atomically(synth_data, tmp_path):
     write_exports(table.iloc[::-1], csv=paths[0], markdown=paths[1], latex=paths[2])
     assert_replaced(kept)
 
-    runner.write_manifest(tmp_path / "runs", "x", {"name": "x", "status": "running"})
-    record = runner.manifest_path(tmp_path / "runs", "x")
+    stores.write_manifest(tmp_path / "runs", "x", {"name": "x", "status": "running"})
+    record = stores.manifest_path(tmp_path / "runs", "x")
     kept = keep_old([record], tmp_path)
-    runner.write_manifest(tmp_path / "runs", "x", {"name": "x", "status": "finished"})
+    stores.write_manifest(tmp_path / "runs", "x", {"name": "x", "status": "finished"})
     assert_replaced(kept)
     assert yaml.safe_load(record.read_text())["status"] == "finished"
 

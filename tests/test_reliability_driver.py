@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from ray import tune  # noqa: F401 - imported up front: an in-process `resume` below must be instant
 
 from htnet.errors import UserError
-from search import runner, tracking  # noqa: F401
+from search import runner, stores, tracking  # noqa: F401
 from search.cli import main as search_main
 from search_fixtures import (died, free_port, optuna_trials, parent_run, ray_processes, ray_tmpdir,  # noqa: F401
                              start_cli, trial_runs, wait_for_exit, wait_until, write_space)
@@ -182,7 +182,7 @@ def record_for(tmp_path, name, tracking_uri):
     storage = tmp_path / "runs"
     space = yaml.safe_load(tiny_space(tmp_path, name).read_text())
     return {"name": name, "created": "2026-01-01T00:00:00", "status": "finished", "space_file": f"{name}.yaml",
-            "space": space, "settings": {k: space[k] for k in runner.SETTINGS_KEYS},
+            "space": space, "settings": {k: space[k] for k in stores.SETTINGS_KEYS},
             "sets": [], "overrides": {}, "data": {"path": str(tmp_path / "data")}, "data_root": str(tmp_path / "data"),
             "tracking_uri": tracking_uri, "experiment": "htnet", "experiment_id": "1", "parent_run_id": "0" * 32,
             "optuna_storage": f"sqlite:///{storage / 'optuna.db'}", "ray_storage": str(storage / "ray"),
@@ -205,7 +205,7 @@ def test_a_damaged_mlflow_store_or_search_record_is_one_line_naming_the_file(tmp
     assert records(tmp_path) == [] and db.read_bytes() == garbage
 
     folder = tmp_path / "runs" / "searches"
-    runner.write_manifest(tmp_path / "runs", "good", record_for(tmp_path, "good", uri))
+    stores.write_manifest(tmp_path / "runs", "good", record_for(tmp_path, "good", uri))
     code, _, errors = cli(["status", "good", "--storage", tmp_path / "runs"], capsys)
     assert code == 2 and errors == [store_line] and db.read_bytes() == garbage
 
@@ -213,7 +213,7 @@ def test_a_damaged_mlflow_store_or_search_record_is_one_line_naming_the_file(tmp
     (folder / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
     missing = record_for(tmp_path, "missing-key", uri)
     del missing["parent_run_id"]
-    runner.write_manifest(tmp_path / "runs", "missing-key", missing)
+    stores.write_manifest(tmp_path / "runs", "missing-key", missing)
     damaged = {name: (folder / f"{name}.yaml").read_bytes() for name in ("not-yaml", "binary", "missing-key")}
     reasons = {"not-yaml": f"{folder / 'not-yaml.yaml'}: line 2: not valid YAML",
                "binary": f"{folder / 'binary.yaml'}: not UTF-8 text (byte 0x89 at offset 0)",
@@ -300,7 +300,7 @@ def planted_experiment(tmp_path, name="planted"):
     storage, marker = tmp_path / "runs", tmp_path / "UNPICKLED"
     record = record_for(tmp_path, name, f"sqlite:///{tmp_path / 'mlflow.db'}")
     record["status"] = "running"
-    runner.write_manifest(storage, name, record)
+    stores.write_manifest(storage, name, record)
     folder = storage / "ray" / name
     folder.mkdir(parents=True)
     (folder / "tuner.pkl").write_bytes(pickle.dumps(Payload(marker)))
@@ -346,11 +346,11 @@ def test_resume_refuses_a_ray_experiment_that_others_could_have_written(tmp_path
     elsewhere.parent.mkdir()
     for ray_path, why in ((str(elsewhere), f"its record names the Ray experiment {elsewhere}, not "
                                            f"{storage / 'ray'}/planted: refusing to load it"),):
-        runner.write_manifest(storage, "planted", {**record, "ray_path": ray_path})
+        stores.write_manifest(storage, "planted", {**record, "ray_path": ray_path})
         assert resume() == f"error: search 'planted': {why}"
     folder.rename(elsewhere)  # the experiment folder is a link out of the Ray storage
     folder.symlink_to(elsewhere)
-    runner.write_manifest(storage, "planted", record)
+    stores.write_manifest(storage, "planted", record)
     assert resume() == (f"error: search 'planted': the Ray experiment {folder} leads outside the Ray storage "
                         f"{storage / 'ray'} (a symbolic link?): refusing to load it")
 
@@ -362,14 +362,14 @@ def test_resume_refuses_a_ray_experiment_that_others_could_have_written(tmp_path
 def test_resume_accepts_group_write_for_your_own_private_group(tmp_path):
     """umask 002 (many distributions' default) makes Ray's files group-writable; where the group is
     your user-private group nobody else can write them, so the experiment is accepted."""
-    if not runner.private_group(os.getegid()):
+    if not stores.private_group(os.getegid()):
         pytest.skip("this user's primary group is not a user-private group")
     storage, folder, marker = planted_experiment(tmp_path)
     for item in (folder.parent, folder, folder / "tuner.pkl"):
         item.chmod(0o775)
     record = yaml.safe_load((storage / "searches" / "planted.yaml").read_text())
-    runner.check_restorable(record, "planted")  # no error
+    stores.check_restorable(record, "planted")  # no error
     (folder / "tuner.pkl").chmod(0o777)
     with pytest.raises(UserError, match="is writable by others than you"):
-        runner.check_restorable(record, "planted")
+        stores.check_restorable(record, "planted")
     assert not marker.exists()

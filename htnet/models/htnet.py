@@ -24,7 +24,7 @@ from einops.layers.torch import Rearrange, Reduce
 from torch import einsum, nn
 
 from htnet.errors import UserError
-from htnet.models import dropout_rate, positive_int, register_model
+from htnet.models.registry import dropout_rate, positive_int, register_model
 
 
 class LayerNorm(nn.Module):

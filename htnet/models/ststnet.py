@@ -10,7 +10,7 @@ strict=True. The reference calls the class count `out_channels`; here it is `num
 import torch
 from torch import nn
 
-from htnet.models import dropout_rate, positive_int, register_model
+from htnet.models.registry import dropout_rate, positive_int, register_model
 
 
 @register_model("ststnet", input_kind="whole_face")

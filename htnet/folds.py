@@ -1,0 +1,146 @@
+"""What every LOSO engine shares: the folds and their seeds, a fold's model and optimizer, the
+epoch choices of the three protocols, and what a fold produced (FoldOutcome).
+
+The plain engine (htnet.plain) and the fold-batched one (htnet.batched) both build on these; the
+LOSO driver (htnet.loso) picks an engine and pools the outcomes.
+"""
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from htnet.errors import UserError
+from htnet.metrics import CLASS_NAMES, uf1_uar
+from htnet.models import create_model
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+@dataclass
+class Fold:
+    subject: str
+    train: np.ndarray        # sample indices the main model trains on
+    test: np.ndarray
+    inner_train: np.ndarray  # the inner run's training samples (train minus validation subjects)
+    val: np.ndarray
+    val_subjects: list
+
+
+@dataclass
+class FoldOutcome:
+    """What one fold produced: per protocol the chosen epoch and the test predictions."""
+    subject: str
+    test: np.ndarray
+    chosen: dict             # protocol -> (epoch, predictions)
+    val_labels: np.ndarray | None   # the inner run's validation samples at epoch E*
+    val_predictions: np.ndarray | None
+    history: list            # rows: run, epoch, train_loss, test_acc, val_uf1
+    fold_epochs: int
+    weights: dict | None = None  # state_dict of the weights protocol's epoch
+
+
+def subject_seed(seed, subject, run):
+    return (seed * 1_000_003 + zlib.crc32(f"{subject}/{run}".encode())) % 2**31
+
+
+def check_fold_classes(data):
+    """Every fold's training set (all subjects but one) must hold every class; UserError names
+    the first fold that lacks one. Checked before any training."""
+    for subject in data.subject_ids:
+        present = set(data.labels[data.subjects != subject].tolist())
+        missing = sorted(set(range(len(CLASS_NAMES))) - present)
+        if missing:
+            raise UserError(f"fold {subject}: training set lacks class {missing[0]} ({CLASS_NAMES[missing[0]]})")
+
+
+def make_folds(data, config):
+    """One fold per subject, with the inner run's validation subjects drawn from its training
+    subjects, one per source dataset in turn so that validation spans the datasets."""
+    subjects = data.subject_ids
+    dataset_of = dict(zip(data.subjects.tolist(), data.datasets.tolist()))
+    check_fold_classes(data)
+    folds = []
+    for subject in subjects:
+        test = np.flatnonzero(data.subjects == subject)
+        train = np.flatnonzero(data.subjects != subject)
+        val_subjects = []
+        if "inner" in config.protocols:
+            others = [s for s in subjects if s != subject]
+            if config.inner_val_subjects >= len(others):
+                raise UserError(f"inner_val_subjects={config.inner_val_subjects} leaves no training "
+                                f"subject in fold {subject} ({len(others)} others)")
+            rng = np.random.default_rng(subject_seed(config.seed, subject, "val"))
+            by_dataset = {}
+            for s in rng.permutation(others):
+                by_dataset.setdefault(dataset_of[s], []).append(str(s))
+            queues = [by_dataset[d] for d in sorted(by_dataset)]
+            while len(val_subjects) < config.inner_val_subjects:
+                for queue in queues:
+                    if queue and len(val_subjects) < config.inner_val_subjects:
+                        val_subjects.append(queue.pop())
+        val = np.flatnonzero(np.isin(data.subjects, val_subjects))
+        inner_train = np.setdiff1d(train, val)
+        folds.append(Fold(subject, train, test, inner_train, val, val_subjects))
+    return folds
+
+
+def training_order(indices, labels, samples):
+    """The reference reads u_train/<label>/ folder by folder: no shuffle means label-sorted."""
+    return indices[np.lexsort((samples[indices], labels[indices]))]
+
+
+def build_model(config, seed, device):
+    torch.manual_seed(seed)
+    return create_model(config.model, **config.model_config).to(device)
+
+
+class InnerChoice:
+    """The inner run's validation curve: E* = the epoch with the best validation UF1 (earlier
+    wins ties); `done` once `patience` evaluations pass without improvement."""
+
+    def __init__(self, labels, patience=None):
+        self.labels, self.patience = labels, patience
+        self.best, self.epoch, self.predictions, self.since_best = -1.0, None, None, 0
+
+    def add(self, epoch, predictions):
+        uf1 = uf1_uar(self.labels, predictions)[0]
+        self.since_best += 1
+        if uf1 > self.best:
+            self.best, self.epoch, self.predictions, self.since_best = uf1, epoch, predictions, 0
+        return uf1
+
+    @property
+    def done(self):
+        return bool(self.patience) and self.since_best >= self.patience
+
+
+class TestChoice:
+    """The main run's test predictions by epoch; picks the `paper` epoch (best test accuracy,
+    later wins ties), `final` (the last) and `inner` (E*, from the inner run)."""
+
+    def __init__(self, labels):
+        self.labels, self.by_epoch, self.best_acc, self.paper_epoch = labels, {}, -1.0, None
+
+    def add(self, epoch, predictions):
+        """Record one evaluation; True where it becomes the paper protocol's choice."""
+        self.by_epoch[epoch] = predictions
+        acc = float((predictions == self.labels).mean())
+        if acc >= self.best_acc:
+            self.best_acc, self.paper_epoch = acc, epoch
+            return acc, True
+        return acc, False
+
+    def chosen(self, protocols, inner_epoch=None):
+        epochs = {"paper": self.paper_epoch, "final": max(self.by_epoch), "inner": inner_epoch}
+        return {p: (epochs[p], self.by_epoch[epochs[p]]) for p in protocols}
+
+
+def weights_protocol(config):
+    """Which epoch's weights `save_weights` keeps: the paper protocol's (as the reference's
+    `--train True` does) when it is run, else the last epoch's."""
+    return "paper" if "paper" in config.protocols else "final"
+
+
+def snapshot(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

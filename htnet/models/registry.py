@@ -1,0 +1,71 @@
+"""The model registry, timm-style: `create_model("htnet", dim=64)`, and the argument checks the
+models share.
+
+Each entry says which input it reads: "face_crops" (four landmark crops tiled 2x2, HTNet) or
+"whole_face" (the whole-face flow image, STSTNet). Every model maps (B, 3, 28, 28) to
+(B, num_classes) logits. Configuration errors raise UserError with a one-line message naming the
+argument and its value, before any weights are built.
+"""
+import inspect
+import math
+import numbers
+
+from htnet.errors import UserError
+
+_REGISTRY = {}
+
+
+def register_model(name, input_kind):
+    """Class decorator: make `cls` available as `create_model(name, ...)`."""
+    if input_kind not in ("face_crops", "whole_face"):
+        raise ValueError(f"input_kind must be 'face_crops' or 'whole_face', got {input_kind!r}")
+
+    def add(cls):
+        _REGISTRY[name] = (cls, input_kind)
+        return cls
+    return add
+
+
+def list_models():
+    return sorted(_REGISTRY)
+
+
+def _entry(name):
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r} (known: {', '.join(list_models())})")
+    return _REGISTRY[name]
+
+
+def model_input(name):
+    """Which image the model `name` reads: "face_crops" or "whole_face"."""
+    return _entry(name)[1]
+
+
+def create_model(name, **config):
+    cls, _ = _entry(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    for key, value in config.items():
+        if not isinstance(key, str) or key not in accepted or key == "self":
+            raise UserError(f"model {name} has no argument {key!r}")
+        # each model checks its own arguments; a NaN or inf is refused for all (even unused ones)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in values):
+            raise UserError(f"{name}: {key} must be finite, got {value!r}")
+    return cls(**config)
+
+
+# argument checks shared by the models (messages: "<model>: <argument> ...")
+
+def positive_int(model, name, value):
+    """`value` as an int >= 1 (numpy integers accepted), else UserError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UserError(f"{model}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def dropout_rate(model, name, value):
+    """`value` as a float in [0, 1), else UserError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise UserError(f"{model}: {name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+

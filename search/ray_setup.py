@@ -1,0 +1,168 @@
+"""The driver's Ray: join a cluster (--address) or start a local one with a watchdog that ends its
+processes however the driver ends (SIGKILL included); check that a trial fits on some node."""
+import os
+import signal
+import subprocess
+import sys
+import contextlib
+
+from htnet.errors import UserError, first_line
+
+
+# The watchdog of a local Ray, run as `python -I -c WATCHDOG DRIVER_PID SESSION_DIR` (standard
+# library only, so it starts in a blink). It waits until the driver writes to or closes its stdin
+# (after ray.shutdown) or dies (SIGKILL included, when nothing can run in the driver), then ends
+# every process left of that Ray session: those whose command line names the session folder
+# (gcs_server, raylet, ...) or whose stdout/stderr go into it (agents and workers, whose process
+# titles Ray rewrites). Ray's own fate-sharing ends only its direct children, and its agents and
+# workers otherwise linger for a minute or more. Other Ray sessions are never touched.
+WATCHDOG = r"""
+import os, select, signal, sys, time
+driver, session = int(sys.argv[1]), sys.argv[2].rstrip("/")
+for sig in (signal.SIGINT, signal.SIGHUP):  # Ctrl+C, a closed terminal: the driver handles them
+    signal.signal(sig, signal.SIG_IGN)
+events = [sys.stdin]
+try:
+    events.append(os.pidfd_open(driver))
+except (AttributeError, OSError):
+    pass  # no pidfd: os.getppid() notices the driver's death within a second
+while os.getppid() == driver and not select.select(events, [], [], 1.0)[0]:
+    pass
+marks = (session + "/").encode(), (session + "\0").encode()
+
+def session_processes():
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (os.getpid(), driver):
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read() + b"\0"
+        except OSError:
+            continue
+        outputs = []
+        for fd in (1, 2):
+            try:
+                outputs.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
+            except OSError:
+                pass
+        if any(m in cmdline for m in marks) or any(o.startswith(session + "/") for o in outputs):
+            found.append(int(entry))
+    return found
+
+first, deadline = {}, time.monotonic() + 60
+while time.monotonic() < deadline:
+    pids = session_processes()
+    if not pids:
+        break
+    for pid in pids:  # SIGTERM, then SIGKILL what is still there 3 s later
+        if pid not in first:
+            first[pid], sig = time.monotonic(), signal.SIGTERM
+        elif time.monotonic() - first[pid] > 3:
+            sig = signal.SIGKILL
+        else:
+            continue
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    time.sleep(0.2)
+"""
+
+_watchdog = None  # the watchdog of the local Ray this process started (subprocess.Popen)
+
+
+def init_ray(address, num_cpus):
+    """Join the Ray cluster at `address`, or start a local Ray with its watchdog (WATCHDOG).
+    address="local" makes Ray start one even if a ray_current_cluster file (maybe left by a crashed
+    Ray) or RAY_ADDRESS names another cluster. Returns False if Ray was already initialized (the
+    caller's Ray, left alone), else True; end with stop_ray."""
+    import ray
+
+    global _watchdog
+    if ray.is_initialized():
+        return False
+    if num_cpus is not None and num_cpus < 1:
+        raise UserError(f"--num-cpus must be >= 1, got {num_cpus}")
+    sigterm = signal.getsignal(signal.SIGTERM)
+    if address:
+        try:
+            ray.init(address=address)
+        except (ConnectionError, ValueError) as e:
+            raise UserError(f"--address {address}: {first_line(e)}") from None
+        restore_sigterm(sigterm)
+        return True
+    end_watchdog()  # this process's previous local Ray was shut down: clear what is left of it
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    restore_sigterm(sigterm)
+    _watchdog = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()),
+                                  context.address_info["session_dir"]],
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return True
+
+
+def restore_sigterm(handler):
+    """ray.init replaces the driver's SIGTERM handler (with one that exits at once, and a crash
+    handler that aborts): put back the one that was there (the CLI's stops the search as Ctrl+C
+    does). Without one of ours, Ray's stays: SystemExit, so stop_ray still runs."""
+    import threading
+
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def end_watchdog():
+    """Tell the watchdog that Ray is shut down; wait while it ends what is left of the session."""
+    global _watchdog
+    watchdog, _watchdog = _watchdog, None
+    if watchdog is None:
+        return
+    with contextlib.suppress(OSError):
+        watchdog.stdin.write(b"x")  # wakes it even if a forked child still holds this pipe open
+        watchdog.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        watchdog.wait(timeout=90)
+
+
+def stop_ray(started):
+    if started:
+        import ray
+
+        try:
+            ray.shutdown()
+        finally:
+            end_watchdog()
+
+
+@contextlib.contextmanager
+def ray_session(address, num_cpus):
+    """init_ray ... stop_ray around the block, whatever ends it (an error, Ctrl+C, SIGTERM)."""
+    started = init_ray(address, num_cpus)
+    try:
+        yield started
+    finally:
+        stop_ray(started)
+
+
+def is_local_ray():
+    """True when this process's Ray is a cluster ray.init() started (one node, no autoscaler)."""
+    import ray
+
+    return bool(getattr(getattr(ray._private.worker, "_global_node", None), "ray_init_cluster", False))
+
+
+def check_resources(resources, where):
+    """Ray keeps a trial that fits no node PENDING forever: refuse it before anything is recorded.
+    A cluster that was joined (--address) may still get such a node from its autoscaler: a warning."""
+    import ray
+
+    cpu, gpu = float(resources["cpu"]), float(resources["gpu"])
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(n.get("CPU", 0) >= cpu and n.get("GPU", 0) >= gpu for n in nodes):
+        return
+    most = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
+    text = (f"{where}: a trial needs cpu={cpu:g}, gpu={gpu:g}, but no node of the Ray cluster has that "
+            f"much (the most any node has: cpu={most['CPU']:g}, gpu={most['GPU']:g})")
+    if is_local_ray():
+        raise UserError(f"{text}; its trials would wait forever")
+    print(f"warning: {text}; the trials wait until the cluster gets such a node", file=sys.stderr, flush=True)

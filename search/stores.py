@@ -1,0 +1,219 @@
+"""Where a search keeps its state, and who may touch it: the search record (runs/searches/<name>.yaml),
+the per-search lock, the Optuna storage, the default MLflow store, the search's data, and the trust
+check of the Ray experiment that `resume` unpickles.
+
+    runs/                      (--storage; every path below can be moved by a flag)
+      ray/<name>/              Ray Tune's experiment (Tuner.restore resumes from here)
+      searches/<name>.yaml     what the search was started with (space, data, stores, parent run)
+      searches/<name>.best.yaml the best finished trial's LOSO config (python -m htnet train --config)
+      searches/<name>.lock     held (flock) by the process running or resuming the search
+      optuna.db                the Optuna studies, one per search (optuna-dashboard sqlite:///runs/optuna.db)
+      synthetic/               the built-in synthetic data set, generated once
+    mlflow.db                  the MLflow store (mlflow ui --backend-store-uri sqlite:///mlflow.db)
+
+One process at a time runs or resumes a search (the lock above); the shared stores (MLflow's and
+Optuna's sqlite files, the synthetic data) are created under a file lock beside them.
+"""
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from htnet.errors import UserError, first_line
+from htnet.io import atomic_write, file_lock, read_yaml
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def default_tracking_uri():
+    """MLFLOW_TRACKING_URI (set on the cluster's head), else sqlite:///mlflow.db here."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def default_optuna_storage(storage):
+    return f"sqlite:///{(Path(storage) / 'optuna.db').resolve()}"
+
+
+def open_optuna_storage(url):
+    """sqlite:///path, any SQLAlchemy URL, or journal:path / a *.log file (JournalStorage)."""
+    import optuna
+
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        path = Path(url[len("journal:"):] if url.startswith("journal:") else url).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    lock = contextlib.nullcontext()
+    if url.startswith("sqlite:///"):  # a new file gets its tables: one process at a time
+        path = Path(url[len("sqlite:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = file_lock(path.parent / f".{path.name}.lock")
+    try:
+        with lock:
+            return optuna.storages.RDBStorage(url)
+    except Exception as e:  # noqa: BLE001 - any bad URL or damaged file is the user's
+        raise UserError(f"Optuna storage {url}: {first_line(getattr(e, 'orig', None) or e)}") from None
+
+
+def manifest_path(storage, name):
+    return Path(storage) / "searches" / f"{name}.yaml"
+
+
+MANIFEST_KEYS = {"name": str, "status": str, "space_file": str, "space": dict, "settings": dict,
+                 "data": dict, "data_root": str, "tracking_uri": str, "experiment": str,
+                 "experiment_id": str, "parent_run_id": str, "optuna_storage": str,
+                 "ray_storage": str, "ray_path": str}
+SETTINGS_KEYS = ("num_samples", "max_concurrent_trials", "objective", "resources", "max_failures",
+                 "sampler", "pruner")
+
+
+def search_names(storage):
+    folder = Path(storage) / "searches"
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.endswith(".best")) if folder.is_dir() else []
+
+
+def no_such_search(storage, name):
+    known = search_names(storage)
+    return UserError(f"no search named {name!r} in {Path(storage) / 'searches'}"
+                     + (f" (known: {', '.join(known)})" if known else ""))
+
+
+def read_manifest(storage, name):
+    """The search record, checked: a damaged one (not YAML, binary, a key missing) is one line
+    naming the file and what is wrong."""
+    path = manifest_path(storage, name)
+    if not path.is_file():
+        raise no_such_search(storage, name)
+    manifest = read_yaml(path)
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: damaged search record (not a mapping of keys)")
+    for key, kind in MANIFEST_KEYS.items():
+        if key not in manifest:
+            raise UserError(f"{path}: damaged search record: key {key!r} is missing")
+        if not isinstance(manifest[key], kind):
+            raise UserError(f"{path}: damaged search record: {key} is not a {kind.__name__}")
+    missing = [k for k in SETTINGS_KEYS if k not in manifest["settings"]]
+    if missing:
+        raise UserError(f"{path}: damaged search record: key 'settings.{missing[0]}' is missing")
+    if manifest["name"] != name:
+        raise UserError(f"{path}: damaged search record: it names search {manifest['name']!r}")
+    return manifest
+
+
+def write_manifest(storage, name, manifest):
+    with atomic_write(manifest_path(storage, name)) as f:
+        yaml.safe_dump(manifest, f, sort_keys=False)
+
+
+def check_name(name):
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 100)")
+    return name
+
+
+def data_source(options, space, storage):
+    if options.data:
+        path = Path(options.data).resolve()
+        if not path.exists():
+            raise UserError(f"--data {options.data}: no such folder")
+        return {"path": str(path)}
+    return {"synthetic": {"subjects_per_dataset": space.data["synthetic_subjects"],
+                          "seed": space.data["synthetic_seed"],
+                          "cache": str((Path(storage) / "synthetic").resolve())}}
+
+
+def load_data(source):
+    """The CompositeData of a search: a release folder, or the synthetic set generated once."""
+    from htnet.data import load_release, synthetic_cache
+
+    if "path" in source:
+        return load_release(source["path"]), source["path"]
+    synth = source["synthetic"]
+    Path(synth["cache"]).mkdir(parents=True, exist_ok=True)
+    with file_lock(Path(synth["cache"]) / ".lock"):  # two searches starting at once make it once
+        root = synthetic_cache(synth["cache"], synth["subjects_per_dataset"], synth["seed"])
+    return load_release(root), str(root)
+
+
+def lock_path(storage, name):
+    return Path(storage) / "searches" / f"{name}.lock"
+
+
+@contextlib.contextmanager
+def search_lock(storage, name, hint="wait for it to end"):
+    """Held (flock) while this process runs or resumes search `name`, from before its first record
+    is written to its end. A second process is refused in one line: two drivers of one search would
+    run its trials twice and overwrite each other's records."""
+    import fcntl
+
+    path = lock_path(storage, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"search {name!r} is running in another process (pid {holder}); {hint}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock (the kernel does it too if this process is killed)
+
+
+def check_restorable(manifest, name):
+    """Refuse (one line) a Ray experiment that someone else could have written.
+
+    `tune.Tuner.restore` unpickles the experiment's tuner.pkl, its searcher state and its trial
+    state, and so does `tune.ExperimentAnalysis`: whoever can write those files can run code as you
+    when you resume. So only the experiment the search record names is read, `<ray_storage>/<name>`,
+    which must lie inside the recorded Ray storage (symbolic links resolved), and only if every
+    folder from the storage root down to it and everything in it is owned by you and writable by
+    nobody else (no group or other write bit). For storage given as a URL (s3://, gs://, ...) this
+    cannot be checked from here: the bucket or prefix must be writable by you alone."""
+    import stat
+
+    storage, path = manifest["ray_storage"].rstrip("/"), manifest["ray_path"].rstrip("/")
+    if path != f"{storage}/{name}":
+        raise UserError(f"search {name!r}: its record names the Ray experiment {path}, not "
+                        f"{storage}/{name}: refusing to load it")
+    if "://" in storage:
+        return
+    root, folder = Path(storage).resolve(), Path(path).resolve()
+    if root not in folder.parents:
+        raise UserError(f"search {name!r}: the Ray experiment {path} leads outside the Ray storage {storage} "
+                        f"(a symbolic link?): refusing to load it")
+    if not folder.is_dir():
+        return  # nothing to load: the caller says there is no restorable experiment
+    inside = [folder] + [Path(d) / n for d, dirs, files in os.walk(folder) for n in dirs + files]
+    me = os.geteuid()
+    for item in [root, *reversed([p for p in folder.parents if root in p.parents]), *inside]:
+        try:
+            info = item.stat()  # a link: what it points to is what would be read
+        except OSError:
+            continue
+        if info.st_uid != me:
+            problem = f"is owned by uid {info.st_uid}, not by you (uid {me})"
+        elif info.st_mode & 0o002 or (info.st_mode & 0o020 and not private_group(info.st_gid)):
+            problem = f"is writable by others than you (mode {stat.filemode(info.st_mode)})"
+        else:
+            continue
+        raise UserError(f"search {name!r}: refusing to load the Ray experiment {folder}: {item} {problem}; "
+                        f"resuming unpickles these files, so whoever can write them could run code as you "
+                        f"(if you trust them, chown them to you and chmod -R go-w {folder})")
+
+
+def private_group(gid):
+    """True for your own user-private group (your name, your primary group, no other member): with
+    umask 002, as many distributions set it, Ray writes group-writable files, and a group that only
+    you are in lets nobody else write them."""
+    import grp
+    import pwd
+
+    try:
+        me, group = pwd.getpwuid(os.geteuid()), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
