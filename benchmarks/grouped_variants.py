@@ -3,8 +3,8 @@ cross-entropy, backward, fused Adam) of a group of G fold-models on one shared b
 
 - HTNet: the hand-written `GroupedHTNet` (htnet.models.grouped) vs `torch.func.stack_module_state`
   + `functional_call` + `vmap` over G plain HTNets (dropout drawn per member, randomness="different");
-- STSTNet: `GroupedSTSTNet` with its C stem kernels (HTNET_CPU_KERNELS=1), without them (the
-  pure-PyTorch path, HTNET_CPU_KERNELS=0), and the latter under `torch.compile`. (vmap is not a
+- STSTNet: `GroupedSTSTNet` with the opt-in C stem kernels (htnet.kernels, HTNET_CPU_KERNELS=1),
+  without them (the pure-PyTorch path, the default), and the latter under `torch.compile`. (vmap is not a
   candidate for STSTNet: each member's BatchNorm must leave its held-out subject out of the batch
   statistics, which the grouped model's mask does and a vmapped plain BatchNorm cannot.)
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from htnet.models import create_model
+from htnet import kernels
 from htnet.models import grouped
 
 MODELS = {
@@ -83,8 +84,8 @@ def vmap_step(name, config, states):
 def with_kernels(on):
     """Switch the STSTNet C stem kernels on or off for the models built next."""
     os.environ["HTNET_CPU_KERNELS"] = "1" if on else "0"
-    grouped._KERNELS.pop("lib", None)
-    return grouped.cpu_kernels() is not None
+    kernels._KERNELS.pop("lib", None)
+    return kernels.cpu_kernels() is not None
 
 
 def variants(model_key, groups, compile_):

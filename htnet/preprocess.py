@@ -66,7 +66,6 @@ on; a summary of the failures follows at the end. ``run`` returns 0 when every s
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import multiprocessing
 import os
@@ -79,21 +78,17 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from htnet.data.flow import SIZE, flow_image, optical_strain
+from htnet.data.release import (CSV_COLUMNS, CSV_NAME, IMAGE_DIR, LANDMARK_COLUMNS,  # noqa: F401
+                                LANDMARKS_NAME, write_release)
 from htnet.errors import UserError
-from htnet.io import SAFE_NAME_RULE, atomic_write, is_safe_name
+from htnet.io import SAFE_NAME_RULE, is_safe_name
 
-CSV_NAME = "combined_3_class2_for_optical_flow.csv"
-IMAGE_DIR = os.path.join("datasets", "STSNet_whole_norm_u_v_os")
-LANDMARKS_NAME = "landmarks_mtcnn.csv"
-RELEASE_COLUMNS = ["dataset", "sub", "filename_o", "label", "apex", "imagename", "sub_filename"]
 EXTRA_COLUMNS = ["onset", "apex_source"]
-LANDMARK_COLUMNS = ["left_eye_x", "left_eye_y", "right_eye_x", "right_eye_y", "nose_x", "nose_y",
-                    "mouth_left_x", "mouth_left_y", "mouth_right_x", "mouth_right_y"]
 REQUIRED_COLUMNS = ["dataset", "subject", "sample", "label", "onset"]
 FACE_COLUMNS = ["face_x", "face_y", "face_w", "face_h"]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp"}
 LABEL_NAMES = {"negative": 0, "positive": 1, "surprise": 2}
-SIZE = 28
 
 # TV-L1 parameters: our name -> (OpenCV default, type, help). Passed positionally in this order.
 TVL1_PARAMS = {
@@ -202,40 +197,6 @@ def tvl1_flow(onset_gray: np.ndarray, apex_gray: np.ndarray, **params) -> tuple[
     tvl1 = cv2.optflow.DualTVL1OpticalFlow_create(*values)
     flow = tvl1.calc(_to_gray(onset_gray), _to_gray(apex_gray), None)
     return flow[..., 0].astype(np.float32), flow[..., 1].astype(np.float32)
-
-
-def optical_strain(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Optical strain magnitude sqrt(e_xx^2 + e_yy^2 + 2 e_xy^2), e_xy = (du/dy + dv/dx) / 2."""
-    u = np.asarray(u, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
-    du_dy, du_dx = np.gradient(u)
-    dv_dy, dv_dx = np.gradient(v)
-    e_xy = 0.5 * (du_dy + dv_dx)
-    return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2.0 * e_xy ** 2).astype(np.float32)
-
-
-def _minmax_255(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(x.min()), float(x.max())
-    if not np.isfinite(lo) or not np.isfinite(hi):
-        raise SampleError("flow is not finite")
-    if hi - lo <= 1e-12:  # a constant channel (no motion) -> all zeros
-        return np.zeros(x.shape, dtype=np.uint8)
-    return np.round((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def flow_image(u: np.ndarray, v: np.ndarray, strain: np.ndarray) -> np.ndarray:
-    """28x28x3 uint8 in the release's channel order: [..., 0] strain, [..., 1] v, [..., 2] u.
-
-    Each channel is resized to 28x28 (INTER_AREA) and then min-max scaled to 0..255 on its own.
-    Write it with cv2.imwrite; cv2.imread gives back the same array.
-    """
-    chans = []
-    for x in (strain, v, u):
-        x = np.asarray(x, dtype=np.float32)
-        if x.shape != (SIZE, SIZE):
-            x = cv2.resize(x, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-        chans.append(_minmax_255(x))
-    return np.stack(chans, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +328,10 @@ def preprocess_sample(row: dict, frames_root, face_size: int = 224, landmarks=No
         apex_img = cv2.resize(apex_img, (face_size, face_size), interpolation=interp)
 
     u, v = tvl1_flow(onset_img, apex_img, **(tvl1 or {}))
-    image = flow_image(u, v, optical_strain(u, v))
+    try:
+        image = flow_image(u, v, optical_strain(u.astype(np.float64), v.astype(np.float64)))
+    except ValueError as e:  # a non-finite flow
+        raise SampleError(str(e)) from None
 
     lm28 = None
     if landmarks is not None:
@@ -511,21 +475,6 @@ def _is_float(x: str) -> bool:
         return False
 
 
-def _write_csv(path: Path, df: pd.DataFrame):
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    with atomic_write(path, "w", newline="") as f:
-        f.write(buf.getvalue())
-
-
-def _write_png(path: Path, image: np.ndarray):
-    ok, data = cv2.imencode(".png", image)
-    if not ok:
-        raise SampleError(f"cannot encode {path.name}")
-    with atomic_write(path, "wb") as f:
-        f.write(data.tobytes())
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole run
 
@@ -552,11 +501,10 @@ def preprocess(index_csv, frames_root, out_dir, workers: int | None = None, face
     index = read_index(index_csv)
     user_lm = read_landmarks(landmarks, index) if landmarks else {}
     rows = index.to_dict("records")
-    image_dir = out_dir / IMAGE_DIR
     try:
-        image_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create output folder {image_dir}: {e.strerror}") from None
+        raise UserError(f"cannot create output folder {out_dir}: {e.strerror}") from None
 
     workers = workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(rows)))
@@ -571,12 +519,7 @@ def preprocess(index_csv, frames_root, out_dir, workers: int | None = None, face
         i, image, info, err = res
         sid = sample_id(rows[i])
         if err is None:
-            try:
-                _write_png(image_dir / f"{sid} .png", image)
-            except (SampleError, OSError) as e:
-                err = f"cannot write image: {e}"
-        if err is None:
-            results[i] = info
+            results[i] = (image, info)
         else:
             failed.append((sid, err))
             msg = f"error: sample {sid}: {err}"
@@ -602,7 +545,7 @@ def preprocess(index_csv, frames_root, out_dir, workers: int | None = None, face
         bar.close()
 
     if results:
-        ok_rows = [(i, rows[i], results[i]) for i in sorted(results)]
+        ok_rows = [(i, rows[i], results[i][1]) for i in sorted(results)]
         table = pd.DataFrame({
             "dataset": [r["dataset"] for _, r, _ in ok_rows],
             "sub": [r["subject"] for _, r, _ in ok_rows],
@@ -613,15 +556,14 @@ def preprocess(index_csv, frames_root, out_dir, workers: int | None = None, face
             "sub_filename": [sample_id(r) for _, r, _ in ok_rows],
             "onset": [info["onset"] for _, _, info in ok_rows],
             "apex_source": [info["apex_source"] for _, _, info in ok_rows],
-        }, columns=RELEASE_COLUMNS + EXTRA_COLUMNS)
+        }, columns=CSV_COLUMNS + EXTRA_COLUMNS)
         lm_rows = []
         for _, r, info in ok_rows:
             lm = info["landmarks"]
             lm_rows.append([sample_id(r), 1 if lm else 0]
                            + ([round(x, 6) for x in lm] if lm else [""] * len(LANDMARK_COLUMNS)))
         lm_table = pd.DataFrame(lm_rows, columns=["sample", "detected"] + LANDMARK_COLUMNS)
-        _write_csv(out_dir / LANDMARKS_NAME, lm_table)
-        _write_csv(out_dir / CSV_NAME, table)  # last: the CSV is what makes the layout complete
+        write_release(out_dir, table, np.stack([results[i][0] for i in sorted(results)]), lm_table)
 
     n_ok = len(results)
     if failed:

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from htnet.data.flow import flow_image
 from htnet.data.release import LANDMARK_COLUMNS, TEMPLATE_LANDMARKS, write_release
 from htnet.errors import UserError
 
@@ -60,25 +61,6 @@ def _smooth_noise(rng, sigma_px, scale):
     noise = rng.normal(0, 1, (28, 28)).astype(np.float32)
     noise = cv2.GaussianBlur(noise, (0, 0), sigma_px)
     return noise / (noise.std() + 1e-6) * scale
-
-
-def optical_strain(u, v):
-    """sqrt(e_xx^2 + e_yy^2 + 2 e_xy^2), e_xy = (du/dy + dv/dx) / 2."""
-    du_dy, du_dx = np.gradient(u)
-    dv_dy, dv_dx = np.gradient(v)
-    e_xy = (du_dy + dv_dx) / 2
-    return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2 * e_xy ** 2)
-
-
-def _to_uint8(channel):
-    low, high = channel.min(), channel.max()
-    return np.zeros_like(channel, np.uint8) if high - low < 1e-8 else \
-        np.round((channel - low) / (high - low) * 255).astype(np.uint8)
-
-
-def flow_image(u, v):
-    """(28, 28, 3) uint8 in the release's stored order: cv2.imread gives (strain, v, u)."""
-    return np.stack([_to_uint8(optical_strain(u, v)), _to_uint8(v), _to_uint8(u)], axis=-1)
 
 
 def make_synthetic(out_dir, subjects_per_dataset=4, samples_per_subject=(4, 9), seed=0,

@@ -26,21 +26,13 @@ GroupedHTNet: per-fold weights stacked along G; every 1x1 convolution is a batch
 (scaled_dot_product_attention, the same math as the reference's einsum/softmax), Aggregate's 3x3
 convolution is a grouped convolution (groups=G). No sample mixing, so no mask.
 """
-import concurrent.futures
-import ctypes
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from htnet import kernels
 from htnet.models import create_model
 
 
@@ -91,193 +83,6 @@ class GroupedModel(nn.Module):
 
 
 
-# ------------------------------------------------------------------------------ CPU stem kernels
-# The full-resolution elementwise work of the STSTNet stem (ReLU, per-sample channel sums of z and
-# z^2, the 3x3/3 max-pool with argmax; in the backward: the ReLU mask, the sums' gradient and the
-# max-pool's scatter) as two single-pass C loops over channels-last maps, one sample at a time so
-# the sample's map stays in L2. PyTorch eager needs ~10 passes over memory for the same work.
-# Compiled once with the system C compiler into ~/.cache/htnet/kernels and called through ctypes
-# (which releases the GIL, so threads can split the batch); HTNET_CPU_KERNELS=0, no compiler or a
-# failed build -> the pure-PyTorch path, same results.
-
-_STEM_C = r"""
-#include <stdint.h>
-/* Channels-last maps: z[b][p][c], p = h * W + w. Max-pool 3x3, stride 3, padding 1; int32 argmax
-   p within the (H, W) plane, the first maximum in scan order wins (as PyTorch's). */
-void stem_forward(float *restrict z, int64_t b0, int64_t b1, int64_t H, int64_t W, int64_t C,
-                  float *restrict s1, float *restrict s2, float *restrict pmax, int32_t *restrict idx) {
-    const int64_t Ho = (H + 2 - 3) / 3 + 1, Wo = (W + 2 - 3) / 3 + 1;
-    for (int64_t b = b0; b < b1; b++) {
-        float *restrict zb = z + b * H * W * C;
-        float *restrict a1 = s1 + b * C;
-        float *restrict a2 = s2 + b * C;
-        for (int64_t c = 0; c < C; c++) { a1[c] = 0.f; a2[c] = 0.f; }
-        /* one pass: ReLU, sums and max over each window; positions no window covers after */
-        for (int64_t i = 0; i < Ho; i++) {
-            int64_t h0 = 3 * i - 1, h1 = h0 + 3; if (h0 < 0) h0 = 0; if (h1 > H) h1 = H;
-            for (int64_t j = 0; j < Wo; j++) {
-                int64_t w0 = 3 * j - 1, w1 = w0 + 3; if (w0 < 0) w0 = 0; if (w1 > W) w1 = W;
-                float *restrict pm = pmax + ((b * Ho + i) * Wo + j) * C;
-                int32_t *restrict ix = idx + ((b * Ho + i) * Wo + j) * C;
-                int started = 0;
-                for (int64_t h = h0; h < h1; h++)
-                    for (int64_t w = w0; w < w1; w++) {
-                        const int32_t p = (int32_t)(h * W + w);
-                        float *restrict zp = zb + (int64_t)p * C;
-                        if (!started) {
-                            for (int64_t c = 0; c < C; c++) {
-                                const float v = zp[c] > 0.f ? zp[c] : 0.f;
-                                zp[c] = v; a1[c] += v; a2[c] += v * v;
-                                pm[c] = v; ix[c] = p;
-                            }
-                            started = 1;
-                            continue;
-                        }
-                        for (int64_t c = 0; c < C; c++) {
-                            const float v = zp[c] > 0.f ? zp[c] : 0.f;
-                            zp[c] = v; a1[c] += v; a2[c] += v * v;
-                            const int gt = v > pm[c];
-                            pm[c] = gt ? v : pm[c];
-                            ix[c] = gt ? p : ix[c];
-                        }
-                    }
-            }
-        }
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t w = 0; w < W; w++) {
-                if (h <= 3 * Ho - 2 && w <= 3 * Wo - 2) continue;   /* covered by a window */
-                float *restrict zp = zb + (h * W + w) * C;
-                for (int64_t c = 0; c < C; c++) {
-                    const float v = zp[c] > 0.f ? zp[c] : 0.f;
-                    zp[c] = v; a1[c] += v; a2[c] += v * v;
-                }
-            }
-    }
-}
-
-/* dz = z > 0 ? ds1 + 2 z ds2 + (max-pool gradient at its argmax) : 0. */
-void stem_backward(const float *restrict z, const int32_t *restrict idx, const float *restrict dp,
-                   const float *restrict ds1, const float *restrict ds2, float *restrict dz,
-                   int64_t b0, int64_t b1, int64_t H, int64_t W, int64_t C) {
-    const int64_t Ho = (H + 2 - 3) / 3 + 1, Wo = (W + 2 - 3) / 3 + 1;
-    for (int64_t b = b0; b < b1; b++) {
-        const float *restrict zb = z + b * H * W * C;
-        float *restrict db = dz + b * H * W * C;
-        const float *restrict d1 = ds1 + b * C;
-        const float *restrict d2 = ds2 + b * C;
-        for (int64_t p = 0; p < H * W; p++) {
-            const float *restrict zp = zb + p * C;
-            float *restrict dq = db + p * C;
-            for (int64_t c = 0; c < C; c++) {
-                const float v = zp[c];
-                dq[c] = v > 0.f ? d1[c] + 2.f * v * d2[c] : 0.f;
-            }
-        }
-        for (int64_t o = 0; o < Ho * Wo; o++) {
-            const int32_t *restrict ix = idx + (b * Ho * Wo + o) * C;
-            const float *restrict g = dp + (b * Ho * Wo + o) * C;
-            for (int64_t c = 0; c < C; c++) {
-                const int64_t off = (int64_t)ix[c] * C + c;
-                if (zb[off] > 0.f) db[off] += g[c];
-            }
-        }
-    }
-}
-"""
-
-_KERNELS = {}
-
-
-def _compile_flags():
-    flags = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = f.read(100_000)
-        if " avx2" in cpu and " fma" in cpu:
-            flags += ["-mavx2", "-mfma"]
-    except OSError:
-        pass
-    return flags
-
-
-def cpu_kernels():
-    """The ctypes library of the stem kernels, or None where it cannot be had."""
-    if "lib" in _KERNELS:
-        return _KERNELS["lib"]
-    _KERNELS["lib"] = None
-    if os.environ.get("HTNET_CPU_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        return None
-    flags = _compile_flags()
-    digest = hashlib.sha256((_STEM_C + " ".join(flags) + compiler).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "htnet" / "kernels"
-    target = cache / f"stem-{digest}.so"
-    try:
-        if not target.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                source = Path(tmp) / "stem.c"
-                source.write_text(_STEM_C)
-                built = Path(tmp) / "stem.so"
-                subprocess.run([compiler, *flags, "-o", str(built), str(source)], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(built, target)   # atomic: concurrent workers may build it too
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.stem_forward.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
-    lib.stem_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
-    lib.stem_forward.restype = lib.stem_backward.restype = None
-    _KERNELS["lib"] = lib
-    return lib
-
-
-def _split(batch, fn):
-    """Run fn(b0, b1) over the batch, split across torch's thread count (ctypes drops the GIL)."""
-    threads = min(torch.get_num_threads(), batch)
-    if threads <= 1:
-        fn(0, batch)
-        return
-    if "pool" not in _KERNELS or _KERNELS["pool"]._max_workers != threads:
-        _KERNELS["pool"] = concurrent.futures.ThreadPoolExecutor(threads)
-    bounds = [batch * i // threads for i in range(threads + 1)]
-    list(_KERNELS["pool"].map(lambda i: fn(bounds[i], bounds[i + 1]), range(threads)))
-
-
-def _channels_last(shape, dtype=torch.float32):
-    """An empty (B, C, H, W) tensor laid out channels-last."""
-    B, C, H, W = shape
-    return torch.empty((B, H, W, C), dtype=dtype).permute(0, 3, 1, 2)
-
-
-def _stem_forward_kernel(lib, z):
-    B, C, H, W = z.shape
-    Ho, Wo = (H - 1) // 3 + 1, (W - 1) // 3 + 1
-    s1, s2 = torch.empty(B, C), torch.empty(B, C)
-    pmax, idx = _channels_last((B, C, Ho, Wo)), _channels_last((B, C, Ho, Wo), torch.int32)
-    _split(B, lambda b0, b1: lib.stem_forward(z.data_ptr(), b0, b1, H, W, C, s1.data_ptr(), s2.data_ptr(),
-                                              pmax.data_ptr(), idx.data_ptr()))
-    return s1, s2, pmax, idx
-
-
-def _stem_backward_kernel(lib, z, idx, dpmax, ds1, ds2):
-    B, C, H, W = z.shape
-    dz = _channels_last((B, C, H, W))
-    dp = dpmax.to(torch.float32).contiguous(memory_format=torch.channels_last)
-    ds1, ds2 = ds1.float().contiguous(), ds2.float().contiguous()
-    _split(B, lambda b0, b1: lib.stem_backward(z.data_ptr(), idx.data_ptr(), dp.data_ptr(), ds1.data_ptr(),
-                                               ds2.data_ptr(), dz.data_ptr(), b0, b1, H, W, C))
-    return dz
-
-
-def _kernel_ok(z):
-    return (z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 4
-            and z.is_contiguous(memory_format=torch.channels_last) and z.shape[1] <= 4096)
-
-
 # --------------------------------------------------------------------------------------- STSTNet
 
 def dropout_mask(shape, p, generator=None, device=None):
@@ -304,10 +109,10 @@ class _StemFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, need_min):
         z = F.conv2d(x, weight, bias, padding=2)
-        lib = cpu_kernels() if not need_min and _kernel_ok(z) else None
+        lib = kernels.cpu_kernels() if not need_min and kernels.applies_to(z) else None
         ctx.kernel = lib
         if lib is not None:
-            s1, s2, pmax, idx_max = _stem_forward_kernel(lib, z)
+            s1, s2, pmax, idx_max = kernels.stem_forward(lib, z)
         else:
             z = z.relu_()
             s1 = z.sum((2, 3))
@@ -332,7 +137,7 @@ class _StemFn(torch.autograd.Function):
         if ds1 is None:
             ds1 = z.new_zeros(B, C)
         if ctx.kernel is not None:
-            dz = _stem_backward_kernel(ctx.kernel, z, idx_max, dpmax, ds1, ds2)
+            dz = kernels.stem_backward(ctx.kernel, z, idx_max, dpmax, ds1, ds2)
             _, dw, db = torch.ops.aten.convolution_backward(
                 dz, x, weight, [weight.shape[0]], [1, 1], [2, 2], [1, 1], False, [0, 0], 1, [False, True, True])
             return None, dw, db, None

@@ -7,7 +7,7 @@ padding 1), and the width grows with depth (dim, 2 dim, 4 dim, ...) so the head 
 widest level.
 
 Module and parameter names are the reference's, so a state_dict saved by the reference
-`Model.HTNet` loads here with strict=True (tests/test_models.py checks it against a copy).
+`Model.HTNet` loads here with strict=True (tests/unit/test_models.py checks it against a copy).
 
 Feature maps stay (b, c, h, w) throughout: attention and feed-forward are 1x1 convolutions and the
 LayerNorm is over channels. With L = num_hierarchies, the patch grid (image_size / patch_size)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Lowest first. metrics sits below the engine: the inner protocol picks its epoch by validation UF1.
 LAYERS = [
     ("base", ["htnet.errors", "htnet.io"]),
     ("data", ["htnet.data", "htnet.preprocess"]),
     ("metrics", ["htnet.metrics"]),
-    ("models", ["htnet.models"]),
+    ("models", ["htnet.models", "htnet.kernels"]),
     ("engine parts", ["htnet.folds", "htnet.models.grouped"]),
     ("engines", ["htnet.plain", "htnet.batched"]),
     ("loso", ["htnet.loso"]),

@@ -305,6 +305,7 @@ def test_config_error_of_a_sampled_combination_is_one_user_error():
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow  # a real Ray search
 def test_a_trial_losoconfig_rejects_fails_once_and_the_search_goes_on(local_ray, tmp_path):
     """Grid of 2 (optimizer adam | bogus), 1 epoch, max_failures 2: the bogus trial is FAILED once
     (Optuna FAIL, its error recorded), not retried; the other finishes."""

@@ -418,7 +418,7 @@ def test_atomic_write_at_the_file_size_limit(tmp_path):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     a.write_text("old a")
     b.write_text("old b")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-c", script, str(a), str(b)], capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout.strip() == f"cannot write {b}: File too large", done
     assert (a.read_text(), b.read_text()) == ("old a", "old b")  # all or none: a is not replaced either

@@ -59,11 +59,11 @@ def test_fold_state_dict_loads_strict_into_the_plain_model(name, config):
             assert torch.equal(state[key], value), key
 
 
-@pytest.mark.parametrize("negative_gamma", [False, True], ids=["fast-stem", "min-pool"])
+@pytest.mark.parametrize("negative_gamma", [False, True], ids=["max-pool", "min-pool"])
 def test_grouped_ststnet_training_step_matches_plain_models_on_their_own_samples(negative_gamma):
     """Train mode with a per-fold mask: member g's BatchNorm statistics and gradients are those of
     the plain model run on ITS samples only (the held-out samples never enter them). Both stem
-    paths: the C kernels (all BN scales positive) and the min-pool path (one negative)."""
+    paths: max-pool only (all BN scales positive) and max- and min-pool (one negative)."""
     models = plain_models("ststnet", {}, 3, negative_gamma)
     for model in models:
         model.dropout.p = 0.0

@@ -1,0 +1,117 @@
+"""Opt-in C kernels for the fold-grouped STSTNet's stem (htnet.models.grouped), on the CPU.
+
+The full-resolution elementwise work of the stem (ReLU, per-sample channel sums of z and z^2, the
+3x3/3 max-pool with argmax; in the backward: the ReLU mask, the sums' gradient and the max-pool's
+scatter) as two single-pass C loops over channels-last maps (stem.c), one sample at a time so the
+sample's map stays in L2; PyTorch eager needs ~10 passes over memory for the same work.
+
+HTNET_CPU_KERNELS=1 turns them on: stem.c is compiled once with the system C compiler into
+~/.cache/htnet/kernels and called through ctypes (which releases the GIL, so threads split the
+batch). Off (the default), without a compiler or after a failed build: the pure-PyTorch path, same
+results (tests/engine/test_kernels.py). Measured in benchmarks/RESULTS.md: 1.3x on the batched
+engine's default CPU set-up (2 worker processes of one thread), 1.1x in one process.
+"""
+import concurrent.futures
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("stem.c")
+
+_KERNELS = {}
+
+
+def _compile_flags():
+    flags = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = f.read(100_000)
+        if " avx2" in cpu and " fma" in cpu:
+            flags += ["-mavx2", "-mfma"]
+    except OSError:
+        pass
+    return flags
+
+
+def cpu_kernels():
+    """The ctypes library of the stem kernels, or None where it cannot be had."""
+    if "lib" in _KERNELS:
+        return _KERNELS["lib"]
+    _KERNELS["lib"] = None
+    if os.environ.get("HTNET_CPU_KERNELS", "0") != "1" or not sys.platform.startswith("linux"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    flags = _compile_flags()
+    source = SOURCE.read_text()
+    digest = hashlib.sha256((source + " ".join(flags) + compiler).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "htnet" / "kernels"
+    target = cache / f"stem-{digest}.so"
+    try:
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                built = Path(tmp) / "stem.so"
+                subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(built, target)   # atomic: concurrent workers may build it too
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.stem_forward.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.stem_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
+    lib.stem_forward.restype = lib.stem_backward.restype = None
+    _KERNELS["lib"] = lib
+    return lib
+
+
+def _split(batch, fn):
+    """Run fn(b0, b1) over the batch, split across torch's thread count (ctypes drops the GIL)."""
+    threads = min(torch.get_num_threads(), batch)
+    if threads <= 1:
+        fn(0, batch)
+        return
+    if "pool" not in _KERNELS or _KERNELS["pool"]._max_workers != threads:
+        _KERNELS["pool"] = concurrent.futures.ThreadPoolExecutor(threads)
+    bounds = [batch * i // threads for i in range(threads + 1)]
+    list(_KERNELS["pool"].map(lambda i: fn(bounds[i], bounds[i + 1]), range(threads)))
+
+
+def _channels_last(shape, dtype=torch.float32):
+    """An empty (B, C, H, W) tensor laid out channels-last."""
+    B, C, H, W = shape
+    return torch.empty((B, H, W, C), dtype=dtype).permute(0, 3, 1, 2)
+
+
+def stem_forward(lib, z):
+    B, C, H, W = z.shape
+    Ho, Wo = (H - 1) // 3 + 1, (W - 1) // 3 + 1
+    s1, s2 = torch.empty(B, C), torch.empty(B, C)
+    pmax, idx = _channels_last((B, C, Ho, Wo)), _channels_last((B, C, Ho, Wo), torch.int32)
+    _split(B, lambda b0, b1: lib.stem_forward(z.data_ptr(), b0, b1, H, W, C, s1.data_ptr(), s2.data_ptr(),
+                                              pmax.data_ptr(), idx.data_ptr()))
+    return s1, s2, pmax, idx
+
+
+def stem_backward(lib, z, idx, dpmax, ds1, ds2):
+    B, C, H, W = z.shape
+    dz = _channels_last((B, C, H, W))
+    dp = dpmax.to(torch.float32).contiguous(memory_format=torch.channels_last)
+    ds1, ds2 = ds1.float().contiguous(), ds2.float().contiguous()
+    _split(B, lambda b0, b1: lib.stem_backward(z.data_ptr(), idx.data_ptr(), dp.data_ptr(), ds1.data_ptr(),
+                                               ds2.data_ptr(), dz.data_ptr(), b0, b1, H, W, C))
+    return dz
+
+
+def applies_to(z):
+    return (z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 4
+            and z.is_contiguous(memory_format=torch.channels_last) and z.shape[1] <= 4096)
