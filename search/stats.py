@@ -3,15 +3,14 @@
 - `mean_interval(values)`: mean, sample std (ddof=1) and the two-sided 95% Student-t interval
   mean +- t_{0.975, K-1} * std / sqrt(K) over K reruns (seeds). K = 1 gives no std or interval.
 - `paired_bootstrap(d)`: percentile interval of the mean of paired differences, resampling the
-  pairs (subjects) with replacement.
+  pairs (subjects) with replacement (scipy.stats.bootstrap).
 - `sign_flip_pvalue(d)`: two-sided paired permutation test of "mean difference = 0": under the
-  null each subject's difference is as likely +d as -d. Exact (all 2^n sign vectors) up to
-  n = EXACT_MAX subjects, else Monte Carlo with the observed vector counted ((hits + 1)/(B + 1)).
+  null each subject's difference is as likely +d as -d (scipy.stats.permutation_test). Exact (all
+  2^n sign vectors) up to n = EXACT_MAX subjects, else Monte Carlo with the observed vector counted.
 - `uf1_uar_from_counts(confusions)`: UF1/UAR from (..., 3, 3) confusion counts, vectorised, with
   the classes absent from the ground truth left out as `htnet.metrics.uf1_uar` does; used for the
   subject-level (cluster) bootstrap of pooled UF1/UAR.
 """
-import itertools
 import math
 
 import numpy as np
@@ -46,37 +45,30 @@ def summarize_columns(table, columns=None, confidence=0.95):
 
 
 def paired_bootstrap(d, n_boot=10000, confidence=0.95, seed=0):
-    """Percentile bootstrap interval (low, high) of mean(d), resampling the pairs."""
+    """Percentile bootstrap interval (low, high) of mean(d), resampling the pairs (scipy)."""
     d = np.asarray(d, dtype=float)
     if len(d) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-    means = d[idx].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    if np.all(d == d[0]):  # every resample has the same mean (scipy warns on degenerate data)
+        return float(d[0]), float(d[0])
+    result = scipy_stats.bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=confidence,
+                                   method="percentile", rng=seed)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def sign_flip_pvalue(d, n_perm=100_000, seed=0):
-    """(p, exact): two-sided paired sign-flip permutation p-value of mean(d) = 0."""
+    """(p, exact): two-sided paired sign-flip permutation p-value of mean(d) = 0 (scipy's
+    permutation_test on one sample flips signs): all 2^n sign vectors up to EXACT_MAX subjects,
+    else n_perm random ones with the observed one counted."""
     d = np.asarray(d, dtype=float)
     n = len(d)
     if n == 0:
         return float("nan"), True
-    observed = abs(d.mean())
-    tolerance = 1e-12 * max(1.0, np.abs(d).max())
-    if n <= EXACT_MAX:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
-        means = np.abs(signs @ d) / n
-        return float(np.mean(means >= observed - tolerance)), True
-    rng = np.random.default_rng(seed)
-    hits, done = 0, 0
-    while done < n_perm:
-        size = min(10_000, n_perm - done)
-        signs = rng.choice((1.0, -1.0), size=(size, n))
-        hits += int(np.sum(np.abs(signs @ d) / n >= observed - tolerance))
-        done += size
-    return (hits + 1) / (n_perm + 1), False
+    exact = n <= EXACT_MAX
+    result = scipy_stats.permutation_test((d,), lambda x, axis: np.mean(x, axis=axis), vectorized=True,
+                                          permutation_type="samples", alternative="two-sided",
+                                          n_resamples=np.inf if exact else n_perm, rng=seed)
+    return float(result.pvalue), exact
 
 
 def wilcoxon_pvalue(d):
@@ -105,7 +97,9 @@ def uf1_uar_from_counts(confusions):
 
 
 def cluster_bootstrap_uf1_uar(conf_a, conf_b, n_boot=10000, confidence=0.95, seed=0):
-    """Subject-level bootstrap of pooled UF1/UAR of two runs on the same subjects.
+    """Subject-level bootstrap of pooled UF1/UAR of two runs on the same subjects. Not
+    scipy.stats.bootstrap: each replicate pools resampled per-subject confusion counts, done here for
+    all replicates at once as multinomial weights times the counts.
 
     conf_a, conf_b: (S, C, C) per-subject confusion counts. Each replicate draws S subjects with
     replacement (the same draw for both runs) and pools their counts. Returns
