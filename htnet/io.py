@@ -110,13 +110,14 @@ def parse_yaml(text, where):
         if len(text) > MAX_YAML_BYTES:
             raise UserError(f"{where}: {len(text)} bytes is too big for a YAML file (limit {MAX_YAML_BYTES})")
     text = decode_text(text, where)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        size = _expanded_size(node, {})
-        if size > MAX_YAML_NODES:
+    loader = None
+    try:  # parsed once: the node graph is sized first, then built into Python values
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
             raise UserError(f"{where}: YAML expands to over {MAX_YAML_NODES} values through its "
                             f"aliases: refusing a possible alias bomb")
-        return yaml.safe_load(text)
+        return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark is not None else ""
@@ -124,6 +125,9 @@ def parse_yaml(text, where):
         raise UserError(f"{where}:{line} not valid YAML ({problem})") from None
     except RecursionError:
         raise UserError(f"{where}: YAML nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def _expanded_size(node, memo):

@@ -277,3 +277,15 @@ def ray_processes(folder):
         if named:
             found.append(int(entry.name))
     return found
+
+
+def run_main(module, args, capsys):
+    """`python -m <module> ARGS` in-process: (exit code, stdout, stderr)."""
+    main = __import__(f"{module}.cli", fromlist=["main"]).main
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

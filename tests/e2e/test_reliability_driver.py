@@ -21,8 +21,7 @@ from ray import tune  # noqa: F401 - imported up front: an in-process `resume` b
 
 from htnet.errors import UserError
 from search import runner, stores, tracking  # noqa: F401
-from search.cli import main as search_main
-from search_fixtures import (died, free_port, optuna_trials, parent_run, ray_processes, ray_tmpdir,  # noqa: F401
+from search_fixtures import (died, free_port, optuna_trials, parent_run, ray_processes, ray_tmpdir, run_main,  # noqa: F401
                              start_cli, trial_runs, wait_for_exit, wait_until, write_space)
 
 SAFETY_NET = 1800  # seconds: only a hung process gets there
@@ -41,14 +40,9 @@ def run_args(space, name, tmp_path, *flags):
 
 def cli(args, capsys):
     """`python -m search ARGS` in-process: (exit code, stdout, the error lines of stderr)."""
-    capsys.readouterr()
-    try:
-        code = search_main([str(a) for a in args])
-    except SystemExit as e:  # argparse
-        code = e.code
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err, captured.err
-    return code, captured.out, [line for line in captured.err.splitlines() if line.startswith("error:")]
+    code, out, err = run_main("search", args, capsys)
+    assert "Traceback" not in err, err
+    return code, out, [line for line in err.splitlines() if line.startswith("error:")]
 
 
 def error_lines(path):

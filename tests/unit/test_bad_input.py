@@ -22,21 +22,9 @@ import yaml
 from htnet.data.release import CSV_NAME, LANDMARKS_NAME
 from htnet.models import create_model
 from release_edits import drop_label_column, duplicate_sample, edit_csv, first_png, set_label_7
-from search_fixtures import free_port
+from search_fixtures import free_port, run_main
 
 TRAIN = ["--model", "ststnet", "--epochs", "1", "--batch-size", "32", "--protocols", "final", "--device", "cpu"]
-
-
-def run_main(module, args, capsys):
-    """`python -m <module> ARGS` in-process: (exit code, stdout, stderr)."""
-    main = __import__(f"{module}.cli", fromlist=["main"]).main
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:  # argparse
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(err):
