@@ -4,7 +4,7 @@ trial time, at 1, 2 and 4 concurrent trials.
     python -m benchmarks.orchestration_overhead [--data ../shared/data/htnet_composite]
         [--concurrency 1,2,4] [--trials 4] [--subjects 16] [--epochs 30] [--engine batched]
 
-For every concurrency c it runs a real search (`search.runner.run_search`, the code behind
+For every concurrency c it runs a real search (`search.driver.runner.run_search`, the code behind
 `python -m search run`) of `--trials` identical-cost STSTNet trials (the sampled parameter is the
 seed), c at a time with 2/c CPUs each (this machine has 2 cores), into a fresh folder with its own
 MLflow store (sqlite) and Optuna storage; no pruner. Then, from MLflow:
@@ -53,7 +53,7 @@ def space_file(folder, trials, subjects, epochs, engine):
 
 def one_search(args, c, folder):
     from search import tracking
-    from search.runner import Options, run_search
+    from search.driver.runner import Options, run_search
 
     folder = Path(folder)
     options = Options(space=str(space_file(folder, args.trials, args.subjects, args.epochs, args.engine)),

@@ -101,7 +101,7 @@ def positive_int(text):
 
 
 def cmd_run(args):
-    from search import runner
+    from search.driver import runner
 
     if args.resume:
         return cmd_resume(argparse.Namespace(**{**vars(args), "name": args.resume}))
@@ -118,7 +118,7 @@ def cmd_run(args):
 
 
 def cmd_resume(args):
-    from search import runner
+    from search.driver import runner
 
     return ended(runner.resume_search(args.name, storage=args.storage, address=args.address,
                                       num_cpus=args.num_cpus, top=args.top))
@@ -133,8 +133,8 @@ def ended(summary):
 
 def log_plots(manifest, name, out=None):
     """Optuna's plots and the best trial's per-subject accuracy, on the search's parent run."""
-    from search.leaderboard import open_store
-    from search.report_plots import log_search_plots
+    from search.reports.leaderboard import open_store
+    from search.reports.plots import log_search_plots
 
     try:
         store = open_store(manifest["tracking_uri"], manifest["experiment"])
@@ -144,7 +144,7 @@ def log_plots(manifest, name, out=None):
 
 
 def cmd_status(args):
-    from search import runner
+    from search.driver import runner
 
     runner.status(args.storage, args.name, args.top)
     return 0

@@ -41,9 +41,9 @@ import pandas as pd
 from htnet.errors import UserError
 from htnet.metrics import PROTOCOLS, compute_metrics, summary_table
 from search import tracking
-from search.export import format_numbers, markdown_table
-from search.leaderboard import open_store
-from search.rerun import log_frame, model_label
+from search.reports.export import format_numbers, markdown_table
+from search.reports.leaderboard import open_store
+from search.reports.rerun import log_frame, model_label
 from search.space import flatten, fold_objectives, report_loso_step
 
 COST_KEYS = ("nested_outer_folds", "nested_trials", "nested_trials_pruned", "nested_trials_failed",
@@ -104,7 +104,7 @@ def inner_search(space, data, train_subjects, overrides, outer=""):
 
     from htnet.errors import TrainingDiverged
     from htnet.loso import LosoConfig, run_loso
-    from search.runner import effective_samples
+    from search.driver.runner import effective_samples
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=space.make_sampler(),
@@ -202,7 +202,7 @@ def inner_runs_per_fold(space):
 
 def cost_estimate(space, n_subjects, n_outer):
     """Upper bounds (no pruning) of the nested run's work, and of a plain search's."""
-    from search.runner import effective_samples
+    from search.driver.runner import effective_samples
 
     trials = effective_samples(space)
     per_fold = epochs_bound(space) * inner_runs_per_fold(space)
@@ -237,9 +237,9 @@ def run_nested(options, out=None):
     import ray
 
     from htnet.loso import parse_subjects, select_subjects
-    from search.ray_setup import init_ray, stop_ray
-    from search.runner import Options, resolve_space
-    from search.stores import data_source, load_data
+    from search.driver.ray_setup import init_ray, stop_ray
+    from search.driver.runner import Options, resolve_space
+    from search.driver.stores import data_source, load_data
 
     out = out or sys.stdout
     space = resolve_space(Options(space=options.space, num_samples=options.num_samples,

@@ -140,7 +140,7 @@ def register(subparsers):
 # ----------------------------------------------------------------------------- handlers
 
 def cmd_leaderboard(args):
-    from search.leaderboard import leaderboard, open_store, print_leaderboard, write_exports
+    from search.reports.leaderboard import leaderboard, open_store, print_leaderboard, write_exports
 
     store = open_store(args.tracking_uri, args.experiment)
     statuses = [s for s in (args.status or "").split(",") if s] or None
@@ -155,7 +155,7 @@ def cmd_leaderboard(args):
 
 
 def cmd_rerun(args):
-    from search.rerun import RerunOptions, rerun
+    from search.reports.rerun import RerunOptions, rerun
 
     options = RerunOptions(best=args.best, run_id=args.run_id, preset=args.preset, config=args.config,
                            method=args.method, seeds=args.seeds,
@@ -168,7 +168,7 @@ def cmd_rerun(args):
 
 
 def cmd_paper_table(args):
-    from search.paper_table import paper_table
+    from search.reports.paper_table import paper_table
 
     paper_table(args.tracking_uri, args.experiment, methods=_pairs(args.method, "--method") or None,
                 interval=args.interval, nested=not args.no_nested, out_dir=args.out, log=not args.no_log)
@@ -176,8 +176,8 @@ def cmd_paper_table(args):
 
 
 def cmd_compare(args):
-    from search.compare import compare, load_predictions, print_comparison, write_outputs
-    from search.leaderboard import open_store
+    from search.reports.compare import compare, load_predictions, print_comparison, write_outputs
+    from search.reports.leaderboard import open_store
 
     store = None
     try:
@@ -209,8 +209,8 @@ def cmd_nested(args):
 
 
 def cmd_plots(args):
-    from search.leaderboard import open_store
-    from search.report_plots import log_search_plots
+    from search.reports.leaderboard import open_store
+    from search.reports.plots import log_search_plots
 
     log_search_plots(open_store(args.tracking_uri, args.experiment), args.search, args.optuna_storage)
     return 0

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from search.plots import confusion_matrix_png, learning_curve_png
+from search.tracking.figures import confusion_matrix_png, learning_curve_png
 
 FINAL_FILES = ("predictions.csv", "history.csv", "metrics.json", "config.yaml")
 

@@ -34,7 +34,7 @@ def write_space(path, fixed=None, space=None, **settings):
 
 
 def search_options(tmp_path, space_path, name, **kwargs):
-    from search.runner import Options
+    from search.driver.runner import Options
 
     return Options(space=str(space_path), name=name, storage=str(tmp_path / "runs"),
                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0, **kwargs)
@@ -68,7 +68,7 @@ def optuna_trials(storage_dir, name, url=None):
     """The Optuna trials of search `name` (default store: <storage>/optuna.db)."""
     import optuna
 
-    from search.stores import open_optuna_storage
+    from search.driver.stores import open_optuna_storage
 
     url = url or f"sqlite:///{Path(storage_dir) / 'optuna.db'}"
     study = optuna.load_study(study_name=name, storage=open_optuna_storage(url))
@@ -116,7 +116,7 @@ def run_search_and_meanwhile(options, ready, act, timeout, what):
     `act(value)`. Returns (summary, outcome): outcome["value"] once acted, else outcome["error"]."""
     import threading
 
-    from search import runner
+    from search.driver import runner
 
     outcome = {}
 

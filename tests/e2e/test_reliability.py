@@ -25,7 +25,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from search import runner, stores
+from search.driver import runner, stores
 from search_fixtures import (REPO, free_port, local_ray, start_mlflow_server, stop_mlflow_server, optuna_trials, parent_run,  # noqa: F401
                              run_search_and_meanwhile, search_options, trial_runs, write_space)
 
@@ -136,7 +136,7 @@ def test_the_writers_replace_their_files_atomically(synth_data, tmp_path):
     one (htnet.io.atomic_write): the old file is never written in place."""
     from htnet.cli import main as htnet_main
     from htnet.loso import run_loso
-    from search.leaderboard import write_exports
+    from search.reports.leaderboard import write_exports
 
     out = tmp_path / "train"
     config = {"model": "ststnet", "epochs": 1, "batch_size": 32, "protocols": ["final"], "subjects": 2,

@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from ray import tune  # noqa: F401 - imported up front: an in-process `resume` below must be instant
 
 from htnet.errors import UserError
-from search import runner, stores, tracking  # noqa: F401
+from search import tracking  # noqa: F401
+from search.driver import runner, stores  # noqa: F401
 from search_fixtures import (died, free_port, optuna_trials, parent_run, ray_processes, ray_tmpdir, run_main,  # noqa: F401
                              start_cli, trial_runs, wait_for_exit, wait_until, write_space)
 

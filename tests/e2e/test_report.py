@@ -14,11 +14,12 @@ import pytest
 from mlflow import MlflowClient
 
 from htnet.metrics import per_subject_accuracy
-from search import cli, runner
-from search.export import read_latex_table, read_markdown_table
-from search.leaderboard import leaderboard, open_store, read_csv_artifact
+from search import cli
+from search.driver import runner
+from search.reports.export import read_latex_table, read_markdown_table
+from search.reports.leaderboard import leaderboard, open_store, read_csv_artifact
 from search.nested import NestedOptions, run_nested
-from search.paper_table import PUBLISHED
+from search.reports.paper_table import PUBLISHED
 from search_fixtures import parent_run, search_options, write_space
 
 T_975_2 = 4.302652730  # Student t quantile 0.975 with 2 degrees of freedom (tables)

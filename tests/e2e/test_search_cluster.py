@@ -2,7 +2,7 @@
 import ray
 from ray.cluster_utils import Cluster
 
-from search import runner
+from search.driver import runner
 from search_fixtures import search_options, trial_runs, write_space
 
 

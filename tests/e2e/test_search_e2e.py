@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from search import runner
+from search.driver import runner
 from search_fixtures import (free_port, launch_mlflow_server, local_ray, optuna_trials,  # noqa: F401
                              parent_run, run_search_and_meanwhile, search_options, stop_mlflow_server,
                              trial_runs, wait_for_mlflow_server, write_space)

@@ -243,7 +243,7 @@ def test_bad_numbers_and_files_of_search_rerun(case, tmp_path, capsys):
 def test_yaml_read_back_from_mlflow_is_refused_quickly(tmp_path, capsys):
     """A search's space.yaml artifact (leaderboard) and a run's config.yaml and params (rerun
     --run-id) go through the same limits: a bomb is refused in seconds, never expanded."""
-    from search.leaderboard import open_store, searched_names
+    from search.reports.leaderboard import open_store, searched_names
 
     store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}", create=True)
     client = store.client
@@ -309,7 +309,7 @@ def test_config_error_of_a_sampled_combination_is_one_user_error():
 def test_a_trial_losoconfig_rejects_fails_once_and_the_search_goes_on(local_ray, tmp_path):
     """Grid of 2 (optimizer adam | bogus), 1 epoch, max_failures 2: the bogus trial is FAILED once
     (Optuna FAIL, its error recorded), not retried; the other finishes."""
-    from search import runner
+    from search.driver import runner
 
     space = write_space(tmp_path / "s.yaml", sampler={"type": "grid"}, max_failures=2,
                         fixed={"epochs": 1, "batch_size": 32},

@@ -19,12 +19,11 @@ LAYERS = [
     ("engines", ["htnet.plain", "htnet.batched"]),
     ("loso", ["htnet.loso"]),
     ("htnet cli", ["htnet.cli", "htnet.__main__"]),
-    ("search space", ["search.space", "search.export", "search.stats", "search.plots"]),
-    ("search stores", ["search.stores", "search.ray_setup", "search.tracking"]),
+    ("search space", ["search.space"]),
+    ("tracking", ["search.tracking", "search.driver.stores", "search.driver.ray_setup"]),
     ("ray-optuna bridge", ["search.pruning", "search.trainable"]),
-    ("search driver", ["search.runner"]),
-    ("reports", ["search.leaderboard", "search.rerun", "search.report_plots", "search.compare",
-                 "search.paper_table", "search.nested"]),
+    ("search driver", ["search.driver"]),
+    ("reports", ["search.reports", "search.nested"]),
     ("search cli", ["search.report_cli", "search.cli", "search.__main__"]),
 ]
 

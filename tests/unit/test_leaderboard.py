@@ -13,12 +13,12 @@ from mlflow import MlflowClient
 
 from htnet.metrics import uf1_uar
 from search import cli, tracking
-from search.compare import compare
-from search.export import (format_numbers, latex_table, markdown_table, read_latex_table,
+from search.reports.compare import compare
+from search.reports.export import (format_numbers, latex_table, markdown_table, read_latex_table,
                            read_markdown_table)
-from search.leaderboard import METRIC_COLUMNS, leaderboard, open_store
+from search.reports.leaderboard import METRIC_COLUMNS, leaderboard, open_store
 from search.space import load_space
-from search.stats import (cluster_bootstrap_uf1_uar, mean_interval, paired_bootstrap,
+from search.reports.stats import (cluster_bootstrap_uf1_uar, mean_interval, paired_bootstrap,
                           sign_flip_pvalue, summarize_columns, uf1_uar_from_counts)
 from search_fixtures import write_space
 

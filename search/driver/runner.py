@@ -25,8 +25,8 @@ import yaml
 from htnet.errors import UserError, first_line
 from htnet.io import atomic_write, ensure_writable_dir, read_yaml
 from htnet.loso import parse_subjects
-from search.ray_setup import check_resources, ray_session
-from search.stores import (check_name, check_restorable, data_source, default_optuna_storage, default_tracking_uri,
+from search.driver.ray_setup import check_resources, ray_session
+from search.driver.stores import (check_name, check_restorable, data_source, default_optuna_storage, default_tracking_uri,
                            load_data, lock_path, manifest_path, no_such_search, open_optuna_storage, read_manifest,
                            search_lock, search_names, write_manifest)
 from search.space import SPACES_DIR, check_fixed_values, load_space, parse_space, set_fixed, with_overrides

@@ -22,7 +22,7 @@ import pandas as pd
 from htnet.errors import UserError
 from htnet.metrics import PROTOCOLS
 from search import tracking
-from search.export import format_numbers, latex_table, markdown_table
+from search.reports.export import format_numbers, latex_table, markdown_table
 
 DATASET_COLUMNS = (("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), ("samm", "SAMM"))
 METRIC_COLUMNS = tuple(f"{name} {m.upper()}" for _, name in DATASET_COLUMNS for m in ("uf1", "uar"))
@@ -41,7 +41,7 @@ class Store:
 
 def open_store(tracking_uri=None, experiment="htnet", create=False):
     """The MLflow client and experiment (default URI: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
-    from search.stores import default_tracking_uri
+    from search.driver.stores import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = tracking.client_for(tracking_uri)

@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 from htnet.errors import UserError
 from htnet.metrics import per_subject_accuracy
 from search import tracking
-from search.leaderboard import leaderboard, read_csv_artifact, search_parents
+from search.reports.leaderboard import leaderboard, read_csv_artifact, search_parents
 
 OPTUNA_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
 DATASET_COLORS = {"casme2": "tab:blue", "smic": "tab:orange", "samm": "tab:green"}
@@ -71,7 +71,7 @@ def _log_axes(client, run_id, axes, name):
 def load_study(parent, search, storage_url=None):
     import optuna
 
-    from search.stores import open_optuna_storage
+    from search.driver.stores import open_optuna_storage
 
     url = storage_url or parent.data.params.get("optuna_storage")
     if not url:
@@ -90,7 +90,7 @@ def log_search_plots(store, search, optuna_storage=None, out=None):
     import optuna.visualization.matplotlib as ovm
     from optuna.exceptions import ExperimentalWarning
 
-    from search.rerun import log_png
+    from search.reports.rerun import log_png
 
     out = out or sys.stdout
     if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):

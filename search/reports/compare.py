@@ -27,7 +27,7 @@ import pandas as pd
 from htnet.errors import UserError
 from htnet.metrics import NUM_CLASSES, confusion, uf1_uar
 from search import tracking
-from search.stats import (cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue,
+from search.reports.stats import (cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue,
                           wilcoxon_pvalue)
 
 REQUIRED = ("sample", "subject", "dataset", "label", "protocol", "prediction")
@@ -50,7 +50,7 @@ def load_predictions(ref, store=None):
         return _check(pd.read_csv(file), str(file)), str(path)
     if store is None:
         raise UserError(f"{ref}: no such file, and no MLflow store to look the run up in")
-    from search.leaderboard import read_csv_artifact
+    from search.reports.leaderboard import read_csv_artifact
 
     try:
         run = tracking.retry(store.client.get_run, ref)

@@ -34,12 +34,12 @@ import pandas as pd
 from htnet.errors import UserError
 from htnet.metrics import PROTOCOLS
 from search import tracking
-from search.export import markdown_table
+from search.reports.export import markdown_table
 from htnet.io import parse_yaml, read_yaml
-from search.leaderboard import (DATASET_COLUMNS, leaderboard, open_store, read_artifact_bytes,
+from search.reports.leaderboard import (DATASET_COLUMNS, leaderboard, open_store, read_artifact_bytes,
                                 search_parents)
 from search.space import check_value, flatten, nest
-from search.stats import summarize_columns
+from search.reports.stats import summarize_columns
 
 MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet"}
 PRESETS = {
@@ -206,7 +206,7 @@ def seeds_for(config, source, count, seed_list=None):
 
 
 def load_rerun_data(data, source, storage):
-    from search.stores import load_data
+    from search.driver.stores import load_data
 
     if data:
         if not Path(data).exists():
@@ -271,7 +271,7 @@ def run_parallel(jobs, data, cpus=1.0, gpus=0.0, on_result=None):
 
 def log_result_artifacts(client, run_id, result, title):
     """A LosoResult's files and PNGs as artifacts of `run_id` (as a search trial has them)."""
-    from search.plots import confusion_matrix_png, learning_curve_png
+    from search.tracking.figures import confusion_matrix_png, learning_curve_png
 
     folder = Path(tempfile.mkdtemp(prefix="htnet-rerun-"))
     try:
@@ -361,8 +361,8 @@ def rerun(options, out=None):
     """Rerun a configuration with K seeds; returns a dict with parent_run_id, seeds (DataFrame:
     one row per seed), summary (rows = metric keys: n, mean, std, ci_low, ci_high) and method."""
     from htnet.loso import LosoConfig
-    from search.plots import confusion_matrix_png
-    from search.ray_setup import init_ray, stop_ray
+    from search.tracking.figures import confusion_matrix_png
+    from search.driver.ray_setup import init_ray, stop_ray
 
     out = out or sys.stdout
     # a config file or preset is checked before the MLflow store is opened (created): nothing written

@@ -28,8 +28,8 @@ import pandas as pd
 
 from htnet.errors import UserError
 from search import tracking
-from search.export import latex_table, markdown_table
-from search.leaderboard import DATASET_COLUMNS, open_store
+from search.reports.export import latex_table, markdown_table
+from search.reports.leaderboard import DATASET_COLUMNS, open_store
 
 METRICS = tuple((key, name, m) for key, name in DATASET_COLUMNS for m in ("uf1", "uar"))
 COLUMNS = tuple(f"{name} {m.upper()}" for _, name, m in METRICS)

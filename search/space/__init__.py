@@ -61,7 +61,7 @@ TOP_KEYS = ("description", "num_samples", "max_concurrent_trials", "objective", 
             "max_failures", "sampler", "pruner", "data", "fixed", "space", "conditions")
 DATA_KEYS = ("synthetic_subjects", "synthetic_seed")
 MAX_ENUMERATION = 100_000
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
 
 
 # ----------------------------------------------------------------------------- expressions

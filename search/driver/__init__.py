@@ -1,0 +1,1 @@
+"""The search driver: run/resume/status, the stores, the Ray session."""

@@ -1,0 +1,1 @@
+"""Reports built from a finished search's records: leaderboard, reruns, paper table, compare, plots."""
