@@ -1,8 +1,10 @@
 """Which way of training G fold-models at once is fastest: one training step (forward, masked
 cross-entropy, backward, fused Adam) of a group of G fold-models on one shared batch, for
 
-- HTNet: the hand-written `GroupedHTNet` (htnet.models.grouped) vs `torch.func.stack_module_state`
-  + `functional_call` + `vmap` over G plain HTNets (dropout drawn per member, randomness="different");
+- HTNet: HTNet(groups=G) (htnet.models.htnet) vs `torch.func.stack_module_state` + `functional_call`
+  + `vmap` over G plain HTNets (dropout drawn per member, randomness="different"), and, with
+  `--other-grouped FILE`, the `grouped_model` of another grouped-models module (e.g. an older
+  htnet/models/grouped.py from `git show`) side by side;
 - STSTNet: `GroupedSTSTNet` with the opt-in C stem kernels (htnet.kernels, HTNET_CPU_KERNELS=1),
   without them (the pure-PyTorch path, the default), and the latter under `torch.compile`. (vmap is not a
   candidate for STSTNet: each member's BatchNorm must leave its held-out subject out of the batch
@@ -12,10 +14,12 @@ All variants run in ONE process, interleaved round by round, medians over rounds
 ratios mean anything on a shared machine.
 
     python -m benchmarks.grouped_variants [--groups 4] [--batch 256] [--rounds 5] [--steps 5]
-        [--models htnet-small,htnet-medium,ststnet] [--threads N] [--no-compile] [--json FILE]
+        [--models htnet-small,htnet-medium,ststnet] [--threads N] [--no-compile] [--other-grouped FILE]
+        [--json FILE]
 """
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import platform
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from htnet.models import create_model
 from htnet import kernels
 from htnet.models import grouped
+from htnet.models.htnet import HTNet
 
 MODELS = {
     "htnet-small": ("htnet", {"dim": 32, "heads": 2, "block_repeats": [1, 1, 2]}),
@@ -44,14 +49,14 @@ def masked_loss(logits, y, mask):
     return ((ce * mask).sum(0) / mask.sum(0).clamp(min=1)).sum()
 
 
-def grouped_step(name, config, states):
-    model = grouped.grouped_model(name, states, config)
+def grouped_step(name, config, states, module=grouped):
+    model = module.grouped_model(name, states, config)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    prepare = getattr(model, "prepare_input", lambda t: t)
 
     def step(x, y, mask):
-        loss = masked_loss(model(prepare(x), mask), y, mask)
+        logits = model(x) if isinstance(model, HTNet) else model(x, mask)   # only STSTNet mixes samples
+        loss = masked_loss(logits.reshape(*mask.shape, -1), y, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -88,13 +93,22 @@ def with_kernels(on):
     return kernels.cpu_kernels() is not None
 
 
-def variants(model_key, groups, compile_):
+def load_module(path):
+    spec = importlib.util.spec_from_file_location("other_grouped", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def variants(model_key, groups, compile_, other=None):
     name, config = MODELS[model_key]
     torch.manual_seed(0)
     states = [create_model(name, **config).state_dict() for _ in range(groups)]
     out = {}
     if name == "htnet":
-        out["GroupedHTNet"] = grouped_step(name, config, states)[0]
+        out["HTNet(groups=G)"] = grouped_step(name, config, states)[0]
+        if other is not None:
+            out["other grouped_model (--other-grouped)"] = grouped_step(name, config, states, other)[0]
         out["vmap(functional_call)"] = vmap_step(name, config, states)
         return out
     if with_kernels(True):
@@ -133,6 +147,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch threads (the batched engine's STSTNet workers use 1)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--other-grouped", help="a grouped-models .py file whose grouped_model(name, states, "
+                   "config) joins the HTNet comparison")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
@@ -145,7 +161,8 @@ def main(argv=None):
           f"G={args.groups}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
     report = {}
     for key in args.models.split(","):
-        result = measure(variants(key, args.groups, not args.no_compile), x, y, mask, args.rounds, args.steps)
+        other = load_module(args.other_grouped) if args.other_grouped else None
+        result = measure(variants(key, args.groups, not args.no_compile, other), x, y, mask, args.rounds, args.steps)
         fastest = min(result.values())
         report[key] = result
         print(f"\n{key}: ms per training step of {args.groups} fold-models")

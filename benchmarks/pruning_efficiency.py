@@ -10,17 +10,14 @@ and with one; fold-epochs consumed and the best objective found.
 
 Both arms draw their configurations from Optuna's RandomSampler with the same seed, which does not
 look at results, so the two arms run the same N configurations (checked, and printed). The space
-and the pruner are the search package's: `search.space.parse_space` (STSTNet: lr, batch size,
-dropout, optimizer; fixed: all three protocols, report after every fold) and
-`search.space.make_pruner` (any pruner a space file can name). Trials run one after another
-in this process through `htnet.loso.run_loso`, whose callback reports the pooled objective after
-every fold (a Wilcoxon pruner: that fold's own objective at step = fold number) to the Optuna trial
-and stops the run when `trial.should_prune()` says so: the same
-report/prune protocol the search's Ray trainable and its PruningOptunaSearch follow, without Ray
-(whose overhead is benchmarks/orchestration_overhead.py's subject), so the comparison is
-deterministic. Two counts of fold-epochs: "reported" (run_loso's `fold_epochs`, the folds whose
-results were reported) and "trained" (what the engine computed: the batched engine trains a group of
-folds together, so a trial stopped inside a group paid for the whole group). Shares use "trained".
+and the pruner are the search package's (`search.space.parse_space`: STSTNet's lr, batch size,
+dropout, optimizer; `search.space.make_pruner`: any pruner a space file can name), and so is the
+protocol: trials run one after another in this process through `search.bridge.run_trial`, the same
+report -> prune -> tell steps the Ray search follows, without Ray (whose overhead is
+benchmarks/orchestration_overhead.py's subject), so the comparison is deterministic. Two counts of
+fold-epochs: "reported" (run_loso's `fold_epochs`, the folds whose results were reported) and
+"trained" (what the engine computed: the batched engine trains a group of folds together, so a trial
+stopped inside a group paid for the whole group). Shares use "trained".
 
 Replay: every trial records the values it reported, fold by fold (pooled, and each fold's own). Because the engine is
 deterministic, a trial reports the same values whether or not a pruner stops it later, so feeding
@@ -60,13 +57,11 @@ STUDY_NAME = "pruning-benchmark"
 def trained_fold_epochs_by_step(result, data):
     """{step: fold-epochs the engine had trained when the step-th fold was reported}. The batched
     engine trains a group of folds together, so a stop inside a group still paid for the whole group."""
-    from htnet.batched import plan_groups
+    from htnet.engine import plan_groups
     from htnet.folds import make_folds
     from htnet.loso import select_subjects
 
     per_fold = result.fold_epochs // max(1, result.folds_done)
-    if result.config.engine != "batched":
-        return {step: per_fold * step for step in range(1, result.folds_done + 1)}
     folds = make_folds(select_subjects(data, result.config.subjects), result.config)
     group_ends = [max(m.fold_index for m in group) + 1  # the recorded fold_group_size fixes the grouping
                   for group in plan_groups(folds, result.config, "cpu")]
@@ -77,9 +72,7 @@ def trained_fold_epochs_by_step(result, data):
 def run_arm(space, data, pruner, trials, overrides, seed, label):
     import optuna
 
-    from htnet.errors import TrainingDiverged
-    from htnet.loso import run_loso
-    from search.space import fold_objectives, report_loso_step
+    from search.bridge import run_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=STUDY_NAME, direction="maximize",  # Hyperband hashes the name
@@ -87,46 +80,20 @@ def run_arm(space, data, pruner, trials, overrides, seed, label):
     metric = space.metric
     rows, started = [], time.perf_counter()
     for number in range(trials):
-        trial = study.ask()
-        sampled = space.sample(trial)
-        config = space.resolve(sampled, overrides)
         t = time.perf_counter()
-
-        reports = []
-
-        def callback(progress, trial=trial, reports=reports):
-            value = progress.get(metric)
-            if value is None or not math.isfinite(value):
-                return False
-            folds = fold_objectives(progress, metric)
-            report_loso_step(trial, pruner, progress["step"], float(value), folds)
-            reports.append([progress["step"], float(value), progress["fold_epochs"], folds])
-            return trial.should_prune()
-
-        try:
-            result = run_loso(config, data, callback=callback, progress=False)
-        except TrainingDiverged:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            rows.append({"trial": number, "config": sampled, "status": "failed", "fold_epochs": 0,
-                         "seconds": time.perf_counter() - t})
-            continue
-        value = result.metrics.get(metric, float("nan"))
-        if result.stopped:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            status = "pruned"
-        else:
-            study.tell(trial, value if math.isfinite(value) else None,
-                       state=optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL)
-            status = "finished"
-        rows.append({"trial": number, "config": sampled, "status": status, "folds_done": result.folds_done,
-                     "folds_total": result.folds_total, "fold_epochs": result.fold_epochs,
-                     "trained_by_step": trained_fold_epochs_by_step(result, data),
-                     "reports": reports, metric: value,
-                     "inner_full_uf1": result.metrics.get("inner_full_uf1"),
-                     "paper_full_uf1": result.metrics.get("paper_full_uf1"),
-                     "seconds": time.perf_counter() - t})
-        print(f"  [{label}] trial {number}: {status} after {result.folds_done} folds, {result.fold_epochs} "
-              f"fold-epochs, {metric} {value:.4f}, {rows[-1]['seconds']:.0f} s  {sampled}", flush=True)
+        run = run_trial(study, space, data, overrides)
+        row = {"trial": number, "config": run.sampled, "status": run.status, "fold_epochs": 0}
+        result = run.result
+        if result is not None:
+            row.update({"folds_done": result.folds_done, "folds_total": result.folds_total,
+                        "fold_epochs": result.fold_epochs, "trained_by_step": trained_fold_epochs_by_step(result, data),
+                        "reports": run.reports, metric: result.metrics.get(metric, float("nan")),
+                        "inner_full_uf1": result.metrics.get("inner_full_uf1"),
+                        "paper_full_uf1": result.metrics.get("paper_full_uf1")})
+        rows.append({**row, "seconds": time.perf_counter() - t})
+        print(f"  [{label}] trial {number}: {run.status} after {row.get('folds_done', 0)} folds, {row['fold_epochs']} "
+              f"fold-epochs, {metric} {row.get(metric, float('nan')):.4f}, {rows[-1]['seconds']:.0f} s  {run.sampled}",
+              flush=True)
     return rows, time.perf_counter() - started
 
 
@@ -162,29 +129,20 @@ def replay_arm(pruner, recorded, metric):
     whether or not it is pruned later, and the study sees what a real pruned arm's study sees."""
     import optuna
 
-    from search.space import report_loso_step
+    from search.bridge import report, tell
 
     study = optuna.create_study(study_name=STUDY_NAME, direction="maximize", pruner=pruner)
     rows = []
     for rec in recorded:
         trial = study.ask()
-        if rec["status"] == "failed" or not rec.get("reports"):
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        stopped = next((i for i, (step, value, _, *folds) in enumerate(rec.get("reports") or []) if report(
+            trial, pruner, step, value, folds[0] if folds else [], last=step >= rec["folds_total"])), None)
+        tell(study, trial, rec.get(metric), pruned=stopped is not None, failed=rec["status"] == "failed")
+        if stopped is None:
             rows.append(dict(rec))
             continue
-        stopped_at = None
-        for step, value, _, *folds in rec["reports"]:
-            report_loso_step(trial, pruner, step, value, folds[0] if folds else [])
-            if trial.should_prune() and step < rec["folds_total"]:  # run_loso stops only before the last fold
-                stopped_at = step
-                break
-        if stopped_at is None:
-            study.tell(trial, rec[metric])
-            rows.append(dict(rec))
-            continue
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        step, value, fold_epochs = rec["reports"][stopped_at - 1][:3]
-        rows.append({**rec, "status": "pruned", "folds_done": stopped_at, "fold_epochs": fold_epochs, metric: value})
+        step, value, fold_epochs = rec["reports"][stopped][:3]
+        rows.append({**rec, "status": "pruned", "folds_done": step, "fold_epochs": fold_epochs, metric: value})
     return rows
 
 
@@ -255,7 +213,8 @@ def main():
     import optuna
 
     from htnet.errors import UserError
-    from search.space import make_pruner, pairs_folds, parse_space
+    from search.bridge import pairs_folds
+    from search.space import make_pruner, parse_space
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")

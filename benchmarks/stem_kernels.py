@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from htnet import kernels
-from htnet.batched import run_folds_batched, tune_malloc
 from htnet.data import load_release, synthetic_cache
+from htnet.engine import run_folds, tune_malloc
 from htnet.folds import make_folds
 from htnet.loso import LosoConfig, model_inputs
 
@@ -46,7 +46,7 @@ def main(argv=None):
                 os.environ.update(HTNET_CPU_KERNELS=on, HTNET_BATCHED_WORKERS=workers)
                 kernels._KERNELS.pop("lib", None)
                 start = time.perf_counter()
-                list(run_folds_batched(folds, X, y, data, config, torch.device("cpu")))
+                list(run_folds(folds, X, y, data, config, torch.device("cpu")))
                 ms = (time.perf_counter() - start) / (len(folds) * args.epochs) * 1000
                 times.setdefault((workers, on), []).append(ms)
                 print(f"round {round_}: workers {workers}, kernels {'on' if on == '1' else 'off'}: "

@@ -96,11 +96,11 @@ def pool_startup(procs, X, y, data, config):
     """Seconds to spawn the batched engine's worker pool and have every worker initialised."""
     import multiprocessing
 
-    from htnet import batched
+    from htnet import engine
 
     t = time.perf_counter()
     pool = multiprocessing.get_context("spawn").Pool(
-        procs, initializer=batched._worker_init, initargs=(X.cpu().numpy(), y.cpu().numpy(), data, config))
+        procs, initializer=engine._worker_init, initargs=(X.cpu().numpy(), y.cpu().numpy(), data, config))
     pool.map(abs, range(procs))
     pool.close()
     pool.join()
@@ -141,10 +141,9 @@ def main():
     args = parser.parse_args()
 
     from benchmarks.reference_loop import reference_fold
-    from htnet.batched import run_folds_batched, tune_malloc
+    from htnet.engine import run_fold, run_folds, tune_malloc
     from htnet.folds import make_folds
     from htnet.loso import LosoConfig, model_inputs, resolve_device
-    from htnet.plain import run_fold
 
     device = resolve_device(args.device)
     data, source = load(args)
@@ -172,7 +171,6 @@ def main():
         ref_folds = [folds[i] for i in middle[:(1 if paper else args.ref_folds)]]
         batch_folds = [folds[i] for i in middle[:(2 if paper else args.folds)]]
         train_flops, test_flops = flops_per_sample(model_name, model_config)
-        n = len(data.labels)
 
         def fold_flops(fs):
             return sum(len(f.train) * train_flops + len(f.test) * test_flops for f in fs) / len(fs)
@@ -200,7 +198,7 @@ def main():
                     cfg = LosoConfig.from_dict({**config.to_dict(), "epochs": args.worker_epochs})
                 with env(HTNET_BATCHED_WORKERS=procs):
                     t = time.perf_counter()
-                    outcomes = list(run_folds_batched(fs, X, y, data, cfg, device))
+                    outcomes = list(run_folds(fs, X, y, data, cfg, device))
                     sync(device)
                     assert len(outcomes) == len(fs)
                     spent = time.perf_counter() - t

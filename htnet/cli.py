@@ -1,20 +1,35 @@
 """python -m htnet train|evaluate|synth|preprocess
 
-Exit codes: 0 done, 1 training failed (diverged), 2 bad input (one line on stderr).
-"""
+Exit codes: 0 done, 1 training failed (diverged) or some samples failed to preprocess, 2 bad input (one line on
+stderr)."""
 import argparse
 import sys
 from pathlib import Path
 
-from htnet.data import CROP_MODES, load_release, synthetic_cache
+from htnet.data import CROP_MODES, load_release, make_synthetic, synthetic_cache
 from htnet.errors import ArgumentParser, TrainingDiverged, UserError
 from htnet.io import atomic_write, ensure_writable_dir, parse_yaml, read_yaml
 from htnet.loso import (ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, lone_subjects_warning,
                         parse_subjects, run_loso, select_subjects)
 from htnet.metrics import PROTOCOLS, per_subject_accuracy, summary_table
 from htnet.models import list_models
+from htnet.preprocess import TVL1_PARAMS, preprocess
 
 SYNTH_CACHE = ".cache/htnet-synth"
+# LosoConfig keys with a `train` flag of the same name (besides the data flags model, device, crop_mode)
+TRAIN_FLAGS = {
+    **{key: {"type": int} for key in ("epochs", "batch_size", "seed", "inner_val_subjects", "inner_patience",
+                                     "eval_every")},
+    "lr": {"type": float}, "weight_decay": {"type": float}, "optimizer": {"choices": list(OPTIMIZERS)},
+    "shuffle": {"action": "store_true", "default": None,
+                "help": "shuffle training samples each epoch (the reference does not)"},
+    "engine": {"choices": list(ENGINES),
+               "help": "batched: fold-models trained together; plain: one at a time, the reference recipe"},
+    "fold_group_size": {"type": int, "help": "batched engine: fold-models per group (default: what memory allows; "
+                                             "the value used is saved in config.yaml)"},
+    "save_weights": {"action": "store_true", "default": None,
+                     "help": "write <out>/weights/<subject>.pth (the paper protocol's epoch, else the last)"},
+}
 
 
 def model_args(pairs):
@@ -41,16 +56,13 @@ def load_data(args):
 
 def add_data_arguments(p):
     p.add_argument("--data", help="release folder (default: the built-in synthetic set)")
-    p.add_argument("--synth-subjects", type=int, default=4,
-                   help="subjects per source dataset of the synthetic set (default 4)")
-    p.add_argument("--landmarks", default="auto",
-                   help="'auto' (the release's landmarks_mtcnn.csv), 'template', or a CSV path")
+    p.add_argument("--synth-subjects", type=int, default=4, help="subjects per dataset of the synthetic set")
+    p.add_argument("--landmarks", default="auto", help="auto (the release's landmarks CSV), template, or a CSV path")
     p.add_argument("--standardize", action="store_true", help="per-channel standardisation")
     p.add_argument("--min-samples-per-subject", type=int, default=1,
                    help="reject subjects with fewer samples (default 1: the release has 8 such subjects)")
     p.add_argument("--subjects", help="comma-separated subject ids, or a count taken across datasets")
-    p.add_argument("--model", choices=list_models(),
-                   help="default: the --config file's model, else htnet")
+    p.add_argument("--model", choices=list_models(), help="default: the --config file's model, else htnet")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="model constructor argument, e.g. dim=64 or block_repeats=[1,1,2] (repeatable)")
     p.add_argument("--crop-mode", default="reference", choices=CROP_MODES)
@@ -65,25 +77,9 @@ def build_parser():
     train = commands.add_parser("train", help="LOSO cross-validation of one configuration")
     add_data_arguments(train)
     train.add_argument("--config", help="YAML file of LOSO config keys (flags override it)")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--optimizer", choices=list(OPTIMIZERS))
-    train.add_argument("--weight-decay", type=float)
-    train.add_argument("--shuffle", action="store_true", default=None,
-                       help="shuffle training samples each epoch (the reference does not)")
-    train.add_argument("--seed", type=int)
+    for key, options in TRAIN_FLAGS.items():
+        train.add_argument("--" + key.replace("_", "-"), **options)
     train.add_argument("--protocols", help=f"comma-separated, from {','.join(PROTOCOLS)}")
-    train.add_argument("--inner-val-subjects", type=int)
-    train.add_argument("--inner-patience", type=int)
-    train.add_argument("--eval-every", type=int)
-    train.add_argument("--engine", choices=list(ENGINES),
-                       help="batched (default): fold-models trained together; plain: one at a time, the reference recipe")
-    train.add_argument("--fold-group-size", type=int,
-                       help="batched engine: fold-models per group (default: what memory allows; the value "
-                            "used is saved in config.yaml, and rerunning that config reproduces the run)")
-    train.add_argument("--save-weights", action="store_true", default=None,
-                       help="write <out>/weights/<subject>.pth (the paper protocol's epoch, else the last)")
     train.add_argument("--out", default="outputs/train", help="folder for predictions, metrics, weights")
 
     evaluate = commands.add_parser("evaluate", help="test every subject with saved per-subject weights")
@@ -96,31 +92,37 @@ def build_parser():
     synth.add_argument("--subjects-per-dataset", type=int, default=4)
     synth.add_argument("--seed", type=int, default=0)
 
-    preprocess = commands.add_parser("preprocess", help="raw onset/apex frames -> release flow images")
-    from htnet import preprocess as preprocess_module
-    preprocess_module.add_arguments(preprocess)
+    pre = commands.add_parser("preprocess", help="raw onset/apex frames -> release flow images")
+    pre.add_argument("--index", required=True, metavar="INDEX.csv",
+                     help="dataset,subject,sample,label,onset[,apex,offset,source,face_x,face_y,face_w,face_h]")
+    pre.add_argument("--frames-root", required=True, metavar="DIR", help="the index's paths are relative to it")
+    pre.add_argument("--out", required=True, metavar="DIR", help="output folder (release layout)")
+    pre.add_argument("--workers", type=int, help="parallel processes (default: number of CPU cores)")
+    pre.add_argument("--face-size", type=int, default=224,
+                     help="square size of the (cropped) face for the flow; 0 keeps the frame size (default 224)")
+    pre.add_argument("--landmarks", metavar="CSV",
+                     help="sample + left_eye_x ... mouth_right_y in apex-face pixels (default: the template)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tvl1 = pre.add_argument_group("TV-L1 optical flow (OpenCV defaults)")
+    for name, (default, typ, text) in TVL1_PARAMS.items():
+        tvl1.add_argument("--tvl1-" + name.rstrip("_").replace("_", "-"), dest="tvl1_" + name, type=typ,
+                          default=default, metavar=typ.__name__.upper(), help=f"{text} (default {default})")
     return parser
 
 
 def train_config(args):
-    values = {}
+    values = read_yaml(args.config) if args.config else None
+    values = {} if values is None else values
     if args.config:
-        values = read_yaml(args.config)
-        values = {} if values is None else values
         if not isinstance(values, dict):
             raise UserError(f"{args.config}: expected a mapping of LOSO config keys, got a {type(values).__name__}")
         if values.get("model_config") is None:
             values.pop("model_config", None)
         elif not isinstance(values["model_config"], dict):
             raise UserError(f"{args.config}: model_config must be a mapping, got {values['model_config']!r}")
-    flags = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-             "optimizer": args.optimizer, "weight_decay": args.weight_decay, "shuffle": args.shuffle,
-             "seed": args.seed, "device": args.device, "subjects": parse_subjects(args.subjects),
-             "inner_val_subjects": args.inner_val_subjects, "inner_patience": args.inner_patience,
-             "eval_every": args.eval_every, "crop_mode": args.crop_mode, "engine": args.engine,
-             "fold_group_size": args.fold_group_size,
-             "save_weights": args.save_weights, "standardize": args.standardize or None,
-             "protocols": args.protocols.split(",") if args.protocols else None}
+    flags = {key: getattr(args, key) for key in ["model", "device", "crop_mode", *TRAIN_FLAGS]}
+    flags.update(subjects=parse_subjects(args.subjects), standardize=args.standardize or None,
+                 protocols=args.protocols.split(",") if args.protocols else None)
     from_file = dict(values)
     values.update({k: v for k, v in flags.items() if v is not None})
     values["model_config"] = {**values.get("model_config", {}), **model_args(args.model_arg)}
@@ -169,20 +171,28 @@ def cmd_evaluate(args):
 
 
 def cmd_synth(args):
-    from htnet.data import make_synthetic
     root = make_synthetic(args.out, subjects_per_dataset=args.subjects_per_dataset, seed=args.seed)
     print(load_release(root).summary().to_string())
     print(f"written to {root}")
     return 0
 
 
+def cmd_preprocess(args):
+    tvl1 = {name: getattr(args, "tvl1_" + name) for name in TVL1_PARAMS}
+    summary = preprocess(args.index, args.frames_root, args.out, workers=args.workers, face_size=args.face_size,
+                         landmarks=args.landmarks, progress=not args.no_progress, **tvl1)
+    failed = summary["failed"]
+    lines = [f"preprocessed {summary['ok']} of {summary['total']} samples into {summary['out']}"]
+    if failed:
+        lines += [f"{len(failed)} failed:", *(f"  {sample}: {why}" for sample, why in failed)]
+    print("\n".join(lines), file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "synth": cmd_synth}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "synth": cmd_synth, "preprocess": cmd_preprocess}
     try:
-        if args.command == "preprocess":
-            from htnet import preprocess
-            return preprocess.run(args)
         return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,3 +1,4 @@
+"""The project's error types and the CLIs' one-line error format."""
 import argparse
 import sys
 
@@ -16,10 +17,9 @@ def first_line(error):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the CLIs' error format: a bad flag or value prints one line
-    `error: <prog>: <message>` on stderr and exits 2, without the usage text."""
+    """argparse whose bad flag or value is one line `error: <prog>: <message>` on stderr, exit 2."""
 
     def error(self, message):
-        first = str(message).strip().splitlines()[0] if str(message).strip() else "bad arguments"
+        first = (str(message).strip().splitlines() or ["bad arguments"])[0]
         print(f"error: {self.prog}: {first} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)

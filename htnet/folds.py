@@ -1,13 +1,10 @@
-"""What every LOSO engine shares: the folds and their seeds, a fold's model and optimizer, the
-epoch choices of the three protocols, and what a fold produced (FoldOutcome).
-
-The plain engine (htnet.plain) and the fold-batched one (htnet.batched) both build on these; the
-LOSO driver (htnet.loso) picks an engine and pools the outcomes.
-"""
+"""The LOSO folds and their seeds, a fold-model's seeded start, the three protocols' epoch choices and
+what a fold produced (FoldOutcome): the pieces htnet.engine trains with."""
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from htnet.errors import UserError
@@ -45,8 +42,7 @@ def subject_seed(seed, subject, run):
 
 
 def check_fold_classes(data):
-    """Every fold's training set (all subjects but one) must hold every class; UserError names
-    the first fold that lacks one. Checked before any training."""
+    """UserError naming the first fold whose training set (all subjects but one) lacks a class."""
     for subject in data.subject_ids:
         present = set(data.labels[data.subjects != subject].tolist())
         missing = sorted(set(range(len(CLASS_NAMES))) - present)
@@ -55,33 +51,27 @@ def check_fold_classes(data):
 
 
 def make_folds(data, config):
-    """One fold per subject, with the inner run's validation subjects drawn from its training
-    subjects, one per source dataset in turn so that validation spans the datasets."""
+    """One fold per subject; the inner run's validation subjects are drawn from its training subjects
+    (seeded), one per source dataset in turn so that validation spans the datasets."""
     subjects = data.subject_ids
     dataset_of = dict(zip(data.subjects.tolist(), data.datasets.tolist()))
     check_fold_classes(data)
     folds = []
     for subject in subjects:
-        test = np.flatnonzero(data.subjects == subject)
-        train = np.flatnonzero(data.subjects != subject)
+        test, train = np.flatnonzero(data.subjects == subject), np.flatnonzero(data.subjects != subject)
         val_subjects = []
         if "inner" in config.protocols:
             others = [s for s in subjects if s != subject]
             if config.inner_val_subjects >= len(others):
                 raise UserError(f"inner_val_subjects={config.inner_val_subjects} leaves no training "
                                 f"subject in fold {subject} ({len(others)} others)")
-            rng = np.random.default_rng(subject_seed(config.seed, subject, "val"))
-            by_dataset = {}
-            for s in rng.permutation(others):
-                by_dataset.setdefault(dataset_of[s], []).append(str(s))
-            queues = [by_dataset[d] for d in sorted(by_dataset)]
-            while len(val_subjects) < config.inner_val_subjects:
-                for queue in queues:
-                    if queue and len(val_subjects) < config.inner_val_subjects:
-                        val_subjects.append(queue.pop())
+            drawn = pd.DataFrame({"subject": np.random.default_rng(subject_seed(config.seed, subject, "val"))
+                                  .permutation(others)})
+            drawn["dataset"] = drawn.subject.map(dataset_of)
+            drawn["turn"] = drawn.groupby("dataset").cumcount(ascending=False)   # each dataset's last drawn first
+            val_subjects = drawn.sort_values(["turn", "dataset"]).subject[:config.inner_val_subjects].tolist()
         val = np.flatnonzero(np.isin(data.subjects, val_subjects))
-        inner_train = np.setdiff1d(train, val)
-        folds.append(Fold(subject, train, test, inner_train, val, val_subjects))
+        folds.append(Fold(subject, train, test, np.setdiff1d(train, val), val, val_subjects))
     return folds
 
 
@@ -116,20 +106,19 @@ class InnerChoice:
 
 
 class TestChoice:
-    """The main run's test predictions by epoch; picks the `paper` epoch (best test accuracy,
-    later wins ties), `final` (the last) and `inner` (E*, from the inner run)."""
+    """The main run's test predictions by epoch: the `paper` epoch (best test accuracy, later wins
+    ties), `final` (the last) and `inner` (E*, from the inner run)."""
 
     def __init__(self, labels):
         self.labels, self.by_epoch, self.best_acc, self.paper_epoch = labels, {}, -1.0, None
 
     def add(self, epoch, predictions):
-        """Record one evaluation; True where it becomes the paper protocol's choice."""
+        """(test accuracy, whether this epoch becomes the paper protocol's choice)."""
         self.by_epoch[epoch] = predictions
         acc = float((predictions == self.labels).mean())
         if acc >= self.best_acc:
             self.best_acc, self.paper_epoch = acc, epoch
-            return acc, True
-        return acc, False
+        return acc, self.paper_epoch == epoch
 
     def chosen(self, protocols, inner_epoch=None):
         epochs = {"paper": self.paper_epoch, "final": max(self.by_epoch), "inner": inner_epoch}
@@ -137,10 +126,6 @@ class TestChoice:
 
 
 def weights_protocol(config):
-    """Which epoch's weights `save_weights` keeps: the paper protocol's (as the reference's
-    `--train True` does) when it is run, else the last epoch's."""
+    """Whose weights `save_weights` keeps: the paper protocol's epoch (as the reference's `--train True`
+    does) when it is run, else the last epoch's."""
     return "paper" if "paper" in config.protocols else "final"
-
-
-def snapshot(model):
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -1,5 +1,5 @@
-"""Safe file handling: atomic writes (a crash or a full disk leaves the old file or the new one,
-never half of one), paths kept under their root, text and YAML read with one-line errors."""
+"""Safe file handling: atomic writes, paths kept under their root, text and YAML read with one-line
+errors (docs/design.md, Errors)."""
 import contextlib
 import fcntl
 import os
@@ -7,14 +7,22 @@ import re
 import tempfile
 from pathlib import Path
 
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
+
+# Ids that become file names (subjects, samples): every id of the real release fits
+# ('sub01', 's01', '006', 'EP02_01f', '006_1_2'); no leading '.', no '..'.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", re.ASCII)
+SAFE_NAME_RULE = "letters, digits, '.', '_', '-'"
+# A YAML file far too big, or built from many aliases ("billion laughs": a few lines that expand to
+# gigabytes once walked) is refused before it is built.
+MAX_YAML_BYTES = 4 * 1024 * 1024
+MAX_YAML_NODES = 200_000  # after alias expansion; a search space or config has a few hundred
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
-    An OSError on the way (a full disk or quota: ENOSPC, EDQUOT, EFBIG) becomes one UserError line;
-    the temporary file is removed and the old `path`, if any, is kept."""
+    """A temporary file beside `path`, fsynced and renamed over it on success; an OSError (full disk,
+    quota, file size limit) is one UserError line, the temporary file removed and the old `path` kept."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +45,7 @@ def atomic_write(path, mode="w", **open_kwargs):
 
 
 def write_files(contents):
-    """Write several files all or none ({path: str or bytes}): every one is written and fsynced to
-    its temporary file before any is renamed, so a full disk leaves all the old files."""
+    """{path: str or bytes} written all or none: every file is fsynced before any is renamed."""
     with contextlib.ExitStack() as stack:
         for path, data in contents.items():
             f = stack.enter_context(atomic_write(path, "wb" if isinstance(data, bytes) else "w"))
@@ -47,20 +54,12 @@ def write_files(contents):
             os.fsync(f.fileno())
 
 
-# Ids that become file names (subjects, samples, hence weights/<subject>.pth and image paths):
-# ASCII letters, digits, '.', '_', '-', not starting with '.' and without '..'. Every id of the
-# real release fits ('sub01', 's01', '006', 'EP02_01f', '006_1_2').
-SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", re.ASCII)
-SAFE_NAME_RULE = "letters, digits, '.', '_', '-'"
-
-
 def is_safe_name(name):
     return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def path_under(root, *parts):
-    """root/parts, or UserError where it would resolve outside `root` (an absolute part, '..', a
-    symlink out of it). Every path built from ids goes through it."""
+    """root/parts, or UserError where it resolves outside `root` (an absolute part, '..', a symlink)."""
     root = Path(root)
     path = root.joinpath(*map(str, parts))
     if "\x00" in str(path):
@@ -73,8 +72,7 @@ def path_under(root, *parts):
 
 @contextlib.contextmanager
 def file_lock(path):
-    """An exclusive flock on `path` (created if needed) for the block; the kernel drops it when the
-    holder dies, so a killed process never leaves a stale lock."""
+    """An exclusive flock on `path` for the block; the kernel drops it when the holder dies."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -84,7 +82,7 @@ def file_lock(path):
 
 
 def ensure_writable_dir(path):
-    """Create `path` if needed and check that files can be written there."""
+    """`path`, created if needed, once a file could be written there."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -95,24 +93,15 @@ def ensure_writable_dir(path):
     return path
 
 
-# Every YAML the project reads goes through these: a file that is not UTF-8, not YAML, far too
-# big, or built from many aliases ("billion laughs": a few lines that expand to gigabytes once the
-# loaded value is walked) is refused with one line before anything else happens.
-MAX_YAML_BYTES = 4 * 1024 * 1024
-MAX_YAML_NODES = 200_000  # after alias expansion; a search space or config has a few hundred
-
-
 def parse_yaml(text, where):
-    """yaml.safe_load of `text` with the limits above; `where` names the file or flag in errors."""
+    """yaml.safe_load of `text` (str or bytes) within the limits above; `where` names the file or flag."""
     import yaml
 
-    if isinstance(text, bytes):
-        if len(text) > MAX_YAML_BYTES:
-            raise UserError(f"{where}: {len(text)} bytes is too big for a YAML file (limit {MAX_YAML_BYTES})")
-    text = decode_text(text, where)
-    loader = None
+    if isinstance(text, bytes) and len(text) > MAX_YAML_BYTES:
+        raise UserError(f"{where}: {len(text)} bytes is too big for a YAML file (limit {MAX_YAML_BYTES})")
+    text, loader = decode_text(text, where), None
     try:  # parsed once: the node graph is sized first, then built into Python values
-        loader = yaml.SafeLoader(text)
+        loader = yaml.SafeLoader(text)  # it refuses non-printable characters: inside the try
         node = loader.get_single_node()
         if _expanded_size(node, {}) > MAX_YAML_NODES:
             raise UserError(f"{where}: YAML expands to over {MAX_YAML_NODES} values through its "
@@ -121,7 +110,7 @@ def parse_yaml(text, where):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark is not None else ""
-        problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise UserError(f"{where}:{line} not valid YAML ({problem})") from None
     except RecursionError:
         raise UserError(f"{where}: YAML nested too deeply") from None
@@ -131,8 +120,7 @@ def parse_yaml(text, where):
 
 
 def _expanded_size(node, memo):
-    """How many values the node stands for once aliases are expanded (shared nodes counted once
-    per use, computed once each)."""
+    """Values the node stands for with aliases expanded (each shared node sized once, counted per use)."""
     import yaml
 
     if node is None or isinstance(node, yaml.ScalarNode):
@@ -151,15 +139,14 @@ def _expanded_size(node, memo):
 
 
 def read_yaml(path, where=None):
-    """parse_yaml of a file's bytes; a missing or unreadable file is one line too."""
+    """parse_yaml of a file; a missing or unreadable file is one line too."""
     where = where or str(path)
     return parse_yaml(read_bytes(path, where, MAX_YAML_BYTES, "a YAML file"), where)
 
 
 def read_bytes(path, where=None, max_bytes=None, kind="this file"):
     """A file's bytes; a missing, unreadable or too big file is one UserError line."""
-    path = Path(path)
-    where = where or str(path)
+    path, where = Path(path), where or str(path)
     try:
         size = path.stat().st_size
         if max_bytes is not None and size > max_bytes:
@@ -183,9 +170,3 @@ def decode_text(data, where):
     if "\x00" in data:
         raise UserError(f"{where}: not a text file (contains NUL bytes)")
     return data.removeprefix("\ufeff")
-
-
-def read_text(path, where=None, max_bytes=None):
-    """A UTF-8 text file's contents (CSV files go through it); one UserError line otherwise."""
-    where = where or str(path)
-    return decode_text(read_bytes(path, where, max_bytes), where)

@@ -1,21 +1,7 @@
-"""Leave-one-subject-out cross-validation: the engine every trial of a search calls.
-
-For every test subject a freshly initialised, seeded model is trained on all other subjects and
-tested on that subject. Three protocols are read off the same run, each named in every result:
-
-- `paper`: per subject, the test predictions of the epoch with the best test accuracy (a later
-  epoch wins ties), as the HTNet reference does. This looks at the test subject: it leaks.
-- `final`: the last epoch's predictions.
-- `inner` (leak-free): per outer fold, a second model is trained on the training subjects minus
-  `inner_val_subjects` held-out validation subjects; the epoch E* with the best validation UF1
-  (earlier wins ties; `inner_patience` stops it early) is chosen there, and the inner test
-  prediction is the main model's prediction at epoch E*. The test subject is never looked at.
-
-`run_loso(config, data, callback)` reports pooled results through `callback` after every
-`report_every` folds, so a search can prune; the callback returns True to stop the run. A report
-also lists, under `folds`, each new fold's own metrics with its number in the LOSO order (for
-pruners that compare trials fold by fold).
-"""
+"""Leave-one-subject-out cross-validation of one configuration (LosoConfig -> LosoResult), the run every
+search trial is: per test subject a seeded model trains on all other subjects, and the `paper`, `final`
+and leak-free `inner` protocols are read off it (docs/design.md); `callback` gets pooled results as
+folds finish and may stop the run."""
 import dataclasses
 import io
 import math
@@ -33,13 +19,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from htnet.data import CROP_MODES, CompositeData, htnet_input
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
 from htnet.io import atomic_write, ensure_writable_dir, path_under, write_files
 from htnet.metrics import PROTOCOLS, compute_metrics, uf1_uar
-from htnet.batched import resolve_fold_group_size, run_folds_batched
+from htnet.engine import resolve_fold_group_size, run_folds
 from htnet.folds import OPTIMIZERS, make_folds
 from htnet.models import create_model, model_input
-from htnet.plain import run_folds_plain
 
 ENGINES = ("plain", "batched")
 REPORTS_WITH_CALLBACK = 8
@@ -69,10 +54,10 @@ class LosoConfig:
     eval_every: int = 1
     crop_mode: str = "reference"
     standardize: bool = False
-    engine: str = "batched"  # "plain": one fold-model at a time, the reference recipe
-    # batched engine: fold-models trained together. None = as many as memory and the device allow
-    # (at least REPORTS_WITH_CALLBACK groups when a pruner listens); the run records the value it
-    # used, because the grouping shapes the batches and dropout stream (a rerun needs the same one).
+    engine: str = "batched"  # "plain": groups of one fold-model, the reference recipe
+    # batched: fold-models per group; None = what memory and the device allow (at least
+    # REPORTS_WITH_CALLBACK groups when a pruner listens). The run records the value it used: the
+    # grouping shapes the batches and dropout stream, so a rerun needs the same one.
     fold_group_size: int | None = None
     save_weights: bool = False
     report_every: int = 1
@@ -137,7 +122,7 @@ class LosoConfig:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda, cuda:N)")
         subjects = self.subjects
-        if isinstance(subjects, bool) or not (subjects is None or isinstance(subjects, (numbers.Integral, list, tuple))) \
+        if isinstance(subjects, bool) or not isinstance(subjects, (type(None), numbers.Integral, list, tuple)) \
                 or (isinstance(subjects, (list, tuple)) and not all(isinstance(s, (str, int)) for s in subjects)):
             raise UserError(f"subjects must be a count or a list of subject ids, got {subjects!r}")
         if isinstance(subjects, numbers.Integral):
@@ -213,9 +198,8 @@ def model_inputs(data, config):
 
 
 def lone_subjects_warning(data):
-    """One line naming the subjects with a single sample, or None. They are valid LOSO folds (the
-    real release has 8), but each tests one sample: its per-subject accuracy is 0 or 1, and the
-    paper protocol's best-test-epoch choice is then right whenever any epoch is."""
+    """One line naming the subjects with a single sample (valid folds, the real release has 8, but the
+    paper protocol's best-test-epoch choice is then right whenever any epoch is), or None."""
     counts = pd.Series(data.subjects).value_counts()
     lone = [s for s in data.subject_ids if counts[s] == 1]
     if not lone:
@@ -224,97 +208,77 @@ def lone_subjects_warning(data):
             f"one sample (--min-samples-per-subject 2 makes this an error)")
 
 
-def _prediction_rows(outcome, data):
-    rows = []
-    for protocol, (epoch, predicted) in outcome.chosen.items():
-        rows.append(pd.DataFrame({
-            "sample": data.samples[outcome.test], "subject": outcome.subject,
-            "dataset": data.datasets[outcome.test], "label": data.labels[outcome.test],
-            "protocol": protocol, "prediction": predicted, "epoch": epoch}))
-    return rows
+def _prediction_rows(subject, test, chosen, data):
+    """The long table's rows of one subject: chosen = {protocol: (epoch, predictions)}."""
+    return [pd.DataFrame({"sample": data.samples[test], "subject": subject, "dataset": data.datasets[test],
+                          "label": data.labels[test], "protocol": protocol, "prediction": predicted, "epoch": epoch})
+            for protocol, (epoch, predicted) in chosen.items()]
 
 
-def _pooled_metrics(prediction_rows, outcomes, data):
+def _pooled_metrics(prediction_rows, outcomes):
     predictions = pd.concat(prediction_rows, ignore_index=True)
     metrics = compute_metrics(predictions)
     with_val = [o for o in outcomes if o.val_predictions is not None]
     if with_val:
-        labels = np.concatenate([o.val_labels for o in with_val])
-        predicted = np.concatenate([o.val_predictions for o in with_val])
-        metrics["inner_val_uf1"], metrics["inner_val_uar"] = uf1_uar(labels, predicted)
+        metrics["inner_val_uf1"], metrics["inner_val_uar"] = uf1_uar(
+            np.concatenate([o.val_labels for o in with_val]), np.concatenate([o.val_predictions for o in with_val]))
     return predictions, metrics
 
 
 def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=True):
-    """Run LOSO cross-validation of one configuration; see the module docstring."""
+    """Every fold of `data` (its `subjects`); after every `report_every` folds `callback(report)` gets the
+    pooled metrics, step, folds_total, fold_epochs, train_loss and `folds` (each new fold's own metrics,
+    numbered in LOSO order, for pruners that pair folds across trials); True stops the run."""
     config = config if isinstance(config, LosoConfig) else LosoConfig.from_dict(config)
     data = select_subjects(data, config.subjects)
-    if out_dir is not None:
-        out_dir = ensure_writable_dir(out_dir)
+    out_dir = ensure_writable_dir(out_dir) if out_dir is not None else None
     device = resolve_device(config.device)
     started = time.perf_counter()
     X = torch.tensor(np.ascontiguousarray(model_inputs(data, config)), device=device)
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
-    if config.engine == "batched":
-
-        # a run that reports to a pruner gets intermediate results at least REPORTS_WITH_CALLBACK times
+    if config.engine == "batched":  # the grouping shapes the batch stream: the result records it
         config = dataclasses.replace(config, fold_group_size=resolve_fold_group_size(
             folds, config, device, min_groups=REPORTS_WITH_CALLBACK if callback else 1))
-        run_folds = run_folds_batched
-    else:
-        run_folds = run_folds_plain
-    outcomes, prediction_rows, history_rows, stopped = [], [], [], False
-    fold_numbers = {fold.subject: number for number, fold in enumerate(folds, 1)}
-    new_folds = []  # each fold's own metrics since the last report, for pruners that pair folds across trials
+    outcomes, prediction_rows, new_folds, stopped = [], [], [], False
     with tqdm(total=len(folds), desc="LOSO folds", disable=not progress) as bar:  # closed on errors too
         for outcome in run_folds(folds, X, y, data, config, device, progress=progress):
             outcomes.append(outcome)
-            rows = _prediction_rows(outcome, data)
+            rows = _prediction_rows(outcome.subject, outcome.test, outcome.chosen, data)
             prediction_rows += rows
-            if callback is not None:
-                new_folds.append({"fold": fold_numbers[outcome.subject], "subject": outcome.subject,
-                                  **_pooled_metrics(rows, [outcome], data)[1]})
-            history_rows += [(outcome.subject, *row) for row in outcome.history]
             if out_dir is not None and outcome.weights is not None:
-                # serialised in memory first: torch.save turns a full disk into an opaque RuntimeError
-                buffer = io.BytesIO()
+                buffer = io.BytesIO()   # serialised first: torch.save makes a full disk an opaque RuntimeError
                 torch.save(outcome.weights, buffer)
                 with atomic_write(path_under(out_dir, "weights", f"{outcome.subject}.pth"), "wb") as f:
                     f.write(buffer.getbuffer())
             bar.update(1)
-            done = len(outcomes)
-            if callback is not None and (done % config.report_every == 0 or done == len(folds)):
-                _, metrics = _pooled_metrics(prediction_rows, outcomes, data)
-                fold_history = pd.DataFrame([r for o in outcomes for r in o.history if r[0] == "main"],
-                                            columns=["run", "epoch", "train_loss", "test_acc", "val_uf1"])
-                report = {"step": done, "folds_total": len(folds),
+            predictions, metrics = _pooled_metrics(prediction_rows, outcomes)
+            bar.set_postfix_str(", ".join(f"{p} UF1 {uf1_uar(part.label, part.prediction)[0]:.3f}"
+                                          for p, part in predictions.groupby("protocol", sort=False)))
+            if callback is None:
+                continue
+            new_folds.append({"fold": len(outcomes), "subject": outcome.subject, **_pooled_metrics(rows, [outcome])[1]})
+            if len(outcomes) % config.report_every == 0 or len(outcomes) == len(folds):
+                main = pd.DataFrame([r[:3] for o in outcomes for r in o.history if r[0] == "main"],
+                                    columns=["run", "epoch", "train_loss"])
+                report = {"step": len(outcomes), "folds_total": len(folds),
                           "fold_epochs": sum(o.fold_epochs for o in outcomes),
-                          "train_loss": float(fold_history.groupby("epoch")["train_loss"].mean().iloc[-1]),
+                          "train_loss": float(main.groupby("epoch").train_loss.mean().iloc[-1]),
                           **metrics, "folds": new_folds}
                 new_folds = []
-                if callback(report) and done < len(folds):
+                if callback(report) and len(outcomes) < len(folds):
                     stopped = True
                     break
-            bar.set_postfix_str(_postfix(prediction_rows))
-    predictions, metrics = _pooled_metrics(prediction_rows, outcomes, data)
-    fold_epochs = sum(o.fold_epochs for o in outcomes)
-    wall = time.perf_counter() - started
+    predictions, metrics = _pooled_metrics(prediction_rows, outcomes)
+    fold_epochs, wall = sum(o.fold_epochs for o in outcomes), time.perf_counter() - started
     metrics.update(fold_epochs=fold_epochs, wall_time_s=wall)
-    history = pd.DataFrame(history_rows, columns=["subject", "run", "epoch", "train_loss", "test_acc", "val_uf1"])
+    history = pd.DataFrame([(o.subject, *row) for o in outcomes for row in o.history],
+                           columns=["subject", "run", "epoch", "train_loss", "test_acc", "val_uf1"])
     result = LosoResult(config, predictions, metrics, history, stopped, len(outcomes), len(folds),
                         fold_epochs, wall, str(device))
     if out_dir is not None:
         result.save(out_dir)
     return result
-
-
-def _postfix(prediction_rows):
-    predictions = pd.concat(prediction_rows)
-    parts = []
-    for protocol, part in predictions.groupby("protocol", sort=False):
-        parts.append(f"{protocol} UF1 {uf1_uar(part['label'], part['prediction'])[0]:.3f}")
-    return ", ".join(parts)
 
 
 def load_weights(path, device="cpu"):
@@ -360,13 +324,9 @@ def evaluate_weights(weights_dir, data, config):
         try:
             model.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError, AttributeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{path}: not weights of model {config.model} with this config ({first})") from None
+            raise UserError(f"{path}: not weights of model {config.model} with this config ({first_line(e)})") from None
         test = np.flatnonzero(data.subjects == subject)
         with torch.no_grad():
-            predicted = model(X[test]).argmax(1).cpu().numpy()
-        rows.append(pd.DataFrame({"sample": data.samples[test], "subject": subject,
-                                  "dataset": data.datasets[test], "label": data.labels[test],
-                                  "protocol": "weights", "prediction": predicted, "epoch": np.nan}))
+            rows += _prediction_rows(subject, test, {"weights": (np.nan, model(X[test]).argmax(1).cpu().numpy())}, data)
     predictions = pd.concat(rows, ignore_index=True)
     return predictions, compute_metrics(predictions)

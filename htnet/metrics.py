@@ -1,14 +1,5 @@
-"""UF1 and UAR on predictions pooled over all LOSO folds, per source dataset too.
-
-UF1 = mean over classes of the one-vs-rest F1 = 2TP / (2TP + FP + FN); UAR = mean over classes
-of recall = TP / positives. This equals the reference `recognition_evaluation` wherever every
-class occurs in the ground truth.
-
-A class absent from the ground truth: its recall is undefined (0/0) and its F1 is either
-undefined (no prediction of it either) or 0 (it was predicted). The reference drops the first
-case silently and returns NaN for UAR in the second. Here a class absent from the ground truth
-is left out of both means, always, and `classes_present` says which classes were averaged.
-"""
+"""UF1 and UAR of predictions pooled over the LOSO folds, overall and per source dataset. A class absent
+from the ground truth is left out of both means (the reference gives NaN or drops it; docs/design.md)."""
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, f1_score, recall_score
@@ -28,10 +19,6 @@ def uf1_uar(y_true, y_pred):
     uf1 = f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
     uar = recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
     return float(uf1), float(uar)
-
-
-def classes_present(y_true):
-    return sorted(set(np.asarray(y_true).tolist()))
 
 
 def confusion(y_true, y_pred):

@@ -1,17 +1,25 @@
-"""python -m search run|resume|status|leaderboard|rerun|paper-table|compare|nested|plots
+"""python -m search: the one command line of the search and its reports.
 
-  run [SPACE]      start a search (default space: search/spaces/demo.yaml, synthetic data)
+  run [SPACE]          start a search (default space: search/spaces/demo.yaml, synthetic data)
   run --resume NAME, resume NAME
-                   go on with a search whose driver stopped (killed, Ctrl+C, lost head node)
-  status [NAME]    list the searches, or one search's trials
-  leaderboard, rerun, paper-table, compare, nested, plots
-                   the paper table and its evidence, read from MLflow (search/report_cli.py)
+                       go on with a search whose driver stopped (killed, Ctrl+C, lost head node)
+  status [NAME]        list the searches, or one search's trials
+  leaderboard [SEARCH ...]
+                       every trial of the searches (all when none named), ranked by the objective
+  rerun --best SEARCH | --run-id RUN | --preset htnet-paper|ststnet | --config FILE
+                       rerun a configuration with K seeds (default 5) in parallel on Ray
+  paper-table          published rows beside our reruns, paper protocol and leak-free, and nested LOSO
+  compare RUN_A RUN_B  paired per-subject comparison: bootstrap interval and p-value
+  nested SPACE         nested LOSO: the whole search inside every outer fold (unbiased "search + model")
+  plots SEARCH         Optuna's plots and the best trial's per-subject accuracy, on the parent run
 
 Exit codes: 0 done, 1 the search did not finish (resume it; also when MLflow went away mid-search:
-its results are kept), 2 bad input, an unreachable or damaged store, or a search that another
-process is running (one line on stderr). SIGTERM stops a search as Ctrl+C does.
+its results are kept) or nothing usable came out of a rerun/nested run, 2 bad input, an unreachable
+or damaged store, or a search that another process is running (one line on stderr). SIGTERM stops a
+search as Ctrl+C does.
 """
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -21,73 +29,7 @@ from search.space import PRUNERS
 
 OBJECTIVE_HELP = ("inner: the leak-free validation UF1 of the inner protocol (default); paper: the "
                   "test-fold UF1 of the paper protocol (leaks the test subject; tagged on every run)")
-
-
-def build_parser():
-    parser = ArgumentParser(prog="python -m search", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="start (or with --resume, resume) a search",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("space", nargs="?", default=None,
-                     help="search space YAML, or the name of one in search/spaces/ (default: demo)")
-    run.add_argument("--resume", metavar="NAME", help="resume the search NAME instead of starting one")
-    run.add_argument("--name", help="search name (default: <space>-<date>-<time>)")
-    run.add_argument("--data", help="release folder (default: the built-in synthetic set)")
-    run.add_argument("--subjects", help="limit every trial to these subjects: a count taken across "
-                                        "datasets, or comma-separated ids (default: all)")
-    run.add_argument("--objective", choices=["inner", "paper"], help=OBJECTIVE_HELP)
-    run.add_argument("--num-samples", type=int, help="trials (default: the space file's)")
-    run.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials",
-                     help="trials at once (default: the space file's)")
-    run.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space file's)")
-    run.add_argument("--gpus-per-trial", type=float,
-                     help="GPUs per trial, fractions allowed: 0.25 packs four trials on a GPU")
-    run.add_argument("--sampler", choices=["tpe", "random", "grid"], help="Optuna sampler")
-    run.add_argument("--seed", type=int, help="sampler seed")
-    run.add_argument("--pruner", choices=PRUNERS,
-                     help="Optuna pruner (its arguments come from the space file when the type matches)")
-    run.add_argument("--max-failures", type=int, help="retries of a trial whose worker died")
-    run.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
-                     help="hold a LOSO config key fixed, e.g. epochs=5 or model_config.dim=64 (repeatable)")
-    run.add_argument("--save-weights", action="store_true", help="log per-subject weights of every finished trial")
-    add_common(run)
-    run.add_argument("--verbose", type=int, choices=[0, 1, 2], default=1,
-                     help="Ray Tune's progress output: 0 silent, 1 trial table (default), 2 every result")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (default: "
-                                            "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
-                                            "working folder)")
-    run.add_argument("--experiment", default="htnet", help="MLflow experiment (default: htnet)")
-    run.add_argument("--optuna-storage", help="Optuna storage: sqlite:///FILE, an SQLAlchemy URL, or "
-                                              "journal:FILE (default: sqlite:///<storage>/optuna.db)")
-    run.add_argument("--ray-storage", help="Ray Tune results: a folder or s3://bucket/prefix; a cluster "
-                                           "needs storage every node reaches (default: <storage>/ray)")
-
-    resume = commands.add_parser("resume", help="resume a search whose driver stopped",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    resume.add_argument("name")
-    add_common(resume)
-
-    status = commands.add_parser("status", help="list searches, or show one search's trials",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    status.add_argument("name", nargs="?")
-    status.add_argument("--storage", default="runs", help="folder of the search records (default: runs)")
-    status.add_argument("--top", type=int, default=10, help="trials shown (default: 10)")
-
-    from search import report_cli
-    report_cli.register(commands)  # leaderboard, rerun, nested, paper-table, compare, plots
-    return parser
-
-
-def add_common(p):
-    p.add_argument("--storage", default="runs",
-                   help="folder for the search records, Ray results, the Optuna study and synthetic "
-                        "data (default: runs)")
-    p.add_argument("--address", help="'auto' joins the running Ray cluster (ray up / ray start); "
-                                     "default: start a local Ray")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--top", type=int, default=10, help="trials in the final table (default: 10)")
+SAMPLERS = ["tpe", "random", "grid"]
 
 
 def positive_int(text):
@@ -100,21 +42,182 @@ def positive_int(text):
     return value
 
 
+def comma_list(text):
+    return [s for s in text.split(",") if s] or None
+
+
+def add_store(p):
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (default: "
+                                          "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder)")
+    p.add_argument("--experiment", default="htnet", help="MLflow experiment (default: htnet)")
+
+
+def add_ray(p, per=None):
+    p.add_argument("--address", help="'auto' joins the running Ray cluster (ray up / ray start); "
+                                     "default: start a local Ray")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
+    if per:
+        p.add_argument(f"--cpus-per-{per}", type=float, default=1.0, help=f"CPUs per {per} (default 1)")
+        p.add_argument(f"--gpus-per-{per}", type=float, default=0.0,
+                       help=f"GPUs per {per}, fractions allowed (default 0)")
+
+
+def add_storage(p, what="the search records, Ray results, the Optuna study and synthetic data"):
+    p.add_argument("--storage", default="runs", help=f"folder of {what} (default: runs)")
+
+
+def add_sets(p, verb="hold a LOSO config key fixed"):
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                   help=f"{verb}, e.g. epochs=5 or model_config.dim=64 (repeatable)")
+
+
+def add_search_choices(p):
+    p.add_argument("--num-samples", type=int, help="trials (default: the space file's)")
+    p.add_argument("--objective", choices=["inner", "paper"], help=OBJECTIVE_HELP)
+    p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler")
+    p.add_argument("--seed", type=int, help="sampler seed")
+    p.add_argument("--pruner", choices=PRUNERS,
+                   help="Optuna pruner (its arguments come from the space file when the type matches)")
+
+
+def build_parser():
+    parser = ArgumentParser(prog="python -m search", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("run", help="start (or with --resume, resume) a search")
+    p.add_argument("space", nargs="?", help="search space YAML, or the name of one in search/spaces/ (default: demo)")
+    p.add_argument("--resume", metavar="NAME", help="resume the search NAME instead of starting one")
+    p.add_argument("--name", help="search name (default: <space>-<date>-<time>)")
+    p.add_argument("--data", help="release folder (default: the built-in synthetic set)")
+    p.add_argument("--subjects", help="limit every trial to these subjects: a count taken across "
+                                      "datasets, or comma-separated ids (default: all)")
+    add_search_choices(p)
+    p.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials",
+                   help="trials at once (default: the space file's)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space file's)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed: 0.25 packs four on a GPU")
+    p.add_argument("--max-failures", type=int, help="retries of a trial whose worker died")
+    add_sets(p)
+    p.add_argument("--save-weights", action="store_true", help="log per-subject weights of every finished trial")
+    p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=1,
+                   help="Ray Tune's progress output: 0 silent, 1 trial table (default), 2 every result")
+    p.add_argument("--optuna-storage", help="Optuna storage: sqlite:///FILE, an SQLAlchemy URL, or "
+                                            "journal:FILE (default: sqlite:///<storage>/optuna.db)")
+    p.add_argument("--ray-storage", help="Ray Tune results: a folder or s3://bucket/prefix; a cluster "
+                                         "needs storage every node reaches (default: <storage>/ray)")
+    add_store(p)
+
+    for name, help_text in (("run", None), ("resume", "resume a search whose driver stopped")):
+        p = commands.choices["run"] if name == "run" else commands.add_parser(name, help=help_text)
+        if name == "resume":
+            p.add_argument("name")
+        add_storage(p)
+        add_ray(p)
+        p.add_argument("--top", type=int, default=10, help="trials in the final table (default: 10)")
+
+    p = commands.add_parser("status", help="list searches, or show one search's trials")
+    p.add_argument("name", nargs="?")
+    add_storage(p, "the search records")
+    p.add_argument("--top", type=int, default=10, help="trials shown (default: 10)")
+
+    p = commands.add_parser("leaderboard", help="rank the trials of one or more searches (from MLflow)")
+    p.add_argument("searches", nargs="*", metavar="SEARCH", help="search names (default: every search)")
+    p.add_argument("--protocol", default="objective",
+                   help="whose UF1/UAR to show: objective (each search's objective protocol, default), "
+                        "inner, paper, final, or all (a row per protocol)")
+    p.add_argument("--status", type=comma_list, help="keep these trial statuses, comma-separated (finished,pruned,...)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep trials whose parameter equals VALUE, e.g. model=htnet (repeatable)")
+    p.add_argument("--top", type=int, help="keep the first N trials")
+    p.add_argument("--csv", help="write the table as CSV")
+    p.add_argument("--markdown", "--md", dest="markdown", help="write the table as Markdown")
+    p.add_argument("--latex", "--tex", dest="latex", help="write the table as LaTeX (booktabs)")
+    p.add_argument("--run-ids", action="store_true", help="show MLflow run ids")
+    add_store(p)
+
+    p = commands.add_parser("rerun", help="rerun a configuration with K seeds in parallel (Ray)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--best", metavar="SEARCH", help="the best finished trial of SEARCH")
+    source.add_argument("--run-id", help="an MLflow run with a config.yaml (trial, rerun, ...)")
+    source.add_argument("--preset", choices=["htnet-paper", "ststnet"],
+                        help="htnet-paper: the HTNet paper config; ststnet: STSTNet, reference settings")
+    source.add_argument("--config", help="a LOSO config YAML (python -m htnet train --config)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    p.add_argument("--seed-list", type=comma_list, help="exact seeds, comma-separated (instead of --seeds)")
+    p.add_argument("--method", help="row label in the paper table (default: from the source, e.g. "
+                                    "'HTNet (best found)', 'HTNet (paper config)', 'STSTNet')")
+    add_sets(p, "change a LOSO config key, e.g. device=cpu")
+    p.add_argument("--data", help="release folder (default: the search's data, else the synthetic set)")
+    add_storage(p, "the synthetic data cache")
+    add_ray(p, "seed")
+    add_store(p)
+
+    p = commands.add_parser("paper-table", help="the paper's table from MLflow reruns (Markdown, LaTeX)")
+    p.add_argument("--out", help="folder for paper_table.md, .tex and .csv")
+    p.add_argument("--interval", choices=["std", "ci95", "none"], default="std",
+                   help="beside each mean: std over seeds (default), the 95%% t-interval, or nothing")
+    p.add_argument("--method", action="append", default=[], metavar="LABEL=RUN_ID",
+                   help="use this rerun/nested parent run for row LABEL (repeatable; default: the newest "
+                        "finished run per htnet.method tag)")
+    p.add_argument("--no-nested", action="store_true", help="leave out the nested LOSO rows")
+    p.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
+    add_store(p)
+
+    p = commands.add_parser("compare", help="paired per-subject comparison of two runs")
+    p.add_argument("run_a", metavar="RUN_A", help="MLflow run id, or a predictions.csv / folder")
+    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("--protocol", default="inner", help="protocol of both runs (default: inner)")
+    p.add_argument("--protocol-b", help="protocol of RUN_B when it differs (e.g. final for STSTNet)")
+    p.add_argument("--dataset", default="full", choices=["full", "smic", "casme2", "samm"])
+    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap replicates (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and permutations")
+    p.add_argument("--csv", help="write the per-subject table")
+    p.add_argument("--json", help="write the summary as JSON")
+    add_store(p)
+
+    p = commands.add_parser("nested", help="nested LOSO: the search inside every outer fold (unbiased)")
+    p.add_argument("space", help="search space YAML, or the name of one in search/spaces/")
+    p.add_argument("--name", help="name of the nested run (default: nested-<date>-<time>)")
+    p.add_argument("--method", help="row label in the paper table (default: 'Search + HTNet (nested LOSO)')")
+    p.add_argument("--data", help="release folder (default: the space's synthetic set)")
+    add_storage(p, "the synthetic data cache")
+    p.add_argument("--subjects", help="restrict the data first: a count across datasets, or ids")
+    p.add_argument("--outer-subjects", help="outer folds to run: a count across datasets, or ids (default: all)")
+    add_search_choices(p)
+    add_sets(p)
+    add_ray(p, "fold")
+    add_store(p)
+
+    p = commands.add_parser("plots", help="log a search's Optuna and per-subject plots to its parent run")
+    p.add_argument("search", metavar="SEARCH")
+    p.add_argument("--optuna-storage", help="the Optuna storage (default: the one the search logged)")
+    add_store(p)
+    return parser
+
+
+def options(cls, args, **values):
+    """An options dataclass from the parsed arguments of the same names (None keeps its default)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**{**given, **values})
+
+
+def pairs(items, flag):
+    out = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def cmd_run(args):
     from search.driver import runner
 
     if args.resume:
         return cmd_resume(argparse.Namespace(**{**vars(args), "name": args.resume}))
-    options = runner.Options(
-        space=args.space or str(runner.DEFAULT_SPACE), name=args.name, data=args.data,
-        storage=args.storage, ray_storage=args.ray_storage, optuna_storage=args.optuna_storage,
-        tracking_uri=args.tracking_uri, experiment=args.experiment, address=args.address,
-        num_cpus=args.num_cpus, num_samples=args.num_samples,
-        max_concurrent_trials=args.max_concurrent_trials, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, objective=args.objective, sampler=args.sampler,
-        seed=args.seed, pruner=args.pruner, max_failures=args.max_failures, subjects=args.subjects,
-        save_weights=args.save_weights, sets=args.sets, top=args.top, verbose=args.verbose)
-    return ended(runner.run_search(options))
+    return ended(runner.run_search(options(runner.Options, args)))
 
 
 def cmd_resume(args):
@@ -132,7 +235,6 @@ def ended(summary):
 
 
 def log_plots(manifest, name, out=None):
-    """Optuna's plots and the best trial's per-subject accuracy, on the search's parent run."""
     from search.reports.leaderboard import open_store
     from search.reports.plots import log_search_plots
 
@@ -140,7 +242,8 @@ def log_plots(manifest, name, out=None):
         store = open_store(manifest["tracking_uri"], manifest["experiment"])
         log_search_plots(store, name, manifest["optuna_storage"], out=out)
     except Exception as e:  # noqa: BLE001  (plots are a convenience: never fail a finished search)
-        print(f"warning: could not log the search's plots: {str(e).splitlines()[0] if str(e) else e!r}", file=out or sys.stdout)
+        print(f"warning: could not log the search's plots: {str(e).splitlines()[0] if str(e) else e!r}",
+              file=out or sys.stdout)
 
 
 def cmd_status(args):
@@ -148,6 +251,72 @@ def cmd_status(args):
 
     runner.status(args.storage, args.name, args.top)
     return 0
+
+
+def cmd_leaderboard(args):
+    from search.reports.leaderboard import leaderboard, open_store, print_leaderboard, write_exports
+
+    table = leaderboard(open_store(args.tracking_uri, args.experiment), args.searches, protocol=args.protocol,
+                        statuses=args.status, params=pairs(args.param, "--param"), top=args.top)
+    print_leaderboard(table, run_ids=args.run_ids)
+    written = write_exports(table, args.csv, args.markdown, args.latex,
+                            caption=f"Leaderboard: {', '.join(args.searches) or 'all searches'}")
+    if written:
+        print(f"written: {', '.join(map(str, written))}")
+    return 0
+
+
+def cmd_rerun(args):
+    from search.reports.rerun import RerunOptions, rerun
+
+    return 0 if len(rerun(options(RerunOptions, args))["summary"]) else 1
+
+
+def cmd_paper_table(args):
+    from search.reports.paper_table import paper_table
+
+    paper_table(args.tracking_uri, args.experiment, methods=pairs(args.method, "--method") or None,
+                interval=args.interval, nested=not args.no_nested, out_dir=args.out, log=not args.no_log)
+    return 0
+
+
+def cmd_compare(args):
+    from search.reports.compare import compare, load_predictions, print_comparison, write_outputs
+    from search.reports.leaderboard import open_store
+
+    store = None
+    try:
+        store = open_store(args.tracking_uri, args.experiment)
+    except UserError:
+        pass  # local prediction files need no store
+    a, label_a = load_predictions(args.run_a, store)
+    b, label_b = load_predictions(args.run_b, store)
+    if args.n_boot < 100:
+        raise UserError(f"--n-boot must be >= 100, got {args.n_boot}")
+    result = compare(a, b, protocol=args.protocol, protocol_b=args.protocol_b, dataset=args.dataset,
+                     n_boot=args.n_boot, seed=args.seed, labels=(label_a, label_b))
+    print_comparison(result)
+    write_outputs(result, args.csv, args.json)
+    return 0
+
+
+def cmd_nested(args):
+    from search.nested import NestedOptions, run_nested
+
+    return 0 if run_nested(options(NestedOptions, args))["metrics"] else 1
+
+
+def cmd_plots(args):
+    from search.reports.leaderboard import open_store
+    from search.reports.plots import log_search_plots
+
+    log_search_plots(open_store(args.tracking_uri, args.experiment), args.search, args.optuna_storage)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "status": cmd_status, "leaderboard": cmd_leaderboard,
+            "rerun": cmd_rerun, "paper-table": cmd_paper_table, "compare": cmd_compare, "nested": cmd_nested,
+            "plots": cmd_plots}
 
 
 def terminate(signum, frame):
@@ -162,13 +331,11 @@ def terminate(signum, frame):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from search import report_cli
-    commands = {"run": cmd_run, "resume": cmd_resume, "status": cmd_status, **report_cli.COMMANDS}
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return commands[args.command](args)
+        return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,36 +1,5 @@
-"""Nested LOSO: an unbiased estimate of "search + model".
-
-A search that picks its best configuration by a score computed on the same subjects as the
-reported numbers is optimistic, even with the leak-free `inner` objective: the choice among many
-configurations adapts to those subjects. Nested LOSO moves the whole search inside each outer
-fold:
-
-    for every outer subject s (a Ray task each, in parallel):
-        T = all subjects but s
-        the search (the same space file: parameters, conditions, sampler, pruner, objective)
-            runs on T only: every trial is a LOSO over T (LosoConfig.subjects = T)
-        its best configuration (by the search objective, computed on T) is trained on T
-            (one fold: the main model on T, the inner model on T minus its validation subjects)
-        and scored on s: `inner` picks the epoch on T's validation subjects (leak-free); `paper`
-            picks it by s's test accuracy (leaks, shown for comparison)
-    the outer predictions of all subjects are pooled into UF1/UAR as any LOSO run
-
-Subject s is never seen by the search nor by the choice of configuration or epoch (`inner`), so
-the pooled `inner` numbers estimate what "run this search, then train its winner" achieves on a
-new subject. The price: (#outer folds) x (#trials) LOSO runs over N-1 subjects, about N times a
-plain search; it is printed before the start and logged (htnet.cost, nested_* metrics).
-
-Within a fold the search is sequential (an Optuna ask/tell loop with the space's sampler and
-pruner, reporting the objective after every `report_every` folds as the Ray Tune search does);
-the outer folds run in parallel as Ray tasks (`--cpus-per-fold`, `--gpus-per-fold`), so a
-cluster runs as many folds at once as it has slots.
-
-MLflow: a parent run (htnet.role=nested, htnet.method, htnet.search, htnet.objective,
-htnet.cost) with the pooled `{protocol}_{dataset}_{uf1|uar}` metrics, cost metrics and artifacts
-predictions.csv, outer_folds.csv (each fold's chosen configuration), inner_trials.csv (every
-inner trial) and summary.md; one child run per outer fold (htnet.role=outer_fold,
-htnet.outer_subject; params = the chosen configuration).
-"""
+"""Nested LOSO, an unbiased estimate of "search + model": for every outer subject (a Ray task each) the whole
+search runs on the other subjects, its best configuration is trained on them and scored on that subject."""
 import math
 import sys
 import time
@@ -38,17 +7,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
 from htnet.metrics import PROTOCOLS, compute_metrics, summary_table
 from search import tracking
+from search.bridge import run_trial
 from search.reports.export import format_numbers, markdown_table
 from search.reports.leaderboard import open_store
 from search.reports.rerun import log_frame, model_label
-from search.space import flatten, fold_objectives, report_loso_step
-
-COST_KEYS = ("nested_outer_folds", "nested_trials", "nested_trials_pruned", "nested_trials_failed",
-             "nested_fold_epochs", "nested_wall_time_s", "nested_task_time_s")
-
+from search.space import flatten
 
 @dataclass
 class NestedOptions:
@@ -73,8 +39,6 @@ class NestedOptions:
     gpus_per_fold: float = 0.0
 
 
-# ----------------------------------------------------------------------------- one outer fold
-
 def fit_and_score(config, data, outer):
     """Train `config` on every subject of `data` but `outer` and score `outer`: one LOSO fold
     (with its inner run when the config has the inner protocol). Returns (predictions, outcome)."""
@@ -82,7 +46,7 @@ def fit_and_score(config, data, outer):
 
     from htnet.folds import make_folds
     from htnet.loso import LosoConfig, model_inputs, resolve_device
-    from htnet.plain import run_fold
+    from htnet.engine import run_fold
 
     config = LosoConfig.from_dict({**config, "subjects": None, "save_weights": False})
     device = resolve_device(config.device)
@@ -97,69 +61,33 @@ def fit_and_score(config, data, outer):
     return pd.concat(rows, ignore_index=True), outcome
 
 
-def inner_search(space, data, train_subjects, overrides, outer=""):
-    """The search on `train_subjects` only; returns (rows, configs by trial number, study)."""
+def inner_search(space, data, train_subjects, outer=""):
+    """The search on `train_subjects` only, trial after trial; returns (rows, configs by trial number, study)."""
     import optuna
-    from optuna.trial import TrialState
 
-    from htnet.errors import TrainingDiverged
-    from htnet.loso import LosoConfig, run_loso
     from search.driver.runner import effective_samples
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=space.make_sampler(),
                                 pruner=space.make_pruner(), study_name=f"nested-{outer}")
-    sample = space.optuna_space()
-    metric, rows, configs = space.metric, [], {}
+    overrides = {"subjects": list(train_subjects), "save_weights": False}
+    rows, configs = [], {}
     for _ in range(effective_samples(space)):
-        trial = study.ask()
-        row = {"outer_subject": outer, "trial": trial.number}
         started = time.perf_counter()
-        try:
-            sampled = sample(trial)
-            row.update(flatten(sampled))
-            config = LosoConfig.from_dict(space.resolve(sampled, {**overrides, "subjects": list(train_subjects),
-                                                                  "save_weights": False}))
-        except UserError as e:
-            study.tell(trial, state=TrialState.FAIL)
-            rows.append({**row, "status": "failed", "error": str(e)})
-            continue
-        pruned = {"at": None}
-
-        def callback(progress, trial=trial, pruned=pruned):
-            value, step = progress.get(metric), progress["step"]
-            if step >= progress["folds_total"] or value is None or not math.isfinite(value):
-                return None
-            report_loso_step(trial, study.pruner, step, value, fold_objectives(progress, metric))
-            if trial.should_prune():
-                pruned["at"] = step
-                return True
-            return None
-
-        try:
-            result = run_loso(config, data, callback=callback, progress=False)
-        except (TrainingDiverged, UserError) as e:
-            study.tell(trial, state=TrialState.FAIL)
-            rows.append({**row, "status": "failed", "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
-                         "wall_time_s": time.perf_counter() - started})
-            continue
-        value = result.metrics.get(metric, float("nan"))
-        if result.stopped:
-            study.tell(trial, state=TrialState.PRUNED)
-            status = "pruned"
-        elif math.isfinite(value):
-            study.tell(trial, value)
-            status = "finished"
-            configs[trial.number] = config.to_dict()
-        else:
-            study.tell(trial, state=TrialState.FAIL)
-            status = "failed"
-        rows.append({**row, "status": status, metric: value, "folds_done": result.folds_done,
-                     "fold_epochs": result.fold_epochs, "wall_time_s": time.perf_counter() - started})
+        run = run_trial(study, space, data, overrides)
+        row = {"outer_subject": outer, "trial": run.trial.number, **flatten(run.sampled), "status": run.status}
+        if run.error is not None:
+            row["error"] = first_line(run.error)
+        if run.result is not None:
+            row.update({space.metric: run.result.metrics.get(space.metric, float("nan")),
+                        "folds_done": run.result.folds_done, "fold_epochs": run.result.fold_epochs})
+        if run.status == "finished":
+            configs[run.trial.number] = run.config.to_dict()
+        rows.append({**row, "wall_time_s": time.perf_counter() - started})
     return rows, configs, study
 
 
-def outer_fold(space, data, outer, overrides, threads=1):
+def outer_fold(space, data, outer, threads=1):
     """One outer fold (run as a Ray task): the search on the other subjects, its best
     configuration trained on them and scored on `outer`."""
     import torch
@@ -167,7 +95,7 @@ def outer_fold(space, data, outer, overrides, threads=1):
     torch.set_num_threads(max(1, int(threads)))
     started = time.perf_counter()
     train = [s for s in data.subject_ids if s != outer]
-    rows, configs, study = inner_search(space, data, train, overrides, outer)
+    rows, configs, study = inner_search(space, data, train, outer)
     search_fold_epochs = int(sum(r.get("fold_epochs", 0) or 0 for r in rows))
     out = {"outer_subject": outer, "trials": rows, "search_fold_epochs": search_fold_epochs}
     if not configs:
@@ -181,31 +109,19 @@ def outer_fold(space, data, outer, overrides, threads=1):
     return out
 
 
-# ----------------------------------------------------------------------------- cost
-
-def epochs_bound(space):
-    """The largest `epochs` a trial can have (fixed, or the largest sampled choice)."""
-    from htnet.loso import LosoConfig
-
-    for param in space.params:
-        if param.name == "epochs":
-            return int(max(param.values())) if param.kind != "float" else int(param.high)
-    fixed = [f.value for f in space.fixed if f.name == "epochs"]
-    return int(max(fixed)) if fixed else LosoConfig.epochs
-
-
-def inner_runs_per_fold(space):
-    protocols = [f.value for f in space.fixed if f.name == "protocols" and f.when is None]
-    protocols = protocols[0] if protocols else PROTOCOLS
-    return 2 if "inner" in protocols else 1
-
-
 def cost_estimate(space, n_subjects, n_outer):
-    """Upper bounds (no pruning) of the nested run's work, and of a plain search's."""
+    """Upper bounds (no pruning) of the nested run's work, and of a plain search's: fold-epochs count the
+    largest `epochs` a trial can have, twice where the inner protocol trains a second model."""
+    from htnet.loso import LosoConfig
     from search.driver.runner import effective_samples
 
+    sampled = next((p for p in space.params if p.name == "epochs"), None)
+    fixed = [f.value for f in space.fixed if f.name == "epochs"]
+    epochs = max(sampled.choices) if sampled and sampled.kind == "choice" else sampled.high if sampled else \
+        max(fixed) if fixed else LosoConfig.epochs
+    protocols = next((f.value for f in space.fixed if f.name == "protocols" and f.when is None), PROTOCOLS)
+    per_fold = int(epochs) * (2 if "inner" in protocols else 1)
     trials = effective_samples(space)
-    per_fold = epochs_bound(space) * inner_runs_per_fold(space)
     folds = n_outer * trials * (n_subjects - 1)
     return {"outer_folds": n_outer, "trials_per_fold": trials, "inner_loso_runs": n_outer * trials,
             "inner_folds": folds, "fold_epochs": folds * per_fold + n_outer * per_fold,
@@ -221,8 +137,6 @@ def describe_cost(estimate, n_subjects):
             f"{estimate['trials_per_fold']} trials on {n_subjects} subjects "
             f"(<= {estimate['plain_search_fold_epochs']:,})")
 
-
-# ----------------------------------------------------------------------------- the command
 
 def default_method(space):
     fixed = {f.name: f.value for f in space.fixed if f.when is None}
@@ -287,7 +201,6 @@ def run_nested(options, out=None):
     tracking.retry(client.log_dict, parent_id, space.raw, "space.yaml")
     tracking.log_metrics(client, parent_id, {f"estimate_{k}": v for k, v in estimate.items()})
 
-    overrides = {}
     started = time.time()
     results = []
 
@@ -306,8 +219,6 @@ def run_nested(options, out=None):
             log_frame(client, run_id, trials, "inner_trials.csv")
         if "error" in result:
             tracking.set_tags(client, run_id, {"htnet.error": result["error"]})
-            tracking.log_metrics(client, run_id, metrics)
-            tracking.retry(client.set_terminated, run_id, "FAILED")
             print(f"  outer {subject}: failed ({result['error']})", file=out)
         else:
             predictions = result["predictions"]
@@ -316,15 +227,14 @@ def run_nested(options, out=None):
             metrics.update({f"best_{space.metric}": result["best_value"],
                             "final_fold_epochs": result["final_fold_epochs"]})
             tracking.log_params(client, run_id, flatten(result["config"]))
-            tracking.log_metrics(client, run_id, metrics)
             tracking.retry(client.log_dict, run_id, result["config"], "config.yaml")
             log_frame(client, run_id, predictions, "predictions.csv")
-            tracking.retry(client.set_terminated, run_id, "FINISHED")
             acc = metrics.get("inner_outer_accuracy", metrics.get("final_outer_accuracy", float("nan")))
             print(f"  outer {subject}: best of {len(trials)} trials {space.metric} {result['best_value']:.4f}, "
                   f"outer accuracy {acc:.3f} ({result['wall_time_s']:.1f} s)", file=out)
-        result["run_id"] = run_id
-        results.append(result)
+        tracking.log_metrics(client, run_id, metrics)
+        tracking.retry(client.set_terminated, run_id, "FAILED" if "error" in result else "FINISHED")
+        results.append({**result, "run_id": run_id})
 
     started_ray = init_ray(options.address, options.num_cpus)
     try:
@@ -332,7 +242,7 @@ def run_nested(options, out=None):
                                               max_retries=1)
         space_ref, data_ref = ray.put(space), ray.put(data)
         threads = max(1, math.floor(options.cpus_per_fold))
-        pending = {task.remote(space_ref, data_ref, s, overrides, threads): s for s in outer}
+        pending = {task.remote(space_ref, data_ref, s, threads): s for s in outer}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

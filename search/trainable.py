@@ -1,29 +1,11 @@
-"""The function trainable: one Ray Tune trial = one full LOSO run of one sampled configuration.
-
-`loso_trial(config, data, settings)` is wrapped by `tune.with_parameters`, which puts the
-CompositeData into Ray's object store once; every node fetches it once into its shared-memory
-store and trials read it from there (numpy arrays without a copy), so the release is read once
-per search, from the driver, and moved once per node.
-
-Every `report_every` folds the engine calls back with pooled results; the trial passes them to
-`tune.report`, so the Optuna pruner (search.pruning) sees each intermediate LOSO result. The last
-report carries the final metrics and, as a Ray checkpoint, the trial's files (predictions.csv,
-history.csv, metrics.json, config.yaml, confusion_matrix.png, learning_curve.png, weights/), which
-the driver logs to MLflow. A configuration that cannot train (diverged loss, impossible model
-arguments, a value LosoConfig rejects: see `trial_config`) reports `htnet_status: failed` instead of
-raising, so Ray does not retry it: retries are for infrastructure failures (a worker or node that
-died).
-"""
-import math
+"""The Ray Tune function trainable: one trial = one LOSO run of one sampled configuration, reported to
+Optuna's pruner as it goes (search.bridge) and ending with the trial's files as a Ray checkpoint."""
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from search.tracking.figures import confusion_matrix_png, learning_curve_png
-
-FINAL_FILES = ("predictions.csv", "history.csv", "metrics.json", "config.yaml")
-
 
 def _report(values, metric):
     """The objective first: Ray Tune's progress table shows a result's first four numbers."""
@@ -43,38 +25,19 @@ def _numbers(values):
     return out
 
 
-def _threads(resources):
-    cpus = resources.required_resources.get("CPU", 1) if resources is not None else 1
-    return max(1, int(math.floor(cpus)))
-
-
-def trial_config(space, config, overrides=None):
-    """The LosoConfig of a trial's sampled `config`. Whatever rejects the combination (LosoConfig's
-    checks, a `when` or the model's constructor, with a UserError or with the TypeError or
-    ValueError of a value it cannot take) raises one UserError: the trial fails once, not retried."""
-    from htnet.errors import UserError
-    from htnet.loso import LosoConfig
-
-    try:
-        return LosoConfig.from_dict(space.resolve(space.sampled(config), overrides))
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - building a config is deterministic: a retry fails again
-        text = str(e).strip()
-        raise UserError(f"invalid configuration: {type(e).__name__}: "
-                        f"{text.splitlines()[0] if text else 'no message'}") from None
-
-
 def loso_trial(config, data=None, settings=None):
-    """Run LOSO for the sampled `config`; see the module docstring."""
+    """Run LOSO for the sampled `config`. `tune.with_parameters` puts `data` in Ray's object store once: trials
+    read its arrays from there without a copy. A configuration that cannot train (diverged, impossible, refused
+    by LosoConfig) reports `htnet_status: failed` instead of raising, so Ray does not retry it: retries are for
+    a worker or node that died."""
     import ray
     import torch
     from ray import tune
 
-    from htnet.errors import TrainingDiverged, UserError
+    from htnet.errors import TrainingDiverged, UserError, first_line
     from htnet.loso import resolve_device, run_loso
+    from search.bridge import fold_objectives, trial_config
     from search.pruning import FOLDS_KEY
-    from search.space import fold_objectives
 
     space = settings["space"]
     metric = space.metric
@@ -85,13 +48,13 @@ def loso_trial(config, data=None, settings=None):
         tune.report({**replay, "final": 1, "htnet_status": "replayed"})
         return
 
-    torch.set_num_threads(_threads(context.get_trial_resources()))
+    resources = context.get_trial_resources()
+    torch.set_num_threads(max(1, int(resources.required_resources.get("CPU", 1) if resources is not None else 1)))
     info = {"htnet_node": ray.get_runtime_context().get_node_id(), "htnet_pid": os.getpid()}
 
     def failed(error, step=0):
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         tune.report({metric: float("nan"), "step": step, "final": 1, "htnet_status": "failed",
-                     "htnet_error": f"{type(error).__name__}: {message}", **info})
+                     "htnet_error": f"{type(error).__name__}: {first_line(error)}", **info})
 
     try:
         loso_config = trial_config(space, config, settings.get("overrides"))
@@ -104,11 +67,9 @@ def loso_trial(config, data=None, settings=None):
 
     def callback(progress):
         done["step"] = progress["step"]
-        if progress["step"] >= progress["folds_total"]:
-            return None  # the final report follows, with the files
-        tune.report(_report({**_numbers(progress), FOLDS_KEY: fold_objectives(progress, metric), "final": 0,
-                             "htnet_status": "running", **info}, metric))
-        return None
+        if progress["step"] < progress["folds_total"]:  # the final report follows, with the files
+            tune.report(_report({**_numbers(progress), FOLDS_KEY: fold_objectives(progress, metric), "final": 0,
+                                 "htnet_status": "running", **info}, metric))
 
     out = Path(tempfile.mkdtemp(prefix=f"htnet-{trial_id}-"))
     try:

@@ -42,9 +42,7 @@ def search_options(tmp_path, space_path, name, **kwargs):
 
 def trial_runs(tracking_uri, name):
     """The MLflow child runs of search `name`, all attempts."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = store_client(tracking_uri)
     experiment = client.get_experiment_by_name("htnet")
     if experiment is None:
         return []
@@ -53,10 +51,16 @@ def trial_runs(tracking_uri, name):
                               max_results=1000)
 
 
-def parent_run(tracking_uri, name):
-    from mlflow import MlflowClient
+def store_client(tracking_uri):
+    """A client opened as the driver opens the store: a new sqlite file is created under the
+    driver's lock, so polling it while the driver migrates it is not an alembic race."""
+    from search import tracking
 
-    client = MlflowClient(tracking_uri)
+    return tracking.client_for(tracking_uri)
+
+
+def parent_run(tracking_uri, name):
+    client = store_client(tracking_uri)
     experiment = client.get_experiment_by_name("htnet")
     runs = client.search_runs([experiment.experiment_id],
                               filter_string=f"tags.`htnet.search` = '{name}' and tags.`htnet.role` = 'search'")

@@ -1,18 +1,7 @@
-"""HTNet's input: four 14x14 patches cut around facial landmarks, tiled 2x2 into 28x28.
-
-    top row:    left eye (point 0)     | right eye (point 1)
-    bottom row: mouth left (point 3)   | mouth right (point 4)        (the nose, point 2, is unused)
-
-Each landmark (x, y) is clamped to 7..21 and truncated to int so that the 14x14 patch stays
-inside the image, as the reference does.
-
-Crop modes:
-- `reference` reproduces the reference indexing `image[x-7:x+7, y-7:y+7]`: the landmark's x
-  (a column coordinate) is used as the ROW index and y as the column. On a face this transposes
-  the patch centres about the diagonal, so "eye" patches are cut left of the eyes, and so on.
-  Use it to reproduce the published numbers.
-- `corrected` uses `image[y-7:y+7, x-7:x+7]`: patches centred on the landmarks as intended.
-"""
+"""HTNet's input: four 14x14 patches around landmarks 0, 1 (eyes; top row) and 3, 4 (mouth corners),
+tiled 2x2. Centres are clamped to 7..21 and truncated, as the reference does. crop_mode "reference"
+indexes image[x-7:x+7, y-7:y+7] as the reference does (x as the row: the published numbers);
+"corrected" indexes image[y-7:y+7, x-7:x+7], centred on the landmarks as intended."""
 import numpy as np
 
 from htnet.errors import UserError

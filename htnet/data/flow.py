@@ -1,5 +1,4 @@
-"""From optical flow to the release's image: optical strain, per-channel 0..255 scaling and the
-channel order cv2 reads (strain, v, u). Used by the synthetic set and by preprocessing real frames."""
+"""Optical flow -> the release's image: optical strain, per-channel 0..255 scaling, cv2's channel order."""
 import cv2
 import numpy as np
 
@@ -7,8 +6,7 @@ SIZE = 28
 
 
 def optical_strain(u, v):
-    """Optical strain magnitude sqrt(e_xx^2 + e_yy^2 + 2 e_xy^2), e_xy = (du/dy + dv/dx) / 2, in the
-    inputs' precision (at least float32)."""
+    """sqrt(e_xx^2 + e_yy^2 + 2 e_xy^2), e_xy = (du/dy + dv/dx) / 2, in the inputs' precision (>= float32)."""
     dtype = np.result_type(u, v, np.float32)
     du_dy, du_dx = np.gradient(np.asarray(u, dtype=dtype))
     dv_dy, dv_dx = np.gradient(np.asarray(v, dtype=dtype))
@@ -27,9 +25,8 @@ def to_uint8(channel):
 
 
 def flow_image(u, v, strain=None):
-    """(28, 28, 3) uint8 in the release's stored order: [..., 0] strain, [..., 1] v, [..., 2] u, so
-    that cv2.imwrite then cv2.imread give it back. Each map is resized to 28x28 (INTER_AREA) if it is
-    not, then scaled to 0..255 on its own; the strain is computed from u, v unless given."""
+    """(28, 28, 3) uint8 (strain, v, u) as cv2.imwrite stores it: each map resized to 28x28 (INTER_AREA)
+    and scaled to 0..255 on its own; the strain computed from u, v unless given."""
     strain = optical_strain(u, v) if strain is None else strain
     channels = []
     for x in (strain, v, u):

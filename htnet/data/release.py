@@ -1,39 +1,32 @@
-"""Read and write the public HTNet release layout.
-
-    combined_3_class2_for_optical_flow.csv   dataset,sub,filename_o,label,apex,imagename,sub_filename
-    datasets/STSNet_whole_norm_u_v_os/<sub>_<filename_o> .png    (note the space before .png)
-    landmarks_mtcnn.csv                       optional: five landmarks per sample (28x28 pixels)
-
-The release also ships per-subject LOSO folders `three_norm_u_v_os/<subject>/u_train|u_test/<label>/`
-holding copies of the same images; `load_release` reads those when the CSV is absent.
-
-Pixels are kept as the reference uses them: cv2.imread (BGR channel order), float32 0..255.
-"""
+"""Read and write the public HTNet release layout (docs/design.md); pixels as the reference uses them:
+cv2.imread (BGR channel order), float32 0..255."""
 import io
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from htnet.errors import UserError
-from htnet.io import SAFE_NAME_RULE, atomic_write, is_safe_name, path_under, read_text
+from htnet.errors import UserError, first_line
+from htnet.io import SAFE_NAME_RULE, atomic_write, decode_text, is_safe_name, path_under, read_bytes
 
 CSV_NAME = "combined_3_class2_for_optical_flow.csv"
 IMAGE_DIR = Path("datasets") / "STSNet_whole_norm_u_v_os"
-LOSO_DIR = "three_norm_u_v_os"
+LOSO_DIR = "three_norm_u_v_os"  # per-subject copies of the images, read when the CSV is absent
 LANDMARKS_NAME = "landmarks_mtcnn.csv"
 CSV_COLUMNS = ["dataset", "sub", "filename_o", "label", "apex", "imagename", "sub_filename"]
 REQUIRED_COLUMNS = ["dataset", "sub", "filename_o", "label"]
-LANDMARK_POINTS = ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"]
-LANDMARK_COLUMNS = [f"{p}_{axis}" for p in LANDMARK_POINTS for axis in ("x", "y")]
+LANDMARK_COLUMNS = [f"{p}_{axis}" for p in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+                    for axis in ("x", "y")]
 # The reference's fallback when MTCNN finds no face in the 28x28 apex image (x, y per point).
 TEMPLATE_LANDMARKS = np.array(
     [[9.528073, 11.062551], [21.396168, 10.919773], [15.380184, 17.380562],
      [10.255435, 22.121233], [20.583706, 22.25584]], dtype=np.float32)
 IMAGE_SHAPE = (28, 28, 3)
 NUM_CLASSES = 3
+CLASSES = [str(c) for c in range(NUM_CLASSES)]
 # MTCNN puts some points a few pixels outside the face (the release has -6..29.3); the crop clamps
 # them to 7..21. Anything further out than half an image is a broken landmarks file.
 LANDMARK_MARGIN = 14
@@ -58,39 +51,29 @@ class CompositeData:
         """Subjects in order of first appearance."""
         return list(dict.fromkeys(self.subjects.tolist()))
 
-    def subset(self, mask):
-        return CompositeData(self.images[mask], self.labels[mask], self.subjects[mask],
-                             self.datasets[mask], self.samples[mask], self.landmarks[mask],
-                             self.source)
-
     def restrict(self, subjects):
+        """The samples of these subjects."""
         unknown = sorted(set(subjects) - set(self.subjects.tolist()))
         if unknown:
             raise UserError(f"subject {unknown[0]!r} is not in the data from {self.source}")
-        return self.subset(np.isin(self.subjects, list(subjects)))
+        mask = np.isin(self.subjects, list(subjects))
+        return CompositeData(*(getattr(self, f.name)[mask] for f in fields(self)[:-1]), self.source)
 
     def pick_subjects(self, count):
         """`count` subjects taken in turn from each source dataset, in order of appearance."""
         by_dataset = {}
         for subject, dataset in dict(zip(self.subjects.tolist(), self.datasets.tolist())).items():
             by_dataset.setdefault(dataset, []).append(subject)
-        queues, picked = list(by_dataset.values()), []
-        while len(picked) < min(count, len(self.subject_ids)):
-            for queue in queues:
-                if queue and len(picked) < count:
-                    picked.append(queue.pop(0))
-        return picked
+        turns = itertools.zip_longest(*by_dataset.values())
+        return [subject for turn in turns for subject in turn if subject is not None][:count]
 
     def summary(self):
+        """Samples, subjects and class counts per dataset."""
         table = pd.DataFrame({"dataset": self.datasets, "subject": self.subjects, "label": self.labels})
         counts = table.groupby("dataset").agg(samples=("label", "size"), subjects=("subject", "nunique"))
         for c in range(NUM_CLASSES):
             counts[f"class{c}"] = table[table.label == c].groupby("dataset").size()
         return counts.fillna(0).astype(int)
-
-
-def sample_id(sub, filename_o):
-    return f"{sub}_{filename_o}"
 
 
 def image_path(root, sample):
@@ -113,14 +96,11 @@ def read_image(path):
 
 
 def load_release(root, landmarks="auto", standardize=False, min_samples_per_subject=1):
-    """Load the release at `root`.
+    """The release at `root` (its CSV, else its per-subject folders) as CompositeData.
 
-    landmarks: "auto" (the release's landmarks_mtcnn.csv where present, else the template),
-    "template", or the path of a landmarks CSV. standardize: per-channel zero mean / unit
-    variance over the whole set instead of the reference's raw 0..255 values.
-    min_samples_per_subject: reject subjects with fewer samples (the real release has 8 subjects
-    with a single sample, so the default accepts them).
-    """
+    landmarks: "auto" (landmarks_mtcnn.csv where present, else the template), "template" or a CSV
+    path. standardize: per-channel zero mean, unit variance instead of the raw 0..255.
+    min_samples_per_subject: reject smaller subjects (the release has 8 with a single sample)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}")
@@ -151,48 +131,57 @@ def load_release(root, landmarks="auto", standardize=False, min_samples_per_subj
 
 def read_csv(path):
     """A CSV as strings, cells as written (no 'NA' -> NaN): UTF-8 text, parsable, not empty."""
-    text = read_text(path, max_bytes=MAX_CSV_BYTES)
+    text = decode_text(read_bytes(path, max_bytes=MAX_CSV_BYTES), path)
     if not text.strip():
         raise UserError(f"{path}: empty file (expected a CSV with a header row)")
     try:
         return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
-        raise UserError(f"{path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        raise UserError(f"{path}: not a readable CSV ({first_line(e)})") from None
 
 
-def check_names(path, table, columns, what):
-    """Ids that become file names must be safe (see htnet.io.SAFE_NAME); row numbers count the header."""
-    for column in columns:
-        for row, value in enumerate(table[column]):
-            if not is_safe_name(value):
-                raise UserError(f"{path}: row {row + 2}: {what[column]} {value!r} is not a safe name ({SAFE_NAME_RULE})")
+def check_rows(path, table, checks):
+    """checks: (bad row mask, message(row)) pairs in order; the first that holds anywhere raises
+    `<path>: row <n>: <message>` for its first row (rows counted with the header as row 1)."""
+    for bad, message in checks:
+        bad = np.asarray(bad, dtype=bool)
+        if bad.any():
+            i = int(bad.argmax())
+            raise UserError(f"{path}: row {i + 2}: {message(table.iloc[i])}")
+
+
+def unsafe_names(table, column, what):
+    """A check_rows check: ids that become file names must be safe (htnet.io.is_safe_name)."""
+    return (~table[column].map(is_safe_name),
+            lambda row: f"{what} {row[column]!r} is not a safe name ({SAFE_NAME_RULE})")
+
+
+def _missing(path, table, columns):
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: missing column {missing[0]!r}")
 
 
 def _check_finite(root, table, images, when):
     bad = ~np.isfinite(images).all(axis=(1, 2, 3))
     if bad.any():
-        raise UserError(f"{root}: sample {table['sample'].iloc[int(np.argmax(bad))]!r} has non-finite pixel values{when}")
+        sample = table["sample"].iloc[int(np.argmax(bad))]
+        raise UserError(f"{root}: sample {sample!r} has non-finite pixel values{when}")
 
 
 def _read_table(csv_path):
     table = read_csv(csv_path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise UserError(f"{csv_path}: missing column {missing[0]!r}")
+    _missing(csv_path, table, REQUIRED_COLUMNS)
     if table.empty:
         raise UserError(f"{csv_path}: no samples")
-    check_names(csv_path, table, ["sub", "filename_o"], {"sub": "subject id", "filename_o": "sample name"})
     labels = table["label"].str.strip()
-    bad = table[~labels.isin([str(c) for c in range(NUM_CLASSES)])]  # '1.5', '1.0', '', 'x': refused
-    if len(bad):
-        row = bad.index[0]
-        raise UserError(f"{csv_path}: row {row + 2}: label {str(table['label'][row])!r} is not one of 0, 1, 2")
-    table["label"] = labels.astype(np.int64)
-    table["dataset"] = table["dataset"].str.strip().str.lower()
-    empty = table.index[table["dataset"] == ""]
-    if len(empty):
-        raise UserError(f"{csv_path}: row {empty[0] + 2}: empty dataset")
-    table["sample"] = [sample_id(s, f) for s, f in zip(table["sub"], table["filename_o"])]
+    dataset = table["dataset"].str.strip().str.lower()
+    check_rows(csv_path, table, [
+        unsafe_names(table, "sub", "subject id"), unsafe_names(table, "filename_o", "sample name"),
+        (~labels.isin(CLASSES), lambda row: f"label {row['label']!r} is not one of 0, 1, 2"),  # '1.5', '1.0', ''
+        (dataset == "", lambda row: "empty dataset")])
+    table = table.assign(label=labels.astype(np.int64), dataset=dataset,
+                         sample=table["sub"] + "_" + table["filename_o"])
     duplicated = table["sample"][table["sample"].duplicated()]
     if len(duplicated):
         raise UserError(f"{csv_path}: duplicate sample id {duplicated.iloc[0]!r}")
@@ -201,22 +190,24 @@ def _read_table(csv_path):
 
 def _read_loso_folders(loso_dir):
     """The release's per-subject folders: each subject's u_test/<label>/ holds its own samples."""
+    def safe(path, what, name):
+        if not is_safe_name(name):
+            raise UserError(f"{path}: {what} {name!r} is not a safe name ({SAFE_NAME_RULE})")
+        return name
+
     rows, images, seen = [], [], {}
     for subject_dir in sorted(p for p in loso_dir.iterdir() if p.is_dir()):
-        if not is_safe_name(subject_dir.name):
-            raise UserError(f"{subject_dir}: subject id {subject_dir.name!r} is not a safe name ({SAFE_NAME_RULE})")
+        subject = safe(subject_dir, "subject id", subject_dir.name)
         for label_dir in sorted((subject_dir / "u_test").glob("*")):
-            if label_dir.name not in [str(c) for c in range(NUM_CLASSES)]:
+            if label_dir.name not in CLASSES:
                 raise UserError(f"{label_dir}: label folder {label_dir.name!r} is not one of 0, 1, 2")
             for png in sorted(label_dir.glob("*.png")):
-                sample = png.name[: -len(".png")].rstrip()
-                if not is_safe_name(sample):
-                    raise UserError(f"{png}: sample name {sample!r} is not a safe name ({SAFE_NAME_RULE})")
+                sample = safe(png, "sample name", png.name[: -len(".png")].rstrip())
                 if sample in seen:  # the sample id keys the landmarks and the predictions
                     raise UserError(f"{png}: duplicate sample id {sample!r} (also {seen[sample]})")
                 seen[sample] = png
-                rows.append({"dataset": _guess_dataset(subject_dir.name), "sub": subject_dir.name,
-                             "sample": sample, "label": int(label_dir.name)})
+                rows.append({"dataset": _guess_dataset(subject), "sub": subject, "sample": sample,
+                             "label": int(label_dir.name)})
                 images.append(read_image(png))
     if not rows:
         raise UserError(f"{loso_dir}: no images under <subject>/u_test/<label>/")
@@ -227,17 +218,13 @@ def _guess_dataset(subject):
     # The composite's subject ids: CASME II 'sub01', SMIC 's01', SAMM '006'.
     if subject.startswith("sub"):
         return "casme2"
-    if subject.startswith("s"):
-        return "smic"
-    return "samm" if subject.isdigit() else "unknown"
+    return "smic" if subject.startswith("s") else "samm" if subject.isdigit() else "unknown"
 
 
 def _read_landmarks(root, samples, landmarks):
     template = np.broadcast_to(TEMPLATE_LANDMARKS, (len(samples), 5, 2)).copy()
-    if landmarks == "template":
-        return template
     path = Path(root) / LANDMARKS_NAME if landmarks == "auto" else Path(landmarks)
-    if landmarks == "auto" and not path.is_file():
+    if landmarks == "template" or (landmarks == "auto" and not path.is_file()):
         return template
     if not path.is_file():
         raise UserError(f"landmarks file not found: {path}")
@@ -248,8 +235,7 @@ def _read_landmarks(root, samples, landmarks):
     rows = table.loc[list(samples)]
     detected = rows["detected"].to_numpy() == 1
     points = rows[LANDMARK_COLUMNS].to_numpy(np.float32).reshape(-1, 5, 2)
-    broken = detected & ((points < -LANDMARK_MARGIN).any(axis=(1, 2))   # detected points are finite
-                         | (points > IMAGE_SHAPE[0] + LANDMARK_MARGIN).any(axis=(1, 2)))
+    broken = detected & ((points < -LANDMARK_MARGIN) | (points > IMAGE_SHAPE[0] + LANDMARK_MARGIN)).any(axis=(1, 2))
     if broken.any():
         i = int(np.argmax(broken))
         raise UserError(f"{path}: sample {samples.iloc[i]!r}: landmark {points[i].tolist()} is out of the 28x28 image")
@@ -257,62 +243,45 @@ def _read_landmarks(root, samples, landmarks):
 
 
 def _landmark_table(path):
-    """landmarks_mtcnn.csv indexed by sample, checked row by row: unique safe sample names, detected
-    0 or 1, coordinates numbers (empty where undetected, as in the release), finite where detected."""
+    """landmarks_mtcnn.csv indexed by sample: unique safe sample names, detected 0 or 1, coordinates
+    numbers (empty where undetected, as in the release), finite where detected."""
     table = read_csv(path)
-    missing = [c for c in ["sample", "detected", *LANDMARK_COLUMNS] if c not in table.columns]
-    if missing:
-        raise UserError(f"{path}: missing column {missing[0]!r}")
-    check_names(path, table, ["sample"], {"sample": "sample"})
+    _missing(path, table, ["sample", "detected", *LANDMARK_COLUMNS])
+    check_rows(path, table, [unsafe_names(table, "sample", "sample")])
     duplicated = table["sample"].duplicated(keep=False)
     if duplicated.any():
         rows = table.index[table["sample"] == table["sample"][duplicated].iloc[0]] + 2
         raise UserError(f"{path}: duplicate sample {table['sample'][rows[0] - 2]!r} (rows {', '.join(map(str, rows))})")
     detected = pd.to_numeric(table["detected"].str.strip(), errors="coerce")
-    bad = table.index[~detected.isin([0, 1])]
-    if len(bad):
-        raise UserError(f"{path}: row {bad[0] + 2}: detected {table['detected'][bad[0]]!r} is not 0 or 1")
-    table["detected"] = detected.astype(int)
+    checks = [(~detected.isin([0, 1]), lambda row: f"detected {row['detected']!r} is not 0 or 1")]
+    values = {}
     for column in LANDMARK_COLUMNS:
         text = table[column].str.strip()
-        values = pd.to_numeric(text.where(text != "", "nan"), errors="coerce")
-        bad = table.index[values.isna() & ~text.str.lower().isin(["", "nan"])]
-        if len(bad):
-            raise UserError(f"{path}: row {bad[0] + 2}: {column} {table[column][bad[0]]!r} is not a number")
-        bad = table.index[(table["detected"] == 1) & ~np.isfinite(values.to_numpy(float))]
-        if len(bad):
-            raise UserError(f"{path}: row {bad[0] + 2}: sample {table['sample'][bad[0]]!r}: {column} "
-                            f"{table[column][bad[0]]!r} is not a finite number (and detected is 1)")
-        table[column] = values
-    return table.set_index("sample")
+        values[column] = pd.to_numeric(text.where(text != "", "nan"), errors="coerce")
+        checks += [(values[column].isna() & ~text.str.lower().isin(["", "nan"]),
+                    lambda row, c=column: f"{c} {row[c]!r} is not a number"),
+                   ((detected == 1) & ~np.isfinite(values[column].to_numpy(float)),
+                    lambda row, c=column: f"sample {row['sample']!r}: {c} {row[c]!r} is not a finite number "
+                                          f"(and detected is 1)")]
+    check_rows(path, table, checks)
+    return table.assign(detected=detected.astype(int), **values).set_index("sample")
 
 
 def write_release(root, table, images, landmarks=None):
-    """Write the release layout: the CSV, one PNG per sample and, optionally, landmarks.
-
-    table: DataFrame with at least dataset, sub, filename_o, label (extra columns are kept, after
-    the release's own). images: (N, 28, 28, 3) uint8 in cv2 (BGR) order. landmarks: a DataFrame in
-    the landmarks_mtcnn.csv format, or None.
-    """
+    """The release layout: the CSV (release columns first, then `table`'s others), one PNG per row of
+    `images` ((N, 28, 28, 3) uint8, cv2 order) and, if given, the landmarks_mtcnn.csv table."""
     root = Path(root)
-    table = table.copy()
-    for column in CSV_COLUMNS:
-        if column not in table.columns:
-            table[column] = np.nan
-    default_names = table["sub"].astype(str) + "_" + table["filename_o"].astype(str) + ".jpg"
-    table["imagename"] = table["imagename"].astype(object).fillna(default_names)
-    image_dir = root / IMAGE_DIR
-    image_dir.mkdir(parents=True, exist_ok=True)
-    for sub, filename_o, image in zip(table["sub"], table["filename_o"], images):
+    table = table.reindex(columns=CSV_COLUMNS + [c for c in table.columns if c not in CSV_COLUMNS])
+    samples = table["sub"].astype(str) + "_" + table["filename_o"].astype(str)
+    table["imagename"] = table["imagename"].astype(object).fillna(samples + ".jpg")
+    for sample, image in zip(samples, images):
         ok, png = cv2.imencode(".png", np.ascontiguousarray(image, dtype=np.uint8))
         if not ok:
-            raise UserError(f"could not encode image for sample {sample_id(sub, filename_o)!r}")
-        with atomic_write(path_under(root, IMAGE_DIR, f"{sample_id(sub, filename_o)} .png"), "wb") as f:
+            raise UserError(f"could not encode image for sample {sample!r}")
+        with atomic_write(path_under(root, IMAGE_DIR, f"{sample} .png"), "wb") as f:
             f.write(png.tobytes())
     if landmarks is not None:
         with atomic_write(root / LANDMARKS_NAME) as f:
             landmarks.to_csv(f, index=False)
-    # The CSV comes last: a release folder with its CSV is complete (synthetic_cache relies on it).
-    extra = [c for c in table.columns if c not in CSV_COLUMNS]
-    with atomic_write(root / CSV_NAME) as f:
-        table[CSV_COLUMNS + extra].to_csv(f, index=False)
+    with atomic_write(root / CSV_NAME) as f:  # last: a folder with its CSV is complete (synthetic_cache)
+        table.to_csv(f, index=False)

@@ -1,13 +1,5 @@
-"""A synthetic composite set in the release layout, for laptops, CI and tests.
-
-Each sample is a made-up onset->apex motion field on a 28x28 face: class-dependent motion in
-the brow/eye and mouth regions (0 negative: brows pulled down and together, mouth corners down;
-1 positive: mouth corners up and out; 2 surprise: brows up, jaw drops), scaled per sample, moved
-by each subject's own face position, gain and head motion, plus smooth noise and distractor
-twitches. Optical strain is derived from the flow as for real data, and each channel is min-max
-scaled to 0..255 per image, stored in the release's channel order (cv2.imread gives strain, v, u).
-Deterministic for a seed. Class shares per source dataset follow the real composite.
-"""
+"""A deterministic synthetic composite in the release layout (for laptops, CI and tests): class-dependent
+made-up motion on a 28x28 face per subject, with the real composite's class shares (docs/design.md)."""
 from pathlib import Path
 
 import cv2
@@ -15,12 +7,20 @@ import numpy as np
 import pandas as pd
 
 from htnet.data.flow import flow_image
-from htnet.data.release import LANDMARK_COLUMNS, TEMPLATE_LANDMARKS, write_release
+from htnet.data.release import CSV_NAME, LANDMARK_COLUMNS, TEMPLATE_LANDMARKS, write_release
 from htnet.errors import UserError
 
 # Real class counts (negative, positive, surprise) per source dataset.
 CLASS_COUNTS = {"casme2": (88, 32, 25), "smic": (70, 51, 43), "samm": (92, 26, 15)}
-BROW_LIFT = 3.0  # brows sit this many pixels above the eye landmarks
+# Per class: (landmarks whose mean is the centre, offset from it, du, dv, sigma); brows sit 3 px above the eyes.
+MOTIONS = {
+    0: [((0,), (0, -3.0), 0.6, 0.8, 2.5), ((1,), (0, -3.0), -0.6, 0.8, 2.5),  # brows down and together,
+        ((3,), (0, 0), 0.0, 0.5, 2.0), ((4,), (0, 0), 0.0, 0.5, 2.0)],          # mouth corners down
+    1: [((3,), (0, 0), -0.7, -0.8, 2.5), ((4,), (0, 0), 0.7, -0.8, 2.5),       # smile: corners up and out,
+        ((0,), (0, 2), 0.0, -0.3, 2.0), ((1,), (0, 2), 0.0, -0.3, 2.0)],        # cheeks raised
+    2: [((0,), (0, -3.0), 0.0, -1.0, 2.5), ((1,), (0, -3.0), 0.0, -1.0, 2.5),  # surprise: brows up,
+        ((3, 4), (0, 2.5), 0.0, 0.9, 3.0)],                                     # jaw drops
+}
 
 
 def subject_name(dataset, i):
@@ -34,26 +34,11 @@ def _bump(shape, centre, sigma):
 
 def _class_motion(label, points, amplitude):
     """Flow (u, v) for one expression; points: (5, 2) landmarks x, y of this face."""
-    u = np.zeros((28, 28), np.float32)
-    v = np.zeros((28, 28), np.float32)
-    left_brow, right_brow = points[0] - (0, BROW_LIFT), points[1] - (0, BROW_LIFT)
-    mouth_left, mouth_right = points[3], points[4]
-    jaw = (points[3] + points[4]) / 2 + (0, 2.5)
-
-    def move(centre, du, dv, sigma=2.5):
-        b = _bump((28, 28), centre, sigma) * amplitude
-        u[:] += du * b
-        v[:] += dv * b
-
-    if label == 0:    # brows down and together, mouth corners down
-        move(left_brow, +0.6, +0.8); move(right_brow, -0.6, +0.8)
-        move(mouth_left, 0.0, +0.5, 2.0); move(mouth_right, 0.0, +0.5, 2.0)
-    elif label == 1:  # smile: corners up and out, cheeks raised
-        move(mouth_left, -0.7, -0.8); move(mouth_right, +0.7, -0.8)
-        move(points[0] + (0, 2), 0.0, -0.3, 2.0); move(points[1] + (0, 2), 0.0, -0.3, 2.0)
-    else:             # surprise: brows up, jaw drops
-        move(left_brow, 0.0, -1.0); move(right_brow, 0.0, -1.0)
-        move(jaw, 0.0, +0.9, 3.0)
+    u, v = np.zeros((2, 28, 28), np.float32)
+    for where, offset, du, dv, sigma in MOTIONS[label]:
+        bump = _bump((28, 28), points[list(where)].mean(axis=0) + offset, sigma) * amplitude
+        u += du * bump
+        v += dv * bump
     return u, v
 
 
@@ -65,12 +50,9 @@ def _smooth_noise(rng, sigma_px, scale):
 
 def make_synthetic(out_dir, subjects_per_dataset=4, samples_per_subject=(4, 9), seed=0,
                    signal=1.0):
-    """Write a synthetic composite to `out_dir` in the release layout; return the folder.
-
-    subjects_per_dataset: an int for each of casme2, smic, samm, or a dict per dataset.
-    signal: expression amplitude relative to noise (1.0: a small model gets well above chance,
-    yet learning rate and epochs matter).
-    """
+    """Write a synthetic composite to `out_dir`; return the folder. subjects_per_dataset: an int for each
+    of casme2, smic, samm, or a dict. signal: expression amplitude relative to noise (at 1.0 a small
+    model gets well above chance, yet learning rate and epochs matter)."""
     if isinstance(subjects_per_dataset, int):
         subjects_per_dataset = dict.fromkeys(CLASS_COUNTS, subjects_per_dataset)
     unknown = set(subjects_per_dataset) - set(CLASS_COUNTS)
@@ -113,6 +95,6 @@ def make_synthetic(out_dir, subjects_per_dataset=4, samples_per_subject=(4, 9), 
 def synthetic_cache(cache_dir=".cache/htnet-synth", subjects_per_dataset=4, seed=0):
     """The built-in synthetic set, generated once into `cache_dir` and reused."""
     folder = Path(cache_dir) / f"s{subjects_per_dataset}-seed{seed}"
-    if not (folder / "combined_3_class2_for_optical_flow.csv").is_file():
+    if not (folder / CSV_NAME).is_file():
         make_synthetic(folder, subjects_per_dataset=subjects_per_dataset, seed=seed)
     return folder

@@ -1,17 +1,8 @@
-"""Opt-in C kernels for the fold-grouped STSTNet's stem (htnet.models.grouped), on the CPU.
-
-The full-resolution elementwise work of the stem (ReLU, per-sample channel sums of z and z^2, the
-3x3/3 max-pool with argmax; in the backward: the ReLU mask, the sums' gradient and the max-pool's
-scatter) as two single-pass C loops over channels-last maps (stem.c), one sample at a time so the
-sample's map stays in L2; PyTorch eager needs ~10 passes over memory for the same work.
-
-HTNET_CPU_KERNELS=1 turns them on: stem.c is compiled once with the system C compiler into
-~/.cache/htnet/kernels and called through ctypes (which releases the GIL, so threads split the
-batch). Off (the default), without a compiler or after a failed build: the pure-PyTorch path, same
-results (tests/engine/test_kernels.py). Measured in benchmarks/RESULTS.md: 1.3x on the batched
-engine's default CPU set-up (2 worker processes of one thread), 1.1x in one process.
-"""
+"""Opt-in C kernels (HTNET_CPU_KERNELS=1) for the grouped STSTNet's stem on the CPU: its full-resolution
+elementwise work in two single-pass loops over channels-last maps (stem.c), built once with the system C
+compiler into ~/.cache/htnet/kernels and called through ctypes; off, or without a compiler, the PyTorch path."""
 import concurrent.futures
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -28,18 +19,6 @@ SOURCE = Path(__file__).with_name("stem.c")
 _KERNELS = {}
 
 
-def _compile_flags():
-    flags = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = f.read(100_000)
-        if " avx2" in cpu and " fma" in cpu:
-            flags += ["-mavx2", "-mfma"]
-    except OSError:
-        pass
-    return flags
-
-
 def cpu_kernels():
     """The ctypes library of the stem kernels, or None where it cannot be had."""
     if "lib" in _KERNELS:
@@ -50,7 +29,10 @@ def cpu_kernels():
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
-    flags = _compile_flags()
+    flags = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = f.read(100_000)
+        flags += ["-mavx2", "-mfma"] if " avx2" in cpu and " fma" in cpu else []
     source = SOURCE.read_text()
     digest = hashlib.sha256((source + " ".join(flags) + compiler).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "htnet" / "kernels"

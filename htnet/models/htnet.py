@@ -1,24 +1,12 @@
-"""HTNet (Wang et al. 2024): a hierarchical transformer over four facial-region flow crops.
-
-The reference architecture (wangzhifengharrison/HTNet, Model.py, class HTNet), itself NesT
-(lucidrains/vit-pytorch, nest.py) with four changes: the channel LayerNorm divides by
-sqrt(var + eps), attention weights get dropout, Aggregate pools with MaxPool2d(3, stride 2,
-padding 1), and the width grows with depth (dim, 2 dim, 4 dim, ...) so the head reads the last,
-widest level.
-
-Module and parameter names are the reference's, so a state_dict saved by the reference
-`Model.HTNet` loads here with strict=True (tests/unit/test_models.py checks it against a copy).
-
-Feature maps stay (b, c, h, w) throughout: attention and feed-forward are 1x1 convolutions and the
-LayerNorm is over channels. With L = num_hierarchies, the patch grid (image_size / patch_size)
-is cut into 2^(L-1) x 2^(L-1) blocks that attend only within themselves; each Aggregate (conv3x3,
-LayerNorm, maxpool) halves the map and doubles the width, and the next level uses half as many
-blocks per side, so every block always holds the same seq_len tokens. The last level (a single
-block: the whole map) has no Aggregate.
+"""HTNet (Wang et al. 2024), the reference architecture (wangzhifengharrison/HTNet, Model.HTNet, itself
+lucidrains' NesT): a hierarchical transformer over four facial-region flow crops. `groups=G` builds G
+independent fold-models as one (grouped convolutions, per-group LayerNorm and attention); groups=1 is
+the reference model, whose state_dict (names, shapes) the reference's saved weights load into strictly.
 """
 import numbers
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange, Reduce
 from torch import einsum, nn
@@ -27,25 +15,72 @@ from htnet.errors import UserError
 from htnet.models.registry import dropout_rate, positive_int, register_model
 
 
+# With groups=G the model is G independent members in one: inside, member g's copy of the batch is block g
+# of a (G * b, c, h, w) batch; a grouped weight is the members' weights concatenated along dim 0.
+
+def per_group(x, groups):
+    """(groups * b, ...) as (groups, b, ...); one group's x as it is (the reference's operations)."""
+    return x if groups == 1 else x.unflatten(0, (groups, -1))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm over the channel dimension of a (b, c, h, w) map."""
 
-    def __init__(self, dim, eps=1e-5):
+    def __init__(self, dim, eps=1e-5, groups=1):
         super().__init__()
-        self.eps = eps
-        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
-        self.b = nn.Parameter(torch.zeros(1, dim, 1, 1))
+        self.eps, self.groups = eps, groups
+        self.g = nn.Parameter(torch.ones(groups, dim, 1, 1))
+        self.b = nn.Parameter(torch.zeros(groups, dim, 1, 1))
 
     def forward(self, x):
-        var = torch.var(x, dim=1, unbiased=False, keepdim=True)
-        mean = torch.mean(x, dim=1, keepdim=True)
-        return (x - mean) / (var + self.eps).sqrt() * self.g + self.b
+        if self.groups == 1:  # the reference's operations
+            var = torch.var(x, dim=1, unbiased=False, keepdim=True)
+            mean = torch.mean(x, dim=1, keepdim=True)
+            return (x - mean) / (var + self.eps).sqrt() * self.g + self.b
+        x = F.layer_norm(x.movedim(1, -1), x.shape[1:2], eps=self.eps).movedim(-1, 1)  # the same, fused
+        return torch.addcmul(self.b[:, None], per_group(x, self.groups), self.g[:, None]).flatten(0, 1)
+
+
+class GroupConv(nn.Conv2d):
+    """nn.Conv2d(dim, out, kernel_size); with groups, one per member."""
+
+    def __init__(self, dim, out, kernel_size=1, groups=1, **kwargs):
+        super().__init__(dim * groups, out * groups, kernel_size, groups=groups, **kwargs)
+
+    def forward(self, x):
+        G = self.groups
+        if G == 1:
+            return super().forward(x)
+        if self.kernel_size == (1, 1):  # a batched matmul: CPU grouped convolutions are slow
+            _, C, h, w = x.shape
+            x = x.view(G, -1, C, h * w).transpose(2, 3).reshape(G, -1, C)   # a view for 1x1 maps
+            weight = self.weight.view(G, -1, C).transpose(1, 2)
+            x = torch.bmm(x, weight) if self.bias is None else torch.baddbmm(self.bias.view(G, 1, -1), x, weight)
+            return x.view(G, -1, h * w, x.shape[-1]).transpose(2, 3).reshape(-1, x.shape[-1], h, w)
+        x = super().forward(x.unflatten(0, (G, -1)).transpose(0, 1).flatten(1, 2))   # (b, G * c, h, w)
+        return x.unflatten(1, (G, -1)).transpose(0, 1).flatten(0, 1)
+
+
+class GroupLinear(nn.Linear):
+    """nn.Linear(dim, out); with groups, one per member."""
+
+    def __init__(self, dim, out, groups=1):
+        super().__init__(dim, out * groups)
+        self.groups = groups
+
+    def forward(self, x):
+        G = self.groups
+        if G == 1:
+            return super().forward(x)
+        weight = self.weight.view(G, -1, x.shape[-1]).transpose(1, 2)
+        x = torch.baddbmm(self.bias.view(G, 1, -1), x.view(G, -1, x.shape[-1]), weight)   # (G, b, out)
+        return x.transpose(0, 1).flatten(1)
 
 
 class PreNorm(nn.Module):
-    def __init__(self, dim, fn):
+    def __init__(self, dim, fn, groups=1):
         super().__init__()
-        self.norm = LayerNorm(dim)
+        self.norm = LayerNorm(dim, groups=groups)
         self.fn = fn
 
     def forward(self, x):
@@ -53,15 +88,10 @@ class PreNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim, mlp_mult=4, dropout=0.):
+    def __init__(self, dim, mlp_mult=4, dropout=0., groups=1):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(dim, dim * mlp_mult, 1),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Conv2d(dim * mlp_mult, dim, 1),
-            nn.Dropout(dropout),
-        )
+        self.net = nn.Sequential(GroupConv(dim, dim * mlp_mult, groups=groups), nn.GELU(), nn.Dropout(dropout),
+                                 GroupConv(dim * mlp_mult, dim, groups=groups), nn.Dropout(dropout))
 
     def forward(self, x):
         return self.net(x)
@@ -71,58 +101,46 @@ class Attention(nn.Module):
     """Multi-head self-attention over the h*w positions of a map; each head gets dim // heads
     channels (so heads need not divide dim: dim 256, 3 heads -> 3 x 85 = 255 inner channels)."""
 
-    def __init__(self, dim, heads=8, dropout=0.):
+    def __init__(self, dim, heads=8, dropout=0., groups=1):
         super().__init__()
         dim_head = dim // heads
         inner_dim = dim_head * heads
         self.heads = heads
         self.scale = dim_head ** -0.5
-
         self.attend = nn.Softmax(dim=-1)
         self.dropout = nn.Dropout(dropout)
-        self.to_qkv = nn.Conv2d(dim, inner_dim * 3, 1, bias=False)
-        self.to_out = nn.Sequential(
-            nn.Conv2d(inner_dim, dim, 1),
-            nn.Dropout(dropout),
-        )
+        self.to_qkv = GroupConv(dim, inner_dim * 3, bias=False, groups=groups)
+        self.to_out = nn.Sequential(GroupConv(inner_dim, dim, groups=groups), nn.Dropout(dropout))
 
     def forward(self, x):
         b, c, h, w = x.shape
-        qkv = self.to_qkv(x).chunk(3, dim=1)
-        q, k, v = (rearrange(t, "b (h d) x y -> b h (x y) d", h=self.heads) for t in qkv)
-
-        dots = einsum("b h i d, b h j d -> b h i j", q, k) * self.scale
-        attn = self.dropout(self.attend(dots))
-
-        out = einsum("b h i j, b h j d -> b h i d", attn, v)
-        out = rearrange(out, "b h (x y) d -> b (h d) x y", x=h, y=w)
-        return self.to_out(out)
+        q, k, v = (rearrange(t, "b (h d) x y -> b h (x y) d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=1))
+        if h * w > 1 or (self.training and self.dropout.p > 0):
+            attn = self.dropout(self.attend(einsum("b h i d, b h j d -> b h i j", q, k) * self.scale))
+            v = einsum("b h i j, b h j d -> b h i d", attn, v)
+        # else softmax over one position is exactly 1: the output is v (the paper config's 1x1 blocks)
+        return self.to_out(rearrange(v, "b h (x y) d -> b (h d) x y", x=h, y=w))
 
 
-def Aggregate(dim, dim_out):
+def Aggregate(dim, dim_out, groups=1):
     """conv3x3 to the next level's width, LayerNorm, then halve the map."""
-    return nn.Sequential(
-        nn.Conv2d(dim, dim_out, 3, padding=1),
-        LayerNorm(dim_out),
-        nn.MaxPool2d(3, stride=2, padding=1),
-    )
+    return nn.Sequential(GroupConv(dim, dim_out, 3, groups=groups, padding=1), LayerNorm(dim_out, groups=groups),
+                         nn.MaxPool2d(3, stride=2, padding=1))
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim, seq_len, depth, heads, mlp_mult, dropout=0.):
+    def __init__(self, dim, seq_len, depth, heads, mlp_mult, dropout=0., groups=1):
         super().__init__()
-        self.layers = nn.ModuleList([])
-        self.pos_emb = nn.Parameter(torch.randn(seq_len))  # one scalar per position in a block
-        for _ in range(depth):
-            self.layers.append(nn.ModuleList([
-                PreNorm(dim, Attention(dim, heads=heads, dropout=dropout)),
-                PreNorm(dim, FeedForward(dim, mlp_mult, dropout=dropout)),
-            ]))
+        self.groups = groups
+        self.pos_emb = nn.Parameter(torch.randn(seq_len * groups))  # one scalar per position in a block
+        self.layers = nn.ModuleList([nn.ModuleList([
+            PreNorm(dim, Attention(dim, heads, dropout, groups), groups),
+            PreNorm(dim, FeedForward(dim, mlp_mult, dropout, groups), groups)]) for _ in range(depth)])
 
     def forward(self, x):
-        *_, h, w = x.shape
-        pos_emb = rearrange(self.pos_emb[:(h * w)], "(h w) -> () () h w", h=h, w=w)
-        x = x + pos_emb
+        h, w = x.shape[-2:]
+        pos_emb = self.pos_emb.view(self.groups, 1, 1, -1)[..., :h * w].unflatten(-1, (h, w))
+        x = (per_group(x, self.groups) + (pos_emb if self.groups > 1 else pos_emb[0])).reshape(x.shape)
         for attn, ff in self.layers:
             x = attn(x) + x
             x = ff(x) + x
@@ -131,16 +149,13 @@ class Transformer(nn.Module):
 
 def check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchies, block_repeats, mlp_mult,
                  channels, dropout):
-    """Reject configurations the architecture cannot build or run, before any weights exist.
-
-    Returns the arguments normalised (ints, block_repeats a tuple of num_hierarchies ints).
-    """
+    """The arguments normalised (ints, block_repeats one int per level), or UserError for a
+    configuration the architecture cannot build or run."""
     ints = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim, heads=heads,
                 num_hierarchies=num_hierarchies, mlp_mult=mlp_mult, channels=channels)
     ints = {name: positive_int("htnet", name, value) for name, value in ints.items()}
     image_size, patch_size, levels = ints["image_size"], ints["patch_size"], ints["num_hierarchies"]
     dropout = dropout_rate("htnet", "dropout", dropout)
-
     if image_size % patch_size:
         raise UserError(f"htnet: image_size {image_size} is not divisible by patch_size {patch_size}")
     if ints["heads"] > ints["dim"]:
@@ -153,7 +168,6 @@ def check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchie
         blocks = f"{2 ** (levels - 1)}x{2 ** (levels - 1)}" if levels <= 32 else f"2^{levels - 1} x 2^{levels - 1}"
         raise UserError(f"htnet: num_hierarchies {levels} needs the {fmap_size}x{fmap_size} patch grid "
                         f"(image_size {image_size} / patch_size {patch_size}) to split into {blocks} blocks")
-
     shown = list(block_repeats) if isinstance(block_repeats, (list, tuple)) else block_repeats
     if not isinstance(block_repeats, (list, tuple)):
         block_repeats = (block_repeats,) * levels   # one value for every level, as the reference's cast_tuple
@@ -166,60 +180,37 @@ def check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchie
 
 @register_model("htnet", input_kind="face_crops")
 class HTNet(nn.Module):
-    """Input (B, channels, image_size, image_size), output (B, num_classes) logits.
-
-    dim and heads are the top level's; level i (from the top) has 2^i dim channels and 2^i heads.
-    dim_head is accepted for the reference's signature but, as there (and in NesT), unused: each
-    head gets dim // heads channels.
-    """
+    """(B, channels, image_size, image_size) -> (B, groups * num_classes) logits. Level i (from the
+    top) has 2^i dim channels and 2^i heads; the patch grid is cut into 2^(L-1) x 2^(L-1) blocks that
+    attend within themselves, and each Aggregate halves the map, so every block holds seq_len tokens.
+    dim_head is the reference's unused argument (each head gets dim // heads channels)."""
 
     def __init__(self, *, image_size=28, patch_size=7, num_classes=3, dim=256, heads=3, num_hierarchies=3,
-                 block_repeats=(2, 2, 10), mlp_mult=4, channels=3, dim_head=64, dropout=0.):
+                 block_repeats=(2, 2, 10), mlp_mult=4, channels=3, dim_head=64, dropout=0., groups=1):
         super().__init__()
+        self.groups = groups
         c = check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchies, block_repeats,
                          mlp_mult, channels, dropout)
-        image_size, patch_size, num_hierarchies = c["image_size"], c["patch_size"], c["num_hierarchies"]
-        patch_dim = c["channels"] * patch_size ** 2
-        fmap_size = image_size // patch_size
-        blocks = 2 ** (num_hierarchies - 1)
-
-        seq_len = (fmap_size // blocks) ** 2  # tokens per block, the same at every level
-        hierarchies = list(reversed(range(num_hierarchies)))   # L-1, ..., 0
-        mults = [2 ** i for i in reversed(hierarchies)]         # 1, 2, ..., 2^(L-1)
-
-        layer_heads = [m * c["heads"] for m in mults]
-        layer_dims = [m * c["dim"] for m in mults]
-        last_dim = layer_dims[-1]
-
-        layer_dims = [*layer_dims, layer_dims[-1]]
-        dim_pairs = zip(layer_dims[:-1], layer_dims[1:])
+        patch_size, levels = c["patch_size"], c["num_hierarchies"]
+        seq_len = (c["image_size"] // patch_size // 2 ** (levels - 1)) ** 2  # tokens per block, at every level
+        dims = [2 ** i * c["dim"] for i in range(levels)]
         self.to_patch_embedding = nn.Sequential(
             Rearrange("b c (h p1) (w p2) -> b (p1 p2 c) h w", p1=patch_size, p2=patch_size),
-            nn.Conv2d(patch_dim, layer_dims[0], 1),
-        )
-
-        self.layers = nn.ModuleList([])
-        for level, level_heads, (dim_in, dim_out), depth in zip(hierarchies, layer_heads, dim_pairs,
-                                                                c["block_repeats"]):
-            is_last = level == 0
-            self.layers.append(nn.ModuleList([
-                Transformer(dim_in, seq_len, depth, level_heads, c["mlp_mult"], c["dropout"]),
-                Aggregate(dim_in, dim_out) if not is_last else nn.Identity(),
-            ]))
-
-        self.mlp_head = nn.Sequential(
-            LayerNorm(last_dim),
-            Reduce("b c h w -> b c", "mean"),
-            nn.Linear(last_dim, c["num_classes"]),
-        )
+            nn.Conv2d(c["channels"] * patch_size ** 2, dims[0] * groups, 1))
+        self.layers = nn.ModuleList([nn.ModuleList([
+            Transformer(dims[i], seq_len, depth, 2 ** i * c["heads"], c["mlp_mult"], c["dropout"], groups),
+            Aggregate(dims[i], dims[i + 1], groups) if i + 1 < levels else nn.Identity()])
+            for i, depth in enumerate(c["block_repeats"])])
+        self.mlp_head = nn.Sequential(LayerNorm(dims[-1], groups=groups), Reduce("b c h w -> b c", "mean"),
+                                      GroupLinear(dims[-1], c["num_classes"], groups))
 
     def forward(self, img):
-        x = self.to_patch_embedding(img)
-        num_hierarchies = len(self.layers)
-        for level, (transformer, aggregate) in zip(reversed(range(num_hierarchies)), self.layers):
-            block_size = 2 ** level
-            x = rearrange(x, "b c (b1 h) (b2 w) -> (b b1 b2) c h w", b1=block_size, b2=block_size)
-            x = transformer(x)
-            x = rearrange(x, "(b b1 b2) c h w -> b c (b1 h) (b2 w)", b1=block_size, b2=block_size)
+        x = self.to_patch_embedding(img)   # the members share the input: (b, groups * dim, h, w)
+        if self.groups > 1:
+            x = x.unflatten(1, (self.groups, -1)).transpose(0, 1).flatten(0, 1)
+        for level, (transformer, aggregate) in zip(reversed(range(len(self.layers))), self.layers):
+            blocks = 2 ** level
+            x = rearrange(x, "b c (b1 h) (b2 w) -> (b b1 b2) c h w", b1=blocks, b2=blocks)
+            x = rearrange(transformer(x), "(b b1 b2) c h w -> b c (b1 h) (b2 w)", b1=blocks, b2=blocks)
             x = aggregate(x)
         return self.mlp_head(x)

@@ -1,11 +1,6 @@
-"""The model registry, timm-style: `create_model("htnet", dim=64)`, and the argument checks the
-models share.
-
-Each entry says which input it reads: "face_crops" (four landmark crops tiled 2x2, HTNet) or
-"whole_face" (the whole-face flow image, STSTNet). Every model maps (B, 3, 28, 28) to
-(B, num_classes) logits. Configuration errors raise UserError with a one-line message naming the
-argument and its value, before any weights are built.
-"""
+"""The model registry, timm-style (`create_model("htnet", dim=64)`), and the argument checks the models
+share. Every model maps (B, 3, 28, 28) to (B, num_classes) logits; a bad configuration is one UserError
+line naming the argument, raised before any weights are built."""
 import inspect
 import math
 import numbers
@@ -13,10 +8,11 @@ import numbers
 from htnet.errors import UserError
 
 _REGISTRY = {}
+INTERNAL = ("self", "groups")  # constructor arguments that are not configuration (groups: the engine's)
 
 
 def register_model(name, input_kind):
-    """Class decorator: make `cls` available as `create_model(name, ...)`."""
+    """Class decorator; input_kind: "face_crops" (four landmark crops tiled 2x2) or "whole_face"."""
     if input_kind not in ("face_crops", "whole_face"):
         raise ValueError(f"input_kind must be 'face_crops' or 'whole_face', got {input_kind!r}")
 
@@ -45,7 +41,7 @@ def create_model(name, **config):
     cls, _ = _entry(name)
     accepted = inspect.signature(cls.__init__).parameters
     for key, value in config.items():
-        if not isinstance(key, str) or key not in accepted or key == "self":
+        if not isinstance(key, str) or key not in accepted or key in INTERNAL:
             raise UserError(f"model {name} has no argument {key!r}")
         # each model checks its own arguments; a NaN or inf is refused for all (even unused ones)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -53,8 +49,6 @@ def create_model(name, **config):
             raise UserError(f"{name}: {key} must be finite, got {value!r}")
     return cls(**config)
 
-
-# argument checks shared by the models (messages: "<model>: <argument> ...")
 
 def positive_int(model, name, value):
     """`value` as an int >= 1 (numpy integers accepted), else UserError naming `name`."""
@@ -68,4 +62,3 @@ def dropout_rate(model, name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise UserError(f"{model}: {name} must be a number in [0, 1), got {value!r}")
     return float(value)
-

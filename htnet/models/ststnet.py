@@ -1,12 +1,6 @@
-"""STSTNet (Liong et al. 2019), as in its PyTorch reference (christy1206/STSTNet, main.py): a
-shallow triple-stream network on the whole-face optical-flow image (u, v, optical strain).
-
-Three 3x3 convolution streams with 3, 5 and 8 filters (padding 2: 28x28 -> 30x30), each followed
-by ReLU, BatchNorm, MaxPool2d(3, stride 3, padding 1) (30 -> 10) and dropout; the 16 maps are
-concatenated, AvgPool2d(2, stride 2) (10 -> 5), flattened (16 * 5 * 5 = 400) and classified by one
-Linear layer. Parameter names are the reference's, so its saved per-subject weights load with
-strict=True. The reference calls the class count `out_channels`; here it is `num_classes`.
-"""
+"""STSTNet (Liong et al. 2019) as in its PyTorch reference (christy1206/STSTNet, main.py): a shallow
+triple-stream network on the whole-face flow image; parameter names are the reference's, so its saved
+weights load strictly (its `out_channels` is `num_classes` here)."""
 import torch
 from torch import nn
 
@@ -15,8 +9,9 @@ from htnet.models.registry import dropout_rate, positive_int, register_model
 
 @register_model("ststnet", input_kind="whole_face")
 class STSTNet(nn.Module):
-    """Input (B, in_channels, 28, 28), output (B, num_classes) logits (the Linear layer's 400
-    inputs fix the spatial size at 28x28)."""
+    """(B, in_channels, 28, 28) -> (B, num_classes): three 3x3 conv streams (3, 5, 8 filters, padding 2:
+    28 -> 30), each ReLU, BatchNorm, MaxPool(3, 3, 1) (30 -> 10), dropout; concatenated, AvgPool 2x2
+    (10 -> 5) and one Linear layer (16 * 5 * 5 = 400 inputs fix the size at 28x28)."""
 
     def __init__(self, in_channels=3, num_classes=3, dropout=0.5):
         super().__init__()
@@ -30,8 +25,8 @@ class STSTNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(3)
         self.bn2 = nn.BatchNorm2d(5)
         self.bn3 = nn.BatchNorm2d(8)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=3, padding=1)   # 30 -> 10
-        self.avgpool = nn.AvgPool2d(kernel_size=2, stride=2, padding=0)   # 10 -> 5
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=3, padding=1)
+        self.avgpool = nn.AvgPool2d(kernel_size=2, stride=2, padding=0)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(in_features=5 * 5 * 16, out_features=num_classes)
 
@@ -39,8 +34,6 @@ class STSTNet(nn.Module):
         return self.dropout(self.maxpool(bn(self.relu(conv(x)))))
 
     def forward(self, x):
-        x1 = self.stream(x, self.conv1, self.bn1)
-        x2 = self.stream(x, self.conv2, self.bn2)
-        x3 = self.stream(x, self.conv3, self.bn3)
-        x = self.avgpool(torch.cat((x1, x2, x3), 1))
-        return self.fc(x.flatten(1))
+        x = torch.cat([self.stream(x, conv, bn) for conv, bn in
+                       ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))], 1)
+        return self.fc(self.avgpool(x).flatten(1))

@@ -1,21 +1,8 @@
-"""Start, resume and inspect a search: the driver that ties Ray Tune, Optuna and MLflow together.
-
-    runs/                      (--storage; every path below can be moved by a flag)
-      ray/<name>/              Ray Tune's experiment (Tuner.restore resumes from here)
-      searches/<name>.yaml     what the search was started with (space, data, stores, parent run)
-      searches/<name>.best.yaml the best finished trial's LOSO config (python -m htnet train --config)
-      optuna.db                the Optuna studies, one per search (optuna-dashboard sqlite:///runs/optuna.db)
-      searches/<name>.lock     held (flock) by the process running or resuming the search
-      synthetic/               the built-in synthetic data set, generated once
-    mlflow.db                  the MLflow store (mlflow ui --backend-store-uri sqlite:///mlflow.db)
-
-One process at a time runs or resumes a search (the lock above); the shared stores (MLflow's and
-Optuna's sqlite files, the synthetic data) are created under a file lock beside them. Without
---address the driver starts its own local Ray and a watchdog process that ends that Ray session's
-processes when the driver ends, however it ends (SIGKILL included).
-"""
+"""Start, resume and inspect a search: the driver that ties Ray Tune, Optuna and MLflow together
+(where it keeps what: search.driver.stores). One process at a time runs or resumes a search; without
+--address it starts its own local Ray with a watchdog (search.driver.ray_setup)."""
+import collections
 import datetime
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +13,13 @@ from htnet.errors import UserError, first_line
 from htnet.io import atomic_write, ensure_writable_dir, read_yaml
 from htnet.loso import parse_subjects
 from search.driver.ray_setup import check_resources, ray_session
-from search.driver.stores import (check_name, check_restorable, data_source, default_optuna_storage, default_tracking_uri,
-                           load_data, lock_path, manifest_path, no_such_search, open_optuna_storage, read_manifest,
-                           search_lock, search_names, write_manifest)
+from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_name, check_restorable, data_source,
+                                  default_optuna_storage, default_tracking_uri, load_data, lock_path, manifest_path,
+                                  no_such_search, open_optuna_storage, read_manifest, search_lock, search_names,
+                                  write_manifest)
 from search.space import SPACES_DIR, check_fixed_values, load_space, parse_space, set_fixed, with_overrides
 
 DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 @dataclass
@@ -63,10 +50,6 @@ class Options:
     top: int = 10
     verbose: int | None = 1
 
-
-# ----------------------------------------------------------------------------- stores and paths
-
-# ----------------------------------------------------------------------------- pieces
 
 def resolve_space(options):
     space = load_space(options.space)
@@ -177,11 +160,7 @@ def run_search(options, out=None):
                 raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
             manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                         "status": "running", "space_file": space.source, "space": space.raw,
-                        "settings": {"num_samples": space.num_samples,
-                                     "max_concurrent_trials": space.max_concurrent_trials,
-                                     "objective": space.objective, "resources": space.resources,
-                                     "max_failures": space.max_failures, "sampler": space.sampler,
-                                     "pruner": space.pruner},
+                        "settings": {key: getattr(space, key) for key in SETTINGS_KEYS},
                         "sets": list(options.sets), "overrides": overrides, "data": source,
                         "data_root": data_root, "tracking_uri": tracking_uri, "experiment": options.experiment,
                         "experiment_id": experiment_id, "parent_run_id": parent_run_id,
@@ -206,9 +185,8 @@ def run_search(options, out=None):
                     failure_config=tune.FailureConfig(max_failures=space.max_failures),
                     verbose=options.verbose))
             tuner.fit()
-        if callback.offline:  # MLflow went away mid-search: fill it in now if it is back
-            return fill_and_finish(storage, name, space, options.top, out)
-        return guarded_finish(storage, name, space, options.top, out)
+        # MLflow went away mid-search: fill it in now if it is back
+        return finish_or_report(storage, name, space, options.top, out, fill=callback.offline)
 
 
 def resources_flags(options):
@@ -255,16 +233,13 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
                 manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {}, replay),
                 resume_unfinished=True, resume_errored=False)
             tuner.fit()
-        return fill_and_finish(storage, name, space, top, out)
+        return finish_or_report(storage, name, space, top, out, fill=True)
 
 
 def space_of(manifest):
     space = parse_space(manifest["space"], manifest["space_file"])
     settings = manifest["settings"]
-    space = with_overrides(space, num_samples=settings["num_samples"],
-                           max_concurrent_trials=settings["max_concurrent_trials"],
-                           objective=settings["objective"], max_failures=settings["max_failures"],
-                           resources=settings["resources"])
+    space = with_overrides(space, **{k: settings[k] for k in SETTINGS_KEYS if k not in ("sampler", "pruner")})
     space.sampler, space.pruner = settings["sampler"], settings["pruner"]
     return set_fixed(space, manifest.get("sets"))
 
@@ -323,26 +298,20 @@ def mlflow_down(storage, name, reason, out):
     return {"name": name, "manifest": manifest, "complete": False, "mlflow_error": reason}
 
 
-def fill_and_finish(storage, name, space, top, out):
-    from search import tracking
-
-    reason = tracking.unreachable(read_manifest(storage, name)["tracking_uri"])
-    if reason is not None:
-        return mlflow_down(storage, name, reason, out)
-    try:
-        fill_mlflow(storage, name, out)
-    except tracking.mlflow_errors() as e:
-        return mlflow_down(storage, name, tracking.short_reason(e), out)
-    return guarded_finish(storage, name, space, top, out)
-
-
-def guarded_finish(storage, name, space, top, out):
+def finish_or_report(storage, name, space, top, out, fill=False):
+    """Finish the search (after logging what MLflow missed, with `fill`), or say in one line that
+    MLflow does not answer and keep everything."""
     from search import tracking
 
     try:
-        return finish(storage, name, space, top, out)
+        reason = tracking.unreachable(read_manifest(storage, name)["tracking_uri"]) if fill else None
+        if reason is None:
+            if fill:
+                fill_mlflow(storage, name, out)
+            return finish(storage, name, space, top, out)
     except tracking.mlflow_errors() as e:
-        return mlflow_down(storage, name, tracking.short_reason(e), out)
+        reason = tracking.short_reason(e)
+    return mlflow_down(storage, name, reason, out)
 
 
 # ----------------------------------------------------------------------------- the end
@@ -479,10 +448,7 @@ def optuna_counts(manifest):
                                   storage=open_optuna_storage(manifest["optuna_storage"]))
     except KeyError:
         return {}
-    counts = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    return counts
+    return collections.Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
 
 
 def status(storage, name=None, top=10, out=None):

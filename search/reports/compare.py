@@ -1,22 +1,4 @@
-"""Paired comparison of two configurations over the same subjects.
-
-    python -m search compare RUN_A RUN_B [--protocol inner] [--dataset full]
-
-RUN_A/RUN_B: MLflow run ids (a trial, a rerun seed, a rerun parent: its predictions of every
-seed, a nested parent) or local paths (a predictions.csv or a folder holding one, as
-`python -m htnet train --out` writes). Both runs are restricted to one protocol each and to the
-samples they share (same subjects, same samples).
-
-Statistic: per subject (= per LOSO fold), the correct rate of each run on that subject's shared
-samples (over all seeds for a rerun parent); d_s = rate_A - rate_B. Reported:
-- the mean of d over subjects (each subject weighs the same), with a paired bootstrap 95%
-  percentile interval (subjects resampled with replacement, 10,000 replicates);
-- p-value: two-sided paired sign-flip permutation test of mean(d) = 0 (exact over all 2^n sign
-  vectors up to 16 subjects, else 100,000 random sign vectors); the Wilcoxon signed-rank p-value
-  (scipy) is printed as a cross-check;
-- pooled UF1/UAR of both runs on the shared samples, and a subject-level (cluster) bootstrap
-  interval of their differences (the same resampled subjects for both runs).
-"""
+"""`python -m search compare RUN_A RUN_B`: paired per-subject comparison of two runs on their shared samples."""
 import json
 import sys
 from pathlib import Path
@@ -27,8 +9,9 @@ import pandas as pd
 from htnet.errors import UserError
 from htnet.metrics import NUM_CLASSES, confusion, uf1_uar
 from search import tracking
-from search.reports.stats import (cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue,
-                          wilcoxon_pvalue)
+from search.reports.leaderboard import read_csv_artifact
+from search.reports.rerun import get_run
+from search.reports.stats import cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue, wilcoxon_pvalue
 
 REQUIRED = ("sample", "subject", "dataset", "label", "protocol", "prediction")
 
@@ -41,7 +24,8 @@ def _check(frame, where):
 
 
 def load_predictions(ref, store=None):
-    """(predictions DataFrame, label) of a local path or an MLflow run id."""
+    """(predictions, label) of a predictions.csv, a folder holding one, or an MLflow run id (a parent run
+    without its own predictions: its children's, with a `seed` column)."""
     path = Path(ref)
     if path.exists():
         file = path / "predictions.csv" if path.is_dir() else path
@@ -50,23 +34,19 @@ def load_predictions(ref, store=None):
         return _check(pd.read_csv(file), str(file)), str(path)
     if store is None:
         raise UserError(f"{ref}: no such file, and no MLflow store to look the run up in")
-    from search.reports.leaderboard import read_csv_artifact
+    run = get_run(store, ref, f"{ref!r} is neither a file nor an MLflow run at {store.tracking_uri}")
+    label = run.data.tags.get("htnet.method") or run.data.tags.get("mlflow.runName") or ref[:8]
 
-    try:
-        run = tracking.retry(store.client.get_run, ref)
-    except Exception:  # noqa: BLE001 - MLflow's not-found error
-        raise UserError(f"{ref!r} is neither a file nor an MLflow run at {store.tracking_uri}") from None
-    tags = run.data.tags
-    label = tags.get("htnet.method") or tags.get("mlflow.runName") or ref[:8]
-    names = {a.path for a in tracking.retry(store.client.list_artifacts, ref)}
-    if "predictions.csv" in names:
+    def has_predictions(run_id):
+        return "predictions.csv" in {a.path for a in tracking.retry(store.client.list_artifacts, run_id)}
+
+    if has_predictions(ref):
         return _check(read_csv_artifact(store, ref, "predictions.csv"), f"run {ref}"), label
-    frames = []  # a parent without its own predictions: its children's, one seed each
-    for child in tracking.child_runs(store.client, store.experiment_id, ref):
-        child_names = {a.path for a in tracking.retry(store.client.list_artifacts, child.info.run_id)}
-        if "predictions.csv" in child_names:
-            frame = read_csv_artifact(store, child.info.run_id, "predictions.csv")
-            frames.append(frame.assign(seed=child.data.tags.get("htnet.seed", child.info.run_id)))
+    children = tracking.runs(store.client, store.experiment_id, f"tags.mlflow.parentRunId = '{ref}'",
+                             ["tags.htnet.seed"])
+    frames = [read_csv_artifact(store, run_id, "predictions.csv").assign(seed=seed)
+              for run_id, seed in zip(children["run_id"], children["tags.htnet.seed"].fillna(children["run_id"]))
+              if has_predictions(run_id)]
     if not frames:
         raise UserError(f"run {ref} has no predictions.csv artifact (nor do its child runs)")
     return _check(pd.concat(frames, ignore_index=True), f"run {ref}"), label
@@ -86,45 +66,40 @@ def _restrict(frame, protocol, dataset, where):
 
 def per_subject_confusions(part, subjects):
     """(S, 3, 3) confusion counts, one per subject in `subjects` order."""
-    if not len(subjects):
-        return np.zeros((0, NUM_CLASSES, NUM_CLASSES))
     groups = dict(tuple(part.groupby("subject")))
-    return np.stack([confusion(groups[s]["label"], groups[s]["prediction"]) for s in subjects])
+    return np.stack([confusion(groups[s]["label"], groups[s]["prediction"]) for s in subjects]) if len(subjects) \
+        else np.zeros((0, NUM_CLASSES, NUM_CLASSES))
 
 
-def compare(a, b, protocol="inner", protocol_b=None, dataset="full", n_boot=10_000, seed=0,
-            labels=("A", "B")):
-    """Compare two predictions tables (see the module docstring); returns a dict."""
+def compare(a, b, protocol="inner", protocol_b=None, dataset="full", n_boot=10_000, seed=0, labels=("A", "B")):
+    """Per subject, the correct rate of each run on the shared samples (over every seed) and d = A - B:
+    mean(d) with a paired bootstrap interval, sign-flip and Wilcoxon p-values, and pooled UF1/UAR with
+    subject-bootstrap intervals of their differences. Returns a dict (per_subject: the table)."""
     protocol_b = protocol_b or protocol
-    pa = _restrict(a, protocol, dataset, labels[0])
-    pb = _restrict(b, protocol_b, dataset, labels[1])
+    pa, pb = _restrict(a, protocol, dataset, labels[0]), _restrict(b, protocol_b, dataset, labels[1])
     common = sorted(set(pa["sample"]) & set(pb["sample"]))
     if not common:
         raise UserError(f"{labels[0]} and {labels[1]} share no samples: not runs on the same data")
     pa, pb = pa[pa["sample"].isin(common)], pb[pb["sample"].isin(common)]
-    dropped = (len(set(a["sample"])) - len(common), len(set(b["sample"])) - len(common))
-    rate_a = pa.groupby("subject")["correct"].mean()
-    rate_b = pb.groupby("subject")["correct"].mean()
-    subjects = sorted(set(rate_a.index) & set(rate_b.index))
-    dataset_of = pa.drop_duplicates("subject").set_index("subject")["dataset"]
-    samples = pa.drop_duplicates(["subject", "sample"]).groupby("subject").size()
-    table = pd.DataFrame({"subject": subjects, "dataset": [dataset_of[s] for s in subjects],
-                          "samples": [int(samples[s]) for s in subjects],
-                          "rate_a": [rate_a[s] for s in subjects], "rate_b": [rate_b[s] for s in subjects]})
+    table = (pa.groupby("subject").agg(dataset=("dataset", "first"), samples=("sample", "nunique"),
+                                       rate_a=("correct", "mean"))
+             .join(pb.groupby("subject")["correct"].mean().rename("rate_b"), how="inner").reset_index())
+    subjects = table["subject"].tolist()
     table["diff"] = table["rate_a"] - table["rate_b"]
     d = table["diff"].to_numpy()
-    low, high = paired_bootstrap(d, n_boot=n_boot, seed=seed)
     p, exact = sign_flip_pvalue(d, seed=seed)
     uf1_a, uar_a = uf1_uar(pa["label"], pa["prediction"])
     uf1_b, uar_b = uf1_uar(pb["label"], pb["prediction"])
     intervals = cluster_bootstrap_uf1_uar(per_subject_confusions(pa, subjects), per_subject_confusions(pb, subjects),
                                           n_boot=n_boot, seed=seed)
     return {"labels": list(labels), "protocol_a": protocol, "protocol_b": protocol_b, "dataset": dataset,
-            "subjects": len(subjects), "samples": len(common), "samples_dropped": list(dropped),
+            "subjects": len(subjects), "samples": len(common),
+            "samples_dropped": [len(set(a["sample"])) - len(common), len(set(b["sample"])) - len(common)],
             "seeds_a": int(a["seed"].nunique()) if "seed" in a else 1,
             "seeds_b": int(b["seed"].nunique()) if "seed" in b else 1,
             "mean_rate_a": float(table["rate_a"].mean()), "mean_rate_b": float(table["rate_b"].mean()),
-            "mean_diff": float(d.mean()) if len(d) else float("nan"), "ci95": [low, high],
+            "mean_diff": float(d.mean()) if len(d) else float("nan"),
+            "ci95": list(paired_bootstrap(d, n_boot=n_boot, seed=seed)),
             "p_sign_flip": p, "p_exact": exact, "p_wilcoxon": wilcoxon_pvalue(d),
             "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
             "uf1_a": uf1_a, "uf1_b": uf1_b, "uf1_diff": uf1_a - uf1_b, "uf1_diff_ci95": list(intervals["uf1"]),
@@ -134,20 +109,17 @@ def compare(a, b, protocol="inner", protocol_b=None, dataset="full", n_boot=10_0
 
 def print_comparison(result, out=None):
     out = out or sys.stdout
-    a, b = result["labels"]
-    pa, pb = result["protocol_a"], result["protocol_b"]
+    (a, b), pa, pb, dropped = result["labels"], result["protocol_a"], result["protocol_b"], result["samples_dropped"]
     print(f"A = {a} ({pa}, {result['seeds_a']} seed(s)); B = {b} ({pb}, {result['seeds_b']} seed(s))", file=out)
     print(f"{result['subjects']} subjects, {result['samples']} shared samples ({result['dataset']})"
-          + (f"; left out as not shared: {result['samples_dropped'][0]} of A's, {result['samples_dropped'][1]} of B's"
-             if any(result["samples_dropped"]) else ""), file=out)
+          + (f"; left out as not shared: {dropped[0]} of A's, {dropped[1]} of B's" if any(dropped) else ""), file=out)
     low, high = result["ci95"]
     print(f"per-subject accuracy: A {result['mean_rate_a']:.4f}, B {result['mean_rate_b']:.4f}; "
           f"mean difference A-B {result['mean_diff']:+.4f}, 95% paired bootstrap interval "
           f"[{low:+.4f}, {high:+.4f}]", file=out)
-    kind = "exact" if result["p_exact"] else "Monte Carlo"
-    print(f"p = {result['p_sign_flip']:.4g} (two-sided paired sign-flip permutation test, {kind}); "
-          f"Wilcoxon signed-rank p = {result['p_wilcoxon']:.4g}; A better on {result['wins']}, "
-          f"worse on {result['losses']}, tied on {result['ties']} subjects", file=out)
+    print(f"p = {result['p_sign_flip']:.4g} (two-sided paired sign-flip permutation test, "
+          f"{'exact' if result['p_exact'] else 'Monte Carlo'}); Wilcoxon signed-rank p = {result['p_wilcoxon']:.4g}; "
+          f"A better on {result['wins']}, worse on {result['losses']}, tied on {result['ties']} subjects", file=out)
     for m in ("uf1", "uar"):
         lo, hi = result[f"{m}_diff_ci95"]
         print(f"pooled {m.upper()}: A {result[f'{m}_a']:.4f}, B {result[f'{m}_b']:.4f}, A-B "

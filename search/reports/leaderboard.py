@@ -1,42 +1,20 @@
-"""The leaderboard: every trial of one or more searches, read back from MLflow, ranked by the
-search objective.
-
-Reads the schema of search.tracking (docs/design.md): a parent run per search (tags
-htnet.role=search, htnet.search, htnet.objective, htnet.objective_protocol; artifact space.yaml),
-a child run per trial attempt (htnet.role=trial, htnet.trial_id, htnet.attempt, htnet.status;
-params = the flattened LOSO config; metrics `{protocol}_{dataset}_{uf1|uar}`, inner_val_uf1,
-folds_done). As in `search.tracking.trial_table`, a trial is its latest attempt, and runs of
-trials lost with a killed driver are left out.
-
-Ranking: finished trials first, by their objective (higher is better), then pruned trials (whose
-metrics cover only the folds done before the pruner stopped them, so they are not comparable
-with finished ones), running/interrupted, failed. Several searches with different objectives
-are ranked on one `objective` column; the `objective` name column says which metric each is.
-"""
+"""The leaderboard: every trial of one or more searches, read back from MLflow, ranked by the objective."""
+import collections
+import io
 import sys
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
 from htnet.metrics import PROTOCOLS
 from search import tracking
 from search.reports.export import format_numbers, latex_table, markdown_table
 
 DATASET_COLUMNS = (("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), ("samm", "SAMM"))
 METRIC_COLUMNS = tuple(f"{name} {m.upper()}" for _, name in DATASET_COLUMNS for m in ("uf1", "uar"))
-STATUS_ORDER = {"finished": 0, "pruned": 1, "running": 2, "interrupted": 2, "failed": 3}
-
-
-# ----------------------------------------------------------------------------- the MLflow store
-
-@dataclass
-class Store:
-    client: object
-    experiment_id: str
-    tracking_uri: str
-    experiment: str
+Store = collections.namedtuple("Store", "client experiment_id tracking_uri experiment")  # one MLflow experiment
 
 
 def open_store(tracking_uri=None, experiment="htnet", create=False):
@@ -55,22 +33,14 @@ def open_store(tracking_uri=None, experiment="htnet", create=False):
 
 
 def search_parents(store, names=None):
-    """Parent runs of the named searches (all searches when names is empty), newest first.
-    A name started twice (different MLflow stores merged) gives its newest parent."""
-    runs = tracking.search_runs(store.client, store.experiment_id, "tags.`htnet.role` = 'search'")
-    by_name = {}
-    for run in runs:
-        name = run.data.tags.get("htnet.search")
-        if name and (name not in by_name or run.info.start_time > by_name[name].info.start_time):
-            by_name[name] = run
-    if names:
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            known = ", ".join(sorted(by_name)) or "none"
-            raise UserError(f"no search named {missing[0]!r} in MLflow experiment {store.experiment!r} "
-                            f"at {store.tracking_uri} (known: {known})")
-        return [by_name[n] for n in names]
-    return sorted(by_name.values(), key=lambda r: r.info.start_time, reverse=True)
+    """Parent runs of the named searches (all when none named; newest first); a name started twice gives its newest."""
+    by_name = tracking.newest_run_ids(store.client, store.experiment_id, "tags.`htnet.role` = 'search'", "htnet.search")
+    missing = [n for n in names or () if n not in by_name]
+    if missing:
+        known = ", ".join(sorted(by_name)) or "none"
+        raise UserError(f"no search named {missing[0]!r} in MLflow experiment {store.experiment!r} "
+                        f"at {store.tracking_uri} (known: {known})")
+    return [tracking.retry(store.client.get_run, by_name[n]) for n in names or by_name]
 
 
 def searched_names(store, parent):
@@ -87,8 +57,8 @@ def searched_names(store, parent):
     return [str(name) for name in section] if isinstance(section, dict) else None
 
 
-def _download(store, run_id, path, read):
-    """read(local_path) of a run's artifact, downloaded into a temporary folder."""
+def read_artifact_bytes(store, run_id, path):
+    """An artifact's bytes (htnet.io.parse_yaml checks their encoding and size)."""
     import os
     import tempfile
 
@@ -99,61 +69,16 @@ def _download(store, run_id, path, read):
         try:
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
                                                         tracking_uri=store.tracking_uri, dst_path=folder)
+            return Path(local).read_bytes()
         except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a missing file
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise UserError(f"run {run_id}: cannot read artifact {path} ({first})") from None
-        return read(local)
-
-
-def read_artifact(store, run_id, path):
-    """An artifact's text."""
-    from pathlib import Path
-
-    return _download(store, run_id, path, lambda local: Path(local).read_text())
-
-
-def read_artifact_bytes(store, run_id, path):
-    """An artifact's bytes (for htnet.io.parse_yaml, which checks the encoding and size)."""
-    from pathlib import Path
-
-    return _download(store, run_id, path, lambda local: Path(local).read_bytes())
+            raise UserError(f"run {run_id}: cannot read artifact {path} ({first_line(e)[:200]})") from None
 
 
 def read_csv_artifact(store, run_id, path):
-    return _download(store, run_id, path, pd.read_csv)
-
-
-# ----------------------------------------------------------------------------- the table
-
-def numeric_params(table, columns):
-    """MLflow params are text: columns whose every value reads as a number become numbers."""
-    for column in columns:
-        if column not in table:
-            continue
-        numbers = pd.to_numeric(table[column], errors="coerce")
-        if numbers.notna().sum() == table[column].notna().sum():
-            table[column] = numbers
-    return table
-
-
-def trial_rows(store, parent):
-    """One dict per trial (latest attempt) of a search's parent run."""
-    rows = []
-    for run in tracking.child_runs(store.client, store.experiment_id, parent.info.run_id):
-        tags = run.data.tags
-        if tags.get("htnet.role", "trial") != "trial" or tags.get("htnet.lost") == "true":
-            continue
-        rows.append({"run": run, "trial": tags.get("htnet.trial_id", run.info.run_id[:8]),
-                     "attempt": int(tags.get("htnet.attempt", 1)),
-                     "status": tags.get("htnet.status", "running")})
-    latest_attempt = {}
-    for row in sorted(rows, key=lambda r: r["attempt"]):
-        latest_attempt[row["trial"]] = row
-    return list(latest_attempt.values())
-
+    return pd.read_csv(io.BytesIO(read_artifact_bytes(store, run_id, path)))
 
 def leaderboard(store, searches=None, protocol="objective", statuses=None, params=None, top=None):
-    """The ranked trials of `searches` (names; all when empty) as a DataFrame.
+    """The ranked trials (each its latest attempt) of `searches` (names; all when empty) as a DataFrame.
 
     protocol: 'objective' (each search's objective protocol), 'inner', 'paper', 'final' or 'all'
     (one row per trial and protocol, sharing the trial's rank). statuses: keep only these
@@ -161,37 +86,26 @@ def leaderboard(store, searches=None, protocol="objective", statuses=None, param
     (compared as text, and as numbers where both read as numbers)."""
     if protocol not in ("objective", "all", *PROTOCOLS):
         raise UserError(f"--protocol must be objective, all, {', '.join(PROTOCOLS)}; got {protocol!r}")
-    parents = search_parents(store, searches)
-    records, key_params = [], []
-    for parent in parents:
-        search = parent.data.tags.get("htnet.search")
-        objective = parent.data.tags.get("htnet.objective", "inner_val_uf1")
-        objective_protocol = parent.data.tags.get("htnet.objective_protocol", objective.split("_")[0])
+    tables, key_params = [], ["model"]
+    for parent in search_parents(store, searches):
+        tags = parent.data.tags
+        objective = tags.get("htnet.objective", "inner_val_uf1")
+        trials = tracking.trial_table(store.client, store.experiment_id, parent.info.run_id, objective)
         names = searched_names(store, parent)
-        trials = trial_rows(store, parent)
-        if names is None:  # parameters that vary across the search's trials
-            values = pd.DataFrame([t["run"].data.params for t in trials])
-            names = [c for c in values.columns if values[c].nunique(dropna=False) > 1]
-        for name in ["model", *names]:
-            if name not in key_params:
-                key_params.append(name)
-        for trial in trials:
-            run = trial["run"]
-            metrics, run_params = run.data.metrics, run.data.params
-            record = {"search": search, "trial": trial["trial"], "status": trial["status"],
-                      "objective": objective, "objective_value": metrics.get(objective, np.nan),
-                      "objective_protocol": objective_protocol,
-                      "folds": metrics.get("folds_done", np.nan), "run_id": run.info.run_id,
-                      "_params": run_params, "_metrics": metrics}
-            records.append(record)
+        if names is None:  # the parameters that vary across the search's trials
+            values = trials.filter(regex=r"^params\.")
+            names = [c[len("params."):] for c in values if values[c].nunique(dropna=False) > 1]
+        key_params += [name for name in names if name not in key_params]
+        tables.append(trials.assign(
+            search=tags.get("htnet.search"), objective=objective, objective_value=trials[objective],
+            objective_protocol=tags.get("htnet.objective_protocol", objective.split("_")[0])))
     columns = ["rank", "search", "trial", "status", "objective", "objective_value", "protocol",
                *key_params, *METRIC_COLUMNS, "folds", "run_id"]
-    if not records:
+    if not tables:
         return pd.DataFrame(columns=columns)
-    for record in records:
-        for name in key_params:
-            record[name] = record["_params"].get(name)
-    table = pd.DataFrame(records)
+    table = pd.concat(tables, ignore_index=True).rename(columns={"trial_id": "trial", "folds_done": "folds"})
+    table = table.reindex(columns=table.columns.union([f"params.{name}" for name in key_params], sort=False))
+    table = table.assign(**{name: table[f"params.{name}"] for name in key_params})
     if statuses:
         table = table[table["status"].isin(statuses)]
     for name, value in (params or {}).items():
@@ -199,67 +113,40 @@ def leaderboard(store, searches=None, protocol="objective", statuses=None, param
             raise UserError(f"--param {name}: no trial has parameter {name!r} (key parameters: "
                             f"{', '.join(key_params)})")
         table = table[_param_matches(table[name], value)]
-    table = table.assign(_order=table["status"].map(STATUS_ORDER).fillna(4),
-                         _value=table["objective_value"].fillna(-np.inf))
-    table = table.sort_values(["_order", "_value", "search", "trial"], ascending=[True, False, True, True],
-                              kind="mergesort").reset_index(drop=True)
+    table = tracking.ranked(table, "objective_value", ("search", "trial")).head(top or None)
     table["rank"] = np.arange(1, len(table) + 1)
-    if top:
-        table = table.head(top)
     rows = []
     for record in table.to_dict("records"):
         shown = [record["objective_protocol"]] if protocol == "objective" else \
             list(PROTOCOLS) if protocol == "all" else [protocol]
         for p in shown:
-            row = {k: record[k] for k in columns if k in record and k not in METRIC_COLUMNS}
-            row["protocol"] = p
-            for key, name in DATASET_COLUMNS:
-                for m in ("uf1", "uar"):
-                    row[f"{name} {m.upper()}"] = record["_metrics"].get(f"{p}_{key}_{m}", np.nan)
-            rows.append(row)
+            rows.append({**record, "protocol": p, **{f"{name} {m.upper()}": record.get(f"metrics.{p}_{key}_{m}", np.nan)
+                                                     for key, name in DATASET_COLUMNS for m in ("uf1", "uar")}})
     out = pd.DataFrame(rows, columns=columns)
     out["folds"] = pd.to_numeric(out["folds"], errors="coerce").astype("Int64")
-    return numeric_params(out, key_params)
+    return out
 
 
 def _param_matches(series, value):
-    text = series.astype(str) == str(value)
-    numbers = pd.to_numeric(series, errors="coerce")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return text
-    return text | np.isclose(numbers.astype(float), number, rtol=1e-9, atol=0, equal_nan=False)
-
-
-# ----------------------------------------------------------------------------- output
-
-def display_columns(table, run_ids=False):
-    drop = [] if run_ids else ["run_id"]
-    shown = table.drop(columns=[c for c in drop if c in table])
-    if shown["search"].nunique() <= 1:
-        shown = shown.drop(columns=["search"])
-    return shown
+    """Equal as text, or as numbers where both read as numbers."""
+    number = pd.to_numeric(pd.Series([value]), errors="coerce")[0]
+    return (series.astype(str) == str(value)) | np.isclose(pd.to_numeric(series, errors="coerce"), number,
+                                                           rtol=1e-9, atol=0)
 
 
 def write_exports(table, csv=None, markdown=None, latex=None, caption=None):
     """Write the table to the requested files (atomically); returns the paths written."""
     from htnet.io import atomic_write
 
+    text = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value"))
     written = []
-    if csv:
-        with atomic_write(csv) as f:
-            table.to_csv(f, index=False)
-        written.append(csv)
-    text_table = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value"))
-    if markdown:
-        with atomic_write(markdown) as f:
-            f.write(markdown_table(text_table))
-        written.append(markdown)
-    if latex:
-        with atomic_write(latex) as f:
-            f.write(latex_table(text_table, caption=caption))
-        written.append(latex)
+    for path, write in ((csv, lambda f: table.to_csv(f, index=False)),
+                        (markdown, lambda f: f.write(markdown_table(text))),
+                        (latex, lambda f: f.write(latex_table(text, caption=caption)))):
+        if path:
+            with atomic_write(path) as f:
+                write(f)
+            written.append(path)
     return written
 
 
@@ -268,7 +155,7 @@ def print_leaderboard(table, out=None, run_ids=False):
     if not len(table):
         print("no trials match", file=out)
         return
-    shown = display_columns(table, run_ids)
+    shown = table.drop(columns=([] if run_ids else ["run_id"]) + (["search"] if table["search"].nunique() <= 1 else []))
     shown = format_numbers(shown, fixed=(*METRIC_COLUMNS, "objective_value")).astype(object)
     shown = shown.where(shown.notna() & (shown != ""), "-")
     with pd.option_context("display.width", 250, "display.max_columns", 60, "display.max_colwidth", 40):
@@ -279,7 +166,6 @@ def print_leaderboard(table, out=None, run_ids=False):
               f"compares objective values across them", file=out)
     if (table["status"] == "pruned").any():
         print("note: pruned trials' metrics cover only the folds done before they were stopped", file=out)
-    leaky = table["protocol"] == "paper"
-    if leaky.any():
+    if (table["protocol"] == "paper").any():
         print("note: protocol 'paper' picks each subject's epoch by its test accuracy (leaks the test "
               "subject); 'inner' is leak-free", file=out)

@@ -1,15 +1,14 @@
-"""The fold-batched engine (htnet.batched) and the grouped models (htnet.models.grouped)."""
-import numpy as np
+"""The fold-batched engine (htnet.engine with groups of G > 1) and the grouped models (htnet.models.grouped)."""
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from htnet.batched import group_size, make_groups, plan_groups, plan_members, worker_count
+from htnet.engine import group_size, make_groups, plan_groups, plan_members, worker_count
 from htnet.loso import LosoConfig, evaluate_weights, make_folds, run_loso
 from htnet.metrics import per_subject_accuracy
 from htnet.models import create_model
-from htnet.models.grouped import dropout_mask, grouped_model
+from htnet.models.grouped import dropout_mask, grouped_model, member_state, unstack
 
 from conftest import TINY_STSTNET
 
@@ -40,8 +39,7 @@ def test_grouped_forward_equals_each_plain_model(name, config):
     grouped = grouped_model(name, [m.state_dict() for m in models], config).eval()
     x = torch.rand(7, 3, 28, 28) * 255
     with torch.no_grad():
-        out = grouped(x)
-        assert out.shape == (7, 3, 3)
+        out = grouped(x).view(7, 3, 3)
         for g, model in enumerate(models):
             torch.testing.assert_close(out[:, g], model.eval()(x), rtol=1e-4, atol=1e-4)
 
@@ -51,7 +49,7 @@ def test_fold_state_dict_loads_strict_into_the_plain_model(name, config):
     models = plain_models(name, config, 2)
     grouped = grouped_model(name, [m.state_dict() for m in models], config)
     for g, model in enumerate(models):
-        state = grouped.fold_state_dict(g)
+        state = member_state(grouped, g)
         assert list(state) == list(model.state_dict())
         fresh = create_model(name, **config)
         fresh.load_state_dict(state, strict=True)
@@ -68,7 +66,7 @@ def test_grouped_ststnet_training_step_matches_plain_models_on_their_own_samples
     for model in models:
         model.dropout.p = 0.0
     grouped = grouped_model("ststnet", [m.state_dict() for m in models], {}).train()
-    grouped.dropout = 0.0
+    grouped.dropout.p = 0.0
     x, y = torch.rand(12, 3, 28, 28) * 255, torch.randint(0, 3, (12,))
     mask = torch.ones(12, 3)
     mask[0:3, 0] = 0
@@ -83,9 +81,10 @@ def test_grouped_ststnet_training_step_matches_plain_models_on_their_own_samples
         ref = model.train()(x[own])
         torch.testing.assert_close(logits[own, g], ref, rtol=1e-4, atol=1e-4)
         torch.nn.functional.cross_entropy(ref, y[own]).backward()
-        state = grouped.fold_state_dict(g)
+        state = member_state(grouped, g)
+        grads = unstack({k: p.grad for k, p in grouped.named_parameters()}, g, grouped.member_shapes)
         for key, param in model.named_parameters():
-            grad = grouped.params[key.replace(".", "__")].grad[g]
+            grad = grads[key]
             torch.testing.assert_close(grad, param.grad, rtol=1e-3, atol=1e-5 * param.grad.abs().max().item())
         for key, buffer in model.state_dict().items():  # running statistics after the step
             torch.testing.assert_close(state[key].to(buffer.dtype), buffer, rtol=1e-4, atol=1e-4)
@@ -110,7 +109,7 @@ def test_groups_keep_a_folds_runs_together_and_size_follows_memory(synth_data, m
     cpu = torch.device("cpu")
     monkeypatch.delenv("HTNET_BATCHED_GROUP", raising=False)
     assert 1 <= group_size(config, cpu, 18) <= 18
-    monkeypatch.setattr("htnet.batched._available_memory", lambda device: 1)
+    monkeypatch.setattr("htnet.engine._available_memory", lambda device: 1)
     assert group_size(config, cpu, 18) == 1
     monkeypatch.setenv("HTNET_BATCHED_GROUP", "6")
     assert group_size(config, cpu, 18) == 6
@@ -229,6 +228,6 @@ def test_grouped_models_on_gpu_match_cpu():
         grouped = grouped_model(name, [m.state_dict() for m in models], config).eval()
         x = torch.rand(5, 3, 28, 28) * 255
         with torch.no_grad():
-            cpu = grouped(x)
-            gpu = grouped.cuda()(x.cuda()).cpu()
+            cpu = grouped(x).view(5, 2, -1)
+            gpu = grouped.cuda()(x.cuda()).cpu().view(5, 2, -1)
         torch.testing.assert_close(gpu, cpu, rtol=1e-2, atol=1e-2)

@@ -59,11 +59,11 @@ def test_grouped_training_step_is_the_same_with_and_without_kernels(switch):
 
     def step():
         model = grouped_model("ststnet", states, {}).train()
-        model.dropout = 0.0
+        model.dropout.p = 0.0
         logits = model(model.prepare_input(x), mask)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), y[:, None].expand(16, 3).reshape(-1))
         loss.backward()
-        return logits.detach(), {k: p.grad.clone() for k, p in model.params.items()}
+        return logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
     assert switch(True) is not None
     logits_on, grads_on = step()

@@ -153,26 +153,26 @@ def yaml_file(path, text):
 NAN, INF = float("nan"), float("inf")
 # name -> (space file content (space_file's keyword arguments) or raw text/bytes, extra flags, message)
 RUN_CASES = {
-    "epochs 1.0": ({"fixed": {"model": "ststnet", "epochs": 1.0}}, [], "s.yaml: fixed.epochs: expected an integer, got 1.0"),
+    "epochs 1.0": ({"fixed": {"model": "ststnet", "epochs": 1.0}}, [], "s.yaml: fixed.epochs: epochs must be an integer, got 1.0"),
     "batch_size 32.0 in a choice": ({"space": {"batch_size": {"choice": [16, 32.0]}}}, [],
-                                    "s.yaml: space.batch_size.choice[1]: expected an integer, got 32.0"),
+                                    "s.yaml: space.batch_size: batch_size must be an integer, got 32.0"),
     "lr .nan": ({"fixed": {"model": "ststnet", "epochs": 1, "lr": NAN}, "space": {"batch_size": {"choice": [16]}}}, [],
-                "s.yaml: fixed.lr: expected a finite number, got nan"),
+                "s.yaml: fixed.lr: lr must be a positive finite number, got nan"),
     "lr .inf": ({"fixed": {"model": "ststnet", "epochs": 1, "lr": INF}, "space": {"batch_size": {"choice": [16]}}}, [],
-                "s.yaml: fixed.lr: expected a finite number, got inf"),
+                "s.yaml: fixed.lr: lr must be a positive finite number, got inf"),
     "range bound nan": ({"space": {"lr": {"low": NAN, "high": 0.1}}}, [], "s.yaml: space.lr.low: expected a finite number, got nan"),
     "range bound inf": ({"space": {"lr": {"low": 0.001, "high": INF, "log": True}}}, [],
                         "s.yaml: space.lr.high: expected a finite number, got inf"),
     "range bound nan as text": ({"space": {"lr": {"low": 0.001, "high": "nan"}}}, [],
                                 "s.yaml: space.lr.high: expected a finite number, got 'nan'"),
     "integer key with a fractional bound": ({"fixed": {"model": "ststnet"}, "space": {"epochs": {"low": 1.5, "high": 4}}}, [],
-                                            "s.yaml: space.epochs.low: expected an integer, got 1.5"),
+                                            "s.yaml: space.epochs.low: epochs must be an integer, got 1.5"),
     "int range with float bounds": ({"space": {"model_config.dropout": {"low": 1.0, "high": 2.0, "type": "int"}}}, [],
                                     "s.yaml: space.model_config.dropout.low: expected an integer, got 1.0"),
     "integer key as a float range": ({"fixed": {"model": "ststnet"},
                                       "space": {"epochs": {"low": 1, "high": 4, "type": "float"}}}, [],
                                      "s.yaml: space.epochs.type: epochs takes integers, not a float range"),
-    "choice with nan": ({"space": {"lr": {"choice": [0.01, NAN]}}}, [], "s.yaml: space.lr.choice[1]: expected a finite number, got nan"),
+    "choice with nan": ({"space": {"lr": {"choice": [0.01, NAN]}}}, [], "s.yaml: space.lr: lr must be a positive finite number, got nan"),
     "num_samples 2.0": ({"num_samples": 2.0}, [], "s.yaml: num_samples: expected an integer >= 1, got 2.0"),
     "max_concurrent_trials true": ({"max_concurrent_trials": True}, [],
                                    "s.yaml: max_concurrent_trials: expected an integer >= 1, got True"),
@@ -183,13 +183,31 @@ RUN_CASES = {
     "space file not UTF-8": (b"num_samples: 2\ndescription: caf\xe9\n", [], "s.yaml: not UTF-8 text (byte 0xe9 at offset 31)"),
     "space file not YAML": ("space:\n  lr: {low: 1.0, high: [\n", [], "s.yaml: line 3: not valid YAML"),
     "space file not a mapping": ("- lr\n- epochs\n", [], "s.yaml: expected a mapping at the top level, got list"),
-    "--set epochs=1.0": ({}, ["--set", "epochs=1.0"], "--set epochs: expected an integer, got 1.0"),
-    "--set batch_size=32.0": ({}, ["--set", "batch_size=32.0"], "--set batch_size: expected an integer, got 32.0"),
-    "--set weight_decay=.nan": ({}, ["--set", "weight_decay=.nan"], "--set weight_decay: expected a finite number, got nan"),
-    "--set seed=true": ({}, ["--set", "seed=true"], "--set seed: expected an integer, got True"),
-    "--set lr=1e-4 as text": ({"space": {"batch_size": {"choice": [16]}}}, ["--set", "lr=1e-4"],
-                              "--set lr: expected a number, got '1e-4' (YAML reads 1e-4 without a dot as text: write 1.0e-4)"),
+    "--set epochs=1.0": ({}, ["--set", "epochs=1.0"], "--set epochs: epochs must be an integer, got 1.0"),
+    "--set batch_size=32.0": ({}, ["--set", "batch_size=32.0"], "--set batch_size: batch_size must be an integer, got 32.0"),
+    "--set weight_decay=.nan": ({}, ["--set", "weight_decay=.nan"], "--set weight_decay: weight_decay must be a non-negative finite number, got nan"),
+    "--set seed=true": ({}, ["--set", "seed=true"], "--set seed: seed must be an integer, got True"),
+    "range end out of range": ({"fixed": {"model": "ststnet"}, "space": {"epochs": {"low": 0, "high": 2}}}, [],
+                               "s.yaml: space.epochs.low: epochs must be a positive integer, got 0"),
 }
+
+
+def test_lr_written_1e_4_is_the_same_float_for_train_and_search(tmp_path):
+    """YAML 1.1 reads `lr: 1e-4` (no dot) as text. `htnet train --config` (LosoConfig) converts it; a space
+    file and `search --set` check values by LosoConfig's rules, so they accept and convert it the same way."""
+    from htnet.io import read_yaml
+    from htnet.loso import LosoConfig
+    from search.space import parse_space, set_fixed
+
+    config = yaml_file(tmp_path / "c.yaml", "model: ststnet\nlr: 1e-4\n")
+    assert read_yaml(config)["lr"] == "1e-4"
+    trained = LosoConfig.from_dict(read_yaml(config)).lr
+    base = {"fixed": {"model": "ststnet", "epochs": 1}, "space": {"batch_size": {"choice": [16]}}}
+    space_file_lr = parse_space({**base, "fixed": {**base["fixed"], **read_yaml(config)}}, "s.yaml").resolve({})["lr"]
+    set_lr = set_fixed(parse_space(base, "s.yaml"), ["lr=1e-4"]).resolve({})["lr"]
+    choice = parse_space({**base, "space": {"lr": {"choice": [read_yaml(config)["lr"], 1.0e-3]}}}, "s.yaml")
+    assert trained == space_file_lr == set_lr == choice.params[0].choices[0] == 1e-4
+    assert all(isinstance(v, float) for v in (trained, space_file_lr, set_lr, choice.params[0].choices[0]))
 
 
 @pytest.mark.parametrize("case", list(RUN_CASES))
@@ -209,15 +227,15 @@ def test_bad_numbers_and_files_of_search_run(case, tmp_path, capsys):
 
 # name -> (config file text, or None for --preset ststnet; --set flags; message)
 RERUN_CASES = {
-    "config epochs 1.0": ("model: ststnet\nepochs: 1.0\n", [], "--config {d}/c.yaml: epochs: expected an integer, got 1.0"),
-    "config lr .nan": ("model: ststnet\nlr: .nan\n", [], "--config {d}/c.yaml: lr: expected a finite number, got nan"),
+    "config epochs 1.0": ("model: ststnet\nepochs: 1.0\n", [], "--config {d}/c.yaml: epochs: epochs must be an integer, got 1.0"),
+    "config lr .nan": ("model: ststnet\nlr: .nan\n", [], "--config {d}/c.yaml: lr: lr must be a positive finite number, got nan"),
     "config model_config inf": ("model: ststnet\nmodel_config: {dropout: .inf}\n", [],
                                 "--config {d}/c.yaml: model_config.dropout: expected a finite number, got inf"),
     "config not UTF-8": (b"model: st\xffstnet\n", [], "--config {d}/c.yaml: not UTF-8 text"),
     "config not a mapping": ("[1, 2]\n", [], "--config {d}/c.yaml: expected a mapping of LOSO config keys"),
     "config missing": ("(missing)", [], "--config {d}/nope.yaml: no such file"),
-    "--set epochs=1.0": (None, ["--set", "epochs=1.0"], "--set epochs: expected an integer, got 1.0"),
-    "--set lr=.inf": (None, ["--set", "lr=.inf"], "--set lr: expected a finite number, got inf"),
+    "--set epochs=1.0": (None, ["--set", "epochs=1.0"], "--set epochs: epochs must be an integer, got 1.0"),
+    "--set lr=.inf": (None, ["--set", "lr=.inf"], "--set lr: lr must be a positive finite number, got inf"),
     "--set fixes the file": ("model: ststnet\nepochs: 1.0\n", ["--set", "epochs=0"],
                              "epochs must be a positive integer, got 0"),  # the file's 1.0 is overridden
     "--seed-list not integers": (None, ["--seed-list", "1,x"], "--seed-list: expected comma-separated integers"),
@@ -291,14 +309,16 @@ def test_config_error_of_a_sampled_combination_is_one_user_error():
     retry it."""
     from htnet.errors import UserError
     from search.space import parse_space
-    from search.trainable import trial_config
+    from search.bridge import trial_config
 
-    space = parse_space({"fixed": {"model": "ststnet", "epochs": 1},
-                         "space": {"optimizer": {"choice": ["adam", "bogus"]}, "model_config.dropout": {"choice": [0.1]}}},
-                        "t.yaml")
+    raw = {"fixed": {"model": "ststnet", "epochs": 1},
+           "space": {"optimizer": {"choice": ["adam", "bogus"]}, "model_config.dropout": {"choice": [0.1, 1.5]}}}
+    with pytest.raises(UserError, match="t.yaml: space.optimizer: unknown optimizer 'bogus'"):  # LosoConfig, at load
+        parse_space(raw, "t.yaml")
+    space = parse_space({**raw, "space": {**raw["space"], "optimizer": {"choice": ["adam"]}}}, "t.yaml")
     assert trial_config(space, {"optimizer": "adam", "model_config.dropout": 0.1}).optimizer == "adam"
-    with pytest.raises(UserError, match="unknown optimizer 'bogus'") as info:
-        trial_config(space, {"optimizer": "bogus", "model_config.dropout": 0.1})
+    with pytest.raises(UserError, match=r"ststnet: dropout must be a number in \[0, 1\), got 1.5") as info:
+        trial_config(space, {"optimizer": "adam", "model_config.dropout": 1.5})  # the model only knows its own
     assert "\n" not in str(info.value)
     with pytest.raises(UserError) as info:  # a value the model cannot take, whatever it raises
         trial_config(space, {"optimizer": "adam", "model_config.dropout": [0.1]})
@@ -307,20 +327,21 @@ def test_config_error_of_a_sampled_combination_is_one_user_error():
 
 @pytest.mark.slow  # a real Ray search
 def test_a_trial_losoconfig_rejects_fails_once_and_the_search_goes_on(local_ray, tmp_path):
-    """Grid of 2 (optimizer adam | bogus), 1 epoch, max_failures 2: the bogus trial is FAILED once
-    (Optuna FAIL, its error recorded), not retried; the other finishes."""
+    """Grid of 2 (STSTNet dropout 0.1 | 1.5), 1 epoch, max_failures 2: the model refuses 1.5 inside its
+    trial (LosoConfig builds it), which is FAILED once (Optuna FAIL, its error recorded), not retried; the
+    other finishes."""
     from search.driver import runner
 
     space = write_space(tmp_path / "s.yaml", sampler={"type": "grid"}, max_failures=2,
                         fixed={"epochs": 1, "batch_size": 32},
-                        space={"optimizer": {"choice": ["adam", "bogus"]}})
+                        space={"model_config.dropout": {"choice": [0.1, 1.5]}})
     options = search_options(tmp_path, space, "opt")
     summary = runner.run_search(options)
     assert summary["complete"] and summary["counts"] == {"finished": 1, "failed": 1}
     runs = trial_runs(options.tracking_uri, "opt")
     assert len(runs) == 2 and all(r.data.tags["htnet.attempt"] == "1" for r in runs)
-    failed = next(r for r in runs if r.data.params["optimizer"] == "bogus")
-    assert failed.info.status == "FAILED" and "unknown optimizer 'bogus'" in failed.data.tags["htnet.error"]
+    failed = next(r for r in runs if r.data.params["model_config.dropout"] == "1.5")
+    assert failed.info.status == "FAILED" and "dropout must be a number in [0, 1)" in failed.data.tags["htnet.error"]
     trials = optuna_trials(tmp_path / "runs", "opt")
     assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
-    assert any("unknown optimizer 'bogus'" in t.user_attrs.get("error", "") for t in trials)
+    assert any("dropout must be a number in [0, 1)" in t.user_attrs.get("error", "") for t in trials)

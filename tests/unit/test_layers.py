@@ -16,15 +16,15 @@ LAYERS = [
     ("metrics", ["htnet.metrics"]),
     ("models", ["htnet.models", "htnet.kernels"]),
     ("engine parts", ["htnet.folds", "htnet.models.grouped"]),
-    ("engines", ["htnet.plain", "htnet.batched"]),
+    ("engine", ["htnet.engine"]),
     ("loso", ["htnet.loso"]),
     ("htnet cli", ["htnet.cli", "htnet.__main__"]),
     ("search space", ["search.space"]),
     ("tracking", ["search.tracking", "search.driver.stores", "search.driver.ray_setup"]),
-    ("ray-optuna bridge", ["search.pruning", "search.trainable"]),
+    ("ray-optuna bridge", ["search.bridge", "search.pruning", "search.trainable"]),
     ("search driver", ["search.driver"]),
     ("reports", ["search.reports", "search.nested"]),
-    ("search cli", ["search.report_cli", "search.cli", "search.__main__"]),
+    ("search cli", ["search.cli", "search.__main__"]),
 ]
 
 

@@ -108,6 +108,24 @@ def test_trials_are_ranked_by_the_objective_then_status(store):
     assert table["folds"].iloc[:5].tolist() == [6, 6, 6, 6, 3] and pd.isna(table["folds"].iloc[5])
 
 
+def test_the_trial_table_is_the_one_reader_of_a_search(store):
+    """tracking.trial_table: every attempt (latest=False) or each trial's latest attempt, ranked;
+    the runs of a trial lost with the driver are never in it."""
+    s = store["store"]
+    parent = tracking.newest_run_ids(s.client, s.experiment_id, "tags.`htnet.role` = 'search'", "htnet.search")
+    every = tracking.trial_table(s.client, s.experiment_id, parent["alpha"], latest=False)
+    assert sorted(every["trial_id"]) == ["t1", "t2", "t3", "t4", "t5", "t6", "t6"]
+    assert every.loc[every["trial_id"] == "t6", ["attempt", "retried"]].values.tolist() == [[1, True], [2, False]]
+    latest = tracking.trial_table(s.client, s.experiment_id, parent["alpha"], "inner_val_uf1", ["lr"])
+    assert latest["trial_id"].tolist() == ["t2", "t3", "t6", "t1", "t4", "t5"]
+    assert latest["run_id"].tolist()[2] == store["ids"]["t6"] and set(latest["run_status"]) == {"FINISHED", "FAILED"}
+    assert latest["lr"].dtype.kind == "f"  # MLflow's text params read back as numbers
+    assert latest["metrics.paper_full_uf1"].iloc[0] == pytest.approx(trial_metrics(0.80)["paper_full_uf1"])
+    assert latest["folds_done"].tolist()[:5] == [6, 6, 6, 6, 3]
+    none = tracking.runs(s.client, s.experiment_id, "tags.`htnet.role` = 'nothing'", ["tags.htnet.search"])
+    assert len(none) == 0 and {"run_id", "status", "start_time", "tags.htnet.search"} <= set(none.columns)
+
+
 def test_several_searches_protocols_and_filters(store):
     both = leaderboard(store["store"])
     assert set(both["search"]) == {"alpha", "beta"} and len(both) == 8

@@ -1,5 +1,4 @@
 """htnet.preprocess on frames the tests make: flow signs and sizes, strain, layout, loader, training."""
-import argparse
 import csv
 
 import cv2
@@ -8,6 +7,9 @@ import pandas as pd
 import pytest
 
 from htnet import preprocess as pp
+from htnet.cli import main
+from htnet.data.flow import flow_image, optical_strain
+from htnet.data.release import CSV_NAME, IMAGE_DIR, LANDMARK_COLUMNS, LANDMARKS_NAME
 from htnet.errors import UserError
 
 INNER = (slice(8, -8), slice(8, -8))  # away from the borders, where TV-L1 is less exact
@@ -37,15 +39,15 @@ def test_shift_gives_flow_of_that_sign_and_size(dx, dy):
     assert u[INNER].mean() == pytest.approx(dx, abs=0.15)
     assert v[INNER].mean() == pytest.approx(dy, abs=0.15)
     # a translation has (almost) no strain
-    assert np.median(pp.optical_strain(u, v)[INNER]) < 0.02
+    assert np.median(optical_strain(u, v)[INNER]) < 0.02
 
 
 def test_no_motion_gives_zero_flow_and_strain():
     t = texture(1)
     u, v = pp.tvl1_flow(window(t), window(t))
     assert np.abs(u).max() < 1e-3 and np.abs(v).max() < 1e-3
-    assert pp.optical_strain(u, v).max() < 1e-3
-    img = pp.flow_image(u, v, pp.optical_strain(u, v))
+    assert optical_strain(u, v).max() < 1e-3
+    img = flow_image(u, v, optical_strain(u, v))
     assert img.shape == (28, 28, 3) and img.dtype == np.uint8
 
 
@@ -64,7 +66,7 @@ def test_uniform_stretch_gives_uniform_strain():
     m = cv2.getRotationMatrix2D((49.5, 49.5), 0, scale)
     stretched = cv2.warpAffine(t, m, (100, 100), flags=cv2.INTER_CUBIC)
     u, v = pp.tvl1_flow(t, stretched)
-    s = pp.optical_strain(u, v)[15:-15, 15:-15]
+    s = optical_strain(u, v)[15:-15, 15:-15]
     expected = np.sqrt(2) * (scale - 1)  # e_xx = e_yy = 0.05, e_xy = 0
     assert np.median(s) == pytest.approx(expected, rel=0.15)
     assert np.percentile(s, 10) > 0.5 * expected  # positive everywhere, not just on average
@@ -72,13 +74,13 @@ def test_uniform_stretch_gives_uniform_strain():
 
 def test_optical_strain_formula():
     y, x = np.mgrid[0:30, 0:30].astype(np.float64)
-    assert np.allclose(pp.optical_strain(0.1 * x, 0 * x), 0.1)                 # e_xx only
-    assert np.allclose(pp.optical_strain(0 * x, 0.2 * y), 0.2)                 # e_yy only
-    assert np.allclose(pp.optical_strain(0.1 * y, 0 * x), np.sqrt(2) * 0.05)   # shear: e_xy = 0.05
-    assert np.allclose(pp.optical_strain(0.1 * y, -0.1 * x), 0)                # rotation: no strain
+    assert np.allclose(optical_strain(0.1 * x, 0 * x), 0.1)                 # e_xx only
+    assert np.allclose(optical_strain(0 * x, 0.2 * y), 0.2)                 # e_yy only
+    assert np.allclose(optical_strain(0.1 * y, 0 * x), np.sqrt(2) * 0.05)   # shear: e_xy = 0.05
+    assert np.allclose(optical_strain(0.1 * y, -0.1 * x), 0)                # rotation: no strain
     # a local stretch in one region peaks in that region
     bump = np.exp(-((x - 20) ** 2 + (y - 8) ** 2) / 8)
-    s = pp.optical_strain(np.gradient(bump, axis=1), np.gradient(bump, axis=0))
+    s = optical_strain(np.gradient(bump, axis=1), np.gradient(bump, axis=0))
     py, px = np.unravel_index(np.argmax(s), s.shape)
     assert abs(px - 20) <= 3 and abs(py - 8) <= 3
 
@@ -86,7 +88,7 @@ def test_optical_strain_formula():
 def test_flow_image_channel_order_and_scaling(tmp_path):
     y, x = np.mgrid[0:56, 0:56].astype(np.float32)
     u, v, s = x - 10, -(y * 0.5), np.zeros_like(x) + 3
-    img = pp.flow_image(u, v, s)
+    img = flow_image(u, v, s)
     assert img.shape == (28, 28, 3) and img.dtype == np.uint8
     assert (img[..., 0] == 0).all()                         # 0: strain (constant -> 0)
     assert img[:, 0, 2].max() == 0 and img[:, -1, 2].min() == 255   # 2: u, grows to the right
@@ -160,33 +162,29 @@ def make_dataset(root):
     return index, lm, rows
 
 
-def parse(argv):
-    return pp.add_arguments(argparse.ArgumentParser()).parse_args(argv)
-
-
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
     index, lm, rows = make_dataset(root)
     out = root / "out"
-    args = parse(["--index", str(index), "--frames-root", str(root / "frames"), "--out", str(out),
-                  "--workers", "2", "--face-size", "48", "--landmarks", str(lm), "--no-progress"])
+    args = ["preprocess", "--index", str(index), "--frames-root", str(root / "frames"), "--out", str(out),
+            "--workers", "2", "--face-size", "48", "--landmarks", str(lm), "--no-progress"]
     return root, out, rows, args
 
 
 def test_cli_writes_release_layout(made, capfd):
     root, out, rows, args = made
-    code = pp.run(args)
+    code = main(args)
     err = capfd.readouterr().err
     assert code == 1  # one sample failed, the rest are written
     assert "error: sample sub02_sub02_ep1: onset frame not found" in err
     assert "17 of 18 samples" in err and "sub02_sub02_ep1" in err.split("failed:")[1]
 
-    with open(out / pp.CSV_NAME, newline="") as f:
+    with open(out / CSV_NAME, newline="") as f:
         header = next(csv.reader(f))
     assert header == ["dataset", "sub", "filename_o", "label", "apex", "imagename",
                       "sub_filename", "onset", "apex_source"]
-    table = pd.read_csv(out / pp.CSV_NAME, dtype={"sub": str})
+    table = pd.read_csv(out / CSV_NAME, dtype={"sub": str})
     assert len(table) == 17 and "sub02_ep1" not in set(table["filename_o"])
     assert list(table["sub"].unique()) == [s for _, s in SUBJECTS]   # index order, "006" kept
     smic = table.set_index("filename_o").loc["s01_ep0"]
@@ -195,16 +193,16 @@ def test_cli_writes_release_layout(made, capfd):
             == "index").all()
     assert table.set_index("filename_o").loc["sub01_ep0", "apex"] == 6  # path -> its index
     for _, r in table.iterrows():
-        img = cv2.imread(str(out / pp.IMAGE_DIR / f"{r['sub']}_{r['filename_o']} .png"))
+        img = cv2.imread(str(out / IMAGE_DIR / f"{r['sub']}_{r['filename_o']} .png"))
         assert img.shape == (28, 28, 3)
         assert img.reshape(-1, 3).min(0).tolist() == [0, 0, 0]
 
-    lm = pd.read_csv(out / pp.LANDMARKS_NAME, dtype={"sample": str})
-    assert list(lm.columns) == ["sample", "detected"] + pp.LANDMARK_COLUMNS
+    lm = pd.read_csv(out / LANDMARKS_NAME, dtype={"sample": str})
+    assert list(lm.columns) == ["sample", "detected"] + LANDMARK_COLUMNS
     assert len(lm) == 17 and lm["detected"].sum() == 1
     got = lm.set_index("sample").loc["007_007_ep1"]
     assert got["left_eye_x"] == pytest.approx(10 * 28 / 40) and got["nose_y"] == pytest.approx(25 * 28 / 40)
-    assert lm.set_index("sample").loc["006_006_ep0", pp.LANDMARK_COLUMNS].isna().all()
+    assert lm.set_index("sample").loc["006_006_ep0", LANDMARK_COLUMNS].isna().all()
     assert not list(out.rglob("*.tmp"))
 
 
@@ -213,13 +211,13 @@ def test_output_loads_and_trains(made):
     # module imports.
     data_mod = pytest.importorskip("htnet.data", exc_type=ImportError)
     root, out, rows, args = made
-    if not (out / pp.CSV_NAME).exists():
-        assert pp.run(args) == 1
+    if not (out / CSV_NAME).exists():
+        assert main(args) == 1
     data = data_mod.load_release(out)
     assert data.images.shape == (17, 3, 28, 28)
     assert sorted(set(data.labels.tolist())) == [0, 1, 2]
     assert len(set(data.subjects.tolist())) == 6
-    ref = cv2.imread(str(out / pp.IMAGE_DIR / "sub01_sub01_ep0 .png"))
+    ref = cv2.imread(str(out / IMAGE_DIR / "sub01_sub01_ep0 .png"))
     i = list(data.samples).index("sub01_sub01_ep0")
     assert np.array_equal(data.images[i], ref.transpose(2, 0, 1).astype(np.float32))
     j = list(data.samples).index("007_007_ep1")  # the one sample with user landmarks
@@ -241,10 +239,10 @@ def test_missing_column_is_a_user_error(tmp_path, capsys):
         pp.preprocess(index, tmp_path, tmp_path / "out")
     msg = str(e.value)
     assert "index.csv" in msg and "'label'" in msg and "\n" not in msg
-    assert pp.run(parse(["--index", str(index), "--frames-root", str(tmp_path),
-                         "--out", str(tmp_path / "out")])) == 2
+    assert main(["preprocess", "--index", str(index), "--frames-root", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
-    assert not (tmp_path / "out" / pp.CSV_NAME).exists()
+    assert not (tmp_path / "out" / CSV_NAME).exists()
 
 
 @pytest.mark.parametrize("body,needle", [

@@ -1,0 +1,105 @@
+"""The one report -> prune -> tell protocol between a LOSO run and its Optuna trial, for the Ray Tune search
+(search.pruning, search.trainable), nested LOSO and benchmarks/pruning_efficiency.py."""
+import math
+from dataclasses import dataclass, field
+
+from htnet.errors import TrainingDiverged, UserError
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fold_objectives(progress, metric):
+    """[[fold number, that fold's own objective], ...] for the folds an engine report adds."""
+    return [[f["fold"], float(f[metric])] for f in progress.get("folds", []) if finite(f.get(metric))]
+
+
+def pairs_folds(pruner):
+    """True for a pruner that compares trials fold by fold: Wilcoxon (the folds are the same subjects in
+    every trial), tested pairwise against the best trial."""
+    import optuna
+
+    return isinstance(pruner, optuna.pruners.WilcoxonPruner)
+
+
+def report(trial, pruner, step, value, folds=(), last=False, reported=()):
+    """Give one LOSO report to the Optuna trial; True where its pruner stops the trial (never at the last
+    report: the run is done). The pooled objective goes at step = folds done, or, for a pruner that pairs
+    folds, each new fold's own objective at step = its fold number. Steps in `reported` are not reported again."""
+    pairs = [(int(f), float(v)) for f, v in folds] if pairs_folds(pruner) else [(int(step), float(value))]
+    for at, reported_value in pairs:
+        if at not in reported:
+            trial.report(reported_value, at)
+    return not last and trial.should_prune()
+
+
+def tell(study, trial, value, pruned=False, failed=False):
+    """Tell Optuna how the trial ended: PRUNED, FAIL (failed, or no finite objective) or COMPLETE; the state."""
+    from optuna.trial import TrialState
+
+    state = TrialState.PRUNED if pruned else TrialState.FAIL if failed or not finite(value) else TrialState.COMPLETE
+    try:
+        study.tell(trial, float(value) if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+    except RuntimeError as e:
+        # GridSampler calls study.stop() once the grid is done, which Optuna only allows inside
+        # study.optimize(); the trial's state is stored before that.
+        if "Study.stop" not in str(e):
+            raise
+    return state
+
+
+STATUS = {"PRUNED": "pruned", "FAIL": "failed", "COMPLETE": "finished"}
+
+
+def trial_config(space, config, overrides=None):
+    """The LosoConfig of a trial's sampled `config`. Whatever rejects the combination (LosoConfig, a `when`,
+    the model's constructor, with a UserError or a TypeError or ValueError) raises one UserError: the trial
+    fails once, it is not retried (building a config is deterministic)."""
+    from htnet.loso import LosoConfig
+
+    try:
+        return LosoConfig.from_dict(space.resolve(space.sampled(config), overrides))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        text = str(e).strip()
+        raise UserError(f"invalid configuration: {type(e).__name__}: "
+                        f"{text.splitlines()[0] if text else 'no message'}") from None
+
+
+@dataclass
+class TrialRun:
+    trial: object                     # the Optuna trial
+    status: str = "failed"            # finished | pruned | failed
+    sampled: dict = field(default_factory=dict)
+    config: object = None             # the LosoConfig
+    result: object = None             # the LosoResult
+    error: Exception | None = None
+    reports: list = field(default_factory=list)  # [step, objective, fold-epochs, fold objectives] each
+
+
+def run_trial(study, space, data, overrides=None):
+    """One trial without Ray: ask the study, sample, run LOSO reporting after every engine report and stopping
+    where the pruner says so, tell the study how it ended."""
+    from htnet.loso import run_loso
+
+    run, metric = TrialRun(study.ask()), space.metric
+
+    def callback(progress):
+        value, step = progress.get(metric), progress["step"]
+        if not finite(value):
+            return None
+        folds = fold_objectives(progress, metric)
+        run.reports.append([step, float(value), progress["fold_epochs"], folds])
+        return report(run.trial, study.pruner, step, value, folds, last=step >= progress["folds_total"])
+
+    try:
+        run.sampled = space.optuna_space()(run.trial)
+        run.config = trial_config(space, run.sampled, overrides)
+        run.result = run_loso(run.config, data, callback=callback, progress=False)
+    except (TrainingDiverged, UserError) as e:
+        run.error = e
+    value = run.result.metrics.get(metric) if run.result else None
+    run.status = STATUS[tell(study, run.trial, value, pruned=bool(run.result and run.result.stopped)).name]
+    return run

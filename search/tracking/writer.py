@@ -1,0 +1,253 @@
+"""The MLflow writes of a search: its parent run, and the Ray Tune callback that logs every trial attempt."""
+import logging
+import functools
+import sys
+import time
+
+from ray import tune
+
+from search.space import flatten
+from search.tracking.schema import (TERMINAL, curve_of, device_tags, engine_metrics, is_number, ranked,
+                                    trial_status, trial_table)
+from search.tracking.store import (FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason,
+                                   unreachable_message)
+
+logger = logging.getLogger(__name__)
+
+
+# MlflowClient.log_batch splits what it is given into MLflow's per-request limits
+def log_params(client, run_id, params):
+    from mlflow.entities import Param
+
+    texts = ((str(k), str(v)) for k, v in params.items())  # MLflow keeps 6000 characters of a value
+    retry(client.log_batch, run_id, params=[Param(k, v if len(v) <= 6000 else v[:5997] + "...") for k, v in texts])
+
+
+def log_metrics(client, run_id, metrics, step=0, timestamp=None):
+    from mlflow.entities import Metric
+
+    timestamp = timestamp or int(time.time() * 1000)
+    retry(client.log_batch, run_id, metrics=[Metric(str(k), float(v), timestamp, int(step))
+                                             for k, v in metrics.items() if is_number(v)])
+
+
+def set_tags(client, run_id, tags):
+    from mlflow.entities import RunTag
+
+    retry(client.log_batch, run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+
+def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None):
+    tags = {"htnet.role": "search", "htnet.search": name, "htnet.objective": objective_metric,
+            "htnet.objective_protocol": space.objective, "mlflow.runName": name}
+    run_id = retry(client.create_run, experiment_id, tags=tags, run_name=name).info.run_id
+    log_params(client, run_id, {
+        "num_samples": space.num_samples, "max_concurrent_trials": space.max_concurrent_trials,
+        "sampler": space.sampler, "pruner": space.pruner, "resources": space.resources,
+        "max_failures": space.max_failures, "objective": space.objective, "space_file": space.source,
+        **(extra_params or {})})
+    retry(client.log_dict, run_id, space.raw, "space.yaml")
+    return run_id
+
+
+def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
+    """Counts, the best objective and the trial table (trials.csv) on the parent run."""
+    metrics = {f"trials_{k}": v for k, v in table["status"].value_counts().to_dict().items()}
+    finished = table[table["status"] == "finished"]
+    if metric in finished and finished[metric].notna().any():
+        best = ranked(finished, metric).iloc[0]
+        metrics[f"best_{metric}"] = best[metric]
+        set_tags(client, parent_run_id, {"htnet.best_trial_id": best["trial_id"], "htnet.best_run_id": best["run_id"]})
+    log_metrics(client, parent_run_id, metrics)
+    trials = table.loc[:, ~table.columns.str.match(r"(metrics|params)\.")]
+    retry(client.log_text, parent_run_id, trials.to_csv(index=False), "trials.csv")
+    retry(client.set_terminated, parent_run_id, status)
+
+
+def create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial, attempt,
+                     optuna_number=None):
+    """The child run of one trial attempt: tags, the flattened resolved config and config.yaml."""
+    config = space.resolve(space.sampled(trial.config), overrides)
+    resources = getattr(trial.placement_group_factory, "required_resources", {})
+    tags = {"mlflow.parentRunId": parent_run_id, "htnet.role": "trial", "htnet.search": search_name,
+            "htnet.trial_id": trial.trial_id, "htnet.attempt": attempt, "htnet.status": "running",
+            "htnet.objective": space.metric, "htnet.objective_protocol": space.objective,
+            "htnet.optuna_study": search_name,
+            "htnet.resources": ",".join(f"{k.lower()}={v:g}" for k, v in sorted(resources.items())
+                                        if k in ("CPU", "GPU"))}
+    if optuna_number is not None:
+        tags["htnet.optuna_trial"] = optuna_number
+    run = retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items()},
+                run_name=str(trial) + (f"-attempt{attempt}" if attempt > 1 else ""))
+    log_params(client, run.info.run_id, flatten(config))
+    retry(client.log_dict, run.info.run_id, config, "config.yaml")
+    return run.info.run_id
+
+
+def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
+    """Final metrics, the files of a finished trial (its Ray checkpoint) and the end status."""
+    metrics = {**engine_metrics(result, ("fold_epochs", "wall_time_s")), "folds_done": result.get("step", 0)}
+    if wall_time_s is not None:
+        metrics["trial_wall_time_s"] = wall_time_s
+    log_metrics(client, run_id, metrics, step=result.get("step", 0))
+    if status == "finished" and checkpoint is not None:
+        try:
+            with checkpoint.as_directory() as folder:
+                retry(client.log_artifacts, run_id, folder)
+        except mlflow_errors():
+            raise
+        except Exception as e:  # noqa: BLE001 - a missing artifact must not end the search
+            logger.warning("could not log the artifacts of trial %s: %s", trial_id, e)
+            set_tags(client, run_id, {"htnet.artifacts_error": str(e).splitlines()[0][:500]})
+    tags = dict(tags or {})
+    if status == "failed":
+        tags.setdefault("htnet.error", str(result.get("htnet_error", ""))[:5000])
+    if status == "pruned":
+        tags["htnet.pruned_at_step"] = result.get("step", "")
+    set_tags(client, run_id, {"htnet.status": status, **tags})
+    retry(client.set_terminated, run_id, "FAILED" if status == "failed" else "FINISHED")
+
+
+def error_text(trial):
+    try:
+        lines = str(trial.get_error() or "the trial's worker failed").strip().splitlines()
+    except Exception:  # noqa: BLE001
+        lines = ["the trial's worker failed"]
+    return ([line for line in lines if line.strip()] or [""])[-1][:5000]
+
+
+class MlflowTracking(tune.Callback):
+    """The child run of every trial attempt, logged from the driver (one writer). If MLflow stops
+    answering it prints one line and stops writing; Ray keeps the results for `backfill`."""
+
+    offline = None  # why MLflow stopped answering; None while it answers (and when unpickled)
+
+    def __init__(self, tracking_uri, experiment_id, search_name, parent_run_id, space, searcher,
+                 overrides=None, results_path=None):
+        self.tracking_uri, self.experiment_id, self.search_name = tracking_uri, experiment_id, search_name
+        self.parent_run_id, self.space, self.searcher = parent_run_id, space, searcher
+        self.overrides, self.results_path = overrides or {}, results_path
+        self._runs = {}        # trial id -> run id of the attempt in progress
+        self._attempts = {}    # trial id -> attempts so far
+        self._terminal = {}    # trial id -> run id of a run that ended (finished|pruned|failed)
+        self._started = {}     # trial id -> time.time() of the attempt's start
+        self._tagged = set()   # trial ids whose device/node tags are set
+        self._orphans_checked = False
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "offline")}
+
+    @functools.cached_property
+    def client(self):
+        return client_for(self.tracking_uri)
+
+    def _guard(self, what, fn, *args):
+        """Run one MLflow step of a Ray event; a store that fails turns the callback offline."""
+        if self.offline:
+            return
+        try:
+            fn(*args)
+        except mlflow_errors() as e:
+            if getattr(e, "error_code", None) in FINAL_ERROR_CODES:  # one call refused, not the store gone
+                logger.warning("MLflow refused %s: %s", what, str(e).strip()[:300])
+                return
+            self.offline = short_reason(e)
+            kept = self.results_path or "Ray's results folder"
+            print(f"error: {unreachable_message(self.tracking_uri, self.offline, self.search_name, kept)} "
+                  f"(the trials go on)", file=sys.stderr, flush=True)
+
+    def setup(self, **info):
+        self._guard("setup", self._load_existing)
+
+    def _load_existing(self):
+        """A resumed search: the runs of its trials so far, by attempt."""
+        for row in trial_table(self.client, self.experiment_id, self.parent_run_id, latest=False).to_dict("records"):
+            trial_id = row["trial_id"]
+            self._attempts[trial_id] = max(self._attempts.get(trial_id, 0), row["attempt"])
+            if row["status"] in ("running", "interrupted"):
+                self._runs[trial_id] = row["run_id"]
+            elif row["status"] in TERMINAL and not row["retried"]:
+                self._terminal[trial_id] = row["run_id"]
+                self._runs.pop(trial_id, None)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._orphans_checked:
+            self._orphans_checked = True
+            self._guard("the check for lost trials", self._mark_lost, trials)
+
+    def _mark_lost(self, trials):
+        """Runs of trials that Ray lost with the killed driver (never in its snapshot)."""
+        known = {t.trial_id for t in trials}
+        for trial_id, run_id in list(self._runs.items()):
+            if trial_id not in known:
+                set_tags(self.client, run_id, {"htnet.status": "failed", "htnet.lost": "true",
+                                               "htnet.error": "the driver died before Ray recorded this "
+                                                              "trial; its sample was drawn again"})
+                retry(self.client.set_terminated, run_id, "KILLED")
+                del self._runs[trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._started[trial.trial_id] = time.time()
+        if self.offline:  # Optuna still learns which Ray trial is which (backfill, resume)
+            self.searcher.set_ray_trial_attrs(trial.trial_id, ray_trial_id=trial.trial_id)
+        self._guard("the start of trial " + trial.trial_id, self._start, trial)
+
+    def _start(self, trial):
+        trial_id = trial.trial_id
+        if trial_id in self._terminal:
+            return  # ended before the driver was killed: the trainable replays its result
+        if trial_id in self._runs:  # restarted by a resumed search: the same run goes on
+            run = retry(self.client.get_run, self._runs[trial_id])
+            if run.info.status != "RUNNING":
+                retry(self.client.update_run, run.info.run_id, status="RUNNING")
+            set_tags(self.client, run.info.run_id, {"htnet.status": "running",
+                                                    "htnet.restarts": int(run.data.tags.get("htnet.restarts", 0)) + 1})
+            return
+        self._attempts[trial_id] = attempt = self._attempts.get(trial_id, 0) + 1
+        self._runs[trial_id] = run_id = create_trial_run(
+            self.client, self.experiment_id, self.parent_run_id, self.search_name, self.space, self.overrides,
+            trial, attempt, self.searcher.optuna_trial_number(trial_id))
+        self.searcher.set_ray_trial_attrs(trial_id, ray_trial_id=trial_id, mlflow_run_id=run_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.searcher.is_pruned(trial.trial_id):
+            result["htnet_status"] = "pruned"  # shows in Ray Tune's table and results
+        self._guard("a result of trial " + trial.trial_id, self._result, trial, result)
+
+    def _result(self, trial, result):
+        run_id = self._runs.get(trial.trial_id)
+        if run_id is None or result.get("htnet_status") == "replayed":
+            return
+        if trial.trial_id not in self._tagged and device_tags(result):
+            self._tagged.add(trial.trial_id)
+            set_tags(self.client, run_id, device_tags(result))
+        if result.get("step") is not None and result.get("htnet_status") != "failed":
+            log_metrics(self.client, run_id, curve_of(result), step=result["step"])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._guard("the end of trial " + trial.trial_id, self._end, trial, None)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._guard("the retry of trial " + trial.trial_id, self._end, trial, {"htnet.retried": "true"})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._guard("the error of trial " + trial.trial_id, self._end, trial, {})
+
+    def _end(self, trial, failed_tags):
+        """A trial's run ends: complete (failed_tags None), failed, or failed and retried by Ray as a new run."""
+        trial_id = trial.trial_id
+        if trial_id not in self._runs:
+            return
+        run_id = self._runs.pop(trial_id)
+        self._tagged.discard(trial_id)  # a retry is a new run: tag its device and node too
+        if failed_tags is None:
+            result = trial.last_result or {}
+            status = trial_status(result, self.searcher.is_pruned(trial_id))
+            wall = time.time() - self._started[trial_id] if trial_id in self._started else None
+            log_trial_end(self.client, run_id, trial_id, result, status,
+                          trial.checkpoint if status == "finished" else None, wall)
+        else:
+            set_tags(self.client, run_id, {"htnet.status": "failed", "htnet.error": error_text(trial), **failed_tags})
+            retry(self.client.set_terminated, run_id, "FAILED")
+        if "htnet.retried" not in (failed_tags or {}):
+            self._terminal[trial_id] = run_id
