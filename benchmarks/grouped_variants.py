@@ -89,7 +89,6 @@ def vmap_step(name, config, states):
 def with_kernels(on):
     """Switch the STSTNet C stem kernels on or off for the models built next."""
     os.environ["HTNET_CPU_KERNELS"] = "1" if on else "0"
-    kernels._KERNELS.pop("lib", None)
     return kernels.cpu_kernels() is not None
 
 

@@ -21,12 +21,10 @@ TRAIN_FLAGS = {
     **{key: {"type": int} for key in ("epochs", "batch_size", "seed", "inner_val_subjects", "inner_patience",
                                      "eval_every")},
     "lr": {"type": float}, "weight_decay": {"type": float}, "optimizer": {"choices": list(OPTIMIZERS)},
-    "shuffle": {"action": "store_true", "default": None,
-                "help": "shuffle training samples each epoch (the reference does not)"},
+    "shuffle": {"action": "store_true", "default": None, "help": "shuffle each epoch (the reference does not)"},
     "engine": {"choices": list(ENGINES),
                "help": "batched: fold-models trained together; plain: one at a time, the reference recipe"},
-    "fold_group_size": {"type": int, "help": "batched engine: fold-models per group (default: what memory allows; "
-                                             "the value used is saved in config.yaml)"},
+    "fold_group_size": {"type": int, "help": "batched engine: fold-models per group (default: what memory allows)"},
     "save_weights": {"action": "store_true", "default": None,
                      "help": "write <out>/weights/<subject>.pth (the paper protocol's epoch, else the last)"},
 }
@@ -59,12 +57,10 @@ def add_data_arguments(p):
     p.add_argument("--synth-subjects", type=int, default=4, help="subjects per dataset of the synthetic set")
     p.add_argument("--landmarks", default="auto", help="auto (the release's landmarks CSV), template, or a CSV path")
     p.add_argument("--standardize", action="store_true", help="per-channel standardisation")
-    p.add_argument("--min-samples-per-subject", type=int, default=1,
-                   help="reject subjects with fewer samples (default 1: the release has 8 such subjects)")
+    p.add_argument("--min-samples-per-subject", type=int, default=1, help="reject subjects with fewer samples")
     p.add_argument("--subjects", help="comma-separated subject ids, or a count taken across datasets")
     p.add_argument("--model", choices=list_models(), help="default: the --config file's model, else htnet")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="model constructor argument, e.g. dim=64 or block_repeats=[1,1,2] (repeatable)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. dim=64, block_repeats=[1,1,2]")
     p.add_argument("--crop-mode", default="reference", choices=CROP_MODES)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -98,11 +94,9 @@ def build_parser():
     pre.add_argument("--frames-root", required=True, metavar="DIR", help="the index's paths are relative to it")
     pre.add_argument("--out", required=True, metavar="DIR", help="output folder (release layout)")
     pre.add_argument("--workers", type=int, help="parallel processes (default: number of CPU cores)")
-    pre.add_argument("--face-size", type=int, default=224,
-                     help="square size of the (cropped) face for the flow; 0 keeps the frame size (default 224)")
-    pre.add_argument("--landmarks", metavar="CSV",
-                     help="sample + left_eye_x ... mouth_right_y in apex-face pixels (default: the template)")
-    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.add_argument("--face-size", type=int, default=224, help="face side for the flow, 0: the frame's (default 224)")
+    pre.add_argument("--landmarks", metavar="CSV", help="sample, left_eye_x ... mouth_right_y in apex-face pixels")
+    pre.add_argument("--no-progress", action="store_true")
     tvl1 = pre.add_argument_group("TV-L1 optical flow (OpenCV defaults)")
     for name, (default, typ, text) in TVL1_PARAMS.items():
         tvl1.add_argument("--tvl1-" + name.rstrip("_").replace("_", "-"), dest="tvl1_" + name, type=typ,
@@ -111,25 +105,23 @@ def build_parser():
 
 
 def train_config(args):
-    values = read_yaml(args.config) if args.config else None
-    values = {} if values is None else values
-    if args.config:
-        if not isinstance(values, dict):
-            raise UserError(f"{args.config}: expected a mapping of LOSO config keys, got a {type(values).__name__}")
-        if values.get("model_config") is None:
-            values.pop("model_config", None)
-        elif not isinstance(values["model_config"], dict):
-            raise UserError(f"{args.config}: model_config must be a mapping, got {values['model_config']!r}")
+    """The --config file's LOSO keys under the flags; an error in a value from the file names the file."""
+    from_file = read_yaml(args.config) if args.config else None
+    from_file = {} if from_file is None else from_file
+    if not isinstance(from_file, dict):
+        raise UserError(f"{args.config}: expected a mapping of LOSO config keys, got a {type(from_file).__name__}")
+    if from_file.get("model_config") is None:
+        from_file.pop("model_config", None)
+    elif not isinstance(from_file["model_config"], dict):
+        raise UserError(f"{args.config}: model_config must be a mapping, got {from_file['model_config']!r}")
     flags = {key: getattr(args, key) for key in ["model", "device", "crop_mode", *TRAIN_FLAGS]}
     flags.update(subjects=parse_subjects(args.subjects), standardize=args.standardize or None,
-                 protocols=args.protocols.split(",") if args.protocols else None)
-    from_file = dict(values)
-    values.update({k: v for k, v in flags.items() if v is not None})
-    values["model_config"] = {**values.get("model_config", {}), **model_args(args.model_arg)}
+                 protocols=args.protocols.split(",") if args.protocols else None,
+                 model_config={**from_file.get("model_config", {}), **model_args(args.model_arg)})
     try:
-        return LosoConfig.from_dict(values)
+        return LosoConfig.from_dict({**from_file, **{k: v for k, v in flags.items() if v is not None}})
     except UserError as e:
-        if args.config and _error_of(from_file) == str(e):  # the file's own value: name the file
+        if args.config and _error_of(from_file) == str(e):
             raise UserError(f"{args.config}: {e}") from None
         raise
 
@@ -182,10 +174,9 @@ def cmd_preprocess(args):
     summary = preprocess(args.index, args.frames_root, args.out, workers=args.workers, face_size=args.face_size,
                          landmarks=args.landmarks, progress=not args.no_progress, **tvl1)
     failed = summary["failed"]
-    lines = [f"preprocessed {summary['ok']} of {summary['total']} samples into {summary['out']}"]
+    print(f"preprocessed {summary['ok']} of {summary['total']} samples into {summary['out']}", file=sys.stderr)
     if failed:
-        lines += [f"{len(failed)} failed:", *(f"  {sample}: {why}" for sample, why in failed)]
-    print("\n".join(lines), file=sys.stderr)
+        print(f"{len(failed)} failed:", *(f"  {sample}: {why}" for sample, why in failed), sep="\n", file=sys.stderr)
     return 1 if failed else 0
 
 

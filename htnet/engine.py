@@ -1,13 +1,12 @@
-"""The LOSO training loop: a fold's `main` run and (with the inner protocol) its `inner` run are members,
-trained G at a time as one computation by one loop (train_group); G = 1 is the reference recipe, bit for
-bit. run_folds plans the groups (what memory allows) and trains them in process or in CPU workers."""
+"""The LOSO training loop: fold-models (a fold's `main` and `inner` runs) trained G at a time as one computation
+(train_group; G = 1 is the reference recipe, bit for bit), in groups memory allows, in process or in CPU workers."""
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
-import sys
 
 import numpy as np
 import torch
@@ -16,10 +15,10 @@ from tqdm.auto import tqdm
 
 from htnet.errors import TrainingDiverged, UserError
 from htnet.folds import (OPTIMIZERS, Fold, FoldOutcome, InnerChoice, TestChoice, build_model, subject_seed,
-                         training_order, weights_protocol)
+                         training_order)
 from htnet.models.grouped import GROUPED, grouped_model, member_state
 
-CPU_GROUP_CAP = {"ststnet": 4, "htnet": 4}   # STSTNet's time per fold-epoch is flat from 2 to 8 (RESULTS.md)
+CPU_GROUP_CAP = 4   # STSTNet's time per fold-epoch is flat from 2 to 8 (RESULTS.md)
 GPU_GROUP_CAP = 256
 # Below this many sample-member-epochs (about a minute of one core's STSTNet work) the worker
 # processes' start-up (a few seconds each) is not worth it.
@@ -55,16 +54,20 @@ def make_groups(members, size):
 
 
 def resolve_fold_group_size(folds, config, device, min_groups=1):
-    """Members per group: `config.fold_group_size` where set, else as many as memory and the device cap
-    allow, few enough for at least `min_groups` groups (a pruner listening gets that many reports)."""
+    """Members per group: `config.fold_group_size` where set, else HTNET_BATCHED_GROUP, else all that half the
+    free memory allows (capped), few enough for at least `min_groups` groups (reports for a listening pruner)."""
     if config.fold_group_size is not None:
         return config.fold_group_size
-    total = len(plan_members(folds, config))
-    return min(group_size(config, torch.device(device), total), math.ceil(total / max(1, min_groups)))
+    total, device = len(plan_members(folds, config)), torch.device(device)
+    size = env_int("HTNET_BATCHED_GROUP", 1)
+    if size is None:
+        by_memory = int(0.5 * _available_memory(device) // member_bytes(config))
+        size = max(1, min(by_memory, GPU_GROUP_CAP if device.type == "cuda" else CPU_GROUP_CAP))
+    return min(size, total, math.ceil(total / max(1, min_groups)))
 
 
 def plan_groups(folds, config, device, min_groups=1):
-    """The groups a run trains: one member each for the plain engine, else resolve_fold_group_size."""
+    """The groups a run trains: one member each for the plain engine, else resolve_fold_group_size's."""
     members = plan_members(folds, config)
     if config.engine == "plain" or config.model not in GROUPED:
         return [[m] for m in members]
@@ -74,16 +77,14 @@ def plan_groups(folds, config, device, min_groups=1):
 def _available_memory(device):
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def member_bytes(config, probe_batch=8):
-    """Memory one member needs: 16 bytes per parameter (weights, gradient, two Adam moments) and 1.5 x
-    the activations a training step saves (measured on a small batch, scaled to batch_size)."""
+    """Memory one member needs: 16 bytes per parameter (weights, gradient, two Adam moments) and 1.5 x the
+    activations a training step saves (measured on a small batch)."""
     model = build_model(config, 0, "cpu").train()
     saved = []
 
@@ -107,16 +108,6 @@ def env_int(name, minimum):
     return int(text)
 
 
-def group_size(config, device, members_total):
-    """Members per group (HTNET_BATCHED_GROUP overrides): all where half the free memory allows, capped."""
-    override = env_int("HTNET_BATCHED_GROUP", 1)
-    if override:
-        return min(override, members_total)
-    by_memory = int(0.5 * _available_memory(device) // member_bytes(config))
-    cap = GPU_GROUP_CAP if device.type == "cuda" else CPU_GROUP_CAP.get(config.model, 4)
-    return max(1, min(members_total, by_memory, cap))
-
-
 def worker_count(device, groups, work=math.inf):
     """CPU worker processes of one torch thread each (2 x 1 beat 1 x 2 threads for these small,
     memory-bound ops): as many as this process's threads; HTNET_BATCHED_WORKERS overrides (0: none)."""
@@ -129,15 +120,10 @@ def worker_count(device, groups, work=math.inf):
     return min(threads, groups) if threads > 1 else 0
 
 
-_MALLOC_TUNED = []
-
-
+@functools.cache
 def tune_malloc():
     """Keep freed memory in glibc's heap (no mmap/munmap per large tensor): on this CPU a fresh
-    60 MB activation costs more in page faults than the arithmetic on it."""
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED.append(True)
+    60 MB activation costs more in page faults than the arithmetic on it. (No glibc: OSError, nothing done.)"""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD
@@ -145,10 +131,9 @@ def tune_malloc():
 
 
 def _start(members, config, device):
-    """(model, optimizer, shuffle seed) of a group. G = 1: the reference recipe (the plain model, whose
-    dropout continues its seeded init's global stream; plain optimizer; float32). G > 1: the grouped
-    model from the members' seeded starts, a dropout stream of the group's own, fused Adam on a CPU,
-    TF32 on a GPU."""
+    """(model, optimizer, shuffle seed) of a group. G = 1: the reference recipe (plain model and optimizer,
+    float32, dropout continuing the seeded init's global stream). G > 1: the grouped model from the members'
+    seeded starts, its own dropout stream, fused Adam on a CPU, TF32 on a GPU."""
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = len(members) > 1
@@ -170,29 +155,21 @@ def _start(members, config, device):
     return model, optimizer, subject_seed(config.seed, names, "shuffle")
 
 
-def _autocast(device, config, G):
-    """bf16 on a GPU for grouped HTNet (matmul-bound); STSTNet stays float32 (memory-bound, and its
-    BatchNorm statistics are sums over 230k values per channel)."""
-    if G > 1 and device.type == "cuda" and config.model != "ststnet" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _compiled(model, G):
-    """HTNET_COMPILE=default|reduce-overhead|max-autotune: torch.compile for groups (off: slower here on CPU)."""
-    mode = os.environ.get("HTNET_COMPILE", "").strip()
-    if G == 1 or not mode or mode == "0":
-        return model
-    return torch.compile(model, mode=None if mode in ("1", "default") else mode, dynamic=False)
-
-
 def train_group(members, X, y, data, config, device, progress=False):
     """Train G members on one batch stream: each epoch is one pass over the union of their training
     samples (label-sorted, or shuffled); member g's loss is the mean cross-entropy over its own samples
     in the batch, so its gradient is its own. Returns, per member, (history, epochs, choice, weights)."""
     G, device = len(members), torch.device(device)
     model, optimizer, shuffle_seed = _start(members, config, device)
-    forward = _compiled(model, G)
+    # bf16 on a GPU for grouped HTNet (matmul-bound; HTNET_BF16=0 keeps float32); STSTNet stays float32
+    # (memory-bound, and its BatchNorm statistics are sums over 230k values per channel)
+    bf16 = (G > 1 and device.type == "cuda" and config.model != "ststnet" and os.environ.get("HTNET_BF16") != "0"
+            and torch.cuda.is_bf16_supported())
+    autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
+    # HTNET_COMPILE=default|reduce-overhead|max-autotune (off: slower on CPU); eager: Dynamo only (a quick check)
+    mode = os.environ.get("HTNET_COMPILE", "").strip()
+    forward = model if G == 1 or mode in ("", "0") else torch.compile(model, backend="eager") if mode == "eager" \
+        else torch.compile(model, mode=None if mode in ("1", "default") else mode, dynamic=False)
     mask = np.zeros((len(data.labels), G), dtype=np.float32)
     for g, m in enumerate(members):
         mask[m.train, g] = 1.0
@@ -217,7 +194,7 @@ def train_group(members, X, y, data, config, device, progress=False):
         for start in range(0, len(order), config.batch_size):
             batch = order[start:start + config.batch_size]
             yb, mb = y[batch], mask[batch] * active
-            with _autocast(device, config, G):
+            with autocast():
                 logits = forward(X[batch], mb) if getattr(model, "takes_mask", False) else forward(X[batch])
             logits = logits.float().view(len(batch), G, -1)
             if G == 1:   # the reference's loss: the batch mean
@@ -238,7 +215,7 @@ def train_group(members, X, y, data, config, device, progress=False):
             bad = mean_loss[alive][~np.isfinite(mean_loss[alive])][0]
             raise TrainingDiverged(f"training loss is {bad} at epoch {epoch} (lr {config.lr} too high?)")
         model.eval()
-        with torch.no_grad(), _autocast(device, config, G):
+        with torch.no_grad(), autocast():
             predicted = torch.cat([forward(eval_x[s:s + eval_chunk]).float().view(-1, G, logits.shape[-1]).argmax(-1)
                                    for s in range(0, len(eval_union), eval_chunk)]).cpu().numpy()
         for g, m in enumerate(members):
@@ -253,8 +230,8 @@ def train_group(members, X, y, data, config, device, progress=False):
             else:
                 acc, is_paper_best = choices[g].add(epoch, predicted[eval_rows[g], g])
                 history[g].append(("main", epoch, float(mean_loss[g]), acc, np.nan))
-                if config.save_weights and (is_paper_best if weights_protocol(config) == "paper"
-                                            else epoch == config.epochs):
+                # the paper protocol's epoch (as the reference's `--train True`) when it is run, else the last
+                if config.save_weights and (is_paper_best if "paper" in config.protocols else epoch == config.epochs):
                     weights[g] = member_state(model, g)
         if not alive.any():
             break
@@ -264,14 +241,11 @@ def train_group(members, X, y, data, config, device, progress=False):
 def _fold_outcome(fold, runs, config):
     """A fold's FoldOutcome from its runs' train_group results ({"main": ..., "inner": ...})."""
     history, _, test, weights = runs["main"]
-    fold_epochs, inner = config.epochs, None
-    if "inner" in runs:
-        inner_history, inner_epochs, inner, _ = runs["inner"]
-        history, fold_epochs = inner_history + history, fold_epochs + inner_epochs
+    inner_history, inner_epochs, inner, _ = runs.get("inner", ([], 0, None, None))
     # both runs evaluate at the same epochs, so E* is always one of the main run's
     chosen = test.chosen(config.protocols, inner.epoch if inner else None)
-    return FoldOutcome(fold.subject, fold.test, chosen, inner.labels if inner else None,
-                       inner.predictions if inner else None, history, fold_epochs, weights)
+    return FoldOutcome(fold.subject, fold.test, chosen, inner, inner_history + history, config.epochs + inner_epochs,
+                       weights)
 
 
 _WORKER = {}
@@ -299,9 +273,7 @@ def _trained(groups, X, y, data, config, device, progress):
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init,
                                                      initargs=(X.cpu().numpy(), y.cpu().numpy(), data, config))
     try:
-        pending = [(group, pool.apply_async(_worker_run, (group,))) for group in groups]
-        for group, job in pending:
-            yield group, job.get()
+        yield from zip(groups, pool.imap(_worker_run, groups))
         pool.close()
     finally:
         pool.terminate()
@@ -309,7 +281,7 @@ def _trained(groups, X, y, data, config, device, progress):
 
 
 def run_folds(folds, X, y, data, config, device, progress=False, min_groups=1):
-    """Yield a FoldOutcome per fold, in fold order; `min_groups` as in resolve_fold_group_size."""
+    """A FoldOutcome per fold, in fold order; `min_groups` as in resolve_fold_group_size."""
     device = torch.device(device)
     if device.type == "cpu":
         tune_malloc()

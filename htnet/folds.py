@@ -1,5 +1,5 @@
-"""The LOSO folds and their seeds, a fold-model's seeded start, the three protocols' epoch choices and
-what a fold produced (FoldOutcome): the pieces htnet.engine trains with."""
+"""The LOSO folds and their seeds, a fold-model's seeded start, the protocols' epoch choices and what a fold
+produced (FoldOutcome): the pieces htnet.engine trains with."""
 import zlib
 from dataclasses import dataclass
 
@@ -26,12 +26,10 @@ class Fold:
 
 @dataclass
 class FoldOutcome:
-    """What one fold produced: per protocol the chosen epoch and the test predictions."""
     subject: str
     test: np.ndarray
     chosen: dict             # protocol -> (epoch, predictions)
-    val_labels: np.ndarray | None   # the inner run's validation samples at epoch E*
-    val_predictions: np.ndarray | None
+    inner: "InnerChoice | None"     # the inner run's validation curve: E*, its labels and predictions there
     history: list            # rows: run, epoch, train_loss, test_acc, val_uf1
     fold_epochs: int
     weights: dict | None = None  # state_dict of the weights protocol's epoch
@@ -42,7 +40,7 @@ def subject_seed(seed, subject, run):
 
 
 def check_fold_classes(data):
-    """UserError naming the first fold whose training set (all subjects but one) lacks a class."""
+    """UserError naming the first fold whose training set lacks a class."""
     for subject in data.subject_ids:
         present = set(data.labels[data.subjects != subject].tolist())
         missing = sorted(set(range(len(CLASS_NAMES))) - present)
@@ -113,7 +111,7 @@ class TestChoice:
         self.labels, self.by_epoch, self.best_acc, self.paper_epoch = labels, {}, -1.0, None
 
     def add(self, epoch, predictions):
-        """(test accuracy, whether this epoch becomes the paper protocol's choice)."""
+        """(test accuracy, whether this epoch is now the paper protocol's choice)."""
         self.by_epoch[epoch] = predictions
         acc = float((predictions == self.labels).mean())
         if acc >= self.best_acc:
@@ -123,9 +121,3 @@ class TestChoice:
     def chosen(self, protocols, inner_epoch=None):
         epochs = {"paper": self.paper_epoch, "final": max(self.by_epoch), "inner": inner_epoch}
         return {p: (epochs[p], self.by_epoch[epochs[p]]) for p in protocols}
-
-
-def weights_protocol(config):
-    """Whose weights `save_weights` keeps: the paper protocol's epoch (as the reference's `--train True`
-    does) when it is run, else the last epoch's."""
-    return "paper" if "paper" in config.protocols else "final"

@@ -9,12 +9,10 @@ from pathlib import Path
 
 from htnet.errors import UserError, first_line
 
-# Ids that become file names (subjects, samples): every id of the real release fits
-# ('sub01', 's01', '006', 'EP02_01f', '006_1_2'); no leading '.', no '..'.
+# Ids that become file names: every id of the real release fits ('sub01', '006', 'EP02_01f'); no leading '.', no '..'.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", re.ASCII)
 SAFE_NAME_RULE = "letters, digits, '.', '_', '-'"
-# A YAML file far too big, or built from many aliases ("billion laughs": a few lines that expand to
-# gigabytes once walked) is refused before it is built.
+# Refused before they are built: YAML far too big, or expanding through aliases ("billion laughs").
 MAX_YAML_BYTES = 4 * 1024 * 1024
 MAX_YAML_NODES = 200_000  # after alias expansion; a search space or config has a few hundred
 
@@ -30,17 +28,16 @@ def atomic_write(path, mode="w", **open_kwargs):
     except OSError as e:
         raise UserError(f"cannot write to folder {path.parent}: {e.strerror}") from None
     try:
-        try:
-            with os.fdopen(fd, mode, **open_kwargs) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -123,25 +120,18 @@ def _expanded_size(node, memo):
     """Values the node stands for with aliases expanded (each shared node sized once, counted per use)."""
     import yaml
 
-    if node is None or isinstance(node, yaml.ScalarNode):
+    if not isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
         return 1
-    if id(node) in memo:
-        return memo[id(node)]
-    memo[id(node)] = MAX_YAML_NODES + 1  # a node that contains itself expands without end
-    children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
-    size = 1
-    for child in children:
-        size += _expanded_size(child, memo)
-        if size > MAX_YAML_NODES:
-            break
-    memo[id(node)] = size
-    return size
+    if id(node) not in memo:
+        memo[id(node)] = MAX_YAML_NODES + 1  # a node that contains itself expands without end
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+        memo[id(node)] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[id(node)]
 
 
 def read_yaml(path, where=None):
     """parse_yaml of a file; a missing or unreadable file is one line too."""
-    where = where or str(path)
-    return parse_yaml(read_bytes(path, where, MAX_YAML_BYTES, "a YAML file"), where)
+    return parse_yaml(read_bytes(path, where, MAX_YAML_BYTES, "a YAML file"), where or str(path))
 
 
 def read_bytes(path, where=None, max_bytes=None, kind="this file"):

@@ -1,7 +1,5 @@
 """Leave-one-subject-out cross-validation of one configuration (LosoConfig -> LosoResult), the run every
-search trial is: per test subject a seeded model trains on all other subjects, and the `paper`, `final`
-and leak-free `inner` protocols are read off it (docs/design.md); `callback` gets pooled results as
-folds finish and may stop the run."""
+search trial is: per test subject a seeded model trains on the others; `callback` may stop it."""
 import dataclasses
 import io
 import math
@@ -20,7 +18,7 @@ from tqdm.auto import tqdm
 
 from htnet.data import CROP_MODES, CompositeData, htnet_input
 from htnet.errors import UserError, first_line
-from htnet.io import atomic_write, ensure_writable_dir, path_under, write_files
+from htnet.io import ensure_writable_dir, path_under, write_files
 from htnet.metrics import PROTOCOLS, compute_metrics, uf1_uar
 from htnet.engine import resolve_fold_group_size, run_folds
 from htnet.folds import OPTIMIZERS, make_folds
@@ -28,11 +26,10 @@ from htnet.models import create_model, model_input
 
 ENGINES = ("plain", "batched")
 REPORTS_WITH_CALLBACK = 8
-# LosoConfig's numbers: integer fields and their minimum (None allowed where marked), float fields
-INTEGERS = {"epochs": 1, "batch_size": 1, "eval_every": 1, "report_every": 1, "seed": 0,
-            "inner_val_subjects": 0, "inner_patience": 1, "fold_group_size": 1}
-OPTIONAL = ("inner_patience", "fold_group_size")
-BOOLEANS = ("shuffle", "standardize", "save_weights")
+# validate's rules besides the annotated types: numbers are positive but these; names are one of their choices
+NON_NEGATIVE = ("seed", "inner_val_subjects", "weight_decay")
+CHOICES = {"optimizer": OPTIMIZERS, "engine": ENGINES, "crop_mode": CROP_MODES}
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")   # YAML 1.1 reads 1e-4 (no dot) as text
 
 
 @dataclass
@@ -55,9 +52,8 @@ class LosoConfig:
     crop_mode: str = "reference"
     standardize: bool = False
     engine: str = "batched"  # "plain": groups of one fold-model, the reference recipe
-    # batched: fold-models per group; None = what memory and the device allow (at least
-    # REPORTS_WITH_CALLBACK groups when a pruner listens). The run records the value it used: the
-    # grouping shapes the batches and dropout stream, so a rerun needs the same one.
+    # batched: fold-models per group; None = what memory and the device allow (REPORTS_WITH_CALLBACK groups at
+    # least when a pruner listens). A run records the value it used: it shapes the batches and dropout stream.
     fold_group_size: int | None = None
     save_weights: bool = False
     report_every: int = 1
@@ -75,50 +71,39 @@ class LosoConfig:
         return config
 
     def to_dict(self):
-        values = dataclasses.asdict(self)
-        values["protocols"] = list(self.protocols)
-        return values
+        return {**dataclasses.asdict(self), "protocols": list(self.protocols)}
 
     def validate(self):
-        """Types and ranges of every field, one UserError line for the first bad one; numbers are
-        normalised to int/float/bool (numpy scalars from a search included). Integers must be
-        integers (1.0 and True are not), floats finite."""
+        """Each field's type (its annotation) and range, one UserError line for the first bad one; numbers are
+        normalised to int/float/bool (numpy scalars from a search too; 1.0 and True are not integers)."""
         protocols = self.protocols.split(",") if isinstance(self.protocols, str) else self.protocols
         if not isinstance(protocols, (list, tuple)):
             raise UserError(f"protocols must be a list of names, got {protocols!r}")
-        if not protocols or any(not isinstance(p, str) or p not in PROTOCOLS for p in protocols):
-            bad = next((p for p in protocols if not isinstance(p, str) or p not in PROTOCOLS), "(none)")
-            raise UserError(f"unknown protocol {bad!r} (known: {', '.join(PROTOCOLS)})")
         self.protocols = tuple(protocols)
-        for name, minimum in INTEGERS.items():
-            value = getattr(self, name)
-            if value is None and name in OPTIONAL:
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise UserError(f"{name} must be an integer, got {value!r}")
-            if name == "inner_val_subjects" and "inner" in self.protocols:
-                minimum = 1
-            if value < minimum:
-                raise UserError(f"{name} must be a {'positive' if minimum else 'non-negative'} integer, got {value!r}")
-            setattr(self, name, int(value))
-        for name, positive in (("lr", True), ("weight_decay", False)):
-            value = getattr(self, name)
-            if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
-                value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as text
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-                    or value < 0 or (positive and value == 0):
-                raise UserError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, "
-                                f"got {value!r}")
-            setattr(self, name, float(value))
-        for name in BOOLEANS:
-            value = getattr(self, name)
-            if not isinstance(value, (bool, np.bool_)):
-                raise UserError(f"{name} must be true or false, got {value!r}")
-            setattr(self, name, bool(value))
-        for name, known in (("optimizer", OPTIMIZERS), ("engine", ENGINES), ("crop_mode", CROP_MODES)):
-            value = getattr(self, name)
+        names = [("protocol", p, PROTOCOLS) for p in protocols or ["(none)"]]
+        for name, value, known in names + [(n, getattr(self, n), known) for n, known in CHOICES.items()]:
             if not isinstance(value, str) or value not in known:
                 raise UserError(f"unknown {name} {value!r} (known: {', '.join(known)})")
+        for f in dataclasses.fields(self):
+            name, value = f.name, getattr(self, f.name)
+            positive = name not in NON_NEGATIVE or (name == "inner_val_subjects" and "inner" in self.protocols)
+            sign = "positive" if positive else "non-negative"
+            if f.type is bool:
+                if not isinstance(value, (bool, np.bool_)):
+                    raise UserError(f"{name} must be true or false, got {value!r}")
+                setattr(self, name, bool(value))
+            elif f.type is float:
+                value = float(value) if isinstance(value, str) and NUMBER.fullmatch(value.strip()) else value
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                        or not (value > 0 if positive else value >= 0):
+                    raise UserError(f"{name} must be a {sign} finite number, got {value!r}")
+                setattr(self, name, float(value))
+            elif f.type in (int, int | None) and (value is not None or f.type is int):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise UserError(f"{name} must be an integer, got {value!r}")
+                if value < (1 if positive else 0):
+                    raise UserError(f"{name} must be a {sign} integer, got {value!r}")
+                setattr(self, name, int(value))
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda, cuda:N)")
         subjects = self.subjects
@@ -126,15 +111,19 @@ class LosoConfig:
                 or (isinstance(subjects, (list, tuple)) and not all(isinstance(s, (str, int)) for s in subjects)):
             raise UserError(f"subjects must be a count or a list of subject ids, got {subjects!r}")
         if isinstance(subjects, numbers.Integral):
-            if subjects < 2:
-                raise UserError(f"subjects must be at least 2 for LOSO, got {subjects}")
-            self.subjects = int(subjects)
+            self.subjects = _subject_count(subjects)
         if not isinstance(self.model_config, dict):
             raise UserError(f"model_config must be a mapping, got {self.model_config!r}")
-        bad = next((k for k in self.model_config if not isinstance(k, str)), None)
-        if bad is not None:
-            raise UserError(f"model {self.model} has no argument {bad!r}")
+        for key in self.model_config:
+            if not isinstance(key, str):
+                raise UserError(f"model {self.model} has no argument {key!r}")
         create_model(self.model, **self.model_config)  # raises UserError on an impossible config
+
+
+def _subject_count(count):
+    if count < 2:
+        raise UserError(f"subjects must be at least 2 for LOSO, got {count}")
+    return int(count)
 
 
 @dataclass
@@ -169,8 +158,7 @@ def resolve_device(name):
 
 
 def parse_subjects(text):
-    """Command-line subjects: a count ('12') or comma-separated ids ('sub01,s03', '006').
-    Zero-padded digits are ids: SAMM's subjects are '006' ... '037'."""
+    """Command-line subjects: a count ('12') or comma-separated ids ('sub01,s03'; zero-padded digits: SAMM's '006')."""
     if text is None:
         return None
     text = str(text).strip()
@@ -184,9 +172,7 @@ def select_subjects(data, subjects):
     if subjects is None:
         return data
     if isinstance(subjects, int):
-        if subjects < 2:
-            raise UserError(f"subjects must be at least 2 for LOSO, got {subjects}")
-        return data.restrict(data.pick_subjects(subjects))
+        return data.restrict(data.pick_subjects(_subject_count(subjects)))
     return data.restrict([str(s) for s in subjects])
 
 
@@ -197,9 +183,17 @@ def model_inputs(data, config):
     return data.images
 
 
+def _prepared(config, data):
+    """(config validated, data of its subjects, device, model input tensor on it): a run's start."""
+    config = config if isinstance(config, LosoConfig) else LosoConfig.from_dict(config)
+    data = select_subjects(data, config.subjects)
+    device = resolve_device(config.device)
+    return config, data, device, torch.tensor(np.ascontiguousarray(model_inputs(data, config)), device=device)
+
+
 def lone_subjects_warning(data):
-    """One line naming the subjects with a single sample (valid folds, the real release has 8, but the
-    paper protocol's best-test-epoch choice is then right whenever any epoch is), or None."""
+    """One line naming the subjects with a single sample (valid folds, but the paper protocol's best-test-epoch
+    choice is then right whenever any epoch is; the real release has 8), or None."""
     counts = pd.Series(data.subjects).value_counts()
     lone = [s for s in data.subject_ids if counts[s] == 1]
     if not lone:
@@ -218,23 +212,20 @@ def _prediction_rows(subject, test, chosen, data):
 def _pooled_metrics(prediction_rows, outcomes):
     predictions = pd.concat(prediction_rows, ignore_index=True)
     metrics = compute_metrics(predictions)
-    with_val = [o for o in outcomes if o.val_predictions is not None]
-    if with_val:
+    inner = [o.inner for o in outcomes if o.inner is not None]
+    if inner:
         metrics["inner_val_uf1"], metrics["inner_val_uar"] = uf1_uar(
-            np.concatenate([o.val_labels for o in with_val]), np.concatenate([o.val_predictions for o in with_val]))
+            np.concatenate([i.labels for i in inner]), np.concatenate([i.predictions for i in inner]))
     return predictions, metrics
 
 
 def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=True):
-    """Every fold of `data` (its `subjects`); after every `report_every` folds `callback(report)` gets the
-    pooled metrics, step, folds_total, fold_epochs, train_loss and `folds` (each new fold's own metrics,
-    numbered in LOSO order, for pruners that pair folds across trials); True stops the run."""
-    config = config if isinstance(config, LosoConfig) else LosoConfig.from_dict(config)
-    data = select_subjects(data, config.subjects)
-    out_dir = ensure_writable_dir(out_dir) if out_dir is not None else None
-    device = resolve_device(config.device)
+    """Every fold of `data`'s `subjects`; every `report_every` folds `callback(report)` gets the pooled metrics,
+    step, folds_total, fold_epochs, train_loss and `folds` (each new fold's own metrics, numbered in LOSO
+    order, for pruners that pair folds across trials); True stops the run."""
     started = time.perf_counter()
-    X = torch.tensor(np.ascontiguousarray(model_inputs(data, config)), device=device)
+    config, data, device, X = _prepared(config, data)
+    out_dir = ensure_writable_dir(out_dir) if out_dir is not None else None
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":  # the grouping shapes the batch stream: the result records it
@@ -249,12 +240,10 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
             if out_dir is not None and outcome.weights is not None:
                 buffer = io.BytesIO()   # serialised first: torch.save makes a full disk an opaque RuntimeError
                 torch.save(outcome.weights, buffer)
-                with atomic_write(path_under(out_dir, "weights", f"{outcome.subject}.pth"), "wb") as f:
-                    f.write(buffer.getbuffer())
+                write_files({path_under(out_dir, "weights", f"{outcome.subject}.pth"): buffer.getvalue()})
             bar.update(1)
             predictions, metrics = _pooled_metrics(prediction_rows, outcomes)
-            bar.set_postfix_str(", ".join(f"{p} UF1 {uf1_uar(part.label, part.prediction)[0]:.3f}"
-                                          for p, part in predictions.groupby("protocol", sort=False)))
+            bar.set_postfix_str(", ".join(f"{p} UF1 {metrics[f'{p}_full_uf1']:.3f}" for p in config.protocols))
             if callback is None:
                 continue
             new_folds.append({"fold": len(outcomes), "subject": outcome.subject, **_pooled_metrics(rows, [outcome])[1]})
@@ -269,7 +258,6 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
                 if callback(report) and len(outcomes) < len(folds):
                     stopped = True
                     break
-    predictions, metrics = _pooled_metrics(prediction_rows, outcomes)
     fold_epochs, wall = sum(o.fold_epochs for o in outcomes), time.perf_counter() - started
     metrics.update(fold_epochs=fold_epochs, wall_time_s=wall)
     history = pd.DataFrame([(o.subject, *row) for o in outcomes for row in o.history],
@@ -282,11 +270,9 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
 
 
 def load_weights(path, device="cpu"):
-    """A state_dict saved by torch.save, read with weights_only=True (no code runs); one UserError
-    line for a file that is not one, holds something else, or has non-finite values."""
+    """A state_dict read with weights_only=True (no code runs); one UserError line for a file that is not one."""
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols: one line is ours
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # torch warns about pickle protocols: one line is ours
             state = torch.load(path, map_location=device, weights_only=True)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
@@ -306,8 +292,7 @@ def load_weights(path, device="cpu"):
 def evaluate_weights(weights_dir, data, config):
     """Test every subject of `data` with `<weights_dir>/<subject>.pth` (the reference's
     `ourmodel_threedatasets_weights/` layout); protocol 'weights'. Returns (predictions, metrics)."""
-    config = config if isinstance(config, LosoConfig) else LosoConfig.from_dict(config)
-    data = select_subjects(data, config.subjects)
+    config, data, device, X = _prepared(config, data)
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
         raise UserError(f"weights folder not found: {weights_dir}")
@@ -315,8 +300,6 @@ def evaluate_weights(weights_dir, data, config):
     missing = [s for s, path in paths.items() if not path.is_file()]
     if missing:
         raise UserError(f"weights folder {weights_dir} has no {missing[0]}.pth for subject {missing[0]!r}")
-    device = resolve_device(config.device)
-    X = torch.tensor(np.ascontiguousarray(model_inputs(data, config)), device=device)
     model = create_model(config.model, **config.model_config).to(device).eval()
     rows = []
     for subject, path in paths.items():

@@ -39,12 +39,9 @@ def breakdown(predictions):
 def compute_metrics(predictions):
     """Flat `{protocol}_{dataset}_{uf1|uar}` metrics from a long predictions table
     (columns sample, subject, dataset, label, protocol, prediction)."""
-    metrics = {}
-    for protocol, part in predictions.groupby("protocol", sort=False):
-        for dataset, (uf1, uar) in breakdown(part).items():
-            metrics[f"{protocol}_{dataset}_uf1"] = uf1
-            metrics[f"{protocol}_{dataset}_uar"] = uar
-    return metrics
+    return {f"{protocol}_{dataset}_{name}": value
+            for protocol, part in predictions.groupby("protocol", sort=False)
+            for dataset, scores in breakdown(part).items() for name, value in zip(("uf1", "uar"), scores)}
 
 
 def per_subject_accuracy(predictions):
@@ -57,9 +54,7 @@ def per_subject_accuracy(predictions):
 def summary_table(metrics, protocols=PROTOCOLS):
     """Rows = protocols, columns = Full/SMIC/CASME II/SAMM x UF1/UAR."""
     columns = [("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), ("samm", "SAMM")]
-    rows = {}
-    for protocol in protocols:
-        if f"{protocol}_full_uf1" in metrics:
-            rows[protocol] = {f"{name} {m.upper()}": metrics.get(f"{protocol}_{key}_{m}", np.nan)
-                              for key, name in columns for m in ("uf1", "uar")}
+    rows = {protocol: {f"{name} {m.upper()}": metrics.get(f"{protocol}_{key}_{m}", np.nan)
+                       for key, name in columns for m in ("uf1", "uar")}
+            for protocol in protocols if f"{protocol}_full_uf1" in metrics}
     return pd.DataFrame.from_dict(rows, orient="index")

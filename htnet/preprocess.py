@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 
 from htnet.data.flow import SIZE, flow_image, optical_strain
-from htnet.data.release import LANDMARK_COLUMNS, check_rows, read_csv, unsafe_names, write_release
+from htnet.data.release import LANDMARK_COLUMNS, check_rows, duplicates, read_csv, unsafe_names, write_release
 from htnet.errors import UserError, first_line
 from htnet.io import ensure_writable_dir
 
 REQUIRED_COLUMNS = ["dataset", "subject", "sample", "label", "onset"]
 FACE_COLUMNS = ["face_x", "face_y", "face_w", "face_h"]
+OPTIONAL_COLUMNS = ["source", "apex", "offset", *FACE_COLUMNS]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp"}
 LABELS = {"negative": 0, "positive": 1, "surprise": 2, "0": 0, "1": 1, "2": 2}
 INDEX = r"[+-]?\d+"  # a frame given as a 0-based index, else as a path
@@ -52,10 +53,8 @@ def _tvl1_values(params):
 
 def tvl1_flow(onset_gray, apex_gray, **params):
     """TV-L1 flow onset -> apex as float32 (u, v) pixels: u > 0 moved right, v > 0 moved down."""
-    values = _tvl1_values(params)
-    if onset_gray.shape != apex_gray.shape:
-        raise SampleError(f"onset {onset_gray.shape} and apex {apex_gray.shape} differ in size")
-    flow = cv2.optflow.DualTVL1OpticalFlow_create(*values).calc(_to_gray(onset_gray), _to_gray(apex_gray), None)
+    flow = cv2.optflow.DualTVL1OpticalFlow_create(*_tvl1_values(params)).calc(
+        _to_gray(onset_gray), _to_gray(apex_gray), None)
     return flow[..., 0].astype(np.float32), flow[..., 1].astype(np.float32)
 
 
@@ -135,29 +134,30 @@ def _crop(img, box, what):
 
 
 def preprocess_sample(row, frames_root, face_size=224, landmarks=None, tvl1=None):
-    """One INDEX.csv row (dict of stripped strings) -> (28x28x3 uint8 image, info); SampleError if broken.
-
-    info: onset, apex (frame indices), apex_source (index|middle), landmarks (10 floats in 28x28
-    pixels, from `landmarks` in apex-face pixels, or None)."""
+    """One read_index row -> (28x28x3 uint8 image, info); SampleError if broken. info: onset, apex (frame
+    indices), apex_source (index|middle), landmarks (10 floats in 28x28 pixels from `landmarks` in
+    apex-face pixels, or None)."""
     frames_root = Path(frames_root)
-    source = frames_root / row["source"] if row.get("source") else None
+    source = frames_root / row["source"] if row["source"] else None
     onset, onset_idx = _frame(row["onset"], frames_root, source, "onset")
-    if row.get("apex"):
+    if row["apex"]:
         (apex, apex_idx), apex_source = _frame(row["apex"], frames_root, source, "apex"), "index"
     else:  # the middle frame, as for SMIC
         if onset_idx < 0:
             raise SampleError("no apex given and the onset's index in its folder is unknown")
         seq = source if source is not None else (frames_root / row["onset"]).parent
-        offset = row.get("offset", "")
+        offset = row["offset"]
         if re.fullmatch(INDEX, offset):
             offset_idx = int(offset)
+        elif offset:
+            offset_idx = _frame(offset, frames_root, source, "offset")[1]
         else:
-            offset_idx = _frame(offset, frames_root, source, "offset")[1] if offset else _at(seq, None, "offset") - 1
+            offset_idx = _at(seq, None, "offset") - 1
         if offset_idx < onset_idx:
             raise SampleError(f"offset {offset_idx} is before onset {onset_idx}")
         apex_idx, apex_source = (onset_idx + offset_idx) // 2, "middle"
         apex = _at(seq, apex_idx, "apex")
-    box = tuple(round(float(row[k])) for k in FACE_COLUMNS) if any(row.get(k) for k in FACE_COLUMNS) else None
+    box = tuple(round(float(row[k])) for k in FACE_COLUMNS) if any(row[k] for k in FACE_COLUMNS) else None
     onset, apex = _crop(onset, box, "onset"), _crop(apex, box, "apex")
     if onset.shape != apex.shape:
         raise SampleError(f"onset ({onset.shape[1]}x{onset.shape[0]}) and apex "
@@ -188,29 +188,17 @@ def _worker(job):
         return i, None, f"{type(e).__name__}: {first_line(e)}"
 
 
-def _read_table(path, required):
-    """A CSV as stripped strings, with the `required` columns."""
-    table = read_csv(path)
-    table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise UserError(f"{path}: missing column {missing[0]!r} (required: {', '.join(required)})")
-    return table.apply(lambda column: column.str.strip())
-
-
 def read_index(index_csv):
-    """INDEX.csv as strings (label as int); a UserError names the file, row and column of a problem."""
-    df = _read_table(index_csv, REQUIRED_COLUMNS)
-    face = [c for c in FACE_COLUMNS if c in df.columns]
-    if face and face != FACE_COLUMNS:
-        missing = next(c for c in FACE_COLUMNS if c not in face)
-        raise UserError(f"{index_csv}: missing column {missing!r} (face box needs all of {', '.join(FACE_COLUMNS)})")
+    """INDEX.csv as stripped strings, every optional column, label as int, id '<subject>_<sample>'; a
+    UserError names the file, row and column of a problem."""
+    df = read_csv(index_csv, REQUIRED_COLUMNS, strip=True)
+    face = [c for c in FACE_COLUMNS if c not in df]
+    if 0 < len(face) < len(FACE_COLUMNS):
+        raise UserError(f"{index_csv}: missing column {face[0]!r} (face box needs all of {', '.join(FACE_COLUMNS)})")
     if df.empty:
         raise UserError(f"{index_csv}: no samples")
-    df = df.reindex(columns=[*df.columns, *(c for c in ["source", "apex", "offset", *FACE_COLUMNS] if c not in df)],
-                    fill_value="")
+    df = df.assign(**{c: "" for c in OPTIONAL_COLUMNS if c not in df}, id=df["subject"] + "_" + df["sample"])
     labels = df["label"].str.lower().map(LABELS)
-    ids = df["subject"] + "_" + df["sample"]
     has_box = df[FACE_COLUMNS].ne("").any(axis=1)
     checks = [(df[c] == "", lambda r, c=c: f"empty {c!r}") for c in ("dataset", "subject", "sample", "onset")]
     checks += [unsafe_names(df, c, f"column {c!r} value") for c in ("subject", "sample")]
@@ -226,16 +214,15 @@ def read_index(index_csv):
         checks.append((has_box & number.isna(), lambda r, c=c: f"column {c!r} value {r[c]!r} is not a number"))
         if c in ("face_w", "face_h"):
             checks.append((has_box & (number <= 0), lambda r, c=c: f"column {c!r} value {r[c]!r} must be > 0"))
-    first_rows = {sample: row + 2 for row, sample in ids.drop_duplicates().items()}
-    checks.append((ids.duplicated(), lambda r: f"sample {ids[r.name]!r} repeats row {first_rows[ids[r.name]]}"))
+    checks.append(duplicates(df["id"], "sample"))
     check_rows(index_csv, df, checks)
     return df.assign(label=labels.astype(int))
 
 
 def read_landmarks(path, index):
     """User landmarks (apex-face pixels) -> {sample id: 10 floats}; undetected or empty rows are skipped."""
-    df = _read_table(path, ["sample", *LANDMARK_COLUMNS])
-    ids = index["subject"] + "_" + index["sample"]
+    df = read_csv(path, ["sample", *LANDMARK_COLUMNS], strip=True)
+    ids = index["id"]
     unique = index["sample"].map(index["sample"].value_counts()) == 1
     found = df["sample"].map({**dict(zip(index["sample"][unique], ids[unique])), **dict(zip(ids, ids))})
     numbers = df[LANDMARK_COLUMNS].apply(pd.to_numeric, errors="coerce").astype(float)
@@ -249,10 +236,8 @@ def read_landmarks(path, index):
 
 def preprocess(index_csv, frames_root, out_dir, workers=None, face_size=224, landmarks=None, progress=True,
                **tvl1):
-    """Every sample of `index_csv` -> the release layout under `out_dir`; the summary dict.
-
-    Summary: total, ok, failed [(sample id, reason)] in index order, out. Broken samples are printed
-    on stderr as they happen; only the samples that succeeded are written (nothing if none did)."""
+    """Every sample of `index_csv` -> the release layout under `out_dir`, only those that succeeded (nothing
+    if none did); broken ones printed on stderr as they happen. Returns total, ok, failed [(id, reason)], out."""
     from tqdm import tqdm
 
     frames_root, out_dir = Path(frames_root), Path(out_dir)
@@ -264,21 +249,20 @@ def preprocess(index_csv, frames_root, out_dir, workers=None, face_size=224, lan
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     index = read_index(index_csv)
-    ids = (index["subject"] + "_" + index["sample"]).tolist()
+    ids = index["id"].tolist()
     user_landmarks = read_landmarks(landmarks, index) if landmarks else {}
     ensure_writable_dir(out_dir)
     jobs = [(i, (row, str(frames_root), face_size, user_landmarks.get(ids[i]), tvl1))
             for i, row in enumerate(index.to_dict("records"))]
     results, failed = {}, {}
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=len(jobs), desc="preprocess", unit="sample", disable=not progress,
-                                       file=sys.stderr))
-        outcomes = map(_worker, jobs)
-        if workers > 1:  # spawn, not fork: a forked child can deadlock in OpenCV's thread pool
-            pool = stack.enter_context(ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                                           initializer=cv2.setNumThreads, initargs=(1,)))
-            outcomes = (future.result() for future in as_completed([pool.submit(_worker, job) for job in jobs]))
+    pool = contextlib.nullcontext()
+    if workers > 1:  # spawn, not fork: a forked child can deadlock in OpenCV's thread pool
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=cv2.setNumThreads,
+                                   initargs=(1,))
+    with pool, tqdm(total=len(jobs), desc="preprocess", unit="sample", disable=not progress, file=sys.stderr) as bar:
+        outcomes = map(_worker, jobs) if workers == 1 else (
+            future.result() for future in as_completed([pool.submit(_worker, job) for job in jobs]))
         for i, result, error in outcomes:
             if error is None:
                 results[i] = result
@@ -289,10 +273,9 @@ def preprocess(index_csv, frames_root, out_dir, workers=None, face_size=224, lan
     if results:
         done = sorted(results)
         info = pd.DataFrame([results[i][1] for i in done])
-        table = index.iloc[done].reset_index(drop=True)[["dataset", "subject", "sample", "label"]]
-        table = pd.concat([table.rename(columns={"subject": "sub", "sample": "filename_o"}),
+        table = index.iloc[done].reset_index(drop=True)[["dataset", "subject", "sample", "label", "id"]]
+        table = pd.concat([table.rename(columns={"subject": "sub", "sample": "filename_o", "id": "sub_filename"}),
                            info[["apex", "onset", "apex_source"]]], axis=1)
-        table["sub_filename"] = table["sub"] + "_" + table["filename_o"]
         points = pd.DataFrame([p or [np.nan] * 10 for p in info["landmarks"]], columns=LANDMARK_COLUMNS).round(6)
         points.insert(0, "sample", table["sub_filename"])
         points.insert(1, "detected", info["landmarks"].notna().astype(int))

@@ -3,7 +3,7 @@
 import math
 from dataclasses import dataclass, field
 
-from htnet.errors import TrainingDiverged, UserError
+from htnet.errors import TrainingDiverged, UserError, first_line
 
 
 def finite(value):
@@ -16,17 +16,15 @@ def fold_objectives(progress, metric):
 
 
 def pairs_folds(pruner):
-    """True for a pruner that compares trials fold by fold: Wilcoxon (the folds are the same subjects in
-    every trial), tested pairwise against the best trial."""
+    """True for Wilcoxon, which tests a trial fold by fold (the same subjects) against the best trial."""
     import optuna
 
     return isinstance(pruner, optuna.pruners.WilcoxonPruner)
 
 
 def report(trial, pruner, step, value, folds=(), last=False, reported=()):
-    """Give one LOSO report to the Optuna trial; True where its pruner stops the trial (never at the last
-    report: the run is done). The pooled objective goes at step = folds done, or, for a pruner that pairs
-    folds, each new fold's own objective at step = its fold number. Steps in `reported` are not reported again."""
+    """One LOSO report to the trial: the pooled objective at step = folds done, or for a pruner that pairs folds
+    each new fold's own at step = its fold number (not the steps in `reported`); True where it prunes, never last."""
     pairs = [(int(f), float(v)) for f, v in folds] if pairs_folds(pruner) else [(int(step), float(value))]
     for at, reported_value in pairs:
         if at not in reported:
@@ -53,9 +51,8 @@ STATUS = {"PRUNED": "pruned", "FAIL": "failed", "COMPLETE": "finished"}
 
 
 def trial_config(space, config, overrides=None):
-    """The LosoConfig of a trial's sampled `config`. Whatever rejects the combination (LosoConfig, a `when`,
-    the model's constructor, with a UserError or a TypeError or ValueError) raises one UserError: the trial
-    fails once, it is not retried (building a config is deterministic)."""
+    """The LosoConfig of a trial's sampled `config`; whatever rejects it raises one UserError, so the trial fails
+    once and is not retried (building a config is deterministic)."""
     from htnet.loso import LosoConfig
 
     try:
@@ -63,9 +60,7 @@ def trial_config(space, config, overrides=None):
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
-        text = str(e).strip()
-        raise UserError(f"invalid configuration: {type(e).__name__}: "
-                        f"{text.splitlines()[0] if text else 'no message'}") from None
+        raise UserError(f"invalid configuration: {type(e).__name__}: {first_line(e)}") from None
 
 
 @dataclass

@@ -1,16 +1,13 @@
 """python -m search: the one command line of the search and its reports.
 
-  run [SPACE]          start a search (default space: search/spaces/demo.yaml, synthetic data)
-  run --resume NAME, resume NAME
-                       go on with a search whose driver stopped (killed, Ctrl+C, lost head node)
+  run [SPACE]          start a search (default: search/spaces/demo.yaml on synthetic data)
+  resume NAME          go on with a search whose driver stopped (killed, Ctrl+C, lost head node)
   status [NAME]        list the searches, or one search's trials
-  leaderboard [SEARCH ...]
-                       every trial of the searches (all when none named), ranked by the objective
-  rerun --best SEARCH | --run-id RUN | --preset htnet-paper|ststnet | --config FILE
-                       rerun a configuration with K seeds (default 5) in parallel on Ray
-  paper-table          published rows beside our reruns, paper protocol and leak-free, and nested LOSO
+  leaderboard          every trial of the searches, ranked by the objective
+  rerun                a configuration (--best SEARCH, --run-id, --preset, --config) with K seeds
+  paper-table          published rows beside our reruns, paper protocol and leak-free, nested LOSO
   compare RUN_A RUN_B  paired per-subject comparison: bootstrap interval and p-value
-  nested SPACE         nested LOSO: the whole search inside every outer fold (unbiased "search + model")
+  nested SPACE         nested LOSO: the whole search inside every outer fold (unbiased)
   plots SEARCH         Optuna's plots and the best trial's per-subject accuracy, on the parent run
 
 Exit codes: 0 done, 1 the search did not finish (resume it; also when MLflow went away mid-search:
@@ -32,14 +29,21 @@ OBJECTIVE_HELP = ("inner: the leak-free validation UF1 of the inner protocol (de
 SAMPLERS = ["tpe", "random", "grid"]
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def at_least(minimum, kind=int, above=False):
+    """An argparse type: a number of `kind` >= `minimum` (> with `above`)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
+                                             f"{'>' if above else '>='} {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = at_least(1)
 
 
 def comma_list(text):
@@ -53,13 +57,11 @@ def add_store(p):
 
 
 def add_ray(p, per=None):
-    p.add_argument("--address", help="'auto' joins the running Ray cluster (ray up / ray start); "
-                                     "default: start a local Ray")
+    p.add_argument("--address", help="'auto' joins the running Ray cluster (default: start a local Ray)")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
     if per:
-        p.add_argument(f"--cpus-per-{per}", type=float, default=1.0, help=f"CPUs per {per} (default 1)")
-        p.add_argument(f"--gpus-per-{per}", type=float, default=0.0,
-                       help=f"GPUs per {per}, fractions allowed (default 0)")
+        p.add_argument(f"--cpus-per-{per}", type=at_least(0, float, above=True), default=1.0, help="default 1")
+        p.add_argument(f"--gpus-per-{per}", type=at_least(0, float), default=0.0, help="fractions allowed; default 0")
 
 
 def add_storage(p, what="the search records, Ray results, the Optuna study and synthetic data"):
@@ -72,17 +74,16 @@ def add_sets(p, verb="hold a LOSO config key fixed"):
 
 
 def add_search_choices(p):
-    p.add_argument("--num-samples", type=int, help="trials (default: the space file's)")
+    p.add_argument("--num-samples", type=positive_int, help="trials (default: the space file's)")
     p.add_argument("--objective", choices=["inner", "paper"], help=OBJECTIVE_HELP)
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler")
     p.add_argument("--seed", type=int, help="sampler seed")
-    p.add_argument("--pruner", choices=PRUNERS,
-                   help="Optuna pruner (its arguments come from the space file when the type matches)")
+    p.add_argument("--pruner", choices=PRUNERS, help="Optuna pruner (arguments from the space file if it matches)")
 
 
 def build_parser():
-    parser = ArgumentParser(prog="python -m search", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(prog="python -m search", description=__doc__, formatter_class=fmt)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("run", help="start (or with --resume, resume) a search")
@@ -93,11 +94,13 @@ def build_parser():
     p.add_argument("--subjects", help="limit every trial to these subjects: a count taken across "
                                       "datasets, or comma-separated ids (default: all)")
     add_search_choices(p)
-    p.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials",
+    p.add_argument("--max-concurrent", type=positive_int, dest="max_concurrent_trials",
                    help="trials at once (default: the space file's)")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space file's)")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed: 0.25 packs four on a GPU")
-    p.add_argument("--max-failures", type=int, help="retries of a trial whose worker died")
+    p.add_argument("--cpus-per-trial", type=at_least(0, float, above=True),
+                   help="CPUs per trial (default: the space file's)")
+    p.add_argument("--gpus-per-trial", type=at_least(0, float),
+                   help="GPUs per trial, fractions allowed: 0.25 packs four on a GPU")
+    p.add_argument("--max-failures", type=at_least(0), help="retries of a trial whose worker died")
     add_sets(p)
     p.add_argument("--save-weights", action="store_true", help="log per-subject weights of every finished trial")
     p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=1,

@@ -1,9 +1,5 @@
-"""The Ray side of the bridge: Optuna's pruner decides which Ray Tune trials stop (protocol: search.bridge).
-
-Ray's OptunaSearch makes its study with NopPruner and never asks a pruner: PruningOptunaSearch gives the study
-the space's pruner, OptunaPruningScheduler hands it every result first and stops the trial it prunes, and
-on_trial_complete tells Optuna PRUNED, FAIL or COMPLETE.
-"""
+"""The Ray side of the bridge (protocol: search.bridge): the space's Optuna pruner decides which Ray Tune trials
+stop, and Optuna is told PRUNED, FAIL or COMPLETE (Ray's OptunaSearch uses NopPruner and never asks)."""
 import logging
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -12,11 +8,6 @@ from ray.tune.search.optuna import OptunaSearch
 from search.bridge import finite, report, tell
 
 logger = logging.getLogger(__name__)
-
-STEP_KEY = "step"
-FINAL_KEY = "final"
-STATUS_KEY = "htnet_status"
-FOLDS_KEY = "fold_objectives"  # [[fold number, its own objective], ...], for pruners that pair folds
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -32,10 +23,6 @@ class PruningOptunaSearch(OptunaSearch):
         super()._setup_study(mode)
         self._ot_study.pruner = self._pruner  # should_prune() asks study.pruner
 
-    @property
-    def study(self):
-        return self._ot_study
-
     def optuna_trial_number(self, trial_id):
         trial = self._ot_trials.get(trial_id)
         return None if trial is None else trial.number
@@ -50,12 +37,13 @@ class PruningOptunaSearch(OptunaSearch):
         """Every result, from OptunaPruningScheduler: report it once (a restarted trial repeats its steps) and
         let the pruner decide; a final result (a replayed one too) is reported, never pruned."""
         ot_trial = self._ot_trials.get(trial_id)
-        value, step = result.get(self.metric), result.get(STEP_KEY)
+        value, step = result.get(self.metric), result.get("step")
         if ot_trial is None or trial_id in self._completed_trials or not finite(value) or step is None:
             return False  # a failed trial reports no objective
         frozen = self._frozen(ot_trial)
-        if frozen.state.is_finished() or not report(ot_trial, self._pruner, step, value, result.get(FOLDS_KEY) or [],
-                                                    bool(result.get(FINAL_KEY)), frozen.intermediate_values):
+        folds = result.get("fold_objectives") or []
+        if frozen.state.is_finished() or not report(ot_trial, self._pruner, step, value, folds,
+                                                    bool(result.get("final")), frozen.intermediate_values):
             return False
         self._pruned.add(trial_id)
         ot_trial.set_user_attr("pruned_at_step", int(step))
@@ -74,8 +62,8 @@ class PruningOptunaSearch(OptunaSearch):
         if self._frozen(ot_trial).state.is_finished():  # told before the driver was killed
             return
         result = result or {}
-        failed = error or not result or result.get(STATUS_KEY) == "failed"
-        if result.get(STATUS_KEY) == "failed" and result.get("htnet_error"):
+        failed = error or not result or result.get("htnet_status") == "failed"
+        if result.get("htnet_status") == "failed" and result.get("htnet_error"):
             ot_trial.set_user_attr("error", str(result["htnet_error"])[:500])
         tell(self._ot_study, ot_trial, result.get(self.metric), pruned=trial_id in self._pruned, failed=failed)
 
@@ -86,14 +74,11 @@ class PruningOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(key, value)
 
     def restore(self, checkpoint_path):
-        super().restore(checkpoint_path)
-        self.fail_orphans()
-
-    def fail_orphans(self):
-        """Optuna trials left RUNNING by a killed driver that no restored Ray trial owns: told FAIL, and
+        """Also: Optuna trials left RUNNING by a killed driver that no restored Ray trial owns are told FAIL, and
         their configuration asked again, so the driver's death loses no sample."""
         from optuna.trial import TrialState
 
+        super().restore(checkpoint_path)
         owned = {t.number for t in self._ot_trials.values()}
         for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if frozen.number not in owned:
@@ -101,9 +86,6 @@ class PruningOptunaSearch(OptunaSearch):
                 self._ot_study.enqueue_trial(frozen.params, user_attrs={"requeued_from": frozen.number})
                 logger.warning("Optuna trial %d had no Ray trial after resume: told FAIL, its "
                                "parameters queued again", frozen.number)
-
-    def __getstate__(self):
-        return self.__dict__.copy()
 
 
 class OptunaPruningScheduler(FIFOScheduler):
@@ -114,9 +96,8 @@ class OptunaPruningScheduler(FIFOScheduler):
         self.searcher = searcher
 
     def on_trial_result(self, tune_controller, trial, result):
-        if self.searcher.report_and_should_prune(trial.trial_id, result):
-            return TrialScheduler.STOP
-        return TrialScheduler.CONTINUE
+        stop = self.searcher.report_and_should_prune(trial.trial_id, result)
+        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def debug_string(self):
         return f"Using Optuna pruning ({type(self.searcher._pruner).__name__})."

@@ -1,11 +1,11 @@
 """The Ray Tune function trainable: one trial = one LOSO run of one sampled configuration, reported to
 Optuna's pruner as it goes (search.bridge) and ending with the trial's files as a Ray checkpoint."""
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from search.tracking.figures import confusion_matrix_png, learning_curve_png
+
 
 def _report(values, metric):
     """The objective first: Ray Tune's progress table shows a result's first four numbers."""
@@ -14,22 +14,14 @@ def _report(values, metric):
 
 
 def _numbers(values):
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            out[key] = value
-        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-            out[key] = value.item()
-    return out
+    """The numbers among `values`, NumPy and torch scalars as Python ones."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in values.items()
+            if not isinstance(v, bool) and (isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0)}
 
 
 def loso_trial(config, data=None, settings=None):
-    """Run LOSO for the sampled `config`. `tune.with_parameters` puts `data` in Ray's object store once: trials
-    read its arrays from there without a copy. A configuration that cannot train (diverged, impossible, refused
-    by LosoConfig) reports `htnet_status: failed` instead of raising, so Ray does not retry it: retries are for
-    a worker or node that died."""
+    """Run LOSO for the sampled `config` (`data` is read from Ray's object store, not copied). A configuration
+    that cannot train reports `htnet_status: failed`, not raising: Ray's retries are for workers that died."""
     import ray
     import torch
     from ray import tune
@@ -37,7 +29,6 @@ def loso_trial(config, data=None, settings=None):
     from htnet.errors import TrainingDiverged, UserError, first_line
     from htnet.loso import resolve_device, run_loso
     from search.bridge import fold_objectives, trial_config
-    from search.pruning import FOLDS_KEY
 
     space = settings["space"]
     metric = space.metric
@@ -68,25 +59,21 @@ def loso_trial(config, data=None, settings=None):
     def callback(progress):
         done["step"] = progress["step"]
         if progress["step"] < progress["folds_total"]:  # the final report follows, with the files
-            tune.report(_report({**_numbers(progress), FOLDS_KEY: fold_objectives(progress, metric), "final": 0,
-                                 "htnet_status": "running", **info}, metric))
+            tune.report(_report({**_numbers(progress), "fold_objectives": fold_objectives(progress, metric),
+                                 "final": 0, "htnet_status": "running", **info}, metric))
 
-    out = Path(tempfile.mkdtemp(prefix=f"htnet-{trial_id}-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f"htnet-{trial_id}-", ignore_cleanup_errors=True) as folder:
+        out, title = Path(folder), f"{loso_config.model} trial {trial_id}"
         try:
             result = run_loso(loso_config, data, callback=callback, out_dir=out, progress=False)
         except (TrainingDiverged, UserError) as e:
             failed(e, done["step"])
             return
-        confusion_matrix_png(result.predictions, out / "confusion_matrix.png",
-                             title=f"{loso_config.model} trial {trial_id}")
-        learning_curve_png(result.history, out / "learning_curve.png",
-                           title=f"{loso_config.model} trial {trial_id}")
+        confusion_matrix_png(result.predictions, out / "confusion_matrix.png", title=title)
+        learning_curve_png(result.history, out / "learning_curve.png", title=title)
         main = result.history[result.history["run"] == "main"]
         if len(main):  # as in the engine's reports: the last epoch's mean over folds
             result.metrics.setdefault("train_loss", float(main.groupby("epoch")["train_loss"].mean().iloc[-1]))
         final = {**_numbers(result.metrics), "step": result.folds_done,
                  "folds_total": result.folds_total, "final": 1, "htnet_status": "finished", **info}
-        tune.report(_report(final, metric), checkpoint=tune.Checkpoint.from_directory(str(out)))
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+        tune.report(_report(final, metric), checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,13 +1,12 @@
-"""HTNet's input: four 14x14 patches around landmarks 0, 1 (eyes; top row) and 3, 4 (mouth corners),
-tiled 2x2. Centres are clamped to 7..21 and truncated, as the reference does. crop_mode "reference"
-indexes image[x-7:x+7, y-7:y+7] as the reference does (x as the row: the published numbers);
-"corrected" indexes image[y-7:y+7, x-7:x+7], centred on the landmarks as intended."""
+"""HTNet's input: 14x14 patches around the eyes (landmarks 0, 1; top row) and mouth corners (3, 4), tiled 2x2,
+centres clamped to 7..21 and truncated. "reference" indexes image[x-7:x+7, y-7:y+7] (x as the row) as the
+reference does (the published numbers); "corrected" indexes image[y-7:y+7, x-7:x+7]."""
 import numpy as np
 
 from htnet.errors import UserError
 
 CROP_MODES = ("reference", "corrected")
-TILE_POINTS = ((0, 1), (3, 4))
+TILE_POINTS = [0, 1, 3, 4]  # top-left, top-right, bottom-left, bottom-right
 HALF = 7
 
 
@@ -26,16 +25,11 @@ def htnet_input(images, landmarks, crop_mode="reference"):
     if not np.isfinite(landmarks).all():  # NaN would become a garbage int index below
         raise UserError(f"landmarks of sample {int(np.argmax(~np.isfinite(landmarks).all(axis=(1, 2))))} "
                         f"(0-based) are not finite")
-    centres = patch_centres(landmarks)
-    if crop_mode == "reference":
-        rows, cols = centres[..., 0], centres[..., 1]
-    else:
-        rows, cols = centres[..., 1], centres[..., 0]
-    out = np.empty_like(images)
-    for n in range(len(images)):
-        for tile_row, points in enumerate(TILE_POINTS):
-            for tile_col, p in enumerate(points):
-                r, c = rows[n, p], cols[n, p]
-                out[n, :, tile_row * 14:(tile_row + 1) * 14, tile_col * 14:(tile_col + 1) * 14] = \
-                    images[n, :, r - HALF:r + HALF, c - HALF:c + HALF]
-    return out
+    centres = patch_centres(landmarks)[:, TILE_POINTS]
+    rows, cols = (centres[..., 0], centres[..., 1]) if crop_mode == "reference" else (centres[..., 1], centres[..., 0])
+    window = np.arange(-HALF, HALF)
+    n = len(images)
+    # patches[n, tile, i, j, channel] = images[n, channel, rows[n, tile] + i - 7, cols[n, tile] + j - 7]
+    patches = images[np.arange(n)[:, None, None, None], :, (rows[..., None] + window)[..., None],
+                     (cols[..., None] + window)[..., None, :]]
+    return patches.reshape(n, 2, 2, 14, 14, 3).transpose(0, 5, 1, 3, 2, 4).reshape(n, 3, 28, 28)

@@ -14,24 +14,19 @@ def optical_strain(u, v):
     return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2 * e_xy ** 2)
 
 
-def to_uint8(channel):
-    """Min-max scaled to 0..255; a constant channel (no motion) is all zeros. ValueError if not finite."""
-    low, high = float(channel.min()), float(channel.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise ValueError("flow is not finite")
-    if high - low < 1e-8:
-        return np.zeros(channel.shape, np.uint8)
-    return np.round((channel - low) / (high - low) * 255).astype(np.uint8)
-
-
 def flow_image(u, v, strain=None):
-    """(28, 28, 3) uint8 (strain, v, u) as cv2.imwrite stores it: each map resized to 28x28 (INTER_AREA)
-    and scaled to 0..255 on its own; the strain computed from u, v unless given."""
+    """(28, 28, 3) uint8 (strain, v, u) as cv2.imwrite stores it: each map resized to 28x28 (INTER_AREA) and
+    min-max scaled to 0..255 on its own (a constant map, no motion, is all zeros); the strain computed from u, v
+    unless given. ValueError if a map is not finite."""
     strain = optical_strain(u, v) if strain is None else strain
     channels = []
     for x in (strain, v, u):
         x = np.asarray(x, dtype=np.float32)
         if x.shape != (SIZE, SIZE):
             x = cv2.resize(x, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-        channels.append(to_uint8(x))
-    return np.stack(channels, axis=-1)
+        low, high = float(x.min()), float(x.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError("flow is not finite")
+        span = high - low
+        channels.append(np.round((x - low) / span * 255) if span >= 1e-8 else np.zeros_like(x))
+    return np.stack(channels, axis=-1).astype(np.uint8)

@@ -71,9 +71,8 @@ class CompositeData:
         """Samples, subjects and class counts per dataset."""
         table = pd.DataFrame({"dataset": self.datasets, "subject": self.subjects, "label": self.labels})
         counts = table.groupby("dataset").agg(samples=("label", "size"), subjects=("subject", "nunique"))
-        for c in range(NUM_CLASSES):
-            counts[f"class{c}"] = table[table.label == c].groupby("dataset").size()
-        return counts.fillna(0).astype(int)
+        classes = pd.crosstab(table["dataset"], table["label"]).reindex(columns=range(NUM_CLASSES), fill_value=0)
+        return counts.join(classes.add_prefix("class")).astype(int)
 
 
 def image_path(root, sample):
@@ -96,11 +95,9 @@ def read_image(path):
 
 
 def load_release(root, landmarks="auto", standardize=False, min_samples_per_subject=1):
-    """The release at `root` (its CSV, else its per-subject folders) as CompositeData.
-
-    landmarks: "auto" (landmarks_mtcnn.csv where present, else the template), "template" or a CSV
-    path. standardize: per-channel zero mean, unit variance instead of the raw 0..255.
-    min_samples_per_subject: reject smaller subjects (the release has 8 with a single sample)."""
+    """The release at `root` (its CSV, else its per-subject folders) as CompositeData. landmarks: "auto"
+    (landmarks_mtcnn.csv where present, else the template), "template" or a CSV path; standardize:
+    per-channel zero mean, unit variance; min_samples_per_subject: reject smaller subjects."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}")
@@ -129,15 +126,22 @@ def load_release(root, landmarks="auto", standardize=False, min_samples_per_subj
                          table["sample"].to_numpy(str), points, str(root))
 
 
-def read_csv(path):
-    """A CSV as strings, cells as written (no 'NA' -> NaN): UTF-8 text, parsable, not empty."""
+def read_csv(path, required=(), strip=False):
+    """A CSV as strings, cells as written (no 'NA' -> NaN), with the `required` columns; strip: names
+    and cells stripped of spaces."""
     text = decode_text(read_bytes(path, max_bytes=MAX_CSV_BYTES), path)
     if not text.strip():
         raise UserError(f"{path}: empty file (expected a CSV with a header row)")
     try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
         raise UserError(f"{path}: not a readable CSV ({first_line(e)})") from None
+    if strip:
+        table = table.rename(columns=lambda c: str(c).strip()).apply(lambda column: column.str.strip())
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: missing column {missing[0]!r} (required: {', '.join(required)})")
+    return table
 
 
 def check_rows(path, table, checks):
@@ -156,10 +160,11 @@ def unsafe_names(table, column, what):
             lambda row: f"{what} {row[column]!r} is not a safe name ({SAFE_NAME_RULE})")
 
 
-def _missing(path, table, columns):
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise UserError(f"{path}: missing column {missing[0]!r}")
+def duplicates(ids, what):
+    """A check_rows check: `ids` (indexed like the table read) are unique."""
+    first = {value: i + 2 for i, value in ids.drop_duplicates().items()}
+    return (ids.duplicated(), lambda row: f"duplicate {what} {ids[row.name]!r} (rows {first[ids[row.name]]}, "
+                                          f"{row.name + 2})")
 
 
 def _check_finite(root, table, images, when):
@@ -170,55 +175,43 @@ def _check_finite(root, table, images, when):
 
 
 def _read_table(csv_path):
-    table = read_csv(csv_path)
-    _missing(csv_path, table, REQUIRED_COLUMNS)
+    table = read_csv(csv_path, REQUIRED_COLUMNS)
     if table.empty:
         raise UserError(f"{csv_path}: no samples")
     labels = table["label"].str.strip()
-    dataset = table["dataset"].str.strip().str.lower()
+    table = table.assign(dataset=table["dataset"].str.strip().str.lower(),
+                         sample=table["sub"] + "_" + table["filename_o"])
     check_rows(csv_path, table, [
         unsafe_names(table, "sub", "subject id"), unsafe_names(table, "filename_o", "sample name"),
         (~labels.isin(CLASSES), lambda row: f"label {row['label']!r} is not one of 0, 1, 2"),  # '1.5', '1.0', ''
-        (dataset == "", lambda row: "empty dataset")])
-    table = table.assign(label=labels.astype(np.int64), dataset=dataset,
-                         sample=table["sub"] + "_" + table["filename_o"])
-    duplicated = table["sample"][table["sample"].duplicated()]
-    if len(duplicated):
-        raise UserError(f"{csv_path}: duplicate sample id {duplicated.iloc[0]!r}")
-    return table
+        (table["dataset"] == "", lambda row: "empty dataset"), duplicates(table["sample"], "sample id")])
+    return table.assign(label=labels.astype(np.int64))
 
 
 def _read_loso_folders(loso_dir):
-    """The release's per-subject folders: each subject's u_test/<label>/ holds its own samples."""
-    def safe(path, what, name):
-        if not is_safe_name(name):
-            raise UserError(f"{path}: {what} {name!r} is not a safe name ({SAFE_NAME_RULE})")
-        return name
-
-    rows, images, seen = [], [], {}
-    for subject_dir in sorted(p for p in loso_dir.iterdir() if p.is_dir()):
-        subject = safe(subject_dir, "subject id", subject_dir.name)
-        for label_dir in sorted((subject_dir / "u_test").glob("*")):
-            if label_dir.name not in CLASSES:
-                raise UserError(f"{label_dir}: label folder {label_dir.name!r} is not one of 0, 1, 2")
-            for png in sorted(label_dir.glob("*.png")):
-                sample = safe(png, "sample name", png.name[: -len(".png")].rstrip())
-                if sample in seen:  # the sample id keys the landmarks and the predictions
-                    raise UserError(f"{png}: duplicate sample id {sample!r} (also {seen[sample]})")
-                seen[sample] = png
-                rows.append({"dataset": _guess_dataset(subject), "sub": subject, "sample": sample,
-                             "label": int(label_dir.name)})
-                images.append(read_image(png))
+    """The release's per-subject folders: <subject>/u_test/<label>/<sample> .png, each subject's own samples."""
+    rows, seen = [], {}
+    for png in sorted(loso_dir.glob("*/u_test/*/*.png")):
+        subject_dir, label, sample = png.parents[2], png.parent.name, png.name[: -len(".png")].rstrip()
+        for where, what, name in ((subject_dir, "subject id", subject_dir.name), (png, "sample name", sample)):
+            if not is_safe_name(name):
+                raise UserError(f"{where}: {what} {name!r} is not a safe name ({SAFE_NAME_RULE})")
+        if label not in CLASSES:
+            raise UserError(f"{png.parent}: label folder {label!r} is not one of 0, 1, 2")
+        if sample in seen:  # the sample id keys the landmarks and the predictions
+            raise UserError(f"{png}: duplicate sample id {sample!r} (also {seen[sample]})")
+        seen[sample] = png
+        rows.append({"dataset": _guess_dataset(subject_dir.name), "sub": subject_dir.name, "sample": sample,
+                     "label": int(label)})
     if not rows:
         raise UserError(f"{loso_dir}: no images under <subject>/u_test/<label>/")
-    return pd.DataFrame(rows), np.stack(images)
+    return pd.DataFrame(rows), np.stack([read_image(png) for png in seen.values()])
 
 
 def _guess_dataset(subject):
-    # The composite's subject ids: CASME II 'sub01', SMIC 's01', SAMM '006'.
-    if subject.startswith("sub"):
-        return "casme2"
-    return "smic" if subject.startswith("s") else "samm" if subject.isdigit() else "unknown"
+    """From the composite's subject ids: CASME II 'sub01', SMIC 's01', SAMM '006'."""
+    return ("casme2" if subject.startswith("sub") else "smic" if subject.startswith("s")
+            else "samm" if subject.isdigit() else "unknown")
 
 
 def _read_landmarks(root, samples, landmarks):
@@ -228,11 +221,9 @@ def _read_landmarks(root, samples, landmarks):
         return template
     if not path.is_file():
         raise UserError(f"landmarks file not found: {path}")
-    table = _landmark_table(path)
-    absent = [s for s in samples if s not in table.index]
-    if absent:
-        raise UserError(f"{path}: no landmarks for sample {absent[0]!r}")
-    rows = table.loc[list(samples)]
+    rows = _landmark_table(path).reindex(samples)
+    if rows["detected"].isna().any():
+        raise UserError(f"{path}: no landmarks for sample {samples[rows['detected'].isna().to_numpy()].iloc[0]!r}")
     detected = rows["detected"].to_numpy() == 1
     points = rows[LANDMARK_COLUMNS].to_numpy(np.float32).reshape(-1, 5, 2)
     broken = detected & ((points < -LANDMARK_MARGIN) | (points > IMAGE_SHAPE[0] + LANDMARK_MARGIN)).any(axis=(1, 2))
@@ -245,24 +236,18 @@ def _read_landmarks(root, samples, landmarks):
 def _landmark_table(path):
     """landmarks_mtcnn.csv indexed by sample: unique safe sample names, detected 0 or 1, coordinates
     numbers (empty where undetected, as in the release), finite where detected."""
-    table = read_csv(path)
-    _missing(path, table, ["sample", "detected", *LANDMARK_COLUMNS])
-    check_rows(path, table, [unsafe_names(table, "sample", "sample")])
-    duplicated = table["sample"].duplicated(keep=False)
-    if duplicated.any():
-        rows = table.index[table["sample"] == table["sample"][duplicated].iloc[0]] + 2
-        raise UserError(f"{path}: duplicate sample {table['sample'][rows[0] - 2]!r} (rows {', '.join(map(str, rows))})")
+    table = read_csv(path, ["sample", "detected", *LANDMARK_COLUMNS])
     detected = pd.to_numeric(table["detected"].str.strip(), errors="coerce")
-    checks = [(~detected.isin([0, 1]), lambda row: f"detected {row['detected']!r} is not 0 or 1")]
-    values = {}
-    for column in LANDMARK_COLUMNS:
-        text = table[column].str.strip()
-        values[column] = pd.to_numeric(text.where(text != "", "nan"), errors="coerce")
-        checks += [(values[column].isna() & ~text.str.lower().isin(["", "nan"]),
-                    lambda row, c=column: f"{c} {row[c]!r} is not a number"),
-                   ((detected == 1) & ~np.isfinite(values[column].to_numpy(float)),
-                    lambda row, c=column: f"sample {row['sample']!r}: {c} {row[c]!r} is not a finite number "
-                                          f"(and detected is 1)")]
+    text = table[LANDMARK_COLUMNS].apply(lambda column: column.str.strip())
+    values = text.apply(pd.to_numeric, errors="coerce").astype(float)
+    checks = [unsafe_names(table, "sample", "sample"), duplicates(table["sample"], "sample"),
+              (~detected.isin([0, 1]), lambda row: f"detected {row['detected']!r} is not 0 or 1")]
+    for c in LANDMARK_COLUMNS:
+        checks += [(values[c].isna() & ~text[c].str.lower().isin(["", "nan"]),
+                    lambda row, c=c: f"{c} {row[c]!r} is not a number"),
+                   ((detected == 1) & ~np.isfinite(values[c]),
+                    lambda row, c=c: f"sample {row['sample']!r}: {c} {row[c]!r} is not a finite number "
+                                     f"(and detected is 1)")]
     check_rows(path, table, checks)
     return table.assign(detected=detected.astype(int), **values).set_index("sample")
 

@@ -23,12 +23,8 @@ MOTIONS = {
 }
 
 
-def subject_name(dataset, i):
-    return {"casme2": f"sub{i + 1:02d}", "smic": f"s{i + 1:02d}", "samm": f"{i + 6:03d}"}[dataset]
-
-
-def _bump(shape, centre, sigma):
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+def _bump(centre, sigma):
+    yy, xx = np.mgrid[0:28, 0:28].astype(np.float32)
     return np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * sigma ** 2))
 
 
@@ -36,7 +32,7 @@ def _class_motion(label, points, amplitude):
     """Flow (u, v) for one expression; points: (5, 2) landmarks x, y of this face."""
     u, v = np.zeros((2, 28, 28), np.float32)
     for where, offset, du, dv, sigma in MOTIONS[label]:
-        bump = _bump((28, 28), points[list(where)].mean(axis=0) + offset, sigma) * amplitude
+        bump = _bump(points[list(where)].mean(axis=0) + offset, sigma) * amplitude
         u += du * bump
         v += dv * bump
     return u, v
@@ -65,7 +61,7 @@ def make_synthetic(out_dir, subjects_per_dataset=4, samples_per_subject=(4, 9), 
     for dataset, n_subjects in subjects_per_dataset.items():
         shares = np.array(CLASS_COUNTS[dataset], float) / sum(CLASS_COUNTS[dataset])
         for s in range(n_subjects):
-            sub = subject_name(dataset, s)
+            sub = {"casme2": f"sub{s + 1:02d}", "smic": f"s{s + 1:02d}", "samm": f"{s + 6:03d}"}[dataset]
             face_shift = rng.normal(0, 1.0, 2)
             gain = rng.uniform(0.6, 1.4)
             head_motion = rng.normal(0, 0.25, 2)
@@ -77,8 +73,8 @@ def make_synthetic(out_dir, subjects_per_dataset=4, samples_per_subject=(4, 9), 
                 points = TEMPLATE_LANDMARKS + face_shift + rng.normal(0, 0.4, (5, 2))
                 u, v = _class_motion(int(label), points, signal * gain * rng.uniform(0.5, 1.5))
                 twitch = rng.uniform(4, 24, 2)  # a distractor movement somewhere on the face
-                u += _bump((28, 28), twitch, 2.0) * rng.normal(0, 0.5)
-                v += _bump((28, 28), twitch, 2.0) * rng.normal(0, 0.5)
+                u += _bump(twitch, 2.0) * rng.normal(0, 0.5)
+                v += _bump(twitch, 2.0) * rng.normal(0, 0.5)
                 u += head_motion[0] + _smooth_noise(rng, 1.5, noise_level)
                 v += head_motion[1] + _smooth_noise(rng, 1.5, noise_level)
                 filename = f"syn{k + 1:02d}"

@@ -1,9 +1,9 @@
-"""Opt-in C kernels (HTNET_CPU_KERNELS=1) for the grouped STSTNet's stem on the CPU: its full-resolution
-elementwise work in two single-pass loops over channels-last maps (stem.c), built once with the system C
-compiler into ~/.cache/htnet/kernels and called through ctypes; off, or without a compiler, the PyTorch path."""
+"""Opt-in C kernels (HTNET_CPU_KERNELS=1) for the grouped STSTNet's CPU stem (stem.c), built once with the
+system C compiler into ~/.cache/htnet/kernels and called through ctypes; off or uncompilable: PyTorch."""
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -16,16 +16,15 @@ import torch
 
 SOURCE = Path(__file__).with_name("stem.c")
 
-_KERNELS = {}
-
 
 def cpu_kernels():
-    """The ctypes library of the stem kernels, or None where it cannot be had."""
-    if "lib" in _KERNELS:
-        return _KERNELS["lib"]
-    _KERNELS["lib"] = None
-    if os.environ.get("HTNET_CPU_KERNELS", "0") != "1" or not sys.platform.startswith("linux"):
-        return None
+    """The ctypes library of the stem kernels, or None where it is off or cannot be had."""
+    on = os.environ.get("HTNET_CPU_KERNELS", "0") == "1" and sys.platform.startswith("linux")
+    return _built() if on else None
+
+
+@functools.cache
+def _built():
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
@@ -52,8 +51,10 @@ def cpu_kernels():
     lib.stem_forward.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.stem_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
     lib.stem_forward.restype = lib.stem_backward.restype = None
-    _KERNELS["lib"] = lib
     return lib
+
+
+_pool = functools.cache(concurrent.futures.ThreadPoolExecutor)
 
 
 def _split(batch, fn):
@@ -62,23 +63,16 @@ def _split(batch, fn):
     if threads <= 1:
         fn(0, batch)
         return
-    if "pool" not in _KERNELS or _KERNELS["pool"]._max_workers != threads:
-        _KERNELS["pool"] = concurrent.futures.ThreadPoolExecutor(threads)
     bounds = [batch * i // threads for i in range(threads + 1)]
-    list(_KERNELS["pool"].map(lambda i: fn(bounds[i], bounds[i + 1]), range(threads)))
-
-
-def _channels_last(shape, dtype=torch.float32):
-    """An empty (B, C, H, W) tensor laid out channels-last."""
-    B, C, H, W = shape
-    return torch.empty((B, H, W, C), dtype=dtype).permute(0, 3, 1, 2)
+    list(_pool(threads).map(lambda i: fn(bounds[i], bounds[i + 1]), range(threads)))
 
 
 def stem_forward(lib, z):
     B, C, H, W = z.shape
-    Ho, Wo = (H - 1) // 3 + 1, (W - 1) // 3 + 1
     s1, s2 = torch.empty(B, C), torch.empty(B, C)
-    pmax, idx = _channels_last((B, C, Ho, Wo)), _channels_last((B, C, Ho, Wo), torch.int32)
+    pooled = (B, C, (H - 1) // 3 + 1, (W - 1) // 3 + 1)
+    pmax = torch.empty(pooled, memory_format=torch.channels_last)
+    idx = torch.empty(pooled, dtype=torch.int32, memory_format=torch.channels_last)
     _split(B, lambda b0, b1: lib.stem_forward(z.data_ptr(), b0, b1, H, W, C, s1.data_ptr(), s2.data_ptr(),
                                               pmax.data_ptr(), idx.data_ptr()))
     return s1, s2, pmax, idx
@@ -86,7 +80,7 @@ def stem_forward(lib, z):
 
 def stem_backward(lib, z, idx, dpmax, ds1, ds2):
     B, C, H, W = z.shape
-    dz = _channels_last((B, C, H, W))
+    dz = torch.empty(z.shape, memory_format=torch.channels_last)
     dp = dpmax.to(torch.float32).contiguous(memory_format=torch.channels_last)
     ds1, ds2 = ds1.float().contiguous(), ds2.float().contiguous()
     _split(B, lambda b0, b1: lib.stem_backward(z.data_ptr(), idx.data_ptr(), dp.data_ptr(), ds1.data_ptr(),

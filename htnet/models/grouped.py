@@ -1,6 +1,5 @@
-"""G fold-models as one computation, for the fold-batched engine: `grouped_model(name, states, config)`
-starts one from G plain state_dicts and `member_state(model, g)` gives member g's back (strict-loadable).
-HTNet is its own class with groups=G; STSTNet has a fused CPU formulation (GroupedSTSTNet)."""
+"""G fold-models as one computation (HTNet(groups=G), GroupedSTSTNet): `grouped_model` starts one from G plain
+state_dicts, `member_state(model, g)` gives member g's back, strict-loadable."""
 import math
 
 import torch
@@ -12,15 +11,13 @@ from htnet.models.ststnet import STSTNet
 
 
 def _group_dim(grouped, member):
-    """Where the members sit in a grouped tensor: None = stacked on a new dim 0, else the dim they are
-    concatenated along (the first one whose size differs)."""
+    """Where the members sit in a grouped tensor: None = stacked on a new dim 0, else the dim concatenated along."""
     if len(grouped) > len(member):
         return None
     return next((d for d, (a, b) in enumerate(zip(grouped, member)) if a != b), 0)
 
 
 def grouped_model(name, states, config):
-    """The grouped model of len(states) members, each starting from its plain state_dict."""
     with torch.device("meta"):
         model = GROUPED[name](len(states), config)
     stacked = {}
@@ -34,7 +31,7 @@ def grouped_model(name, states, config):
 
 
 def unstack(tensors, g, shapes):
-    """Member g's part of each grouped tensor (a state_dict, gradients), given the member shapes."""
+    """Member g's part of each grouped tensor (a state_dict, gradients)."""
     out = {}
     for key, tensor in tensors.items():
         dim, size = _group_dim(tensor.shape, shapes[key]), shapes[key]
@@ -46,7 +43,7 @@ def unstack(tensors, g, shapes):
 
 
 def member_state(model, g):
-    """Member g's weights as the plain model's state_dict (on the CPU, detached)."""
+    """Member g's weights as the plain model's state_dict (on the CPU)."""
     return {k: v.detach().cpu().clone() for k, v in unstack(model.state_dict(), g, model.member_shapes).items()}
 
 
@@ -109,12 +106,8 @@ class _StemFn(torch.autograd.Function):
 
 
 class GroupedSTSTNet(STSTNet):
-    """G STSTNets, each tensor of the plain model stacked on a new dim 0, fused: the three streams are
-    one conv 3->16 (BatchNorm is per channel) and the G members one conv 3->16G on the shared input; the
-    full-resolution part is _StemFn; BatchNorm's affine map comes after the max-pool (max-pool commutes
-    with x -> a x + b for a > 0, a min-pool serves a < 0), so BN, dropout and the head run on 1/9 of the
-    data. forward(x, mask) takes each member's BatchNorm statistics over its own training samples only
-    (mask (B, G)): the held-out subject never enters them."""
+    """G STSTNets (each tensor stacked on a new dim 0) fused into one conv 3->16G, _StemFn and BatchNorm after the
+    max-pool (docs/design.md); forward(x, mask (B, G)) takes member g's BatchNorm statistics over its samples only."""
 
     takes_mask = True
 
@@ -127,9 +120,6 @@ class GroupedSTSTNet(STSTNet):
                     stacked = tensor.new_empty(groups, *tensor.shape)
                     table[name] = torch.nn.Parameter(stacked) if table is module._parameters else stacked
 
-    def prepare_input(self, x):
-        return x.contiguous(memory_format=torch.channels_last)
-
     def forward(self, x, mask=None):
         convs, bns = (self.conv1, self.conv2, self.conv3), (self.bn1, self.bn2, self.bn3)
         G, B = self.groups, x.shape[0]
@@ -138,7 +128,7 @@ class GroupedSTSTNet(STSTNet):
         bias = torch.cat([c.bias for c in convs], 1).reshape(G * W)
         gamma, beta = torch.cat([bn.weight for bn in bns], 1), torch.cat([bn.bias for bn in bns], 1)  # (G, W)
         need_min = bool((gamma < 0).any())
-        x = self.prepare_input(x)
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.training:
             mask = x.new_ones(B, G) if mask is None else mask
             s1, s2, pmax, pmin = _StemFn.apply(x, weight, bias, need_min)

@@ -1,8 +1,5 @@
-"""HTNet (Wang et al. 2024), the reference architecture (wangzhifengharrison/HTNet, Model.HTNet, itself
-lucidrains' NesT): a hierarchical transformer over four facial-region flow crops. `groups=G` builds G
-independent fold-models as one (grouped convolutions, per-group LayerNorm and attention); groups=1 is
-the reference model, whose state_dict (names, shapes) the reference's saved weights load into strictly.
-"""
+"""HTNet (Wang et al. 2024; wangzhifengharrison/HTNet's Model.HTNet, whose saved weights load strictly), and with
+`groups=G` G independent fold-models as one (grouped convolutions, per-group LayerNorm and attention)."""
 import numbers
 
 import torch
@@ -14,9 +11,9 @@ from torch import einsum, nn
 from htnet.errors import UserError
 from htnet.models.registry import dropout_rate, positive_int, register_model
 
+# With groups=G member g's copy of the batch is block g of a (G * b, c, h, w) batch; a grouped weight is the
+# members' weights concatenated along dim 0.
 
-# With groups=G the model is G independent members in one: inside, member g's copy of the batch is block g
-# of a (G * b, c, h, w) batch; a grouped weight is the members' weights concatenated along dim 0.
 
 def per_group(x, groups):
     """(groups * b, ...) as (groups, b, ...); one group's x as it is (the reference's operations)."""
@@ -105,8 +102,7 @@ class Attention(nn.Module):
         super().__init__()
         dim_head = dim // heads
         inner_dim = dim_head * heads
-        self.heads = heads
-        self.scale = dim_head ** -0.5
+        self.heads, self.scale = heads, dim_head ** -0.5
         self.attend = nn.Softmax(dim=-1)
         self.dropout = nn.Dropout(dropout)
         self.to_qkv = GroupConv(dim, inner_dim * 3, bias=False, groups=groups)
@@ -149,8 +145,7 @@ class Transformer(nn.Module):
 
 def check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchies, block_repeats, mlp_mult,
                  channels, dropout):
-    """The arguments normalised (ints, block_repeats one int per level), or UserError for a
-    configuration the architecture cannot build or run."""
+    """The arguments normalised (block_repeats one int per level), or UserError where they cannot be built."""
     ints = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim, heads=heads,
                 num_hierarchies=num_hierarchies, mlp_mult=mlp_mult, channels=channels)
     ints = {name: positive_int("htnet", name, value) for name, value in ints.items()}
@@ -168,14 +163,13 @@ def check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchie
         blocks = f"{2 ** (levels - 1)}x{2 ** (levels - 1)}" if levels <= 32 else f"2^{levels - 1} x 2^{levels - 1}"
         raise UserError(f"htnet: num_hierarchies {levels} needs the {fmap_size}x{fmap_size} patch grid "
                         f"(image_size {image_size} / patch_size {patch_size}) to split into {blocks} blocks")
-    shown = list(block_repeats) if isinstance(block_repeats, (list, tuple)) else block_repeats
-    if not isinstance(block_repeats, (list, tuple)):
-        block_repeats = (block_repeats,) * levels   # one value for every level, as the reference's cast_tuple
-    if len(block_repeats) != levels or any(
-            isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in block_repeats):
-        raise UserError(f"htnet: block_repeats {shown} must be {levels} positive integers, one per hierarchy "
-                        f"(num_hierarchies {levels})")
-    return dict(ints, block_repeats=tuple(int(r) for r in block_repeats), dropout=dropout)
+    listed = isinstance(block_repeats, (list, tuple))
+    repeats = list(block_repeats) if listed else [block_repeats] * levels   # one for every level (cast_tuple)
+    if len(repeats) != levels or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1
+                                     for r in repeats):
+        raise UserError(f"htnet: block_repeats {repeats if listed else block_repeats} must be {levels} positive "
+                        f"integers, one per hierarchy (num_hierarchies {levels})")
+    return dict(ints, block_repeats=tuple(map(int, repeats)), dropout=dropout)
 
 
 @register_model("htnet", input_kind="face_crops")

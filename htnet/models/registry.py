@@ -1,6 +1,5 @@
-"""The model registry, timm-style (`create_model("htnet", dim=64)`), and the argument checks the models
-share. Every model maps (B, 3, 28, 28) to (B, num_classes) logits; a bad configuration is one UserError
-line naming the argument, raised before any weights are built."""
+"""The model registry, timm-style (`create_model("htnet", dim=64)`), and the argument checks the models share:
+a bad configuration is one UserError line naming the argument, raised before any weights are built."""
 import inspect
 import math
 import numbers
@@ -13,8 +12,7 @@ INTERNAL = ("self", "groups")  # constructor arguments that are not configuratio
 
 def register_model(name, input_kind):
     """Class decorator; input_kind: "face_crops" (four landmark crops tiled 2x2) or "whole_face"."""
-    if input_kind not in ("face_crops", "whole_face"):
-        raise ValueError(f"input_kind must be 'face_crops' or 'whole_face', got {input_kind!r}")
+    assert input_kind in ("face_crops", "whole_face"), input_kind
 
     def add(cls):
         _REGISTRY[name] = (cls, input_kind)
@@ -41,7 +39,7 @@ def create_model(name, **config):
     cls, _ = _entry(name)
     accepted = inspect.signature(cls.__init__).parameters
     for key, value in config.items():
-        if not isinstance(key, str) or key not in accepted or key in INTERNAL:
+        if key not in accepted or key in INTERNAL:
             raise UserError(f"model {name} has no argument {key!r}")
         # each model checks its own arguments; a NaN or inf is refused for all (even unused ones)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -51,14 +49,12 @@ def create_model(name, **config):
 
 
 def positive_int(model, name, value):
-    """`value` as an int >= 1 (numpy integers accepted), else UserError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise UserError(f"{model}: {name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def dropout_rate(model, name, value):
-    """`value` as a float in [0, 1), else UserError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise UserError(f"{model}: {name} must be a number in [0, 1), got {value!r}")
     return float(value)

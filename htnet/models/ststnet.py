@@ -1,6 +1,5 @@
-"""STSTNet (Liong et al. 2019) as in its PyTorch reference (christy1206/STSTNet, main.py): a shallow
-triple-stream network on the whole-face flow image; parameter names are the reference's, so its saved
-weights load strictly (its `out_channels` is `num_classes` here)."""
+"""STSTNet (Liong et al. 2019) as in its PyTorch reference (christy1206/STSTNet, main.py), whose saved weights
+load strictly (its `out_channels` is `num_classes` here)."""
 import torch
 from torch import nn
 
@@ -18,13 +17,10 @@ class STSTNet(nn.Module):
         in_channels = positive_int("ststnet", "in_channels", in_channels)
         num_classes = positive_int("ststnet", "num_classes", num_classes)
         dropout = dropout_rate("ststnet", "dropout", dropout)
-        self.conv1 = nn.Conv2d(in_channels, out_channels=3, kernel_size=3, padding=2)
-        self.conv2 = nn.Conv2d(in_channels, out_channels=5, kernel_size=3, padding=2)
-        self.conv3 = nn.Conv2d(in_channels, out_channels=8, kernel_size=3, padding=2)
+        # created in the reference's order (the seeded init draws conv1, conv2, conv3's weights in turn)
+        self.conv1, self.conv2, self.conv3 = (nn.Conv2d(in_channels, n, kernel_size=3, padding=2) for n in (3, 5, 8))
         self.relu = nn.ReLU()
-        self.bn1 = nn.BatchNorm2d(3)
-        self.bn2 = nn.BatchNorm2d(5)
-        self.bn3 = nn.BatchNorm2d(8)
+        self.bn1, self.bn2, self.bn3 = (nn.BatchNorm2d(n) for n in (3, 5, 8))
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=3, padding=1)
         self.avgpool = nn.AvgPool2d(kernel_size=2, stride=2, padding=0)
         self.dropout = nn.Dropout(p=dropout)

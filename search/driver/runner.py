@@ -53,20 +53,8 @@ class Options:
 
 def resolve_space(options):
     space = load_space(options.space)
-    resources = {}
-    if options.cpus_per_trial is not None:
-        if options.cpus_per_trial <= 0:
-            raise UserError(f"--cpus-per-trial must be > 0, got {options.cpus_per_trial}")
-        resources["cpu"] = float(options.cpus_per_trial)
-    if options.gpus_per_trial is not None:
-        if options.gpus_per_trial < 0:
-            raise UserError(f"--gpus-per-trial must be >= 0, got {options.gpus_per_trial}")
-        resources["gpu"] = float(options.gpus_per_trial)
-    for flag, value, minimum in (("--num-samples", options.num_samples, 1),
-                                 ("--max-concurrent", options.max_concurrent_trials, 1),
-                                 ("--max-failures", options.max_failures, 0)):
-        if value is not None and value < minimum:
-            raise UserError(f"{flag} must be >= {minimum}, got {value}")
+    resources = {k: float(v) for k, v in (("cpu", options.cpus_per_trial), ("gpu", options.gpus_per_trial))
+                 if v is not None}
     space = with_overrides(space, num_samples=options.num_samples,
                            max_concurrent_trials=options.max_concurrent_trials,
                            objective=options.objective, sampler=options.sampler, seed=options.seed,
@@ -80,24 +68,12 @@ def resolve_space(options):
 
 def overrides_of(options):
     """LOSO config values the CLI sets for every trial."""
-    overrides = {}
-    if options.subjects:
-        overrides["subjects"] = parse_subjects(options.subjects)
-    if options.save_weights:
-        overrides["save_weights"] = True
-    return overrides
+    return {**({"subjects": parse_subjects(options.subjects)} if options.subjects else {}),
+            **({"save_weights": True} if options.save_weights else {})}
 
 
 def trial_dirname(trial):
     return f"{trial.trainable_name}_{trial.trial_id}"
-
-
-def make_searcher(space, name, storage_url):
-    from search.pruning import PruningOptunaSearch
-
-    return PruningOptunaSearch(space=space.optuna_space(), metric=space.metric, mode="max",
-                               pruner=space.make_pruner(), sampler=space.make_sampler(),
-                               study_name=name, storage=open_optuna_storage(storage_url))
 
 
 def make_trainable(space, data, overrides, replay=None):
@@ -116,15 +92,13 @@ def effective_samples(space):
     return space.num_samples
 
 
-# ----------------------------------------------------------------------------- run / resume
-
 def run_search(options, out=None):
     """Start a new search; returns its summary (see `summarize`)."""
     import optuna
     from ray import tune
 
     from search import tracking
-    from search.pruning import OptunaPruningScheduler
+    from search.pruning import OptunaPruningScheduler, PruningOptunaSearch
 
     out = out or sys.stdout
     space = resolve_space(options)
@@ -171,7 +145,9 @@ def run_search(options, out=None):
                   f"({space.objective} protocol), {space.sampler['type']} sampler, {space.pruner['type']} pruner",
                   file=out)
             print(f"data: {data_root} ({len(data)} samples, {len(data.subject_ids)} subjects)", file=out)
-            searcher = make_searcher(space, name, optuna_url)
+            searcher = PruningOptunaSearch(space=space.optuna_space(), metric=space.metric, mode="max",
+                                           pruner=space.make_pruner(), sampler=space.make_sampler(),
+                                           study_name=name, storage=open_optuna_storage(optuna_url))
             callback = tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space,
                                                searcher, overrides, results_path=manifest["ray_path"])
             tuner = tune.Tuner(
@@ -387,21 +363,15 @@ def ui_command(tracking_uri):
 def print_summary(summary, top, best, out):
     import pandas as pd
 
-    table, space, manifest = summary["table"], summary["space"], summary["manifest"]
-    counts = summary["counts"]
-    print(f"\nsearch {summary['name']} ({manifest['status']}): "
-          + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "pruned", "failed", "running")
-                      if s != "running" or counts.get(s))
-          + "".join(f", {counts[s]} {s}" for s in ("interrupted",) if counts.get(s))
-          + f" of {manifest['settings']['num_samples']} trials; objective {space.metric} (max)", file=out)
+    table, space, manifest, counts = summary["table"], summary["space"], summary["manifest"], summary["counts"]
+    shown = [f"{counts.get(s, 0)} {s}" for s in ("finished", "pruned", "failed")]
+    shown += [f"{counts[s]} {s}" for s in ("running", "interrupted") if counts.get(s)]
+    print(f"\nsearch {summary['name']} ({manifest['status']}): {', '.join(shown)} of "
+          f"{manifest['settings']['num_samples']} trials; objective {space.metric} (max)", file=out)
     if len(table):
         columns = ["trial_id", "status", space.metric, "inner_full_uf1", "inner_full_uar",
                    "paper_full_uf1", "paper_full_uar", "folds_done", *space.names]
-        shown = table[[c for c in dict.fromkeys(columns) if c in table]].head(top).copy()
-        for column in space.names:  # MLflow params are text: numbers print as numbers
-            numbers = pd.to_numeric(shown[column], errors="coerce")
-            if numbers.notna().sum() == shown[column].notna().sum():
-                shown[column] = numbers
+        shown = table[[c for c in dict.fromkeys(columns) if c in table]].head(top)
         with pd.option_context("display.width", 250, "display.max_columns", 40):
             text = shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
         print(f"top trials:\n{text}", file=out)

@@ -1,19 +1,6 @@
-"""Where a search keeps its state, and who may touch it: the search record (runs/searches/<name>.yaml),
-the per-search lock, the Optuna storage, the default MLflow store, the search's data, and the trust
-check of the Ray experiment that `resume` unpickles.
-
-    runs/                      (--storage; every path below can be moved by a flag)
-      ray/<name>/              Ray Tune's experiment (Tuner.restore resumes from here)
-      searches/<name>.yaml     what the search was started with (space, data, stores, parent run)
-      searches/<name>.best.yaml the best finished trial's LOSO config (python -m htnet train --config)
-      searches/<name>.lock     held (flock) by the process running or resuming the search
-      optuna.db                the Optuna studies, one per search (optuna-dashboard sqlite:///runs/optuna.db)
-      synthetic/               the built-in synthetic data set, generated once
-    mlflow.db                  the MLflow store (mlflow ui --backend-store-uri sqlite:///mlflow.db)
-
-One process at a time runs or resumes a search (the lock above); the shared stores (MLflow's and
-Optuna's sqlite files, the synthetic data) are created under a file lock beside them.
-"""
+"""Where a search keeps its state and who may touch it: the search record, the per-search lock, the
+Optuna storage, the default MLflow store, the search's data, and the trust check of the Ray experiment
+that `resume` unpickles (the layout of --storage: docs/design.md)."""
 import contextlib
 import os
 import re
@@ -142,8 +129,7 @@ def lock_path(storage, name):
 
 @contextlib.contextmanager
 def search_lock(storage, name, hint="wait for it to end"):
-    """Held (flock) while this process runs or resumes search `name`, from before its first record
-    is written to its end. A second process is refused in one line: two drivers of one search would
+    """Held (flock) while this process runs or resumes search `name`: two drivers of one search would
     run its trials twice and overwrite each other's records."""
     import fcntl
 
@@ -164,15 +150,8 @@ def search_lock(storage, name, hint="wait for it to end"):
 
 
 def check_restorable(manifest, name):
-    """Refuse (one line) a Ray experiment that someone else could have written.
-
-    `tune.Tuner.restore` unpickles the experiment's tuner.pkl, its searcher state and its trial
-    state, and so does `tune.ExperimentAnalysis`: whoever can write those files can run code as you
-    when you resume. So only the experiment the search record names is read, `<ray_storage>/<name>`,
-    which must lie inside the recorded Ray storage (symbolic links resolved), and only if every
-    folder from the storage root down to it and everything in it is owned by you and writable by
-    nobody else (no group or other write bit). For storage given as a URL (s3://, gs://, ...) this
-    cannot be checked from here: the bucket or prefix must be writable by you alone."""
+    """Refuse (one line) a Ray experiment that someone else could have written: `Tuner.restore` and
+    `ExperimentAnalysis` unpickle it (why and what is checked: docs/design.md)."""
     import stat
 
     storage, path = manifest["ray_storage"].rstrip("/"), manifest["ray_path"].rstrip("/")
@@ -206,9 +185,7 @@ def check_restorable(manifest, name):
 
 
 def private_group(gid):
-    """True for your own user-private group (your name, your primary group, no other member): with
-    umask 002, as many distributions set it, Ray writes group-writable files, and a group that only
-    you are in lets nobody else write them."""
+    """True for your own user-private group (your name, your primary group, no other member)."""
     import grp
     import pwd
 

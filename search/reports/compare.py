@@ -16,13 +16,6 @@ from search.reports.stats import cluster_bootstrap_uf1_uar, paired_bootstrap, si
 REQUIRED = ("sample", "subject", "dataset", "label", "protocol", "prediction")
 
 
-def _check(frame, where):
-    missing = [c for c in REQUIRED if c not in frame]
-    if missing:
-        raise UserError(f"{where}: predictions have no column {missing[0]!r}")
-    return frame
-
-
 def load_predictions(ref, store=None):
     """(predictions, label) of a predictions.csv, a folder holding one, or an MLflow run id (a parent run
     without its own predictions: its children's, with a `seed` column)."""
@@ -31,25 +24,32 @@ def load_predictions(ref, store=None):
         file = path / "predictions.csv" if path.is_dir() else path
         if not file.is_file():
             raise UserError(f"{path}: no predictions.csv there")
-        return _check(pd.read_csv(file), str(file)), str(path)
-    if store is None:
-        raise UserError(f"{ref}: no such file, and no MLflow store to look the run up in")
-    run = get_run(store, ref, f"{ref!r} is neither a file nor an MLflow run at {store.tracking_uri}")
-    label = run.data.tags.get("htnet.method") or run.data.tags.get("mlflow.runName") or ref[:8]
+        frame, label, where = pd.read_csv(file), str(path), str(file)
+    else:
+        if store is None:
+            raise UserError(f"{ref}: no such file, and no MLflow store to look the run up in")
+        run = get_run(store, ref, f"{ref!r} is neither a file nor an MLflow run at {store.tracking_uri}")
+        tags, where = run.data.tags, f"run {ref}"
+        label = tags.get("htnet.method") or tags.get("mlflow.runName") or ref[:8]
+        if _has_predictions(store, ref):
+            frame = read_csv_artifact(store, ref, "predictions.csv")
+        else:
+            children = tracking.runs(store.client, store.experiment_id, f"tags.mlflow.parentRunId = '{ref}'",
+                                     ["tags.htnet.seed"])
+            seeds = children["tags.htnet.seed"].fillna(children["run_id"])
+            frames = [read_csv_artifact(store, run_id, "predictions.csv").assign(seed=seed)
+                      for run_id, seed in zip(children["run_id"], seeds) if _has_predictions(store, run_id)]
+            if not frames:
+                raise UserError(f"run {ref} has no predictions.csv artifact (nor do its child runs)")
+            frame = pd.concat(frames, ignore_index=True)
+    missing = [c for c in REQUIRED if c not in frame]
+    if missing:
+        raise UserError(f"{where}: predictions have no column {missing[0]!r}")
+    return frame, label
 
-    def has_predictions(run_id):
-        return "predictions.csv" in {a.path for a in tracking.retry(store.client.list_artifacts, run_id)}
 
-    if has_predictions(ref):
-        return _check(read_csv_artifact(store, ref, "predictions.csv"), f"run {ref}"), label
-    children = tracking.runs(store.client, store.experiment_id, f"tags.mlflow.parentRunId = '{ref}'",
-                             ["tags.htnet.seed"])
-    frames = [read_csv_artifact(store, run_id, "predictions.csv").assign(seed=seed)
-              for run_id, seed in zip(children["run_id"], children["tags.htnet.seed"].fillna(children["run_id"]))
-              if has_predictions(run_id)]
-    if not frames:
-        raise UserError(f"run {ref} has no predictions.csv artifact (nor do its child runs)")
-    return _check(pd.concat(frames, ignore_index=True), f"run {ref}"), label
+def _has_predictions(store, run_id):
+    return "predictions.csv" in {a.path for a in tracking.retry(store.client.list_artifacts, run_id)}
 
 
 def _restrict(frame, protocol, dataset, where):
@@ -67,8 +67,8 @@ def _restrict(frame, protocol, dataset, where):
 def per_subject_confusions(part, subjects):
     """(S, 3, 3) confusion counts, one per subject in `subjects` order."""
     groups = dict(tuple(part.groupby("subject")))
-    return np.stack([confusion(groups[s]["label"], groups[s]["prediction"]) for s in subjects]) if len(subjects) \
-        else np.zeros((0, NUM_CLASSES, NUM_CLASSES))
+    counts = [confusion(groups[s]["label"], groups[s]["prediction"]) for s in subjects]
+    return np.array(counts).reshape(-1, NUM_CLASSES, NUM_CLASSES)  # (0, 3, 3) for no subject
 
 
 def compare(a, b, protocol="inner", protocol_b=None, dataset="full", n_boot=10_000, seed=0, labels=("A", "B")):

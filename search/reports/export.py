@@ -35,16 +35,12 @@ def _numeric(values):
 
 def markdown_table(table, align=None):
     """A GitHub pipe table; align: {column: 'l'|'r'|'c'} (default: numbers right, text left)."""
-    def escape(text):
-        return text.replace("|", r"\|").replace("\n", " ")
-
     columns, rows = [str(c) for c in table.columns], _texts(table)
-    rules = []
-    for i, column in enumerate(columns):
-        values = [r[i] for r in rows if r[i] != ""]
-        kind = (align or {}).get(column) or ("r" if values and _numeric(values) else "l")
-        rules.append({"l": ":---", "r": "---:", "c": ":---:"}[kind])
-    return "".join("| " + " | ".join(map(escape, line)) + " |\n" for line in [columns, rules, *rows])
+    kinds = [(align or {}).get(c) or ("r" if any(r[i] for r in rows) and _numeric([r[i] for r in rows]) else "l")
+             for i, c in enumerate(columns)]
+    rules = [{"l": ":---", "r": "---:", "c": ":---:"}[kind] for kind in kinds]
+    return "".join("| " + " | ".join(c.replace("|", r"\|").replace("\n", " ") for c in line) + " |\n"
+                   for line in [columns, rules, *rows])
 
 
 def read_markdown_table(text):

@@ -13,7 +13,8 @@ from search import tracking
 from search.reports.export import format_numbers, latex_table, markdown_table
 
 DATASET_COLUMNS = (("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), ("samm", "SAMM"))
-METRIC_COLUMNS = tuple(f"{name} {m.upper()}" for _, name in DATASET_COLUMNS for m in ("uf1", "uar"))
+METRICS = tuple((key, f"{name} {m.upper()}", m) for key, name in DATASET_COLUMNS for m in ("uf1", "uar"))
+METRIC_COLUMNS = tuple(column for _, column, _ in METRICS)  # "Full UF1", ..., "SAMM UAR"
 Store = collections.namedtuple("Store", "client experiment_id tracking_uri experiment")  # one MLflow experiment
 
 
@@ -37,15 +38,13 @@ def search_parents(store, names=None):
     by_name = tracking.newest_run_ids(store.client, store.experiment_id, "tags.`htnet.role` = 'search'", "htnet.search")
     missing = [n for n in names or () if n not in by_name]
     if missing:
-        known = ", ".join(sorted(by_name)) or "none"
         raise UserError(f"no search named {missing[0]!r} in MLflow experiment {store.experiment!r} "
-                        f"at {store.tracking_uri} (known: {known})")
+                        f"at {store.tracking_uri} (known: {', '.join(sorted(by_name)) or 'none'})")
     return [tracking.retry(store.client.get_run, by_name[n]) for n in names or by_name]
 
 
 def searched_names(store, parent):
-    """The parameter names the search sampled (its space.yaml), or None if unreadable (missing,
-    not YAML, an alias bomb: refused by htnet.io's limits)."""
+    """The parameter names the search sampled (its space.yaml); None if unreadable (missing, not YAML, a bomb)."""
     from htnet.io import parse_yaml
 
     run_id = parent.info.run_id
@@ -57,8 +56,8 @@ def searched_names(store, parent):
     return [str(name) for name in section] if isinstance(section, dict) else None
 
 
-def read_artifact_bytes(store, run_id, path):
-    """An artifact's bytes (htnet.io.parse_yaml checks their encoding and size)."""
+def read_artifact_bytes(store, run_id, path, optional=False):
+    """An artifact's bytes (htnet.io.parse_yaml checks their encoding and size); None if optional and missing."""
     import os
     import tempfile
 
@@ -67,23 +66,24 @@ def read_artifact_bytes(store, run_id, path):
 
     with tempfile.TemporaryDirectory(prefix="htnet-report-") as folder:
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                        tracking_uri=store.tracking_uri, dst_path=folder)
-            return Path(local).read_bytes()
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
+                                                            tracking_uri=store.tracking_uri)).read_bytes()
         except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a missing file
+            if optional:
+                return None
             raise UserError(f"run {run_id}: cannot read artifact {path} ({first_line(e)[:200]})") from None
 
 
 def read_csv_artifact(store, run_id, path):
     return pd.read_csv(io.BytesIO(read_artifact_bytes(store, run_id, path)))
 
+
 def leaderboard(store, searches=None, protocol="objective", statuses=None, params=None, top=None):
     """The ranked trials (each its latest attempt) of `searches` (names; all when empty) as a DataFrame.
 
-    protocol: 'objective' (each search's objective protocol), 'inner', 'paper', 'final' or 'all'
-    (one row per trial and protocol, sharing the trial's rank). statuses: keep only these
-    htnet.status values. params: {name: value} keeps trials whose parameter equals value
-    (compared as text, and as numbers where both read as numbers)."""
+    protocol: 'objective' (each search's objective protocol), 'inner', 'paper', 'final' or 'all' (one row
+    per trial and protocol, sharing the trial's rank). statuses: keep only these htnet.status values.
+    params: {name: value} keeps trials whose parameter equals value (as text, or as numbers)."""
     if protocol not in ("objective", "all", *PROTOCOLS):
         raise UserError(f"--protocol must be objective, all, {', '.join(PROTOCOLS)}; got {protocol!r}")
     tables, key_params = [], ["model"]
@@ -104,34 +104,24 @@ def leaderboard(store, searches=None, protocol="objective", statuses=None, param
     if not tables:
         return pd.DataFrame(columns=columns)
     table = pd.concat(tables, ignore_index=True).rename(columns={"trial_id": "trial", "folds_done": "folds"})
-    table = table.reindex(columns=table.columns.union([f"params.{name}" for name in key_params], sort=False))
-    table = table.assign(**{name: table[f"params.{name}"] for name in key_params})
+    table = table.assign(**{name: table.get(f"params.{name}", np.nan) for name in key_params})
     if statuses:
         table = table[table["status"].isin(statuses)]
     for name, value in (params or {}).items():
         if name not in table:
             raise UserError(f"--param {name}: no trial has parameter {name!r} (key parameters: "
                             f"{', '.join(key_params)})")
-        table = table[_param_matches(table[name], value)]
+        number = pd.to_numeric(pd.Series([value]), errors="coerce")[0]  # equal as text, or as numbers
+        table = table[(table[name].astype(str) == str(value))
+                      | np.isclose(pd.to_numeric(table[name], errors="coerce"), number, rtol=1e-9, atol=0)]
     table = tracking.ranked(table, "objective_value", ("search", "trial")).head(top or None)
     table["rank"] = np.arange(1, len(table) + 1)
-    rows = []
-    for record in table.to_dict("records"):
-        shown = [record["objective_protocol"]] if protocol == "objective" else \
-            list(PROTOCOLS) if protocol == "all" else [protocol]
-        for p in shown:
-            rows.append({**record, "protocol": p, **{f"{name} {m.upper()}": record.get(f"metrics.{p}_{key}_{m}", np.nan)
-                                                     for key, name in DATASET_COLUMNS for m in ("uf1", "uar")}})
+    rows = [{**r, "protocol": p, **{column: r.get(f"metrics.{p}_{key}_{m}", np.nan) for key, column, m in METRICS}}
+            for r in table.to_dict("records")
+            for p in {"objective": [r["objective_protocol"]], "all": PROTOCOLS}.get(protocol, [protocol])]
     out = pd.DataFrame(rows, columns=columns)
     out["folds"] = pd.to_numeric(out["folds"], errors="coerce").astype("Int64")
     return out
-
-
-def _param_matches(series, value):
-    """Equal as text, or as numbers where both read as numbers."""
-    number = pd.to_numeric(pd.Series([value]), errors="coerce")[0]
-    return (series.astype(str) == str(value)) | np.isclose(pd.to_numeric(series, errors="coerce"), number,
-                                                           rtol=1e-9, atol=0)
 
 
 def write_exports(table, csv=None, markdown=None, latex=None, caption=None):

@@ -8,14 +8,12 @@ import pandas as pd
 from htnet.errors import UserError
 from search import tracking
 from search.reports.export import latex_table, markdown_table
-from search.reports.leaderboard import DATASET_COLUMNS, open_store
+from search.reports.leaderboard import DATASET_COLUMNS, METRIC_COLUMNS, METRICS, open_store
 from search.reports.rerun import format_interval, get_run
 
-METRICS = tuple((key, name, m) for key, name in DATASET_COLUMNS for m in ("uf1", "uar"))
-COLUMNS = tuple(f"{name} {m.upper()}" for _, name, m in METRICS)
 STATS = ("std", "ci95_low", "ci95_high")  # beside each column's mean in the numbers (CSV)
 CSV_COLUMNS = ["method", "protocol", "source", "kind", "n", "run_id",
-               *(f"{c}{s}" for c in COLUMNS for s in ("", *(f" {stat}" for stat in STATS)))]
+               *(f"{c}{s}" for c in METRIC_COLUMNS for s in ("", *(f" {stat}" for stat in STATS)))]
 
 # Published reference numbers: copied from the publications, not reproduced here.
 PUBLISHED = (
@@ -47,24 +45,17 @@ def _order(row):
 
 
 def _run_rows(run, kind, method):
-    """The paper and leak-free (inner, else final) rows of a rerun parent (mean over seeds, std,
-    t-interval) or a nested parent (one estimate)."""
-    metrics = run.data.metrics
-    mean = "_mean" if kind == "rerun" else ""
-    leak_free = "inner" if f"inner_full_uf1{mean}" in metrics else "final"
+    """The paper and leak-free (inner, else final) rows of a rerun parent (mean over seeds, std, t-interval)
+    or a nested parent (one estimate)."""
+    metrics, mean = run.data.metrics, "_mean" if kind == "rerun" else ""
     n = int(metrics.get("n_seeds" if kind == "rerun" else "nested_outer_folds", 0))
     source = f"ours, {n} seed{'s' if n != 1 else ''}" if kind == "rerun" else f"ours, nested LOSO ({n} outer folds)"
-    rows = []
-    for protocol in ("paper", leak_free):
-        if f"{protocol}_full_uf1{mean}" in metrics:
-            row = {"method": method, "protocol": protocol, "source": source, "kind": kind, "n": n,
-                   "run_id": run.info.run_id}
-            for (key, _, m), column in zip(METRICS, COLUMNS):
-                base = f"{protocol}_{key}_{m}"
-                row[column] = metrics.get(base + mean, np.nan)
-                row.update({f"{column} {s}": metrics.get(f"{base}_{s}", np.nan) for s in STATS if kind == "rerun"})
-            rows.append(row)
-    return rows
+    suffixes = [("", mean), *((f" {stat}", f"_{stat}") for stat in STATS if kind == "rerun")]  # (column, metric)
+    leak_free = "inner" if f"inner_full_uf1{mean}" in metrics else "final"
+    return [{"method": method, "protocol": p, "source": source, "kind": kind, "n": n, "run_id": run.info.run_id,
+             **{column + text: metrics.get(f"{p}_{key}_{m}{suffix}", np.nan)
+                for key, column, m in METRICS for text, suffix in suffixes}}
+            for p in ("paper", leak_free) if f"{p}_full_uf1{mean}" in metrics]
 
 
 def collect(store, methods=None, nested=True):
@@ -84,7 +75,7 @@ def collect(store, methods=None, nested=True):
         picked.update({m: (tracking.retry(store.client.get_run, r), role) for m, r in newest.items()})
     rows = [{"method": p["method"], "protocol": p["protocol"], "source": p["source"], "kind": "published",
              "n": np.nan, "run_id": "", **{c: p["values"][key][0 if m == "uf1" else 1]
-                                           for (key, _, m), c in zip(METRICS, COLUMNS) if key in p["values"]}}
+                                           for key, c, m in METRICS if key in p["values"]}}
             for p in PUBLISHED]
     rows += [row for label, (run, role) in picked.items() for row in _run_rows(run, role, label)]
     table = pd.DataFrame(sorted(rows, key=_order)).reindex(columns=CSV_COLUMNS)
@@ -114,16 +105,17 @@ def render(table, interval="std"):
     style = {"std": "std", "ci95": "ci"}.get(interval, "mean")  # beside each mean: std, t-interval or nothing
     cells = {c: [format_interval({"mean": r[c], "std": r[f"{c} std"], "ci_low": r[f"{c} ci95_low"],
                                   "ci_high": r[f"{c} ci95_high"]}, style) for r in table.to_dict("records")]
-             for c in COLUMNS}
+             for c in METRIC_COLUMNS}
     shown = pd.DataFrame({"Method": table["method"] + np.where(table["kind"] == "published", " *", ""),
                           "Protocol": table["protocol"], "Source": table["source"], **cells})
     note_lines = notes(table, interval)
+    align = {"Method": "l", "Protocol": "l", "Source": "l", **dict.fromkeys(METRIC_COLUMNS, "r")}
     md = ("Table: micro-expression recognition under LOSO on the composite set (3 classes).\n\n"
-          + markdown_table(shown, align={"Method": "l", "Protocol": "l", "Source": "l", **dict.fromkeys(COLUMNS, "r")})
+          + markdown_table(shown, align=align)
           + "\n" + "\n".join(f"- {line}" for line in note_lines) + "\n")
     shown.columns = ["Method", "Protocol", "Source", *(["UF1", "UAR"] * len(DATASET_COLUMNS))]
     tex = latex_table(shown, header_groups=[("", 3), *((name, 2) for _, name in DATASET_COLUMNS)],
-                      column_format="lll" + "c" * len(COLUMNS), notes=note_lines, label="tab:htnet-loso",
+                      column_format="lll" + "c" * len(METRIC_COLUMNS), notes=note_lines, label="tab:htnet-loso",
                       caption="Micro-expression recognition under LOSO on the composite set (3 classes)")
     return {"md": md, "tex": tex, "csv": table.to_csv(index=False)}
 
@@ -150,12 +142,9 @@ def paper_table(tracking_uri=None, experiment="htnet", methods=None, interval="s
         print(f"written: {', '.join(map(str, written))}", file=out)
     run_id = None
     if log:
-        client = store.client
-        sources = ",".join(sorted({r for r in table["run_id"] if r}))
-        run_id = tracking.retry(client.create_run, store.experiment_id,
-                                tags={"htnet.role": "paper_table", "htnet.sources": sources[:5000],
-                                      "htnet.interval": interval, "mlflow.runName": "paper-table"},
-                                run_name="paper-table").info.run_id
+        client, sources = store.client, ",".join(sorted({r for r in table["run_id"] if r}))
+        tags = {"htnet.role": "paper_table", "htnet.sources": sources[:5000], "htnet.interval": interval}
+        run_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name="paper-table").info.run_id
         for ext, text in texts.items():
             tracking.retry(client.log_text, run_id, text, f"paper_table.{ext}")
         tracking.retry(client.set_terminated, run_id, "FINISHED")

@@ -50,8 +50,11 @@ def _log_figure(client, run_id, figure, name):
         plt.close(figure)  # Optuna draws with pyplot, which keeps its figures until closed
 
 
-def load_study(parent, search, storage_url=None):
+def _optuna_plots(store, parent, search, storage_url, objective, out):
+    """Optuna's plots of the search's study on its parent run; returns {name: artifact path}."""
     import optuna
+    import optuna.visualization.matplotlib as ovm
+    from optuna.exceptions import ExperimentalWarning
 
     from search.driver.stores import open_optuna_storage
 
@@ -60,15 +63,9 @@ def load_study(parent, search, storage_url=None):
         raise UserError(f"search {search!r}: its parent run names no optuna_storage (pass --optuna-storage)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.load_study(study_name=search, storage=open_optuna_storage(url))
+        study = optuna.load_study(study_name=search, storage=open_optuna_storage(url))
     except KeyError:
         raise UserError(f"no Optuna study {search!r} in {url}") from None
-
-
-def _optuna_plots(store, run_id, study, objective, out):
-    import optuna.visualization.matplotlib as ovm
-    from optuna.exceptions import ExperimentalWarning
-
     made = {}
     # Parameter importances use Optuna's default evaluator (fANOVA): two finished trials at least.
     for name in ("optimization_history", "param_importances", "parallel_coordinate"):
@@ -79,7 +76,7 @@ def _optuna_plots(store, run_id, study, objective, out):
             figure = np.atleast_1d(axes).ravel()[0].get_figure(root=True)
             width, height = figure.get_size_inches()
             figure.set_size_inches(max(width, 8), max(height, 5))
-            _log_figure(store.client, run_id, figure, name)
+            _log_figure(store.client, parent.info.run_id, figure, name)
             made[name] = f"plots/{name}.png"
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             print(f"skipped {name}: {first_line(e)}", file=out)
@@ -98,7 +95,7 @@ def log_search_plots(store, search, optuna_storage=None, out=None):
     run_id = parent.info.run_id
     objective = parent.data.tags.get("htnet.objective", "objective")
     try:
-        made = _optuna_plots(store, run_id, load_study(parent, search, optuna_storage), objective, out)
+        made = _optuna_plots(store, parent, search, optuna_storage, objective, out)
     except UserError as e:
         print(f"skipped the Optuna plots: {e}", file=out)
         made = {}

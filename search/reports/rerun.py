@@ -1,5 +1,6 @@
 """`python -m search rerun`: one configuration with K seeds in parallel on Ray, each metric's mean ± std
 and 95% t-interval logged to an MLflow rerun parent run with a child run per seed."""
+import collections
 import dataclasses
 import math
 import sys
@@ -12,34 +13,25 @@ import pandas as pd
 
 from htnet.errors import UserError
 from htnet.io import parse_yaml, read_yaml
-from htnet.metrics import PROTOCOLS
+from htnet.metrics import PROTOCOLS, summary_table
 from search import tracking
 from search.reports.export import markdown_table
-from search.reports.leaderboard import DATASET_COLUMNS, leaderboard, open_store, read_artifact_bytes, search_parents
+from search.reports.leaderboard import METRICS, leaderboard, open_store, read_artifact_bytes, search_parents
 from search.reports.stats import summarize_columns
 from search.space import check_value, flatten, nest
 
 MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet"}
-PRESETS = {
-    # LosoConfig's defaults are the HTNet reference: dim 256, heads 3, 3 levels, blocks (2,2,10),
-    # patch 7, lr 5e-5, batch 256, 800 epochs, Adam, no shuffle.
-    "htnet-paper": ({"model": "htnet"}, "HTNet (paper config)"),
-    # STSTNet's PyTorch reference: lr 5e-5, batch 256, 800 epochs, Adam; it publishes its final epoch.
-    "ststnet": ({"model": "ststnet", "protocols": ["paper", "final", "inner"]}, "STSTNet"),
-}
-METRIC_KEYS = (*(f"{p}_{d}_{m}" for p in PROTOCOLS for d, _ in DATASET_COLUMNS for m in ("uf1", "uar")),
+# LosoConfig's defaults are the references' (HTNet: dim 256, heads 3, 3 levels, blocks (2,2,10), patch 7, no
+# shuffle; both: lr 5e-5, batch 256, 800 epochs, Adam); STSTNet publishes its final epoch.
+PRESETS = {"htnet-paper": ({"model": "htnet"}, "HTNet (paper config)"),
+           "ststnet": ({"model": "ststnet", "protocols": ["paper", "final", "inner"]}, "STSTNet")}
+METRIC_KEYS = (*(f"{p}_{key}_{m}" for p in PROTOCOLS for key, _, m in METRICS),
                "inner_val_uf1", "inner_val_uar", "fold_epochs", "wall_time_s")
 
 
-@dataclass
-class RerunSource:
-    config: dict
-    method: str
-    run_id: str | None = None
-    search: str | None = None
-    search_run_id: str | None = None  # set when a search chose it on these data: rerun with fresh seeds
-    data: str | None = None
-    description: str = ""
+# search_run_id: set when a search chose the configuration on these data (its rerun takes fresh seeds)
+RerunSource = collections.namedtuple("RerunSource", "config method run_id search search_run_id data description",
+                                     defaults=(None, None, None, None, ""))
 
 
 @dataclass
@@ -68,30 +60,10 @@ def model_label(model):
 
 def best_run_id(store, parent, search):
     """The search's best finished trial: its parent's htnet.best_run_id tag, else the leaderboard's first."""
-    run_id = parent.data.tags.get("htnet.best_run_id")
-    if run_id is None:
-        table = leaderboard(store, [search], statuses=["finished"])
-        run_id = table.iloc[0]["run_id"] if len(table) else None
-    return run_id
-
-
-def config_of_run(store, run):
-    """The LOSO config of a run: its config.yaml artifact, else its params."""
-    run_id = run.info.run_id
-    try:
-        text = read_artifact_bytes(store, run_id, "config.yaml")
-    except UserError:  # no such artifact: the params say it too
-        text = None
-    config = parse_yaml(text, f"run {run_id}: config.yaml") if text is not None else None
-    if isinstance(config, dict):
-        return config
-    if "model" not in run.data.params:
-        raise UserError(f"run {run_id} has neither a config.yaml artifact nor LOSO params")
-    from htnet.loso import LosoConfig
-
-    known = {f.name for f in dataclasses.fields(LosoConfig)}
-    return nest({k: parse_yaml(v, f"run {run_id}: param {k}") for k, v in run.data.params.items()
-                 if k.split(".")[0] in known})
+    if "htnet.best_run_id" in parent.data.tags:
+        return parent.data.tags["htnet.best_run_id"]
+    table = leaderboard(store, [search], statuses=["finished"])
+    return table.iloc[0]["run_id"] if len(table) else None
 
 
 def get_run(store, run_id, missing):
@@ -102,9 +74,25 @@ def get_run(store, run_id, missing):
         raise UserError(missing) from None
 
 
+def config_of_run(store, run):
+    """The LOSO config of a run: its config.yaml artifact, else its params."""
+    from htnet.loso import LosoConfig
+
+    run_id = run.info.run_id
+    text = read_artifact_bytes(store, run_id, "config.yaml", optional=True)
+    config = parse_yaml(text, f"run {run_id}: config.yaml") if text is not None else None
+    if isinstance(config, dict):
+        return config
+    if "model" not in run.data.params:
+        raise UserError(f"run {run_id} has neither a config.yaml artifact nor LOSO params")
+    known = {f.name for f in dataclasses.fields(LosoConfig)}
+    return nest({k: parse_yaml(v, f"run {run_id}: param {k}") for k, v in run.data.params.items()
+                 if k.split(".")[0] in known})
+
+
 def resolve_source(store, options):
     """The configuration to rerun, its label and where it came from."""
-    if len([x for x in (options.best, options.run_id, options.preset, options.config) if x]) != 1:
+    if sum(map(bool, (options.best, options.run_id, options.preset, options.config))) != 1:
         raise UserError("name exactly one of --best SEARCH, --run-id RUN, --preset NAME, --config FILE")
     if options.preset:
         if options.preset not in PRESETS:
@@ -129,20 +117,19 @@ def resolve_source(store, options):
     parent_id = tags.get("mlflow.parentRunId") if tags.get("htnet.role") == "trial" else None
     data = get_run(store, parent_id, f"no MLflow run {parent_id!r}").data.params.get("data") if parent_id else None
     label = model_label(config.get("model", "htnet"))
+    method, description = tags.get("htnet.method") or f"{label} (run {run_id[:8]})", f"run {run_id}"
     if options.best:
         objective = parent.data.tags.get("htnet.objective", "?")
         method = f"{label} (best found)"
         description = (f"best trial {tags.get('htnet.trial_id', run_id)} of search {options.best} by {objective} = "
                        f"{metrics.get(objective, float('nan')):.4f}")
-    else:
-        method, description = tags.get("htnet.method") or f"{label} (run {run_id[:8]})", f"run {run_id}"
     return RerunSource(config, options.method or method, run_id, tags.get("htnet.search"), parent_id, data,
                        description)
 
 
 def checked_config(source, sets, where):
-    """The source's config with --set KEY=VALUE (YAML values; model_config.KEY for the model) applied, each
-    value checked where it came from (integers are integers, numbers finite) before anything is written."""
+    """The source's config with --set KEY=VALUE (YAML; model_config.KEY for the model) applied, every value
+    checked (integers are integers, numbers finite) before anything is written; `where` names the source."""
     given = {}
     for text in sets or []:
         key, sep, value = str(text).partition("=")
@@ -159,8 +146,8 @@ def checked_config(source, sets, where):
 
 
 def seeds_for(config, source, count, seed_list=None):
-    """--seed-list, else `count` seeds: a configuration a search chose was chosen with its own seed, which
-    favours that seed (the winner's curse), so it gets fresh ones (seed+1 ...); others start at their seed."""
+    """--seed-list, else `count` seeds from the config's seed. A configuration a search chose was chosen with
+    its seed, which favours that seed (the winner's curse): it gets fresh ones (seed+1, ...)."""
     if seed_list:
         try:
             seeds = [int(s) for s in seed_list]
@@ -176,6 +163,7 @@ def seeds_for(config, source, count, seed_list=None):
 
 
 def load_rerun_data(data, source, storage):
+    """(data, root) of --data, else of the source search's data, else of the built-in synthetic set."""
     from search.driver.stores import load_data
 
     if data:
@@ -195,14 +183,14 @@ def _seed_task(config, data, threads):
     """One seed, a full LOSO run: its LosoResult, or {'error': ...} for a config that cannot train."""
     import torch
 
-    from htnet.errors import TrainingDiverged
+    from htnet.errors import TrainingDiverged, first_line
     from htnet.loso import LosoConfig, run_loso
 
     torch.set_num_threads(max(1, int(threads)))
     try:
         return run_loso(LosoConfig.from_dict(config), data, progress=False)
     except (TrainingDiverged, UserError) as e:
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        return {"error": f"{type(e).__name__}: {first_line(e)}"}
 
 
 def run_parallel(jobs, data, on_result, cpus=1.0, gpus=0.0):
@@ -242,8 +230,7 @@ def log_frame(client, run_id, frame, name, markdown=False):
 
 
 def end_seed(client, run_id, seed, result, title):
-    """A seed's end on its run: the error, or its metrics and files (a search trial's: the result files and
-    PNGs); returns its row of seeds.csv."""
+    """A seed's end on its run: the error, or its metrics, result files and PNGs; returns its row of seeds.csv."""
     from search.tracking.figures import confusion_matrix_png, learning_curve_png
 
     if isinstance(result, dict):
@@ -303,19 +290,17 @@ def format_interval(stats, style="full", digits=4):
     return text
 
 
-def protocol_table(summary, style="full"):
-    """Rows = protocols, columns = Full/SMIC/CASME II/SAMM x UF1/UAR, cells format_interval(style)."""
-    return pd.DataFrame([{"protocol": p, **{f"{name} {m.upper()}": format_interval(summary.loc[f"{p}_{key}_{m}"], style)
-                                            if f"{p}_{key}_{m}" in summary.index else ""
-                                            for key, name in DATASET_COLUMNS for m in ("uf1", "uar")}}
-                         for p in PROTOCOLS if f"{p}_full_uf1" in summary.index])
+def protocol_table(summary):
+    """Rows = protocols, columns = Full/SMIC/CASME II/SAMM x UF1/UAR, cells 'mean ± std [95% t-interval]'."""
+    cells = {key: format_interval(row) for key, row in summary.iterrows()}
+    return summary_table(cells).fillna("").rename_axis("protocol").reset_index()
 
 
 def rerun(options, out=None):
     """Rerun a configuration with K seeds; returns a dict: parent_run_id, seeds (a row per seed), summary
     (rows = metric keys: n, mean, std, ci_low, ci_high), method and config."""
     from htnet.loso import LosoConfig, select_subjects
-    from search.driver.ray_setup import init_ray, stop_ray
+    from search.driver.ray_setup import ray_session
 
     out = out or sys.stdout
     # a config file or preset is checked before the MLflow store is opened (created): nothing written
@@ -333,16 +318,20 @@ def rerun(options, out=None):
     data, data_root = load_rerun_data(options.data, source, options.storage)
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
     client, method, seed_text = store.client, source.method, ",".join(map(str, seeds))
+
+    def new_run(name, tags, params):
+        run_id = tracking.retry(client.create_run, store.experiment_id, tags={k: v for k, v in tags.items() if v},
+                                run_name=name).info.run_id
+        tracking.log_params(client, run_id, params)
+        return run_id
+
     unseeded = {k: v for k, v in base.items() if k != "seed"}
-    tags = {"htnet.role": "rerun", "htnet.method": method, "htnet.model": base["model"], "htnet.seeds": seed_text,
-            "htnet.protocols": ",".join(base["protocols"]), "htnet.source": source.description,
-            "htnet.source_run_id": source.run_id, "htnet.source_search": source.search,
-            "mlflow.runName": f"rerun {method}"}
-    parent_id = tracking.retry(client.create_run, store.experiment_id, tags={k: v for k, v in tags.items() if v},
-                               run_name=f"rerun {method}").info.run_id
-    tracking.log_params(client, parent_id, {**flatten(unseeded), "seeds": seed_text, "data": data_root,
-                                            "cpus_per_seed": options.cpus_per_seed,
-                                            "gpus_per_seed": options.gpus_per_seed})
+    parent_id = new_run(f"rerun {method}", {
+        "htnet.role": "rerun", "htnet.method": method, "htnet.model": base["model"], "htnet.seeds": seed_text,
+        "htnet.protocols": ",".join(base["protocols"]), "htnet.source": source.description,
+        "htnet.source_run_id": source.run_id, "htnet.source_search": source.search},
+        {**flatten(unseeded), "seeds": seed_text, "data": data_root, "cpus_per_seed": options.cpus_per_seed,
+         "gpus_per_seed": options.gpus_per_seed})
     tracking.retry(client.log_dict, parent_id, unseeded, "config.yaml")
     folds = len(select_subjects(data, base["subjects"]).subject_ids)
     models = 2 if "inner" in base["protocols"] else 1
@@ -350,15 +339,10 @@ def rerun(options, out=None):
           f"in parallel on Ray; data {data_root} ({len(data)} samples, {len(data.subject_ids)} subjects)", file=out)
     print(f"cost: {len(seeds)} seeds x {folds} folds x {base['epochs']} epochs x {models} model(s) per fold = "
           f"{len(seeds) * folds * base['epochs'] * models:,} fold-epochs", file=out)
-
-    children, started = {}, time.time()
-    for seed in seeds:
-        child_tags = {"mlflow.parentRunId": parent_id, "htnet.role": "rerun_seed", "htnet.seed": str(seed),
-                      "htnet.method": method, "htnet.status": "running"}
-        children[seed] = tracking.retry(client.create_run, store.experiment_id, tags=child_tags,
-                                        run_name=f"{method} seed {seed}").info.run_id
-        tracking.log_params(client, children[seed], flatten({**base, "seed": seed}))
-    rows, predictions = [], []
+    rows, predictions, started = [], [], time.time()
+    children = {seed: new_run(f"{method} seed {seed}", {
+        "mlflow.parentRunId": parent_id, "htnet.role": "rerun_seed", "htnet.seed": str(seed), "htnet.method": method,
+        "htnet.status": "running"}, flatten({**base, "seed": seed})) for seed in seeds}
 
     def logged(seed, result):
         rows.append(end_seed(client, children[seed], seed, result, f"{method} seed {seed}"))
@@ -371,38 +355,31 @@ def rerun(options, out=None):
               f"{leak_free} UF1 {result.metrics.get(f'{leak_free}_full_uf1', float('nan')):.4f} "
               f"({result.wall_time_s:.1f} s)", file=out)
 
-    started_ray = init_ray(options.address, options.num_cpus)
-    try:
-        run_parallel({seed: {**base, "seed": seed} for seed in seeds}, data, logged, options.cpus_per_seed,
-                     options.gpus_per_seed)
-    except BaseException:
-        for seed in set(seeds) - {r["seed"] for r in rows}:
-            tracking.set_tags(client, children[seed], {"htnet.status": "interrupted"})
-            tracking.retry(client.set_terminated, children[seed], "KILLED")
-        tracking.retry(client.set_terminated, parent_id, "KILLED")
-        raise
-    finally:
-        stop_ray(started_ray)
+    with ray_session(options.address, options.num_cpus):
+        try:
+            run_parallel({seed: {**base, "seed": seed} for seed in seeds}, data, logged, options.cpus_per_seed,
+                         options.gpus_per_seed)
+        except BaseException:
+            for seed in set(seeds) - {r["seed"] for r in rows}:
+                tracking.set_tags(client, children[seed], {"htnet.status": "interrupted"})
+                tracking.retry(client.set_terminated, children[seed], "KILLED")
+            tracking.retry(client.set_terminated, parent_id, "KILLED")
+            raise
 
     seeds_table, summary = log_summary(client, source, parent_id, rows, predictions, started)
-    print_rerun(method, seeds_table, summary, out)
-    print(f"MLflow: rerun parent run {parent_id} (experiment {store.experiment}, tag htnet.method={method!r})",
-          file=out)
-    return {"parent_run_id": parent_id, "seeds": seeds_table, "summary": summary, "method": method, "config": base}
-
-
-def print_rerun(method, seeds_table, summary, out):
     finished = int((seeds_table["status"] == "finished").sum())
     print(f"\n{method}: {finished} of {len(seeds_table)} seeds finished; mean ± std [95% t-interval] over seeds",
           file=out)
-    if not len(summary):
+    if len(summary):
+        with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
+            print(protocol_table(summary).set_index("protocol").T.rename_axis("").to_string(), file=out)
+        for key in ("inner_val_uf1", "fold_epochs", "wall_time_s"):
+            if key in summary.index:
+                print(f"{key}: {format_interval(summary.loc[key])}", file=out)
+        if not summary["std"].notna().any():
+            print("(one seed: no spread or interval)", file=out)
+    else:
         print("no seed finished: nothing to summarize", file=out)
-        return
-    table = protocol_table(summary).set_index("protocol").T.rename_axis("")
-    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
-        print(table.to_string(), file=out)
-    for key in ("inner_val_uf1", "fold_epochs", "wall_time_s"):
-        if key in summary.index:
-            print(f"{key}: {format_interval(summary.loc[key])}", file=out)
-    if not summary["std"].notna().any():
-        print("(one seed: no spread or interval)", file=out)
+    print(f"MLflow: rerun parent run {parent_id} (experiment {store.experiment}, tag htnet.method={method!r})",
+          file=out)
+    return {"parent_run_id": parent_id, "seeds": seeds_table, "summary": summary, "method": method, "config": base}

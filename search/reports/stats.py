@@ -7,8 +7,8 @@ EXACT_MAX = 16  # the sign-flip test enumerates all 2^n sign vectors up to this 
 
 
 def summarize_columns(table, columns=None, confidence=0.95):
-    """One row per column (e.g. seeds x metrics) over its finite values: n, mean, std (ddof=1) and the
-    two-sided Student-t interval mean +- t_{0.975, n-1} * std / sqrt(n) (none for one value)."""
+    """One row per column over its finite values: n, mean, std (ddof=1) and the two-sided Student-t interval
+    mean +- t_{0.975, n-1} * std / sqrt(n) (none for one value)."""
     values = table[list(table.columns if columns is None else columns)].apply(pd.to_numeric, errors="coerce")
     values = values.where(np.isfinite(values))
     n, mean, std = values.count(), values.mean(), values.std(ddof=1)
@@ -37,9 +37,8 @@ def paired_bootstrap(d, n_boot=10000, confidence=0.95, seed=0):
 
 
 def sign_flip_pvalue(d, n_perm=100_000, seed=0):
-    """(p, exact): two-sided paired permutation test of mean(d) = 0. Under the null each difference is as
-    likely +d as -d; scipy's one-sample permutation_test flips signs: exactly up to EXACT_MAX subjects,
-    else n_perm random sign vectors with the observed one counted."""
+    """(p, exact): two-sided paired permutation test of mean(d) = 0, flipping the signs of the differences:
+    every sign vector up to EXACT_MAX subjects, else n_perm random ones (the observed one counted)."""
     d = np.asarray(d, dtype=float)
     if len(d) == 0:
         return float("nan"), True
@@ -53,29 +52,26 @@ def sign_flip_pvalue(d, n_perm=100_000, seed=0):
 def wilcoxon_pvalue(d):
     """Wilcoxon signed-rank two-sided p-value, a cross-check; NaN when every d is 0."""
     d = np.asarray(d, dtype=float)
-    if len(d) == 0 or np.all(d == 0):
+    if not np.any(d):
         return float("nan")
     return float(scipy_stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
 def uf1_uar_from_counts(confusions):
-    """UF1 and UAR (arrays of shape (...)) of confusion counts (..., C, C), rows true: vectorised
-    htnet.metrics.uf1_uar, leaving out the classes absent from the ground truth as it does."""
+    """UF1 and UAR of confusion counts (..., C, C), rows true: vectorised htnet.metrics.uf1_uar (the classes
+    absent from the ground truth left out; NaN when none is present)."""
     c = np.asarray(confusions, dtype=float)
     tp, positives, predicted = np.diagonal(c, axis1=-2, axis2=-1), c.sum(axis=-1), c.sum(axis=-2)
     present = positives > 0
-    count = np.maximum(present.sum(axis=-1), 1)
-    f1 = np.where(present, 2 * tp / np.maximum(positives + predicted, 1e-300), 0.0)
-    recall = np.where(present, tp / np.maximum(positives, 1e-300), 0.0)
-    none = present.sum(axis=-1) == 0
-    return np.where(none, np.nan, f1.sum(axis=-1) / count), np.where(none, np.nan, recall.sum(axis=-1) / count)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(present, 2 * tp / (positives + predicted), 0.0).sum(axis=-1) / present.sum(axis=-1)
+        return f1, np.where(present, tp / positives, 0.0).sum(axis=-1) / present.sum(axis=-1)
 
 
 def cluster_bootstrap_uf1_uar(conf_a, conf_b, n_boot=10000, confidence=0.95, seed=0):
-    """{'uf1': (low, high), 'uar': (low, high)}: subject-level bootstrap intervals of pooled A - B from
-    (S, C, C) per-subject confusion counts; each replicate draws S subjects (the same for both runs).
-    Not scipy.stats.bootstrap: a replicate pools resampled counts, done for all replicates at once as
-    multinomial weights times the counts."""
+    """{'uf1': (low, high), 'uar': (low, high)}: subject-level bootstrap intervals of pooled A - B from (S, C, C)
+    per-subject confusion counts, the same S subjects drawn for both runs. Not scipy.stats.bootstrap: all the
+    replicates' pooled counts at once, as multinomial weights times the counts."""
     conf_a, conf_b = np.asarray(conf_a, float), np.asarray(conf_b, float)
     s = len(conf_a)
     weights = np.random.default_rng(seed).multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(float)
@@ -84,6 +80,5 @@ def cluster_bootstrap_uf1_uar(conf_a, conf_b, n_boot=10000, confidence=0.95, see
     alpha, out = (1 - confidence) / 2, {}
     for name, diff in (("uf1", uf1_a - uf1_b), ("uar", uar_a - uar_b)):
         diff = diff[np.isfinite(diff)]
-        out[name] = (float(np.quantile(diff, alpha)), float(np.quantile(diff, 1 - alpha))) if len(diff) \
-            else (float("nan"), float("nan"))
+        out[name] = tuple(float(q) for q in np.quantile(diff, [alpha, 1 - alpha])) if len(diff) else (np.nan,) * 2
     return out

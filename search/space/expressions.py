@@ -3,11 +3,10 @@ import ast
 import itertools
 import operator
 
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
 
-# An expression costs little whatever the file says: its text, node count and depth are bounded at parse
-# time, and every value it computes with is a small integer, a short string or a short list (a power or a
-# repetition is sized before it runs).
+# An expression costs little whatever the file says: its size is bounded at parse time, and every value it
+# computes with is small (a power or a repetition is sized before it runs).
 MAX_EXPR_CHARS = 1000
 MAX_EXPR_NODES = 200
 MAX_EXPR_DEPTH = 32
@@ -129,7 +128,7 @@ class Expr:
         if isinstance(node, ast.Constant):
             if not (node.value is None or isinstance(node.value, (bool, int, float, str))):
                 raise UserError(f"{self.where}: constant {node.value!r} is not allowed in {short(self.text)}")
-            self._run(node, {}, "constant")
+            self._run(node, {})
             return True
         if isinstance(node, (ast.List, ast.Tuple)):
             children = node.elts
@@ -154,16 +153,15 @@ class Expr:
     def __call__(self, env):
         return self._run(self.tree, env)
 
-    def _run(self, node, env, what="result"):
+    def _run(self, node, env):
         try:
-            return self._eval(node, env) if what == "result" else _bounded(node.value, what)
+            return self._eval(node, env)
         except _Missing:
             raise
         except _TooCostly as e:
             raise UserError(f"{self.where}: expression too costly ({e}) in {short(self.text)}") from None
         except (ArithmeticError, TypeError, ValueError, RecursionError, MemoryError) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{self.where}: {short(self.text)} failed: {message}") from None
+            raise UserError(f"{self.where}: {short(self.text)} failed: {first_line(e)}") from None
 
     def _eval(self, node, env):
         name = _dotted(node)
@@ -172,11 +170,10 @@ class Expr:
                 raise _Missing(name)
             return _bounded(env[name], f"value of {name}")
         if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.List):
-            return _bounded([self._eval(item, env) for item in node.elts])
-        if isinstance(node, ast.Tuple):
-            return _bounded(tuple(self._eval(item, env) for item in node.elts))
+            return _bounded(node.value, "constant")
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [self._eval(item, env) for item in node.elts]
+            return _bounded(items if isinstance(node, ast.List) else tuple(items))
         if isinstance(node, ast.BoolOp):
             values = (self._eval(item, env) for item in node.values)
             return all(values) if isinstance(node.op, ast.And) else any(values)
@@ -201,17 +198,11 @@ class Expr:
         except _Missing:
             return missing
 
+    def exercise(self, domains):
+        """Evaluate on combinations of the values its names can take: one that fails raises its UserError now."""
+        names = sorted(self.names & set(domains))
+        for combo in itertools.islice(itertools.product(*[domains[n] for n in names]), EXERCISE_COMBINATIONS):
+            self.holds(dict(zip(names, combo)))
+
     def __repr__(self):
         return self.text
-
-
-def exercise(expressions, domains):
-    """Evaluate each expression on the combinations of the values its names can take, so that one that fails
-    (`1 / heads` with heads 0, a string compared with a number, too costly) raises its UserError now."""
-    for expr in expressions:
-        names = sorted(expr.names & set(domains))
-        for combo in itertools.islice(itertools.product(*[domains[n] for n in names]), EXERCISE_COMBINATIONS):
-            try:
-                expr(dict(zip(names, combo)))
-            except _Missing:
-                pass

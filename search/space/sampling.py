@@ -11,7 +11,9 @@ from htnet.errors import UserError
 BUILTINS = {"image_size": 28}
 MAX_ENUMERATION = 100_000
 MAX_EVALUATIONS = 500_000  # condition evaluations a grid or a load-time check may spend
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "patient", "none")
+PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "successive_halving": "SuccessiveHalvingPruner",
+           "hyperband": "HyperbandPruner", "wilcoxon": "WilcoxonPruner", "patient": "PatientPruner",
+           "none": "NopPruner"}
 
 
 def optuna_value(value):
@@ -27,11 +29,10 @@ class ParamSampling:
         if self.kind == "choice":
             return list(self.choices)
         if self.kind == "int":
-            step = int(self.step or 1)
-            count = (int(self.high) - int(self.low)) // step + 1
-            if count > MAX_ENUMERATION:
-                raise UserError(f"{self.where}: an int range of {count} values is too large to enumerate")
-            return list(range(int(self.low), int(self.high) + 1, step))
+            values = range(int(self.low), int(self.high) + 1, int(self.step or 1))
+            if len(values) > MAX_ENUMERATION:
+                raise UserError(f"{self.where}: an int range of {len(values)} values is too large to enumerate")
+            return list(values)
         raise UserError(f"{self.where}: a float range cannot be enumerated (grid search or a "
                         f"condition needs a choice list or an int range)")
 
@@ -42,22 +43,18 @@ class ParamSampling:
     def suggest(self, trial, env):
         """Optuna needs a fixed set of choices per name: a parameter its conditions filter by earlier values
         is suggested under a name carrying those values (`model_config.heads|model_config.dim=112`)."""
-        if self.conditions:
-            allowed = self.allowed(env)
-            if not allowed:
-                context = ", ".join(f"{d}={env.get(d)!r}" for d in self.depends)
-                raise UserError(f"{self.where}: no value satisfies the conditions when {context}")
-            label = self.name
-            if self.depends:
-                label += "|" + ",".join(f"{d}={optuna_value(env.get(d))}" for d in self.depends)
-            encoded = [optuna_value(v) for v in allowed]
-            return allowed[encoded.index(trial.suggest_categorical(label, encoded))]
-        if self.kind == "choice":
-            encoded = [optuna_value(v) for v in self.choices]
-            return self.choices[encoded.index(trial.suggest_categorical(self.name, encoded))]
-        if self.kind == "int":
+        if self.kind == "int" and not self.conditions:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+        if self.kind == "float":
+            return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+        values, label = self.allowed(env) if self.conditions else self.choices, self.name
+        if not values:
+            context = ", ".join(f"{d}={env.get(d)!r}" for d in self.depends)
+            raise UserError(f"{self.where}: no value satisfies the conditions when {context}")
+        if self.depends:
+            label += "|" + ",".join(f"{d}={optuna_value(env.get(d))}" for d in self.depends)
+        encoded = [optuna_value(v) for v in values]
+        return values[encoded.index(trial.suggest_categorical(label, encoded))]
 
 
 class SpaceSampling:
@@ -66,9 +63,8 @@ class SpaceSampling:
         return {**BUILTINS, **{f.name: f.value for f in self.fixed if f.when is None}}
 
     def sample(self, trial):
-        """Define-by-run for Optuna: suggest every applicable parameter; return the values. Suggestions go to
-        the Optuna trial itself, so the Ray config is exactly the returned values under their plain names
-        (OptunaSearch's wrapper would capture the context names and JSON text instead)."""
+        """Define-by-run: suggest every applicable parameter on the Optuna trial itself (OptunaSearch's wrapper
+        would record the context names and JSON text), so the Ray config is the returned values."""
         trial = getattr(trial, "ot_trial", trial)
         env, values = self.fixed_env(), {}
         for param in self.params:
@@ -146,15 +142,10 @@ class SpaceSampling:
         import optuna
 
         options = {k: v for k, v in self.sampler.items() if k != "type"}
-        cls = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-               "grid": optuna.samplers.GridSampler}[self.sampler["type"]]
-        check_arguments(cls, options, f"{self.source}: sampler")
-        try:
-            if cls is optuna.samplers.GridSampler:
-                return cls({"grid_point": [self.grid_label(p) for p in self.grid_points()]}, **options)
-            return cls(**options)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{self.source}: sampler: {e}") from None
+        kind = self.sampler["type"]
+        cls = getattr(optuna.samplers, {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler"}[kind])
+        grid = [{"grid_point": [self.grid_label(p) for p in self.grid_points()]}] if kind == "grid" else []
+        return build(cls, f"{self.source}: sampler", grid, options)
 
     def make_pruner(self):
         return make_pruner(self.pruner, f"{self.source}: pruner")
@@ -166,12 +157,9 @@ def make_pruner(spec, where):
 
     spec = dict(spec)
     kind = spec.pop("type", "median")
-    classes = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
-               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-               "hyperband": optuna.pruners.HyperbandPruner, "wilcoxon": optuna.pruners.WilcoxonPruner,
-               "patient": optuna.pruners.PatientPruner, "none": optuna.pruners.NopPruner}
-    if kind not in classes:
+    if kind not in PRUNERS:
         raise UserError(f"{where}: unknown type {kind!r} (known: {', '.join(PRUNERS)})")
+    cls = getattr(optuna.pruners, PRUNERS[kind])
     # Wilcoxon ("experimental since v3.6.0") and Patient ("since v2.8") are stable in use
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -183,16 +171,12 @@ def make_pruner(spec, where):
             if "patience" not in spec:
                 raise UserError(f"{where}: patient needs 'patience' (reports without improvement)")
             inner = [make_pruner(wrapped, f"{where}.wrapped") if wrapped else None]
-        check_arguments(classes[kind], spec, where)
-        try:
-            return classes[kind](*inner, **spec)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{where}: {e}") from None
+        return build(cls, where, inner, spec)
 
 
-def check_arguments(cls, options, where):
-    """Optuna's arguments from YAML as its annotations want them: `n_startup_trials: 2.0`, `seed: true` or
-    `p_threshold: .nan` is one line naming the key. Keys the constructor does not take are left to its TypeError."""
+def build(cls, where, args, options):
+    """cls(*args, **options), its YAML options checked against its annotations first (`n_startup_trials: 2.0`,
+    `seed: true`, `p_threshold: .nan`: one line naming the key); what it refuses is one line too."""
     parameters = inspect.signature(cls).parameters
     words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text", "None": "null"}
     for key, value in options.items():
@@ -206,6 +190,10 @@ def check_arguments(cls, options, where):
             (isinstance(value, float) and math.isfinite(value) and "float" in kinds)
         if not ok:
             raise UserError(f"{where}.{key}: expected {' or '.join(words.get(k, k) for k in kinds)}, got {value!r}")
+    try:
+        return cls(*args, **options)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def nest(flat):

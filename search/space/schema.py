@@ -1,46 +1,23 @@
 """The search space file: parse and check it into a SearchSpace (one-line UserError naming the file and key).
-
-    num_samples: 6                 # trials (grid: at most the number of grid points)
-    max_concurrent_trials: 2
-    objective: inner               # inner (leak-free validation UF1) | paper (test-fold UF1)
-    resources: {cpu: 1, gpu: 0}    # per trial; fractional GPUs pack trials: gpu: 0.25 -> 4 per GPU
-    max_failures: 2                # retries of a trial whose worker died
-    sampler: {type: tpe, seed: 0}  # tpe | random | grid, plus the Optuna sampler's arguments
-    pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 1}   # any of sampling.PRUNERS
-    data: {synthetic_subjects: 2}  # the built-in synthetic set when no --data is given
-    fixed:                         # LosoConfig keys held fixed (model_config.<key> for the model)
-      epochs: 3
-      model_config.num_hierarchies: {value: 1, when: "model == 'htnet'"}
-    space:                         # sampled, in this order
-      model: {choice: [htnet, ststnet]}
-      lr: {low: 1.0e-4, high: 1.0e-2, log: true}      # float range, log scale
-      model_config.heads: {low: 1, high: 4, when: "model == 'htnet'"}   # int range
-    conditions:                    # must hold for every sampled configuration
-      - model_config.dim % model_config.heads == 0
-
-A parameter is a choice list (any YAML values), an int range (integer `low`/`high`, optional `step`, `log`)
-or a float range (`type: int|float` forces the kind); a plain value in `space` is fixed. Every value is
-checked by LosoConfig's rules for its key. `when` makes a parameter or fixed value apply to some
-configurations only. Expressions (`when`, `conditions`: expressions.py) use parameter names, `image_size`,
-numbers, strings, arithmetic, comparisons, and/or/not, `in`, len/min/max/abs. Conditions are kept by
-construction: one filters the candidates of the last parameter it names (a choice or an int range).
-"""
+The format is described in docs/design.md and search/spaces/*.yaml."""
 import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
 from htnet.io import parse_yaml, read_yaml
-from search.space.expressions import Expr, exercise, short
+from search.space.expressions import Expr, short
 from search.space.sampling import BUILTINS, PRUNERS, ParamSampling, SpaceSampling, nest, optuna_value
 
 OBJECTIVES = {"inner": "inner_val_uf1", "paper": "paper_full_uf1"}
 SAMPLERS = ("tpe", "random", "grid")
 TOP_KEYS = ("description", "num_samples", "max_concurrent_trials", "objective", "resources",
             "max_failures", "sampler", "pruner", "data", "fixed", "space", "conditions")
-DATA_KEYS = ("synthetic_subjects", "synthetic_seed")
-PARAM_KEYS = {"choice", "low", "high", "log", "step", "type", "when"}
+# section -> key -> (default, kind, op, bound)
+SECTIONS = {"resources": {"cpu": (1.0, float, ">", 0), "gpu": (0.0, float, ">=", 0)},
+            "data": {"synthetic_subjects": (4, int, ">=", 1), "synthetic_seed": (0, int, ">=", 0)}}
+PARAM_KEYS = ("choice", "high", "log", "low", "step", "type", "when")
 SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
 
 
@@ -92,23 +69,29 @@ class SearchSpace(SpaceSampling):
         return OBJECTIVES[self.objective]
 
 
-def check_value(name, value, where):
-    """`value` as LosoConfig takes it for the key `name` (lr's text 1e-4, as YAML 1.1 reads it, becomes a float),
-    else a UserError starting with `where`. A rule that depends on another key sees a neutral one (protocols
-    without inner, STSTNet); a model argument, whose model may be unknown here, is only refused non-finite."""
+def _loso_config(values, where):
+    """LosoConfig.from_dict(values), its model built on the meta device (no memory, no time); errors name `where`."""
     import torch
 
     from htnet.loso import LosoConfig
 
+    try:
+        with torch.device("meta"):
+            return LosoConfig.from_dict(values)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
+        raise UserError(f"{where}: {first_line(e)}") from None
+
+
+def check_value(name, value, where):
+    """`value` as LosoConfig takes it for the key `name` (YAML 1.1's text 1e-4 becomes a float), else a UserError
+    starting with `where`; other keys are neutral (STSTNet, no inner), model arguments only refused non-finite."""
     if name.startswith("model_config."):
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"{where}: expected a finite number, got {value!r}")
         return value
-    try:
-        with torch.device("meta"):  # a model is built without memory or time
-            return LosoConfig.from_dict({"model": "ststnet", "protocols": ["paper"], name: value}).to_dict()[name]
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+    return _loso_config({"model": "ststnet", "protocols": ["paper"], name: value}, where).to_dict()[name]
 
 
 def _number(value, where):
@@ -129,6 +112,12 @@ def _number(value, where):
     return number
 
 
+def _known(mapping, known, where):
+    unknown = [key for key in mapping if key not in known]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
+
+
 def _check_key(name, where):
     import dataclasses
 
@@ -145,12 +134,10 @@ def _check_key(name, where):
 
 
 def _parse_param(name, spec, where):
-    unknown = sorted(set(spec) - PARAM_KEYS)
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(PARAM_KEYS))})")
+    _known(spec, PARAM_KEYS, where)
     when = Expr(spec["when"], f"{where}.when") if "when" in spec else None
     if "choice" in spec:
-        extra = sorted(set(spec) & (PARAM_KEYS - {"choice", "when"}))
+        extra = sorted(set(spec) - {"choice", "when"})
         if extra:
             raise UserError(f"{where}: {extra[0]!r} does not go with 'choice'")
         choices = spec["choice"]
@@ -164,28 +151,21 @@ def _parse_param(name, spec, where):
     missing = [bound for bound in ("low", "high") if bound not in spec]
     if missing:
         raise UserError(f"{where}: needs 'choice', or 'low' and 'high' (missing {missing[0]!r})")
-    low, high = _number(spec["low"], f"{where}.low"), _number(spec["high"], f"{where}.high")
+    numbers = {key: _number(spec[key], f"{where}.{key}") for key in ("low", "high", "step")
+               if key != "step" or spec.get(key) is not None}
+    low, high, step, log = numbers["low"], numbers["high"], numbers.get("step"), spec.get("log", False)
     kind = spec.get("type", "int" if isinstance(low, int) and isinstance(high, int) else "float")
-    if kind not in ("int", "float"):
-        raise UserError(f"{where}.type: expected int or float, got {kind!r}")
-    for bound, number in (("low", low), ("high", high)):
-        if kind == "int" and not isinstance(number, int):
-            raise UserError(f"{where}.{bound}: expected an integer, got {spec[bound]!r}")
-    if low > high:
-        raise UserError(f"{where}: low {low} > high {high}")
-    log, step = spec.get("log", False), spec.get("step")
-    if not isinstance(log, bool):
-        raise UserError(f"{where}.log: expected true or false, got {log!r}")
-    if log and low <= 0:
-        raise UserError(f"{where}: log scale needs low > 0, got {low}")
-    if step is not None:
-        step = _number(step, f"{where}.step")
-        if step <= 0:
-            raise UserError(f"{where}.step: must be > 0, got {step}")
-        if log:
-            raise UserError(f"{where}: 'step' does not go with 'log'")
-        if kind == "int" and not isinstance(step, int):
-            raise UserError(f"{where}.step: expected an integer, got {spec['step']!r}")
+    checks = [(kind not in ("int", "float"), f"{where}.type: expected int or float, got {kind!r}"),
+              *((kind == "int" and not isinstance(n, int), f"{where}.{key}: expected an integer, got {spec[key]!r}")
+                for key, n in numbers.items()),
+              (low > high, f"{where}: low {low} > high {high}"),
+              (not isinstance(log, bool), f"{where}.log: expected true or false, got {log!r}"),
+              (log is True and low <= 0, f"{where}: log scale needs low > 0, got {low}"),
+              (step is not None and step <= 0, f"{where}.step: must be > 0, got {step}"),
+              (step is not None and log, f"{where}: 'step' does not go with 'log'")]
+    for failed, message in checks:
+        if failed:
+            raise UserError(message)
     for bound, number in (("low", low), ("high", high)):
         check_value(name, number, f"{where}.{bound}")  # LosoConfig's ranges are intervals: both ends suffice
     if kind == "float":
@@ -197,33 +177,36 @@ def _parse_param(name, spec, where):
     return Param(name, kind, low=cast(low), high=cast(high), log=log, step=step, when=when, where=where)
 
 
+def _limited(value, kind, op, bound, where):
+    """A setting that is an integer (kind int) or a finite number (float) {op} bound."""
+    number = float(_number(value, where)) if kind is float else value
+    if (kind is int and (isinstance(value, bool) or not isinstance(value, int))) or \
+            not (number > bound if op == ">" else number >= bound):
+        raise UserError(f"{where}: expected {'an integer' if kind is int else 'a number'} {op} {bound}, got {value!r}")
+    return number
+
+
 def _settings(raw, source):
     """The search settings of a space file (everything but fixed, space and conditions)."""
-    settings = {}
-    for key, minimum in (("num_samples", 1), ("max_concurrent_trials", 1), ("max_failures", 0)):
-        value = raw.get(key, minimum)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise UserError(f"{source}: {key}: expected an integer >= {minimum}, got {value!r}")
-        if key in raw:
-            settings[key] = value
+    settings = {key: _limited(raw[key], int, ">=", minimum, f"{source}: {key}")
+                for key, minimum in (("num_samples", 1), ("max_concurrent_trials", 1), ("max_failures", 0))
+                if key in raw}
     if "description" in raw:
         settings["description"] = str(raw["description"])
     if "objective" in raw:
         if raw["objective"] not in OBJECTIVES:
             raise UserError(f"{source}: objective: expected one of {', '.join(OBJECTIVES)}, got {raw['objective']!r}")
         settings["objective"] = raw["objective"]
-    if "resources" in raw:
-        if not isinstance(raw["resources"], dict):
-            raise UserError(f"{source}: resources: expected a mapping like {{cpu: 1, gpu: 0.25}}")
-        settings["resources"] = out = {"cpu": 1.0, "gpu": 0.0}
-        for key, value in raw["resources"].items():
-            if key not in out:
-                raise UserError(f"{source}: resources: unknown key {key!r} (known: cpu, gpu)")
-            value = _number(value, f"{source}: resources.{key}")
-            if value < 0 or (key == "cpu" and value <= 0):
-                raise UserError(f"{source}: resources.{key}: must be {'> 0' if key == 'cpu' else '>= 0'}, got {value}")
-            out[key] = float(value)
-    for key, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
+    for key, example in (("resources", "{cpu: 1, gpu: 0.25}"), ("data", "{synthetic_subjects: 2}")):
+        if key not in raw:
+            continue
+        if not isinstance(raw[key], dict):
+            raise UserError(f"{source}: {key}: expected a mapping like {example}")
+        limits = SECTIONS[key]
+        _known(raw[key], limits, f"{source}: {key}")
+        settings[key] = {name: _limited(raw[key][name], *limits[name][1:], f"{source}: {key}.{name}")
+                         if name in raw[key] else limits[name][0] for name in limits}
+    for key, choices in (("sampler", SAMPLERS), ("pruner", tuple(PRUNERS))):
         if key not in raw:
             continue
         spec = {"type": raw[key]} if isinstance(raw[key], str) else raw[key]
@@ -233,17 +216,6 @@ def _settings(raw, source):
         if spec["type"] not in choices:
             raise UserError(f"{source}: {key}.type: unknown {key} {spec['type']!r} (known: {', '.join(choices)})")
         settings[key] = spec
-    if "data" in raw:
-        if not isinstance(raw["data"], dict):
-            raise UserError(f"{source}: data: expected a mapping like {{synthetic_subjects: 2}}")
-        settings["data"] = out = {"synthetic_subjects": 4, "synthetic_seed": 0}
-        for key, value in raw["data"].items():
-            if key not in DATA_KEYS:
-                raise UserError(f"{source}: data: unknown key {key!r} (known: {', '.join(DATA_KEYS)})")
-            minimum = 1 if key == "synthetic_subjects" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise UserError(f"{source}: data.{key}: expected a non-negative integer, got {value!r}")
-            out[key] = value
     return settings
 
 
@@ -253,9 +225,7 @@ def parse_space(raw, source="<space>"):
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping at the top level, got {type(raw).__name__} "
                         f"{short(str(raw), 40)}")
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(TOP_KEYS)})")
+    _known(raw, TOP_KEYS, source)
     settings = _settings(raw, source)
     fixed, params, seen = [], [], {}
     for section in ("fixed", "space"):
@@ -278,9 +248,7 @@ def parse_space(raw, source="<space>"):
                 if "value" not in spec:
                     raise UserError(f"{where}: a fixed value that is a mapping needs the form "
                                     "{value: ..., when: ...}")
-                unknown = sorted(set(spec) - {"value", "when"})
-                if unknown:
-                    raise UserError(f"{where}: unknown key {unknown[0]!r} (known: value, when)")
+                _known(spec, ("value", "when"), where)
                 when = Expr(spec["when"], f"{where}.when") if "when" in spec else None
                 spec, where = spec["value"], f"{where}.value"
             fixed.append(Fixed(name, check_value(name, spec, where), when))
@@ -336,32 +304,25 @@ def parse_space(raw, source="<space>"):
 
 
 def _exercise_expressions(space):
-    """Evaluate every `when` and condition on the values it can meet (every choice, a range's ends), so one
-    that fails (`1 / heads` with heads 0, a string compared with a number) stops the search at the start."""
+    """Evaluate every `when` and condition on the values it can meet (choices, a range's ends): one that fails
+    (`1 / heads` with heads 0) stops the search at the start."""
     domains = {name: [value] for name, value in BUILTINS.items()}
     for item in space.fixed:
         domains.setdefault(item.name, []).append(item.value)
     for param in space.params:
-        if param.kind == "choice":
-            domains[param.name] = param.choices
-        elif param.kind == "float":
-            domains[param.name] = [param.low, param.high]
+        if param.kind == "int":
+            values = range(param.low, param.high + 1, param.step or 1)
+            domains[param.name] = list(values) if len(values) <= 100 else [values[0], values[-1]]
         else:
-            step = param.step or 1
-            count = (param.high - param.low) // step + 1
-            domains[param.name] = param.values() if count <= 100 else [param.low, param.low + (count - 1) * step]
-    exercise([p.when for p in space.params if p.when is not None] +
-             [f.when for f in space.fixed if f.when is not None] + space.conditions, domains)
+            domains[param.name] = param.choices if param.kind == "choice" else [param.low, param.high]
+    for expr in [p.when for p in space.params] + [f.when for f in space.fixed] + space.conditions:
+        if expr is not None:
+            expr.exercise(domains)
 
 
 def check_fixed_values(space, where, model=True):
-    """What every trial gets, checked once before any trial: the fixed LOSO values without `when` (so that
-    `epochs: 0` stops the search at the start) and, where nothing about the model is sampled or conditional,
-    the model itself (built on the meta device: no memory, no time). Again after `--set`."""
-    import torch
-
-    from htnet.loso import LosoConfig
-
+    """What every trial gets, checked before any trial (again after --set): the fixed values without `when` and,
+    where nothing about the model is sampled or conditional, the model itself (built on the meta device)."""
     def model_key(name):
         return name == "model" or name.startswith("model_config")
 
@@ -373,17 +334,11 @@ def check_fixed_values(space, where, model=True):
             not any(model_key(f.name) and f.when is not None for f in space.fixed):
         model_values = {"model": "htnet", "model_config": {},
                         **nest({f.name: f.value for f in space.fixed if model_key(f.name)})}
-    try:
-        with torch.device("meta"):
-            LosoConfig.from_dict({**values, **model_values})
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
-        raise UserError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    _loso_config({**values, **model_values}, where)
 
 
 def _check_objective(space):
-    protocols = {f.name: f.value for f in space.fixed if f.when is None}.get("protocols")
+    protocols = space.fixed_env().get("protocols")
     if protocols is None or "protocols" in space.names:
         return
     protocols = [protocols] if isinstance(protocols, str) else list(protocols)

@@ -1,8 +1,8 @@
-"""MLflow tracking of a search: the record schema and reader, the store, the writer, the recovery."""
-from search.tracking.recovery import backfill, mark_interrupted, replay_results
+"""MLflow tracking of a search: the record schema and reader, the store, the writer, recovery."""
 from search.tracking.schema import newest_run_ids, ranked, runs, trial_table
 from search.tracking.store import (check_reachable, client_for, ensure_experiment, mlflow_errors, retry,
                                    short_reason, unreachable, unreachable_message)
+from search.tracking.recovery import backfill, mark_interrupted, replay_results
 from search.tracking.writer import (MlflowTracking, finish_parent_run, log_metrics, log_params, set_tags,
                                     start_parent_run)
 

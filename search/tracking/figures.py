@@ -1,7 +1,5 @@
-"""The per-trial PNGs: confusion matrices (one per protocol) and the learning curve.
-
-matplotlib's object API (a Figure, never pyplot's current figure): no global state, safe in Ray workers.
-"""
+"""The per-trial PNGs: confusion matrices (one per protocol) and the learning curve (matplotlib's object API:
+a Figure, never pyplot's current figure, so no global state and safe in Ray workers)."""
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay

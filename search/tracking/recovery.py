@@ -1,16 +1,13 @@
-"""A search that stopped or lost MLflow: fill MLflow in from Ray's records, mark open runs, replay ended trials."""
+"""Recovery from Ray's records: backfill after an MLflow outage, runs marked interrupted, results replayed on resume."""
 from search.tracking.schema import TERMINAL, curve_of, device_tags, is_number, trial_status, trial_table
 from search.tracking.store import retry
 from search.tracking.writer import create_trial_run, error_text, log_metrics, log_trial_end, set_tags
 
 
-def backfill(client, experiment_id, parent_run_id, search_name, space, trials, histories=None,
-             overrides=None, optuna_numbers=None):
-    """Log what Ray Tune recorded while MLflow did not answer; returns the trial ids filled in.
-
-    A Ray trial that ended (TERMINATED or ERROR) without an ended, non-retried run gets its end
-    logged into its open run, or else a new run (attempt + 1), with the curve from Ray's results
-    (`histories`: trial id -> DataFrame) and its checkpoint's files. Nothing is logged twice."""
+def backfill(client, experiment_id, parent_run_id, search_name, space, trials, histories, overrides, optuna_numbers):
+    """Log what Ray recorded while MLflow did not answer (nothing twice); returns the trial ids filled in. An ended
+    Ray trial without an ended, non-retried run gets its end logged into its open run, or else a new run
+    (attempt + 1), with the curve from Ray's results (`histories`: trial id -> DataFrame) and its files."""
     table = trial_table(client, experiment_id, parent_run_id, latest=False)
     filled = []
     for trial in trials:
@@ -25,29 +22,24 @@ def backfill(client, experiment_id, parent_run_id, search_name, space, trials, h
         if len(ended):
             continue
         result = dict(trial.last_result or {})
-        failures = getattr(getattr(trial, "run_metadata", None), "num_failures", 0) or 0
-        tags = {"htnet.backfilled": "true", **({"htnet.failures": failures} if failures else {}), **device_tags(result)}
+        failures = {"htnet.failures": trial.num_failures} if trial.num_failures else {}
+        error = {"htnet.error": error_text(trial)} if trial.status == "ERROR" else {}
+        tags = {"htnet.backfilled": "true", **failures, **error, **device_tags(result)}
         open_runs = live[live["status"].isin(["running", "interrupted"])]
         if len(open_runs):
             run_id = open_runs["run_id"].iloc[-1]
-            if open_runs["run_status"].iloc[-1] != "RUNNING":
-                retry(client.update_run, run_id, status="RUNNING")
+            retry(client.update_run, run_id, status="RUNNING")
         else:
             run_id = create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides,
                                       trial, max(mine["attempt"], default=0) + 1,
-                                      (optuna_numbers or {}).get(trial.trial_id))
-        history = (histories or {}).get(trial.trial_id)
+                                      optuna_numbers.get(trial.trial_id))
+        history = histories.get(trial.trial_id)
         by_step = {int(row["step"]): curve_of(row) for row in ([] if history is None else history.to_dict("records"))
                    if is_number(row.get("step")) and row.get("htnet_status") not in ("failed", "replayed")}
         for step, curve in sorted(by_step.items()):  # a step reported twice: its last report
             log_metrics(client, run_id, curve, step=step)
-        if trial.status == "ERROR":
-            status, tags["htnet.error"] = "failed", error_text(trial)
-        else:
-            status = trial_status(result)
-        log_trial_end(client, run_id, trial.trial_id, result, status,
-                      getattr(trial, "checkpoint", None) if status == "finished" else None,
-                      result.get("time_total_s"), tags)
+        log_trial_end(client, run_id, trial.trial_id, result, "failed" if error else trial_status(result),
+                      trial.checkpoint, result.get("time_total_s"), tags)
         filled.append(trial.trial_id)
     return filled
 
@@ -61,8 +53,7 @@ def mark_interrupted(client, experiment_id, parent_run_id):
 
 
 def replay_results(client, experiment_id, parent_run_id, metric):
-    """Results of trials whose run ended, for a resumed search to replay where Ray's last snapshot
-    still had them running (the driver died between the two)."""
+    """Results of trials whose run ended, for a resumed search to replay if Ray's snapshot still had them running."""
     table = trial_table(client, experiment_id, parent_run_id, metric, latest=False)
     ended = table[table["status"].isin(TERMINAL) & ~table["retried"]].fillna({"folds_done": 0})
     return {row["trial_id"]: {metric: row[metric], "step": row["folds_done"], "htnet_replayed_status": row["status"]}

@@ -1,6 +1,8 @@
 """What an MLflow trial record holds (tags, metrics, statuses) and the one reader of runs and trials."""
 import math
 
+import pandas as pd
+
 from search.tracking.store import retry
 
 TERMINAL = ("finished", "pruned", "failed")
@@ -8,6 +10,7 @@ STATUS_ORDER = {"finished": 0, "pruned": 1, "running": 2, "interrupted": 2, "fai
 TRIAL_TAGS = ("trial_id", "attempt", "status", "retried", "lost", "optuna_trial", "role")  # htnet.<name>
 SUMMARY_METRICS = ("inner_full_uf1", "inner_full_uar", "paper_full_uf1", "paper_full_uar", "final_full_uf1",
                    "folds_done")
+DEVICE_TAGS = {"htnet.device": "htnet_device", "htnet.node_id": "htnet_node", "htnet.worker_pid": "htnet_pid"}
 
 
 def is_number(value):
@@ -26,35 +29,25 @@ def curve_of(result):
 
 
 def device_tags(result):
-    if not result.get("htnet_device"):
-        return {}
-    return {"htnet.device": result["htnet_device"], "htnet.node_id": result.get("htnet_node", ""),
-            "htnet.worker_pid": result.get("htnet_pid", "")}
+    return {tag: result.get(key, "") for tag, key in DEVICE_TAGS.items()} if result.get("htnet_device") else {}
 
 
 def trial_status(result, pruned=False):
-    if pruned or result.get("htnet_status") == "pruned":
-        return "pruned"
-    return "failed" if result.get("htnet_status") == "failed" else "finished"
+    status = "pruned" if pruned else result.get("htnet_status")
+    return status if status in ("pruned", "failed") else "finished"
 
 
 def runs(client, experiment_id, filter_string="", columns=()):
-    """Every run matching the filter (all pages), laid out as mlflow.search_runs(output_format="pandas")
-    does: run_id, status, start_time (ms), tags.<k>, params.<k>, metrics.<k>; `columns` exist even if
-    no run has them. (mlflow.search_runs itself reads only the global tracking URI.)"""
-    import pandas as pd
+    """Every run matching the filter, laid out as mlflow.search_runs (which reads only the global tracking URI)
+    does: run_id, status, start_time (ms), tags.<k>, params.<k>, metrics.<k>; `columns` exist even if unset."""
+    from mlflow.utils import get_results_from_paginated_fn
 
-    rows, token = [], None
-    while True:
-        page = retry(client.search_runs, [experiment_id], filter_string, max_results=1000, page_token=token)
-        rows += [{"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
-                  **{f"{kind}.{k}": v for kind in ("tags", "params", "metrics")
-                     for k, v in getattr(run.data, kind).items()}} for run in page]
-        token = page.token
-        if not token:
-            frame = pd.DataFrame(rows)
-            return frame.reindex(columns=list(dict.fromkeys(["run_id", "status", "start_time", *frame.columns,
-                                                             *columns])))
+    found = get_results_from_paginated_fn(lambda size, token: retry(
+        client.search_runs, [experiment_id], filter_string, max_results=size, page_token=token), 1000)
+    frame = pd.DataFrame([{"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
+                           **{f"{kind}.{k}": v for kind in ("tags", "params", "metrics")
+                              for k, v in getattr(run.data, kind).items()}} for run in found])
+    return frame.reindex(columns=list(dict.fromkeys(["run_id", "status", "start_time", *frame.columns, *columns])))
 
 
 def newest_run_ids(client, experiment_id, filter_string, tag):
@@ -72,18 +65,14 @@ def ranked(table, value, ties=("trial_id",)):
 
 
 def trial_table(client, experiment_id, parent_run_id, metric=None, param_names=(), latest=True):
-    """The trial runs of a search (children with htnet.trial_id; runs of trials lost with a killed
-    driver left out), by attempt: trial_id, attempt, status, run_id, run_status, retried,
-    optuna_trial, then `metric`, SUMMARY_METRICS and `param_names` by their names, then every
-    metrics.<k> and params.<k> (numbers where every value reads as one). latest: each trial's latest
-    attempt only, ranked by `metric`."""
-    import pandas as pd
-
+    """A search's trial runs (lost ones left out) by attempt: trial_id, attempt, status, run_id, run_status,
+    retried, optuna_trial, `metric`, SUMMARY_METRICS, `param_names`, then every metrics.<k> and params.<k>
+    (numbers where all values read as numbers). latest: each trial's latest attempt, ranked by `metric`."""
     metrics = list(dict.fromkeys([metric, *SUMMARY_METRICS] if metric else SUMMARY_METRICS))
-    wanted = [*(f"tags.htnet.{t}" for t in TRIAL_TAGS), *(f"metrics.{m}" for m in metrics),
-              *(f"params.{p}" for p in param_names)]
-    frame = runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'", wanted)
-    for column in frame.columns[frame.columns.str.startswith("params.")]:  # text that reads as numbers: numbers
+    named = {**{f"metrics.{m}": m for m in metrics}, **{f"params.{p}": p for p in param_names}}
+    frame = runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                 [*(f"tags.htnet.{t}" for t in TRIAL_TAGS), *named])
+    for column in frame.columns[frame.columns.str.startswith("params.")]:
         numbers = pd.to_numeric(frame[column], errors="coerce")
         if numbers.notna().sum() == frame[column].notna().sum():
             frame[column] = numbers
@@ -93,11 +82,7 @@ def trial_table(client, experiment_id, parent_run_id, metric=None, param_names=(
                       "status": tag["status"].fillna("running"), "run_id": frame["run_id"],
                       "run_status": frame["status"], "retried": tag["retried"].eq("true"),
                       "optuna_trial": tag["optuna_trial"]}),
-        frame[[f"metrics.{m}" for m in metrics]].set_axis(metrics, axis=1),
-        frame[[f"params.{p}" for p in param_names]].set_axis(list(param_names), axis=1),
-        frame.filter(regex=r"^(metrics|params)\.")], axis=1)
+        frame[list(named)].set_axis(list(named.values()), axis=1), frame.filter(regex=r"^(metrics|params)\.")], axis=1)
     keep = tag["trial_id"].notna() & tag["role"].fillna("trial").eq("trial") & ~tag["lost"].eq("true")
     table = table[keep].sort_values("attempt", kind="stable")
-    if not latest:
-        return table.reset_index(drop=True)
-    return ranked(table.groupby("trial_id", sort=False).tail(1), metric)
+    return ranked(table.groupby("trial_id", sort=False).tail(1), metric) if latest else table.reset_index(drop=True)

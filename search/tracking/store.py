@@ -5,7 +5,10 @@ import re
 import time
 from pathlib import Path
 
+import requests
+
 from htnet.errors import UserError, first_line
+from htnet.io import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +26,7 @@ def client_for(tracking_uri):
     """The client of a store; a new sqlite file is migrated under a lock (alembic crashes on two at once)."""
     from mlflow import MlflowClient
 
-    from htnet.io import file_lock
-
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    os.environ.update({k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ})
     if str(tracking_uri).startswith(SQLITE) and tracking_uri not in _checked_stores:
         path = Path(tracking_uri[len(SQLITE):])
         try:
@@ -45,10 +45,9 @@ def client_for(tracking_uri):
 def mlflow_errors():
     """What a failing store raises (the HTTP client wraps connection errors in MlflowException)."""
     from mlflow.exceptions import MlflowException
-    from requests import RequestException
     from sqlalchemy.exc import SQLAlchemyError
 
-    return (MlflowException, RequestException, SQLAlchemyError)
+    return (MlflowException, requests.RequestException, SQLAlchemyError)
 
 
 def short_reason(error):
@@ -66,36 +65,31 @@ def is_http(tracking_uri):
 def unreachable(tracking_uri, timeout=5.0):
     """Why the store cannot be used now, in a few words, or None (one HTTP try; a sqlite file's folder)."""
     if is_http(tracking_uri):
-        import requests
-
         try:
             response = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout)
         except requests.RequestException as e:
             return "connection refused" if isinstance(e, requests.ConnectionError) else type(e).__name__
         return f"HTTP {response.status_code}" if response.status_code in (502, 503, 504) else None
     folder = Path(tracking_uri[len(SQLITE):]).parent if str(tracking_uri).startswith(SQLITE) else None
-    if folder is not None and not folder.is_dir():
-        return f"folder {folder} does not exist"
-    if folder is not None and not os.access(folder, os.W_OK):
-        return f"folder {folder} is not writable"
-    return None
+    if folder is None or (folder.is_dir() and os.access(folder, os.W_OK)):
+        return None
+    return f"folder {folder} is not writable" if folder.is_dir() else f"folder {folder} does not exist"
 
 
 def unreachable_message(tracking_uri, reason, search_name=None, kept=None):
-    """The one line a user sees when MLflow is gone: what failed, what is kept, what to do."""
+    """The one line a user sees when MLflow is gone: what failed, what is kept (no search yet: none), what to do."""
     what = f"MLflow tracking server at {tracking_uri}" if is_http(tracking_uri) else f"MLflow store {tracking_uri}"
     if search_name is None:
-        return f"{what} unreachable ({reason})"
+        fix = "start it or pass another --tracking-uri" if is_http(tracking_uri) else "pass another --tracking-uri"
+        return f"{what} unreachable ({reason}); {fix}"
     return (f"{what} unreachable ({reason}): results are kept in {kept}; restart it and run "
             f"`python -m search resume {search_name}` to fill MLflow in")
 
 
 def check_reachable(tracking_uri):
     """UserError (one line) unless the store answers: checked before a search starts."""
-    reason = unreachable(tracking_uri)
-    if reason is not None:
-        fix = "start it or pass another --tracking-uri" if is_http(tracking_uri) else "pass another --tracking-uri"
-        raise UserError(f"{unreachable_message(tracking_uri, reason)}; {fix}")
+    if (reason := unreachable(tracking_uri)) is not None:
+        raise UserError(unreachable_message(tracking_uri, reason))
 
 
 def retry(fn, *args, tries=6, **kwargs):
@@ -113,7 +107,7 @@ def retry(fn, *args, tries=6, **kwargs):
         time.sleep(delay)
 
 
-def ensure_experiment(client, name, tracking_uri=None):
+def ensure_experiment(client, name, tracking_uri):
     """The experiment's id, created if needed (a sqlite store's artifacts: mlruns/<experiment>/ beside it)."""
     from mlflow.exceptions import MlflowException
 
@@ -122,10 +116,9 @@ def ensure_experiment(client, name, tracking_uri=None):
         if experiment.lifecycle_stage == "deleted":
             retry(client.restore_experiment, experiment.experiment_id)
         return experiment.experiment_id
-    location = None
-    if tracking_uri and tracking_uri.startswith(SQLITE):
-        folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        location = (Path(tracking_uri[len(SQLITE):]).resolve().parent / "mlruns" / folder).as_uri()
+    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    location = ((Path(tracking_uri[len(SQLITE):]).resolve().parent / "mlruns" / folder).as_uri()
+                if str(tracking_uri).startswith(SQLITE) else None)
     try:
         return retry(client.create_experiment, name, artifact_location=location)
     except MlflowException:  # another search created it at the same moment

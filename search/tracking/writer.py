@@ -23,11 +23,11 @@ def log_params(client, run_id, params):
     retry(client.log_batch, run_id, params=[Param(k, v if len(v) <= 6000 else v[:5997] + "...") for k, v in texts])
 
 
-def log_metrics(client, run_id, metrics, step=0, timestamp=None):
+def log_metrics(client, run_id, metrics, step=0):
     from mlflow.entities import Metric
 
-    timestamp = timestamp or int(time.time() * 1000)
-    retry(client.log_batch, run_id, metrics=[Metric(str(k), float(v), timestamp, int(step))
+    now = int(time.time() * 1000)
+    retry(client.log_batch, run_id, metrics=[Metric(str(k), float(v), now, int(step))
                                              for k, v in metrics.items() if is_number(v)])
 
 
@@ -41,11 +41,9 @@ def start_parent_run(client, experiment_id, name, space, objective_metric, extra
     tags = {"htnet.role": "search", "htnet.search": name, "htnet.objective": objective_metric,
             "htnet.objective_protocol": space.objective, "mlflow.runName": name}
     run_id = retry(client.create_run, experiment_id, tags=tags, run_name=name).info.run_id
-    log_params(client, run_id, {
-        "num_samples": space.num_samples, "max_concurrent_trials": space.max_concurrent_trials,
-        "sampler": space.sampler, "pruner": space.pruner, "resources": space.resources,
-        "max_failures": space.max_failures, "objective": space.objective, "space_file": space.source,
-        **(extra_params or {})})
+    settings = ("num_samples", "max_concurrent_trials", "sampler", "pruner", "resources", "max_failures", "objective")
+    log_params(client, run_id, {**{k: getattr(space, k) for k in settings}, "space_file": space.source,
+                                **(extra_params or {})})
     retry(client.log_dict, run_id, space.raw, "space.yaml")
     return run_id
 
@@ -59,7 +57,7 @@ def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
         metrics[f"best_{metric}"] = best[metric]
         set_tags(client, parent_run_id, {"htnet.best_trial_id": best["trial_id"], "htnet.best_run_id": best["run_id"]})
     log_metrics(client, parent_run_id, metrics)
-    trials = table.loc[:, ~table.columns.str.match(r"(metrics|params)\.")]
+    trials = table.drop(columns=table.filter(regex=r"^(metrics|params)\.").columns)
     retry(client.log_text, parent_run_id, trials.to_csv(index=False), "trials.csv")
     retry(client.set_terminated, parent_run_id, status)
 
@@ -72,12 +70,10 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
     tags = {"mlflow.parentRunId": parent_run_id, "htnet.role": "trial", "htnet.search": search_name,
             "htnet.trial_id": trial.trial_id, "htnet.attempt": attempt, "htnet.status": "running",
             "htnet.objective": space.metric, "htnet.objective_protocol": space.objective,
-            "htnet.optuna_study": search_name,
+            "htnet.optuna_study": search_name, "htnet.optuna_trial": optuna_number,
             "htnet.resources": ",".join(f"{k.lower()}={v:g}" for k, v in sorted(resources.items())
                                         if k in ("CPU", "GPU"))}
-    if optuna_number is not None:
-        tags["htnet.optuna_trial"] = optuna_number
-    run = retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items()},
+    run = retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items() if v is not None},
                 run_name=str(trial) + (f"-attempt{attempt}" if attempt > 1 else ""))
     log_params(client, run.info.run_id, flatten(config))
     retry(client.log_dict, run.info.run_id, config, "config.yaml")
@@ -85,10 +81,9 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
 
 
 def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
-    """Final metrics, the files of a finished trial (its Ray checkpoint) and the end status."""
-    metrics = {**engine_metrics(result, ("fold_epochs", "wall_time_s")), "folds_done": result.get("step", 0)}
-    if wall_time_s is not None:
-        metrics["trial_wall_time_s"] = wall_time_s
+    """Final metrics, the files of a finished trial (its Ray checkpoint, if any) and the end status."""
+    metrics = {**engine_metrics(result, ("fold_epochs", "wall_time_s")), "folds_done": result.get("step", 0),
+               "trial_wall_time_s": wall_time_s}  # log_metrics skips a None
     log_metrics(client, run_id, metrics, step=result.get("step", 0))
     if status == "finished" and checkpoint is not None:
         try:
@@ -99,12 +94,9 @@ def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wal
         except Exception as e:  # noqa: BLE001 - a missing artifact must not end the search
             logger.warning("could not log the artifacts of trial %s: %s", trial_id, e)
             set_tags(client, run_id, {"htnet.artifacts_error": str(e).splitlines()[0][:500]})
-    tags = dict(tags or {})
-    if status == "failed":
-        tags.setdefault("htnet.error", str(result.get("htnet_error", ""))[:5000])
-    if status == "pruned":
-        tags["htnet.pruned_at_step"] = result.get("step", "")
-    set_tags(client, run_id, {"htnet.status": status, **tags})
+    why = {"failed": {"htnet.error": str(result.get("htnet_error", ""))[:5000]},
+           "pruned": {"htnet.pruned_at_step": result.get("step", "")}}.get(status, {})
+    set_tags(client, run_id, {"htnet.status": status, **why, **(tags or {})})
     retry(client.set_terminated, run_id, "FAILED" if status == "failed" else "FINISHED")
 
 
@@ -123,15 +115,13 @@ class MlflowTracking(tune.Callback):
     offline = None  # why MLflow stopped answering; None while it answers (and when unpickled)
 
     def __init__(self, tracking_uri, experiment_id, search_name, parent_run_id, space, searcher,
-                 overrides=None, results_path=None):
+                 overrides, results_path):
         self.tracking_uri, self.experiment_id, self.search_name = tracking_uri, experiment_id, search_name
         self.parent_run_id, self.space, self.searcher = parent_run_id, space, searcher
-        self.overrides, self.results_path = overrides or {}, results_path
-        self._runs = {}        # trial id -> run id of the attempt in progress
-        self._attempts = {}    # trial id -> attempts so far
-        self._terminal = {}    # trial id -> run id of a run that ended (finished|pruned|failed)
-        self._started = {}     # trial id -> time.time() of the attempt's start
-        self._tagged = set()   # trial ids whose device/node tags are set
+        self.overrides, self.results_path = overrides, results_path
+        # trial id -> the run id of the attempt in progress; -> attempts so far; -> time.time() of the attempt's start
+        self._runs, self._attempts, self._started = {}, {}, {}
+        self._terminal, self._tagged = set(), set()  # trial ids whose run ended; whose device/node tags are set
         self._orphans_checked = False
 
     def __getstate__(self):
@@ -152,8 +142,7 @@ class MlflowTracking(tune.Callback):
                 logger.warning("MLflow refused %s: %s", what, str(e).strip()[:300])
                 return
             self.offline = short_reason(e)
-            kept = self.results_path or "Ray's results folder"
-            print(f"error: {unreachable_message(self.tracking_uri, self.offline, self.search_name, kept)} "
+            print(f"error: {unreachable_message(self.tracking_uri, self.offline, self.search_name, self.results_path)} "
                   f"(the trials go on)", file=sys.stderr, flush=True)
 
     def setup(self, **info):
@@ -163,11 +152,11 @@ class MlflowTracking(tune.Callback):
         """A resumed search: the runs of its trials so far, by attempt."""
         for row in trial_table(self.client, self.experiment_id, self.parent_run_id, latest=False).to_dict("records"):
             trial_id = row["trial_id"]
-            self._attempts[trial_id] = max(self._attempts.get(trial_id, 0), row["attempt"])
+            self._attempts[trial_id] = row["attempt"]  # the table is by attempt: the last is the highest
             if row["status"] in ("running", "interrupted"):
                 self._runs[trial_id] = row["run_id"]
             elif row["status"] in TERMINAL and not row["retried"]:
-                self._terminal[trial_id] = row["run_id"]
+                self._terminal.add(trial_id)
                 self._runs.pop(trial_id, None)
 
     def on_step_begin(self, iteration, trials, **info):
@@ -177,14 +166,11 @@ class MlflowTracking(tune.Callback):
 
     def _mark_lost(self, trials):
         """Runs of trials that Ray lost with the killed driver (never in its snapshot)."""
-        known = {t.trial_id for t in trials}
-        for trial_id, run_id in list(self._runs.items()):
-            if trial_id not in known:
-                set_tags(self.client, run_id, {"htnet.status": "failed", "htnet.lost": "true",
-                                               "htnet.error": "the driver died before Ray recorded this "
-                                                              "trial; its sample was drawn again"})
-                retry(self.client.set_terminated, run_id, "KILLED")
-                del self._runs[trial_id]
+        for trial_id in set(self._runs) - {t.trial_id for t in trials}:
+            set_tags(self.client, self._runs[trial_id], {
+                "htnet.status": "failed", "htnet.lost": "true",
+                "htnet.error": "the driver died before Ray recorded this trial; its sample was drawn again"})
+            retry(self.client.set_terminated, self._runs.pop(trial_id), "KILLED")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._started[trial.trial_id] = time.time()
@@ -198,8 +184,7 @@ class MlflowTracking(tune.Callback):
             return  # ended before the driver was killed: the trainable replays its result
         if trial_id in self._runs:  # restarted by a resumed search: the same run goes on
             run = retry(self.client.get_run, self._runs[trial_id])
-            if run.info.status != "RUNNING":
-                retry(self.client.update_run, run.info.run_id, status="RUNNING")
+            retry(self.client.update_run, run.info.run_id, status="RUNNING")
             set_tags(self.client, run.info.run_id, {"htnet.status": "running",
                                                     "htnet.restarts": int(run.data.tags.get("htnet.restarts", 0)) + 1})
             return
@@ -236,18 +221,17 @@ class MlflowTracking(tune.Callback):
     def _end(self, trial, failed_tags):
         """A trial's run ends: complete (failed_tags None), failed, or failed and retried by Ray as a new run."""
         trial_id = trial.trial_id
-        if trial_id not in self._runs:
+        if (run_id := self._runs.pop(trial_id, None)) is None:
             return
-        run_id = self._runs.pop(trial_id)
         self._tagged.discard(trial_id)  # a retry is a new run: tag its device and node too
         if failed_tags is None:
             result = trial.last_result or {}
             status = trial_status(result, self.searcher.is_pruned(trial_id))
             wall = time.time() - self._started[trial_id] if trial_id in self._started else None
-            log_trial_end(self.client, run_id, trial_id, result, status,
-                          trial.checkpoint if status == "finished" else None, wall)
+            log_trial_end(self.client, run_id, trial_id, result, status, trial.checkpoint, wall)
         else:
             set_tags(self.client, run_id, {"htnet.status": "failed", "htnet.error": error_text(trial), **failed_tags})
             retry(self.client.set_terminated, run_id, "FAILED")
         if "htnet.retried" not in (failed_tags or {}):
-            self._terminal[trial_id] = run_id
+            self._terminal.add(trial_id)
+

@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from htnet.engine import group_size, make_groups, plan_groups, plan_members, worker_count
+from htnet.engine import make_groups, plan_groups, plan_members, resolve_fold_group_size, worker_count
 from htnet.loso import LosoConfig, evaluate_weights, make_folds, run_loso
 from htnet.metrics import per_subject_accuracy
 from htnet.models import create_model
@@ -100,7 +100,8 @@ def test_dropout_mask_keeps_half_and_scales():
 
 def test_groups_keep_a_folds_runs_together_and_size_follows_memory(synth_data, monkeypatch):
     config = LosoConfig.from_dict({**TINY_STSTNET, "engine": "batched"})
-    members = plan_members(make_folds(synth_data, config), config)
+    folds = make_folds(synth_data, config)
+    members = plan_members(folds, config)
     assert len(members) == 18 and [m.run for m in members[:2]] == ["inner", "main"]
     groups = make_groups(members, 5)   # rounded down to whole folds
     assert [len(g) for g in groups] == [4, 4, 4, 4, 2]
@@ -108,16 +109,15 @@ def test_groups_keep_a_folds_runs_together_and_size_follows_memory(synth_data, m
         assert all(group[i].fold is group[i + 1].fold for i in range(0, len(group), 2))
     cpu = torch.device("cpu")
     monkeypatch.delenv("HTNET_BATCHED_GROUP", raising=False)
-    assert 1 <= group_size(config, cpu, 18) <= 18
+    assert 1 <= resolve_fold_group_size(folds, config, cpu) <= 18
     monkeypatch.setattr("htnet.engine._available_memory", lambda device: 1)
-    assert group_size(config, cpu, 18) == 1
+    assert resolve_fold_group_size(folds, config, cpu) == 1
     monkeypatch.setenv("HTNET_BATCHED_GROUP", "6")
-    assert group_size(config, cpu, 18) == 6
+    assert resolve_fold_group_size(folds, config, cpu) == 6
     monkeypatch.delenv("HTNET_BATCHED_WORKERS", raising=False)
     assert worker_count(cpu, 5, work=10) == 0 and worker_count(torch.device("cuda"), 5) == 0
     # memory for all 18 members in one group; a run that reports to a pruner still gets 3 groups
     monkeypatch.setenv("HTNET_BATCHED_GROUP", "100")
-    folds = make_folds(synth_data, config)
     assert [len(g) for g in plan_groups(folds, config, cpu)] == [18]
     assert [len(g) for g in plan_groups(folds, config, cpu, min_groups=3)] == [6, 6, 6]
 

@@ -280,7 +280,7 @@ def first_detected(table):
 
 LANDMARK_CASES = {
     "duplicated sample": (lambda t: t.__setitem__("sample", t["sample"].where(t.index != 4, t["sample"][1])),
-                          "duplicate sample 'sub01_syn02' (rows 3, 6)"),
+                          "row 6: duplicate sample 'sub01_syn02' (rows 3, 6)"),
     "non-numeric coordinate": (lambda t: t.loc.__setitem__((first_detected(t), "nose_x"), "12,5"),
                                "row 3: nose_x '12,5' is not a number"),
     "detected 2": (lambda t: t.loc.__setitem__((0, "detected"), "2"), "row 2: detected '2' is not 0 or 1"),

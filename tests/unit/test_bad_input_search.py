@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from search_fixtures import REPO, local_ray, optuna_trials, search_options, trial_runs, write_space  # noqa: F401
 from test_bad_input import files_under, one_error_line, run_main, space_file

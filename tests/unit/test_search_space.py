@@ -134,7 +134,7 @@ def test_overrides_and_sets():
     ({"pruner": {"type": "median", "n_startup": 2}}, "t.yaml: pruner: .*n_startup"),
     ({"pruner": {"type": "patient"}}, "t.yaml: pruner: patient needs 'patience'"),
     ({"sampler": {"type": "cmaes"}}, "t.yaml: sampler.type: unknown sampler 'cmaes'"),
-    ({"resources": {"gpu": -1}}, "t.yaml: resources.gpu: must be >= 0"),
+    ({"resources": {"gpu": -1}}, "t.yaml: resources.gpu: expected a number >= 0, got -1"),
     ({"num_samples": 0}, "t.yaml: num_samples: expected an integer >= 1"),
     ({"sampler": "grid", "space": {"lr": {"low": 0.1, "high": 1.0}}}, "t.yaml: space.lr: a float range cannot be enumerated"),
     ({"space": {"model": {"choice": ["ststnet"]}, "model_config.dim": {"choice": [8], "when": "modell == 'htnet'"}}},
@@ -194,3 +194,31 @@ def test_every_sampled_htnet_configuration_builds():
             config = LosoConfig.from_dict(space.resolve(v))  # validate() creates the model
             assert config.model == "htnet"
             assert len(config.model_config["block_repeats"]) == config.model_config["num_hierarchies"]
+
+
+PAPER_POINT = {"model_config.dim": 256, "model_config.heads": 3, "lr": 5e-5, "batch_size": 256, "epochs": 800,
+               "weight_decay": 0.0, "model_config.num_hierarchies": 3, "model_config.block_repeats": [2, 2, 10],
+               "model_config.patch_size": 7, "model_config.mlp_mult": 4, "model_config.dropout": 0.0}
+
+
+def test_the_paper_config_is_a_point_of_htnet_yaml():
+    """Every value of the HTNet paper's config lies in its parameter's range and passes the conditions
+    given the values before it, and the resolved config builds the reference model."""
+    import torch
+
+    from htnet.loso import LosoConfig
+
+    space = load_space("htnet")
+    assert set(PAPER_POINT) == set(space.names)
+    env = space.fixed_env()
+    for param in space.params:
+        value = PAPER_POINT[param.name]
+        if param.kind == "float":
+            assert param.low <= value <= param.high, param.name
+        else:
+            assert value in (param.allowed(env) if param.conditions else param.values()), param.name
+        env[param.name] = value
+    with torch.device("meta"):
+        config = LosoConfig.from_dict(space.resolve(PAPER_POINT))
+    assert config.model_config["dim"] == 256 and config.model_config["heads"] == 3
+    assert not any(c for c in space.raw.get("conditions", []) if "% model_config.heads" in c)
