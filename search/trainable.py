@@ -41,7 +41,8 @@ def loso_trial(config, data=None, settings=None):
 
     resources = context.get_trial_resources()
     torch.set_num_threads(max(1, int(resources.required_resources.get("CPU", 1) if resources is not None else 1)))
-    info = {"htnet_node": ray.get_runtime_context().get_node_id(), "htnet_pid": os.getpid()}
+    info = {"htnet_node": ray.get_runtime_context().get_node_id(), "htnet_pid": os.getpid(),
+            **settings.get("provenance", {})}
 
     def failed(error, step=0):
         tune.report({metric: float("nan"), "step": step, "final": 1, "htnet_status": "failed",
@@ -49,7 +50,10 @@ def loso_trial(config, data=None, settings=None):
 
     try:
         loso_config = trial_config(space, config, settings.get("overrides"))
-        info["htnet_device"] = str(resolve_device(loso_config.device))
+        device = resolve_device(loso_config.device)
+        info["htnet_device"] = str(device)
+        if device.type == "cuda":
+            info["htnet_gpu"] = torch.cuda.get_device_name(device)
     except UserError as e:
         failed(e)
         return

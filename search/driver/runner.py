@@ -81,7 +81,10 @@ def make_trainable(space, data, overrides, replay=None):
 
     from search.trainable import loso_trial
 
-    settings = {"space": space, "overrides": overrides, "replay": replay or {}}
+    from search import tracking
+
+    settings = {"space": space, "overrides": overrides, "replay": replay or {},
+                "provenance": tracking.provenance(data)}   # the code and data the trials run, as recorded
     trainable = tune.with_parameters(loso_trial, data=data, settings=settings)
     return tune.with_resources(trainable, {"cpu": space.resources["cpu"], "gpu": space.resources["gpu"]})
 
@@ -129,7 +132,7 @@ def run_search(options, out=None):
                 parent_run_id = tracking.start_parent_run(
                     client, experiment_id, name, space, space.metric,
                     {"data": data_root, "optuna_storage": optuna_url, "ray_storage": ray_storage,
-                     **{f"override.{k}": v for k, v in overrides.items()}})
+                     **{f"override.{k}": v for k, v in overrides.items()}}, tracking.provenance_tags(data))
             except tracking.mlflow_errors() as e:
                 raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
             manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -12,7 +12,7 @@ from search.reports.leaderboard import DATASET_COLUMNS, METRIC_COLUMNS, METRICS,
 from search.reports.rerun import format_interval, get_run
 
 STATS = ("std", "ci95_low", "ci95_high")  # beside each column's mean in the numbers (CSV)
-CSV_COLUMNS = ["method", "protocol", "source", "kind", "n", "run_id",
+CSV_COLUMNS = ["method", "protocol", "source", "kind", "n", "run_id", "commit", "data",
                *(f"{c}{s}" for c in METRIC_COLUMNS for s in ("", *(f" {stat}" for stat in STATS)))]
 
 # Published reference numbers: copied from the publications, not reproduced here.
@@ -52,7 +52,11 @@ def _run_rows(run, kind, method):
     source = f"ours, {n} seed{'s' if n != 1 else ''}" if kind == "rerun" else f"ours, nested LOSO ({n} outer folds)"
     suffixes = [("", mean), *((f" {stat}", f"_{stat}") for stat in STATS if kind == "rerun")]  # (column, metric)
     leak_free = "inner" if f"inner_full_uf1{mean}" in metrics else "final"
+    tags = run.data.tags
+    commit = tags.get("mlflow.source.git.commit", "unknown")[:12]
+    commit += " (dirty)" if tags.get("htnet.git_dirty") == "true" else ""
     return [{"method": method, "protocol": p, "source": source, "kind": kind, "n": n, "run_id": run.info.run_id,
+             "commit": commit, "data": tags.get("htnet.data_fingerprint", "unknown"),
              **{column + text: metrics.get(f"{p}_{key}_{m}{suffix}", np.nan)
                 for key, column, m in METRICS for text, suffix in suffixes}}
             for p in ("paper", leak_free) if f"{p}_full_uf1{mean}" in metrics]
@@ -93,6 +97,9 @@ def notes(table, interval):
         lines.append("Nested LOSO: the whole search ran inside every outer fold on its training subjects "
                      "only; one estimate pooled over the outer folds, unbiased for search + model.")
     lines += [PROTOCOL_NOTES[p] + "." for p in PROTOCOL_ORDER if (table["protocol"] == p).any()]
+    ours = table[table["kind"] != "published"]
+    for (commit, data), rows in ours.groupby(["commit", "data"], dropna=False, sort=True):
+        lines.append(f"Built from code at commit {commit} on data {data}: {', '.join(dict.fromkeys(rows['method']))}.")
     if table["method"].str.contains("best found").any():
         lines.append("(best found): the configuration was selected by a search on these same subjects, "
                      "so even its leak-free numbers are optimistic; nested LOSO gives the unbiased "
@@ -143,7 +150,8 @@ def paper_table(tracking_uri=None, experiment="htnet", methods=None, interval="s
     run_id = None
     if log:
         client, sources = store.client, ",".join(sorted({r for r in table["run_id"] if r}))
-        tags = {"htnet.role": "paper_table", "htnet.sources": sources[:5000], "htnet.interval": interval}
+        tags = {"htnet.role": "paper_table", "htnet.sources": sources[:5000], "htnet.interval": interval,
+                **tracking.provenance_tags(None)}
         run_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name="paper-table").info.run_id
         for ext, text in texts.items():
             tracking.retry(client.log_text, run_id, text, f"paper_table.{ext}")

@@ -318,10 +318,11 @@ def rerun(options, out=None):
     data, data_root = load_rerun_data(options.data, source, options.storage)
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
     client, method, seed_text = store.client, source.method, ",".join(map(str, seeds))
+    provenance = tracking.provenance_tags(data)   # on the parent and every seed: what produced them
 
     def new_run(name, tags, params):
-        run_id = tracking.retry(client.create_run, store.experiment_id, tags={k: v for k, v in tags.items() if v},
-                                run_name=name).info.run_id
+        tags = {k: v for k, v in {**tags, **provenance}.items() if v}
+        run_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name=name).info.run_id
         tracking.log_params(client, run_id, params)
         return run_id
 

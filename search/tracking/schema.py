@@ -10,7 +10,68 @@ STATUS_ORDER = {"finished": 0, "pruned": 1, "running": 2, "interrupted": 2, "fai
 TRIAL_TAGS = ("trial_id", "attempt", "status", "retried", "lost", "optuna_trial", "role")  # htnet.<name>
 SUMMARY_METRICS = ("inner_full_uf1", "inner_full_uar", "paper_full_uf1", "paper_full_uar", "final_full_uf1",
                    "folds_done")
-DEVICE_TAGS = {"htnet.device": "htnet_device", "htnet.node_id": "htnet_node", "htnet.worker_pid": "htnet_pid"}
+DEVICE_TAGS = {"htnet.device": "htnet_device", "htnet.node_id": "htnet_node", "htnet.worker_pid": "htnet_pid",
+               "htnet.gpu": "htnet_gpu"}
+PROVENANCE_TAGS = {"mlflow.source.git.commit": "htnet_git_commit", "htnet.git_dirty": "htnet_git_dirty",
+                   "htnet.versions": "htnet_versions", "htnet.data_fingerprint": "htnet_data"}
+DEVICE_TAGS.update(PROVENANCE_TAGS)   # a trial's result carries them (search.trainable), as its device
+
+
+def provenance(data=None):
+    """What produced a run, as result keys (PROVENANCE_TAGS): the code's git commit and whether the tree
+    was dirty, the versions that matter, and the data's fingerprint (hash of the CSV and of the images)."""
+    import hashlib
+    import importlib.metadata
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    from htnet.data.release import CSV_NAME
+
+    versions = [f"{p}={importlib.metadata.version(p)}" for p in ("torch", "ray", "optuna", "mlflow")]
+    keys = {"htnet_git_commit": commit or "unknown",
+            "htnet_git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
+            "htnet_versions": " ".join([*versions, f"python={platform.python_version()}"])}
+    if data is not None:
+        csv = Path(data.source) / CSV_NAME
+        table = csv.read_bytes() if csv.is_file() else "\n".join(map(str, zip(data.samples, data.labels))).encode()
+        keys["htnet_data"] = (f"csv:{hashlib.sha256(table).hexdigest()[:12]} "
+                              f"images:{hashlib.sha256(data.images.tobytes()).hexdigest()[:12]}")
+    return keys
+
+
+def provenance_tags(data=None):
+    keys = provenance(data)
+    return {tag: keys[key] for tag, key in PROVENANCE_TAGS.items() if key in keys}
+
+
+SHORT_NAMES = {"model_config.dim": "d", "model_config.heads": "h", "batch_size": "bs", "epochs": "ep",
+               "weight_decay": "wd", "model_config.dropout": "do", "model_config.block_repeats": "b",
+               "model_config.patch_size": "p", "model_config.num_hierarchies": "L", "model_config.mlp_mult": "m"}
+
+
+def run_name(model, sampled, number, size=4):
+    """A trial run's name to scan in `mlflow ui`: the model and its first `size` sampled values (a space file
+    lists what it varies most first), e.g. 'htnet d64 h3 lr3.1e-4 #07'."""
+    def text(value):
+        if isinstance(value, list):
+            return "-".join(map(str, value))
+        if isinstance(value, float):
+            return f"{value:.1e}".replace("e-0", "e-") if value and abs(value) < 0.01 else f"{value:.2g}"
+        return str(value)
+
+    values = [f"{SHORT_NAMES.get(k, k.rsplit('.', 1)[-1])}{text(v)}" for k, v in sampled.items() if k != "model"]
+    return " ".join([str(model), *values[:size], f"#{number:02d}" if isinstance(number, int) else f"#{number}"])
 
 
 def is_number(value):

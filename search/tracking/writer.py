@@ -7,7 +7,7 @@ import time
 from ray import tune
 
 from search.space import flatten
-from search.tracking.schema import (TERMINAL, curve_of, device_tags, engine_metrics, is_number, ranked,
+from search.tracking.schema import (TERMINAL, curve_of, device_tags, engine_metrics, is_number, ranked, run_name,
                                     trial_status, trial_table)
 from search.tracking.store import (FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason,
                                    unreachable_message)
@@ -37,9 +37,9 @@ def set_tags(client, run_id, tags):
     retry(client.log_batch, run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
 
-def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None):
+def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None, tags=None):
     tags = {"htnet.role": "search", "htnet.search": name, "htnet.objective": objective_metric,
-            "htnet.objective_protocol": space.objective, "mlflow.runName": name}
+            "htnet.objective_protocol": space.objective, "mlflow.runName": name, **(tags or {})}
     run_id = retry(client.create_run, experiment_id, tags=tags, run_name=name).info.run_id
     settings = ("num_samples", "max_concurrent_trials", "sampler", "pruner", "resources", "max_failures", "objective")
     log_params(client, run_id, {**{k: getattr(space, k) for k in settings}, "space_file": space.source,
@@ -74,7 +74,9 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
             "htnet.resources": ",".join(f"{k.lower()}={v:g}" for k, v in sorted(resources.items())
                                         if k in ("CPU", "GPU"))}
     run = retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items() if v is not None},
-                run_name=str(trial) + (f"-attempt{attempt}" if attempt > 1 else ""))
+                run_name=run_name(config.get("model", "htnet"), space.sampled(trial.config),
+                                  trial.trial_id if optuna_number is None else optuna_number)
+                + (f" attempt {attempt}" if attempt > 1 else ""))
     log_params(client, run.info.run_id, flatten(config))
     retry(client.log_dict, run.info.run_id, config, "config.yaml")
     return run.info.run_id

@@ -98,11 +98,14 @@ def test_rerun_of_the_best_trial_reports_intervals(work):
     assert tags["htnet.source_search"] == "tiny"
     assert tags["htnet.seeds"] == "2,3,4"   # the trial ran seed 1: its rerun takes fresh seeds
     assert parent.info.status == "FINISHED" and metrics["n_seeds"] == 3
+    assert tags["mlflow.source.git.commit"] and tags["htnet.data_fingerprint"].startswith("csv:")
+    assert "torch=" in tags["htnet.versions"]
     children = runs_with(uri, mlflow_parentRunId=parent.info.run_id)
     assert sorted(int(c.data.tags["htnet.seed"]) for c in children) == [2, 3, 4]
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["htnet.role"] == "rerun_seed"
         assert child.data.params["seed"] == child.data.tags["htnet.seed"]
+        assert child.data.tags["htnet.data_fingerprint"] == tags["htnet.data_fingerprint"]
         assert child.data.params["lr"] == parent.data.params["lr"]
         assert {"predictions.csv", "config.yaml", "confusion_matrix.png", "learning_curve.png"} <= \
             artifacts(uri, child.info.run_id)
@@ -204,11 +207,19 @@ def test_paper_table_has_both_protocols_and_the_published_rows(work, tmp_path, c
     assert methods.index("HTNet *") < methods.index("HTNet (paper config)")
     assert methods.index("STSTNet *") < methods.index("STSTNet")
     assert "published numbers" in (out / "paper_table.md").read_text()
+    # the commit and data each of our rows was built from, in the table's notes and CSV
+    [run] = runs_with(uri, htnet_role="rerun", htnet_method="STSTNet")
+    built = (f"Built from code at commit {run.data.tags['mlflow.source.git.commit'][:12]}"
+             f"{' (dirty)' if run.data.tags['htnet.git_dirty'] == 'true' else ''} "
+             f"on data {run.data.tags['htnet.data_fingerprint']}:")
+    assert built in (out / "paper_table.md").read_text()
     assert r"\multicolumn{2}{c}{CASME II}" in (out / "paper_table.tex").read_text()
 
     numbers = pd.read_csv(out / "paper_table.csv")
     assert set(numbers["kind"]) == {"published", "rerun", "nested"}
+    assert set(numbers.loc[numbers["kind"] != "published", "data"]) == {run.data.tags["htnet.data_fingerprint"]}
     [logged] = runs_with(uri, htnet_role="paper_table")
+    assert logged.data.tags["mlflow.source.git.commit"] == run.data.tags["mlflow.source.git.commit"]
     assert {"paper_table.md", "paper_table.tex", "paper_table.csv"} <= artifacts(uri, logged.info.run_id)
 
 

@@ -5,12 +5,17 @@ Trials are STSTNet LOSO runs on 6 synthetic subjects (2 epochs): a few seconds e
 import math
 import os
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from search import tracking
 from search.driver import runner
+from search.driver.stores import load_data
 from search_fixtures import (free_port, launch_mlflow_server, local_ray, optuna_trials,  # noqa: F401
                              parent_run, run_search_and_meanwhile, search_options, stop_mlflow_server,
                              trial_runs, wait_for_mlflow_server, write_space)
@@ -33,6 +38,11 @@ def test_tiny_search_two_concurrent_trials(local_ray, tmp_path, capsys):
     assert parent.data.tags["htnet.objective_protocol"] == "inner"
     assert parent.data.metrics["trials_finished"] == 2
 
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    provenance = {"mlflow.source.git.commit": commit,
+                  "htnet.data_fingerprint": tracking.provenance(load_data(summary["manifest"]["data"])[0])["htnet_data"]}
+    assert provenance.items() <= parent.data.tags.items()
     runs = trial_runs(uri, "tiny")
     assert len(runs) == 2 and len({r.data.tags["htnet.trial_id"] for r in runs}) == 2
     client = MlflowClient(uri)
@@ -41,10 +51,16 @@ def test_tiny_search_two_concurrent_trials(local_ray, tmp_path, capsys):
         assert run.info.status == "FINISHED" and tags["htnet.status"] == "finished"
         assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["htnet.role"] == "trial"
         assert tags["htnet.device"] == "cpu" and tags["htnet.optuna_trial"].isdigit()
+        assert provenance.items() <= tags.items() and tags["htnet.git_dirty"] in ("true", "false")
+        assert f"torch={torch.__version__}" in tags["htnet.versions"] and "mlflow=" in tags["htnet.versions"]
         assert tags["htnet.resources"] == "cpu=1,gpu=0.5"
         assert params["model"] == "ststnet" and params["epochs"] == "2" and params["subjects"] == "6"
         assert params["save_weights"] == "True"
         assert 1e-3 <= float(params["lr"]) <= 1e-2
+        # a name to scan in mlflow ui: the model, the sampled values and the trial's number
+        lr, batch = f"{float(params['lr']):.1e}".replace("e-0", "e-"), params["batch_size"]
+        assert run.info.run_name in (f"ststnet lr{lr} bs{batch} #{int(tags['htnet.optuna_trial']):02d}",
+                                     f"ststnet lr{lr} bs{batch} #{tags['htnet.trial_id']}"), run.info.run_name
         for protocol in PROTOCOLS:
             for dataset in DATASETS:
                 for m in ("uf1", "uar"):

@@ -272,3 +272,13 @@ def test_paired_comparison_on_known_predictions():
     assert low <= result["uf1_diff"] <= high
     same = cluster_bootstrap_uf1_uar(np.ones((3, 3, 3)), np.ones((3, 3, 3)), n_boot=100)
     assert same["uf1"] == (0.0, 0.0)
+
+
+def test_trial_run_names_read_at_a_glance():
+    from search.tracking.schema import run_name
+
+    sampled = {"model": "htnet", "model_config.dim": 64, "model_config.heads": 3, "lr": 3.1e-4, "batch_size": 128,
+               "epochs": 200}
+    assert run_name("htnet", sampled, 7) == "htnet d64 h3 lr3.1e-4 bs128 #07"
+    blocks = {"lr": 0.05, "model_config.block_repeats": [2, 2, 10]}
+    assert run_name("ststnet", blocks, "ab12") == "ststnet lr0.05 b2-2-10 #ab12"

@@ -222,3 +222,16 @@ def test_the_paper_config_is_a_point_of_htnet_yaml():
         config = LosoConfig.from_dict(space.resolve(PAPER_POINT))
     assert config.model_config["dim"] == 256 and config.model_config["heads"] == 3
     assert not any(c for c in space.raw.get("conditions", []) if "% model_config.heads" in c)
+
+
+def test_tpe_with_concurrent_trials_uses_the_constant_liar():
+    """htnet.yaml runs 16 trials at once: TPE must treat the running ones as observed (Optuna's
+    constant_liar, on by default in Optuna 5) or it samples near-duplicates; a space file can turn it off."""
+    import copy
+
+    space = load_space("htnet")
+    assert space.max_concurrent_trials > 1 and space.sampler["type"] == "tpe"
+    assert space.make_sampler()._constant_liar is True
+    raw = copy.deepcopy(space.raw)
+    raw["sampler"] = {**raw["sampler"], "constant_liar": False}
+    assert parse_space(raw, "off.yaml").make_sampler()._constant_liar is False
