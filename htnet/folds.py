@@ -48,14 +48,26 @@ def check_fold_classes(data):
             raise UserError(f"fold {subject}: training set lacks class {missing[0]} ({CLASS_NAMES[missing[0]]})")
 
 
+def visit_order(subjects, dataset_of, seed):
+    """The order folds are trained in: the source datasets interleaved in proportion (each dataset's
+    subjects spread evenly, in a seeded order), so a partial run (a pruner's early rung) covers every
+    dataset instead of CASME II alone."""
+    keyed = []
+    for dataset in sorted(set(dataset_of[s] for s in subjects)):
+        members = [s for s in subjects if dataset_of[s] == dataset]
+        members = np.random.default_rng(subject_seed(seed, dataset, "order")).permutation(members).tolist()
+        keyed += [((i + 0.5) / len(members), dataset, s) for i, s in enumerate(members)]
+    return [s for _, _, s in sorted(keyed)]
+
+
 def make_folds(data, config):
-    """One fold per subject; the inner run's validation subjects are drawn from its training subjects
-    (seeded), one per source dataset in turn so that validation spans the datasets."""
+    """One fold per subject, in `visit_order`; the inner run's validation subjects are drawn from its training
+    subjects (seeded), one per source dataset in turn so that validation spans the datasets."""
     subjects = data.subject_ids
     dataset_of = dict(zip(data.subjects.tolist(), data.datasets.tolist()))
     check_fold_classes(data)
     folds = []
-    for subject in subjects:
+    for subject in visit_order(subjects, dataset_of, config.seed):
         test, train = np.flatnonzero(data.subjects == subject), np.flatnonzero(data.subjects != subject)
         val_subjects = []
         if "inner" in config.protocols:

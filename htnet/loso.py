@@ -138,11 +138,13 @@ class LosoResult:
     fold_epochs: int
     wall_time_s: float
     device: str
+    fold_order: pd.DataFrame = None   # fold (visit number), subject, dataset: the order folds were trained in
 
     def save(self, out_dir):
-        """The four result files, all or none (a full disk keeps a previous run's set whole)."""
+        """The result files, all or none (a full disk keeps a previous run's set whole)."""
         out_dir = ensure_writable_dir(out_dir)
         write_files({out_dir / "predictions.csv": self.predictions.to_csv(index=False),
+                     out_dir / "folds.csv": self.fold_order.to_csv(index=False),
                      out_dir / "history.csv": self.history.to_csv(index=False),
                      out_dir / "metrics.json": pd.Series(self.metrics, dtype=float).to_json(indent=2),
                      out_dir / "config.yaml": yaml.safe_dump(self.config.to_dict(), sort_keys=False)})
@@ -262,8 +264,11 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     metrics.update(fold_epochs=fold_epochs, wall_time_s=wall)
     history = pd.DataFrame([(o.subject, *row) for o in outcomes for row in o.history],
                            columns=["subject", "run", "epoch", "train_loss", "test_acc", "val_uf1"])
+    dataset_of = dict(zip(data.subjects, data.datasets))
+    fold_order = pd.DataFrame([(n, f.subject, dataset_of[f.subject], n <= len(outcomes))
+                               for n, f in enumerate(folds, 1)], columns=["fold", "subject", "dataset", "trained"])
     result = LosoResult(config, predictions, metrics, history, stopped, len(outcomes), len(folds),
-                        fold_epochs, wall, str(device))
+                        fold_epochs, wall, str(device), fold_order)
     if out_dir is not None:
         result.save(out_dir)
     return result
