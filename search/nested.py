@@ -148,7 +148,7 @@ def run_nested(options, out=None):
     client = store.client
     tags = {"htnet.role": "nested", "htnet.method": method, "htnet.search": name,
             "htnet.objective": space.metric, "htnet.objective_protocol": space.objective,
-            "htnet.cost": cost_text, "mlflow.runName": name, **tracking.provenance_tags(data)}
+            "htnet.cost": cost_text, "mlflow.runName": name, **tracking.provenance_tags(tracking.provenance(data))}
     parent_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name=name).info.run_id
     tracking.log_params(client, parent_id, {
         "space_file": space.source, "num_samples": space.num_samples, "sampler": space.sampler,

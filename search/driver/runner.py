@@ -76,15 +76,13 @@ def trial_dirname(trial):
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def make_trainable(space, data, overrides, replay=None):
+def make_trainable(space, data, overrides, provenance, replay=None):
+    """The Ray trainable; `provenance` (tracking.provenance) goes into every trial's result and run tags."""
     from ray import tune
 
     from search.trainable import loso_trial
 
-    from search import tracking
-
-    settings = {"space": space, "overrides": overrides, "replay": replay or {},
-                "provenance": tracking.provenance(data)}   # the code and data the trials run, as recorded
+    settings = {"space": space, "overrides": overrides, "replay": replay or {}, "provenance": provenance}
     trainable = tune.with_parameters(loso_trial, data=data, settings=settings)
     return tune.with_resources(trainable, {"cpu": space.resources["cpu"], "gpu": space.resources["gpu"]})
 
@@ -116,6 +114,7 @@ def run_search(options, out=None):
     source = data_source(options, space, storage)
     data, data_root = load_data(source)
     check_data(data, overrides)
+    provenance = tracking.provenance(data)   # the code and data the trials run, as recorded
     with search_lock(storage, name, "wait for it to end or pick another --name"):
         if manifest_path(storage, name).exists():
             raise UserError(f"search {name!r} exists: resume it with `python -m search resume {name}` "
@@ -132,7 +131,7 @@ def run_search(options, out=None):
                 parent_run_id = tracking.start_parent_run(
                     client, experiment_id, name, space, space.metric,
                     {"data": data_root, "optuna_storage": optuna_url, "ray_storage": ray_storage,
-                     **{f"override.{k}": v for k, v in overrides.items()}}, tracking.provenance_tags(data))
+                     **{f"override.{k}": v for k, v in overrides.items()}}, tracking.provenance_tags(provenance))
             except tracking.mlflow_errors() as e:
                 raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
             manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -154,7 +153,7 @@ def run_search(options, out=None):
             callback = tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space,
                                                searcher, overrides, results_path=manifest["ray_path"])
             tuner = tune.Tuner(
-                make_trainable(space, data, overrides),
+                make_trainable(space, data, overrides, provenance),
                 tune_config=tune.TuneConfig(
                     search_alg=searcher, scheduler=OptunaPruningScheduler(searcher),
                     num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
@@ -209,7 +208,8 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
             print(f"resuming search {name} from {manifest['ray_path']} ({len(replay)} trials already ended)",
                   file=out)
             tuner = tune.Tuner.restore(
-                manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {}, replay),
+                manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {},
+                                                              tracking.provenance(data), replay),
                 resume_unfinished=True, resume_errored=False)
             tuner.fit()
         return finish_or_report(storage, name, space, top, out, fill=True)

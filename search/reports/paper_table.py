@@ -151,7 +151,7 @@ def paper_table(tracking_uri=None, experiment="htnet", methods=None, interval="s
     if log:
         client, sources = store.client, ",".join(sorted({r for r in table["run_id"] if r}))
         tags = {"htnet.role": "paper_table", "htnet.sources": sources[:5000], "htnet.interval": interval,
-                **tracking.provenance_tags(None)}
+                **tracking.provenance_tags(tracking.provenance())}
         run_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name="paper-table").info.run_id
         for ext, text in texts.items():
             tracking.retry(client.log_text, run_id, text, f"paper_table.{ext}")

@@ -318,7 +318,7 @@ def rerun(options, out=None):
     data, data_root = load_rerun_data(options.data, source, options.storage)
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
     client, method, seed_text = store.client, source.method, ",".join(map(str, seeds))
-    provenance = tracking.provenance_tags(data)   # on the parent and every seed: what produced them
+    provenance = tracking.provenance_tags(tracking.provenance(data))   # on the parent and every seed
 
     def new_run(name, tags, params):
         tags = {k: v for k, v in {**tags, **provenance}.items() if v}

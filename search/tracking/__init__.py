@@ -8,5 +8,6 @@ from search.tracking.writer import (MlflowTracking, finish_parent_run, log_metri
 
 __all__ = ["MlflowTracking", "backfill", "check_reachable", "client_for", "ensure_experiment",
            "finish_parent_run", "log_metrics", "log_params", "mark_interrupted", "mlflow_errors",
-           "newest_run_ids", "provenance", "provenance_tags", "ranked", "replay_results", "retry", "runs", "set_tags", "short_reason",
+           "newest_run_ids", "provenance", "provenance_tags", "ranked", "replay_results", "retry", "runs",
+           "set_tags", "short_reason",
            "start_parent_run", "trial_table", "unreachable", "unreachable_message"]

@@ -50,8 +50,8 @@ def provenance(data=None):
     return keys
 
 
-def provenance_tags(data=None):
-    keys = provenance(data)
+def provenance_tags(keys):
+    """`provenance`'s result keys as the MLflow tags they stand for."""
     return {tag: keys[key] for tag, key in PROVENANCE_TAGS.items() if key in keys}
 
 
