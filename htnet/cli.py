@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from htnet.checkpoint import continued_config, prepare_folder
 from htnet.data import CROP_MODES, load_release, make_synthetic, synthetic_cache
 from htnet.errors import ArgumentParser, TrainingDiverged, UserError
 from htnet.io import atomic_write, ensure_writable_dir, parse_yaml, read_yaml
@@ -77,6 +78,10 @@ def build_parser():
         train.add_argument("--" + key.replace("_", "-"), **options)
     train.add_argument("--protocols", help=f"comma-separated, from {','.join(PROTOCOLS)}")
     train.add_argument("--out", default="outputs/train", help="folder for predictions, metrics, weights")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (killed, or stopped): train only the folds not done")
+    again.add_argument("--overwrite", action="store_true", help="clear the run in --out first")
 
     evaluate = commands.add_parser("evaluate", help="test every subject with saved per-subject weights")
     add_data_arguments(evaluate)
@@ -135,14 +140,20 @@ def _error_of(values):
 
 def cmd_train(args):
     config = train_config(args)
-    out = ensure_writable_dir(args.out)
+    out = prepare_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    if args.resume:
+        config = continued_config(out, config)   # before the data is read: a mismatch is told at once
+    out = ensure_writable_dir(out)
     data = select_subjects(load_data(args), config.subjects)
     warning = lone_subjects_warning(data)
     if warning:
         print(warning, file=sys.stderr)
-    result = run_loso(config, data, out_dir=out)
+    result = run_loso(config, data, out_dir=out, resume=args.resume)
+    metrics = result.metrics
+    resumed = (f" ({metrics['fold_epochs_resumed']} kept from earlier attempts, {metrics['fold_epochs_attempt']} "
+               f"trained in attempt {metrics['attempt']})") if args.resume else ""
     print(f"\n{config.model} LOSO on {data.source}: {result.folds_done} subjects, "
-          f"{result.fold_epochs} fold-epochs, {result.wall_time_s:.0f} s on {result.device}")
+          f"{result.fold_epochs} fold-epochs{resumed}, {result.wall_time_s:.0f} s on {result.device}")
     print(summary_table(result.metrics, config.protocols).round(4).to_string())
     print(f"results in {out}/ (predictions.csv, metrics.json, history.csv, config.yaml"
           f"{', weights/' if config.save_weights else ''})")

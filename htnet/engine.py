@@ -280,20 +280,36 @@ def _trained(groups, X, y, data, config, device, progress):
         pool.join()
 
 
-def run_folds(folds, X, y, data, config, device, progress=False, min_groups=1):
-    """A FoldOutcome per fold, in fold order; `min_groups` as in resolve_fold_group_size."""
-    device = torch.device(device)
+def run_folds(folds, X, y, data, config, device, progress=False, min_groups=1, finished=None):
+    """A FoldOutcome per fold, in fold order; `min_groups` as in resolve_fold_group_size. `finished`: {fold
+    index: FoldOutcome} of an earlier attempt, yielded as they are (`resumed` set) where their whole group is
+    done; a group done in part trains again whole (its batch stream is shared), giving the same outcomes."""
+    device, finished = torch.device(device), finished or {}
     if device.type == "cpu":
         tune_malloc()
     per_fold = 2 if "inner" in config.protocols else 1
+    groups = plan_groups(folds, config, device, min_groups)
+    to_train = [g for g in groups if not all(m.fold_index in finished for m in g)]
+    retrained = {m.fold_index for g in to_train for m in g}
     runs, done = {}, 0
-    for group, results in _trained(plan_groups(folds, config, device, min_groups), X, y, data, config, device,
-                                   progress):
+
+    def ready():
+        nonlocal done
+        while done < len(folds) and (done in finished and done not in retrained
+                                     or len(runs.get(done, ())) == per_fold):
+            if done in runs:
+                outcome = _fold_outcome(folds[done], runs.pop(done), config)
+            else:
+                outcome = finished[done]
+                outcome.resumed = True
+            done += 1
+            yield outcome
+
+    yield from ready()
+    for group, results in _trained(to_train, X, y, data, config, device, progress):
         for member, result in zip(group, results):
             runs.setdefault(member.fold_index, {})[member.run] = result
-        while done < len(folds) and len(runs.get(done, ())) == per_fold:
-            yield _fold_outcome(folds[done], runs.pop(done), config)
-            done += 1
+        yield from ready()
 
 
 def run_fold(fold, X, y, data, config, device, progress=False):

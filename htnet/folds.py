@@ -33,6 +33,8 @@ class FoldOutcome:
     history: list            # rows: run, epoch, train_loss, test_acc, val_uf1
     fold_epochs: int
     weights: dict | None = None  # state_dict of the weights protocol's epoch
+    resumed: bool = False    # taken from an earlier attempt's folder (htnet.checkpoint), not trained now
+    attempt: int = 1         # the attempt that trained it
 
 
 def subject_seed(seed, subject, run):

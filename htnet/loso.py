@@ -16,6 +16,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from htnet import checkpoint
 from htnet.data import CROP_MODES, CompositeData, htnet_input
 from htnet.errors import UserError, first_line
 from htnet.io import ensure_writable_dir, path_under, write_files
@@ -221,32 +222,50 @@ def _pooled_metrics(prediction_rows, outcomes):
     return predictions, metrics
 
 
-def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=True):
+def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=True, resume=False):
     """Every fold of `data`'s `subjects`; every `report_every` folds `callback(report)` gets the pooled metrics,
     step, folds_total, fold_epochs, train_loss and `folds` (each new fold's own metrics, numbered in LOSO
-    order, for pruners that pair folds across trials); True stops the run."""
+    order, for pruners that pair folds across trials); True stops the run. With `out_dir` each fold is kept
+    there as it ends (htnet.checkpoint); `resume` continues the run there, training only the folds not done
+    (callbacks come for those), with the same results as a run never stopped."""
     started = time.perf_counter()
     config, data, device, X = _prepared(config, data)
     out_dir = ensure_writable_dir(out_dir) if out_dir is not None else None
+    if resume and out_dir is not None:
+        config = checkpoint.continued_config(out_dir, config)
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":  # the grouping shapes the batch stream: the result records it
         config = dataclasses.replace(config, fold_group_size=resolve_fold_group_size(
             folds, config, device, min_groups=REPORTS_WITH_CALLBACK if callback else 1))
-    outcomes, prediction_rows, new_folds, stopped = [], [], [], False
+    resume = resume and out_dir is not None
+    finished = checkpoint.load_folds(out_dir, folds, data) if resume else {}
+    attempts = checkpoint.previous_attempts(out_dir if resume else None)
+    attempt = 1 + max([0, *attempts.attempt.astype(int), *(o.attempt for o in finished.values())])
+    if out_dir is not None:
+        if not resume:   # a new run: no fold record of an earlier one may count as this one's
+            checkpoint.clear_records(out_dir)
+        checkpoint.write_config(out_dir, config)
+    outcomes, prediction_rows, new_folds, stopped, trained = [], [], [], False, [0, 0]   # fold-epochs, folds
     with tqdm(total=len(folds), desc="LOSO folds", disable=not progress) as bar:  # closed on errors too
-        for outcome in run_folds(folds, X, y, data, config, device, progress=progress):
+        for outcome in run_folds(folds, X, y, data, config, device, progress=progress, finished=finished):
             outcomes.append(outcome)
             rows = _prediction_rows(outcome.subject, outcome.test, outcome.chosen, data)
             prediction_rows += rows
-            if out_dir is not None and outcome.weights is not None:
-                buffer = io.BytesIO()   # serialised first: torch.save makes a full disk an opaque RuntimeError
-                torch.save(outcome.weights, buffer)
-                write_files({path_under(out_dir, "weights", f"{outcome.subject}.pth"): buffer.getvalue()})
+            if not outcome.resumed:
+                outcome.attempt = attempt
+                trained = [trained[0] + outcome.fold_epochs, trained[1] + 1]
+            if out_dir is not None and not outcome.resumed:
+                if outcome.weights is not None:
+                    buffer = io.BytesIO()   # serialised first: torch.save makes a full disk an opaque RuntimeError
+                    torch.save(outcome.weights, buffer)
+                    write_files({path_under(out_dir, "weights", f"{outcome.subject}.pth"): buffer.getvalue()})
+                checkpoint.save_fold(out_dir, len(outcomes), outcome, data, attempt)
+                attempts = checkpoint.record_attempt(out_dir, attempts, attempt, *trained)
             bar.update(1)
             predictions, metrics = _pooled_metrics(prediction_rows, outcomes)
             bar.set_postfix_str(", ".join(f"{p} UF1 {metrics[f'{p}_full_uf1']:.3f}" for p in config.protocols))
-            if callback is None:
+            if callback is None or outcome.resumed:
                 continue
             new_folds.append({"fold": len(outcomes), "subject": outcome.subject, **_pooled_metrics(rows, [outcome])[1]})
             if len(outcomes) % config.report_every == 0 or len(outcomes) == len(folds):
@@ -261,12 +280,18 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
                     stopped = True
                     break
     fold_epochs, wall = sum(o.fold_epochs for o in outcomes), time.perf_counter() - started
-    metrics.update(fold_epochs=fold_epochs, wall_time_s=wall)
+    earlier = int(attempts[attempts.attempt != attempt].fold_epochs.sum())
+    # fold_epochs: the result's (as a run never stopped); _attempt: trained now; _trained: by every attempt
+    metrics.update(fold_epochs=fold_epochs, fold_epochs_attempt=trained[0], fold_epochs_trained=earlier + trained[0],
+                   fold_epochs_resumed=fold_epochs - sum(o.fold_epochs for o in outcomes if not o.resumed),
+                   attempt=attempt, wall_time_s=wall)
     history = pd.DataFrame([(o.subject, *row) for o in outcomes for row in o.history],
                            columns=["subject", "run", "epoch", "train_loss", "test_acc", "val_uf1"])
     dataset_of = dict(zip(data.subjects, data.datasets))
-    fold_order = pd.DataFrame([(n, f.subject, dataset_of[f.subject], n <= len(outcomes))
-                               for n, f in enumerate(folds, 1)], columns=["fold", "subject", "dataset", "trained"])
+    attempt_of = [o.attempt for o in outcomes] + [pd.NA] * (len(folds) - len(outcomes))
+    fold_order = pd.DataFrame([(n, f.subject, dataset_of[f.subject], n <= len(outcomes), attempt_of[n - 1])
+                               for n, f in enumerate(folds, 1)],
+                              columns=["fold", "subject", "dataset", "trained", "attempt"])
     result = LosoResult(config, predictions, metrics, history, stopped, len(outcomes), len(folds),
                         fold_epochs, wall, str(device), fold_order)
     if out_dir is not None:

@@ -1,6 +1,8 @@
 """The Ray Tune function trainable: one trial = one LOSO run of one sampled configuration, reported to
-Optuna's pruner as it goes (search.bridge) and ending with the trial's files as a Ray checkpoint."""
+Optuna's pruner as it goes (search.bridge), its finished folds in a Ray checkpoint at every report (a retried or
+resumed trial trains only the rest: htnet.checkpoint), ending with the trial's files as its last checkpoint."""
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -60,16 +62,22 @@ def loso_trial(config, data=None, settings=None):
 
     done = {"step": 0}
 
-    def callback(progress):
-        done["step"] = progress["step"]
-        if progress["step"] < progress["folds_total"]:  # the final report follows, with the files
-            tune.report(_report({**_numbers(progress), "fold_objectives": fold_objectives(progress, metric),
-                                 "final": 0, "htnet_status": "running", **info}, metric))
-
     with tempfile.TemporaryDirectory(prefix=f"htnet-{trial_id}-", ignore_cleanup_errors=True) as folder:
         out, title = Path(folder), f"{loso_config.model} trial {trial_id}"
+        previous = tune.get_checkpoint()   # a retry (its worker died) or a trial continued by `search resume`
+        if previous is not None:
+            with previous.as_directory() as finished:
+                shutil.copytree(finished, out, dirs_exist_ok=True)
+
+        def callback(progress):
+            done["step"] = progress["step"]
+            if progress["step"] < progress["folds_total"]:  # the final report follows, with the files
+                tune.report(_report({**_numbers(progress), "fold_objectives": fold_objectives(progress, metric),
+                                     "final": 0, "htnet_status": "running", **info}, metric),
+                            checkpoint=tune.Checkpoint.from_directory(folder))
+
         try:
-            result = run_loso(loso_config, data, callback=callback, out_dir=out, progress=False)
+            result = run_loso(loso_config, data, callback=callback, out_dir=out, progress=False, resume=True)
         except (TrainingDiverged, UserError) as e:
             failed(e, done["step"])
             return
@@ -78,6 +86,7 @@ def loso_trial(config, data=None, settings=None):
         main = result.history[result.history["run"] == "main"]
         if len(main):  # as in the engine's reports: the last epoch's mean over folds
             result.metrics.setdefault("train_loss", float(main.groupby("epoch")["train_loss"].mean().iloc[-1]))
+        shutil.rmtree(out / "folds", ignore_errors=True)   # the fold records: in the result files now
         final = {**_numbers(result.metrics), "step": result.folds_done,
                  "folds_total": result.folds_total, "final": 1, "htnet_status": "finished", **info}
         tune.report(_report(final, metric), checkpoint=tune.Checkpoint.from_directory(folder))

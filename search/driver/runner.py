@@ -161,6 +161,8 @@ def run_search(options, out=None):
                 run_config=tune.RunConfig(
                     name=name, storage_path=ray_storage, callbacks=[callback],
                     failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                    # each holds all finished folds: the latest two (the last may be half-written)
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     verbose=options.verbose))
             tuner.fit()
         # MLflow went away mid-search: fill it in now if it is back

@@ -8,6 +8,8 @@ from search.tracking.store import retry
 TERMINAL = ("finished", "pruned", "failed")
 STATUS_ORDER = {"finished": 0, "pruned": 1, "running": 2, "interrupted": 2, "failed": 3}
 TRIAL_TAGS = ("trial_id", "attempt", "status", "retried", "lost", "optuna_trial", "role")  # htnet.<name>
+# the result's fold-epochs (as a run never stopped), trained by this attempt, by every attempt, and resumed
+FOLD_EPOCHS = ("fold_epochs", "fold_epochs_attempt", "fold_epochs_trained", "fold_epochs_resumed")
 SUMMARY_METRICS = ("inner_full_uf1", "inner_full_uar", "paper_full_uf1", "paper_full_uar", "final_full_uf1",
                    "folds_done")
 DEVICE_TAGS = {"htnet.device": "htnet_device", "htnet.node_id": "htnet_node", "htnet.worker_pid": "htnet_pid",

@@ -7,8 +7,8 @@ import time
 from ray import tune
 
 from search.space import flatten
-from search.tracking.schema import (TERMINAL, curve_of, device_tags, engine_metrics, is_number, ranked, run_name,
-                                    trial_status, trial_table)
+from search.tracking.schema import (FOLD_EPOCHS, TERMINAL, curve_of, device_tags, engine_metrics, is_number, ranked,
+                                    run_name, trial_status, trial_table)
 from search.tracking.store import (FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason,
                                    unreachable_message)
 
@@ -84,7 +84,7 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
 
 def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
     """Final metrics, the files of a finished trial (its Ray checkpoint, if any) and the end status."""
-    metrics = {**engine_metrics(result, ("fold_epochs", "wall_time_s")), "folds_done": result.get("step", 0),
+    metrics = {**engine_metrics(result, ("wall_time_s", *FOLD_EPOCHS)), "folds_done": result.get("step", 0),
                "trial_wall_time_s": wall_time_s}  # log_metrics skips a None
     log_metrics(client, run_id, metrics, step=result.get("step", 0))
     if status == "finished" and checkpoint is not None:

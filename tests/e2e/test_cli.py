@@ -56,3 +56,48 @@ def test_unwritable_output_folder(tmp_path):
     blocker.write_text("not a folder")
     result = htnet("train", "--model", "ststnet", "--out", blocker / "out", cwd=tmp_path)
     assert result.returncode == 2 and "not writable" in result.stderr
+
+
+def test_train_killed_with_sigkill_resumes_training_only_the_missing_folds(tmp_path):
+    """`htnet train` SIGKILLed after k of 9 folds; `--resume` trains the other 9 - k (counted in
+    fold-epochs) and its files equal an uninterrupted run's. The killed folder is refused without
+    --resume, and a resume with another config is refused with one line."""
+    import signal
+    import time
+
+    data = tmp_path / "synth"
+    assert htnet("synth", "--out", data, "--subjects-per-dataset", 3).returncode == 0
+    args = ["train", "--data", data, "--model", "ststnet", "--epochs", 100, "--lr", "3e-3", "--batch-size", 32,
+            "--engine", "plain", "--protocols", "paper,final", "--device", "cpu"]
+    full = htnet(*args, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "htnet", *map(str, args), "--out", killed], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list((killed / "folds").glob("*.json"))) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(30) == -signal.SIGKILL
+    done = len(list((killed / "folds").glob("*.json")))
+    assert 3 <= done < 9 and not (killed / "predictions.csv").exists()
+
+    again = htnet(*args, "--out", killed)
+    assert again.returncode == 2 and again.stderr.strip().endswith(
+        f"is not empty (a run with {done} fold(s) done): --resume continues its run, --overwrite clears it, "
+        f"or choose another --out")
+    other = htnet(*args[:-2], "--device", "cpu", "--lr", "1e-3", "--out", killed, "--resume")
+    assert other.returncode == 2 and "config.yaml: the run there has lr=0.003, this command 0.001" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+
+    resumed = htnet(*args, "--out", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"900 fold-epochs ({done * 100} kept from earlier attempts, {(9 - done) * 100} trained in attempt 2)" \
+        in resumed.stdout
+    for name in ("predictions.csv", "history.csv"):
+        assert (killed / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    metrics = pd.read_json(killed / "metrics.json", typ="series")
+    assert metrics["fold_epochs_attempt"] == (9 - done) * 100 and metrics["fold_epochs"] == 900
+    assert (pd.read_csv(killed / "folds.csv").attempt == [1] * done + [2] * (9 - done)).all()

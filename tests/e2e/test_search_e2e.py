@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -18,7 +19,7 @@ from search.driver import runner
 from search.driver.stores import load_data
 from search_fixtures import (free_port, launch_mlflow_server, local_ray, optuna_trials,  # noqa: F401
                              parent_run, run_search_and_meanwhile, search_options, stop_mlflow_server,
-                             trial_runs, wait_for_mlflow_server, write_space)
+                             store_client, trial_runs, wait_for_mlflow_server, write_space)
 
 PROTOCOLS = ("paper", "final", "inner")
 DATASETS = ("full", "smic", "casme2", "samm")
@@ -183,15 +184,19 @@ def test_wilcoxon_pruner_gets_each_folds_own_objective_through_ray(local_ray, tm
 
 def test_trial_whose_worker_dies_is_retried(local_ray, tmp_path):
     """SIGKILL the trial's worker process after its first result: Ray retries the trial
-    (FailureConfig); MLflow keeps the failed attempt as FAILED and the retry as FINISHED."""
+    (FailureConfig) from its last checkpoint, training only the folds not done (counted in
+    fold-epochs), and its predictions equal an uninterrupted run's; MLflow keeps the failed attempt
+    as FAILED and the retry as FINISHED."""
     space = write_space(tmp_path / "kill.yaml", num_samples=1, max_concurrent_trials=1, max_failures=1,
-                        fixed={"epochs": 12})
+                        fixed={"epochs": 40})
     options = search_options(tmp_path, space, "kill")
 
     def running_worker():
+        """After the second fold's result: Ray registers a reported checkpoint (a save round trip to the
+        worker) before it takes the next result, so the first fold's checkpoint is then Ray's."""
         for run in trial_runs(options.tracking_uri, "kill"):
             pid = run.data.tags.get("htnet.worker_pid")
-            if run.info.status == "RUNNING" and pid and run.data.metrics.get("curve_inner_val_uf1") is not None:
+            if run.info.status == "RUNNING" and pid and run.data.metrics.get("curve_fold_epochs", 0) >= 2 * 80:
                 return int(pid)
         return None
 
@@ -209,6 +214,20 @@ def test_trial_whose_worker_dies_is_retried(local_ray, tmp_path):
     assert failed.data.tags["htnet.error"]
     assert retried.info.status == "FINISHED" and retried.data.tags["htnet.status"] == "finished"
     assert retried.data.metrics["folds_done"] == 6
+    metrics = retried.data.metrics
+    assert 0 < metrics["fold_epochs_resumed"] < metrics["fold_epochs"]   # at least the reported fold was kept
+    assert metrics["fold_epochs_attempt"] == metrics["fold_epochs"] - metrics["fold_epochs_resumed"]
+    assert metrics["fold_epochs_trained"] == metrics["fold_epochs"]   # attempt 1's checkpointed folds + the retry's
+    client = store_client(options.tracking_uri)
+    folder = Path(client.download_artifacts(retried.info.run_id, "", str(tmp_path / "artifacts")))
+    assert not (folder / "folds").exists() and (folder / "attempts.csv").is_file()
+    from htnet.loso import run_loso
+    data, _ = load_data(summary["manifest"]["data"])
+    uninterrupted = run_loso(yaml.safe_load((folder / "config.yaml").read_text()), data, out_dir=tmp_path / "again",
+                             progress=False)
+    assert uninterrupted.fold_epochs == metrics["fold_epochs"]
+    assert (folder / "predictions.csv").read_bytes() == (tmp_path / "again" / "predictions.csv").read_bytes()
+    assert (folder / "history.csv").read_bytes() == (tmp_path / "again" / "history.csv").read_bytes()
     assert retried.data.tags["htnet.worker_pid"] != str(killed["value"])
     [trial] = optuna_trials(tmp_path / "runs", "kill")
     assert trial.state == TrialState.COMPLETE

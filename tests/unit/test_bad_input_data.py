@@ -143,7 +143,7 @@ def test_weights_of_an_unsafe_subject_are_not_written_outside_out(synth_data, tm
     with pytest.raises(UserError, match="escaped.pth resolves to .*, outside"):
         run_loso({"model": "ststnet", "epochs": 1, "batch_size": 32, "protocols": ["final"], "device": "cpu",
                   "engine": "plain", "save_weights": True}, data, out_dir=tmp_path / "out", progress=False)
-    assert all_files(tmp_path.parent) == before
+    assert all_files(tmp_path.parent) - before == {f"{tmp_path.name}/out/config.yaml"}   # the run's start only
     with pytest.raises(UserError, match="escaped.pth resolves to .*, outside"):
         evaluate_weights(tmp_path / "out", data, {"model": "ststnet", "device": "cpu", "protocols": ["final"]})
 
@@ -458,16 +458,22 @@ def test_train_onto_a_full_disk_keeps_the_previous_results(synth_root, full_disk
         (out / name).write_text(text)
     (out / "weights").mkdir()
     (out / "weights" / "sub01.pth").write_text("previous weights")
+    new = full_disk / "new"
+    new.mkdir()
     fill(full_disk)
     expected = sorted([*old, "weights/sub01.pth"])
     for flags in ([], ["--save-weights"]):
+        # a folder holding a run is never written into without --resume or --overwrite
         code, _, err = run_main("htnet", ["train", "--data", synth_root, *TRAIN, *THREE, *flags, "--out", out], capsys)
-        lines = error_lines(err)
-        assert code == 2 and len(lines) == 1 and re.fullmatch(
-            rf"error: cannot write {re.escape(str(out))}/\S+: No space left on device", lines[0]), err
-        assert files_under(out) == expected  # no temporary file left
+        assert code == 2 and "is not empty (a run with 0 fold(s) done)" in one_error_line(err)
+        assert files_under(out) == expected
         assert {name: (out / name).read_text() for name in old} == old
         assert (out / "weights" / "sub01.pth").read_text() == "previous weights"
+        code, _, err = run_main("htnet", ["train", "--data", synth_root, *TRAIN, *THREE, *flags, "--out", new], capsys)
+        lines = error_lines(err)
+        assert code == 2 and len(lines) == 1 and re.fullmatch(
+            rf"error: cannot write {re.escape(str(new))}/\S+: No space left on device", lines[0]), err
+        assert files_under(new) == []  # no temporary file left
 
 
 def test_unsafe_names_in_a_preprocess_index(tmp_path, capsys):

@@ -17,7 +17,7 @@ LAYERS = [
     ("models", ["htnet.models", "htnet.kernels"]),
     ("engine parts", ["htnet.folds", "htnet.models.grouped"]),
     ("engine", ["htnet.engine"]),
-    ("loso", ["htnet.loso"]),
+    ("loso", ["htnet.checkpoint", "htnet.loso"]),
     ("htnet cli", ["htnet.cli", "htnet.__main__"]),
     ("search space", ["search.space"]),
     ("tracking", ["search.tracking", "search.driver.stores", "search.driver.ray_setup"]),
