@@ -84,3 +84,44 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     analysis = tune.ExperimentAnalysis(str(storage / "ray" / "resume"))
     assert sorted(t.status for t in analysis.trials) == ["TERMINATED"] * samples
     assert yaml.safe_load((storage / "searches" / "resume.yaml").read_text())["status"] == "finished"
+
+
+def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(tmp_path, ray_tmpdir):
+    """`search resume` continues the trial that was running from its last fold checkpoint in Ray's
+    storage: it trains only the folds not done, and counts each fold once."""
+    space = write_space(tmp_path / "folds.yaml", num_samples=1, max_concurrent_trials=1, fixed={"epochs": 40})
+    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--storage", str(storage), "--num-cpus", "2"]
+    env = {"RAY_TMPDIR": str(ray_tmpdir)}
+    log = tmp_path / "driver.log"
+    driver = start_cli(["run", str(space), "--name", "folds", "--tracking-uri", uri, "--verbose", "0", *common],
+                       log, env=env)
+    try:
+        # 3 folds of 80 fold-epochs reported: Ray has registered a checkpoint and snapshotted the experiment
+        # (forced once a trial has checkpointed num_to_keep = 2 times since the last snapshot)
+        wait_until(lambda: [r for r in trial_runs(uri, "folds") if r.info.status == "RUNNING"
+                            and r.data.metrics.get("curve_fold_epochs", 0) >= 3 * 80],
+                   timeout=SAFETY_NET, interval=0.3, what="a trial 3 folds in", unless=died(driver, log))
+        os.kill(driver.pid, signal.SIGKILL)
+        wait_for_exit(driver, SAFETY_NET)
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait()
+        kill_session(driver)
+    wait_until(lambda: not ray_processes(ray_tmpdir), timeout=SAFETY_NET, what="the killed Ray session to end")
+
+    log = tmp_path / "resume.log"
+    resumed = start_cli(["resume", "folds", *common], log, env=env)
+    try:
+        code = wait_for_exit(resumed, SAFETY_NET, log)
+    finally:
+        if resumed.poll() is None:
+            os.kill(resumed.pid, signal.SIGKILL)
+            resumed.wait()
+        kill_session(resumed)
+    assert code == 0, log.read_text()[-5000:]
+    [run] = [r for r in trial_runs(uri, "folds") if r.data.tags.get("htnet.status") == "finished"]
+    metrics = run.data.metrics
+    assert metrics["fold_epochs"] == 6 * 80 and 80 <= metrics["fold_epochs_resumed"] < 6 * 80
+    assert metrics["fold_epochs_attempt"] == metrics["fold_epochs"] - metrics["fold_epochs_resumed"]
