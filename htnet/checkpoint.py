@@ -1,6 +1,7 @@
 """A LOSO run's folder as its checkpoint: each finished fold is written as it ends (folds/<subject>.json,
 after its weights), so a killed run continues where it was (`htnet train --resume`, a retried or resumed Ray
 Tune trial) and trains only the folds not done. Folds are seeded per subject: nothing else is needed."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -51,8 +52,6 @@ def _describe(out_dir, entries):
 def continued_config(out_dir, config):
     """The config to resume `out_dir`'s run with: the command's, which must equal the folder's config.yaml
     but for FREE_ON_RESUME; an unset fold_group_size takes the folder's (the grouping shapes the results)."""
-    import dataclasses
-
     path = Path(out_dir) / "config.yaml"
     if not path.is_file():
         return config
@@ -109,7 +108,8 @@ def load_folds(out_dir, folds, data):
             test = folds[i].test
             if record["samples"] != data.samples[test].tolist():
                 raise UserError(f"{path}: fold {subject!r} tested other samples than the data has now")
-            chosen = {p: (c["epoch"], np.asarray(c["predictions"], dtype=np.int64)) for p, c in record["chosen"].items()}
+            chosen = {p: (c["epoch"], np.asarray(c["predictions"], dtype=np.int64))
+                      for p, c in record["chosen"].items()}
             inner = None
             if record["inner"] is not None:
                 inner = InnerChoice(np.asarray(record["inner"]["labels"], dtype=data.labels.dtype))
@@ -117,7 +117,7 @@ def load_folds(out_dir, folds, data):
                 inner.predictions = np.asarray(record["inner"]["predictions"], dtype=np.int64)
             history = [(run, epoch, loss, acc, uf1) for run, epoch, loss, acc, uf1 in record["history"]]
             done[i] = FoldOutcome(subject, test, chosen, inner, history, int(record["fold_epochs"]),
-                                  attempt=int(record["attempt"]))
+                                  resumed=True, attempt=int(record["attempt"]))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}: not a fold record ({type(e).__name__}: {e})") from None
     return done

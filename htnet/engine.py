@@ -282,8 +282,9 @@ def _trained(groups, X, y, data, config, device, progress):
 
 def run_folds(folds, X, y, data, config, device, progress=False, min_groups=1, finished=None):
     """A FoldOutcome per fold, in fold order; `min_groups` as in resolve_fold_group_size. `finished`: {fold
-    index: FoldOutcome} of an earlier attempt, yielded as they are (`resumed` set) where their whole group is
-    done; a group done in part trains again whole (its batch stream is shared), giving the same outcomes."""
+    index: FoldOutcome} of an earlier attempt (htnet.checkpoint.load_folds), yielded as they are where their
+    whole group is done; a group done in part trains again whole (its batch stream is shared), giving the
+    same outcomes."""
     device, finished = torch.device(device), finished or {}
     if device.type == "cpu":
         tune_malloc()
@@ -297,11 +298,7 @@ def run_folds(folds, X, y, data, config, device, progress=False, min_groups=1, f
         nonlocal done
         while done < len(folds) and (done in finished and done not in retrained
                                      or len(runs.get(done, ())) == per_fold):
-            if done in runs:
-                outcome = _fold_outcome(folds[done], runs.pop(done), config)
-            else:
-                outcome = finished[done]
-                outcome.resumed = True
+            outcome = _fold_outcome(folds[done], runs.pop(done), config) if done in runs else finished[done]
             done += 1
             yield outcome
 

@@ -231,14 +231,14 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     started = time.perf_counter()
     config, data, device, X = _prepared(config, data)
     out_dir = ensure_writable_dir(out_dir) if out_dir is not None else None
-    if resume and out_dir is not None:
+    resume = resume and out_dir is not None
+    if resume:
         config = checkpoint.continued_config(out_dir, config)
     y = torch.tensor(data.labels, device=device)
     folds = make_folds(data, config)
     if config.engine == "batched":  # the grouping shapes the batch stream: the result records it
         config = dataclasses.replace(config, fold_group_size=resolve_fold_group_size(
             folds, config, device, min_groups=REPORTS_WITH_CALLBACK if callback else 1))
-    resume = resume and out_dir is not None
     finished = checkpoint.load_folds(out_dir, folds, data) if resume else {}
     attempts = checkpoint.previous_attempts(out_dir if resume else None)
     attempt = 1 + max([0, *attempts.attempt.astype(int), *(o.attempt for o in finished.values())])
@@ -246,7 +246,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
         if not resume:   # a new run: no fold record of an earlier one may count as this one's
             checkpoint.clear_records(out_dir)
         checkpoint.write_config(out_dir, config)
-    outcomes, prediction_rows, new_folds, stopped, trained = [], [], [], False, [0, 0]   # fold-epochs, folds
+    outcomes, prediction_rows, new_folds, stopped = [], [], [], False
     with tqdm(total=len(folds), desc="LOSO folds", disable=not progress) as bar:  # closed on errors too
         for outcome in run_folds(folds, X, y, data, config, device, progress=progress, finished=finished):
             outcomes.append(outcome)
@@ -254,14 +254,15 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
             prediction_rows += rows
             if not outcome.resumed:
                 outcome.attempt = attempt
-                trained = [trained[0] + outcome.fold_epochs, trained[1] + 1]
             if out_dir is not None and not outcome.resumed:
                 if outcome.weights is not None:
                     buffer = io.BytesIO()   # serialised first: torch.save makes a full disk an opaque RuntimeError
                     torch.save(outcome.weights, buffer)
                     write_files({path_under(out_dir, "weights", f"{outcome.subject}.pth"): buffer.getvalue()})
                 checkpoint.save_fold(out_dir, len(outcomes), outcome, data, attempt)
-                attempts = checkpoint.record_attempt(out_dir, attempts, attempt, *trained)
+                trained_now = [o for o in outcomes if not o.resumed]
+                attempts = checkpoint.record_attempt(out_dir, attempts, attempt,
+                                                     sum(o.fold_epochs for o in trained_now), len(trained_now))
             bar.update(1)
             predictions, metrics = _pooled_metrics(prediction_rows, outcomes)
             bar.set_postfix_str(", ".join(f"{p} UF1 {metrics[f'{p}_full_uf1']:.3f}" for p in config.protocols))
@@ -281,15 +282,16 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
                     break
     fold_epochs, wall = sum(o.fold_epochs for o in outcomes), time.perf_counter() - started
     earlier = int(attempts[attempts.attempt != attempt].fold_epochs.sum())
+    resumed = sum(o.fold_epochs for o in outcomes if o.resumed)
     # fold_epochs: the result's (as a run never stopped); _attempt: trained now; _trained: by every attempt
-    metrics.update(fold_epochs=fold_epochs, fold_epochs_attempt=trained[0], fold_epochs_trained=earlier + trained[0],
-                   fold_epochs_resumed=fold_epochs - sum(o.fold_epochs for o in outcomes if not o.resumed),
+    metrics.update(fold_epochs=fold_epochs, fold_epochs_attempt=fold_epochs - resumed,
+                   fold_epochs_trained=earlier + fold_epochs - resumed, fold_epochs_resumed=resumed,
                    attempt=attempt, wall_time_s=wall)
     history = pd.DataFrame([(o.subject, *row) for o in outcomes for row in o.history],
                            columns=["subject", "run", "epoch", "train_loss", "test_acc", "val_uf1"])
     dataset_of = dict(zip(data.subjects, data.datasets))
-    attempt_of = [o.attempt for o in outcomes] + [pd.NA] * (len(folds) - len(outcomes))
-    fold_order = pd.DataFrame([(n, f.subject, dataset_of[f.subject], n <= len(outcomes), attempt_of[n - 1])
+    fold_order = pd.DataFrame([(n, f.subject, dataset_of[f.subject], n <= len(outcomes),
+                                outcomes[n - 1].attempt if n <= len(outcomes) else pd.NA)
                                for n, f in enumerate(folds, 1)],
                               columns=["fold", "subject", "dataset", "trained", "attempt"])
     result = LosoResult(config, predictions, metrics, history, stopped, len(outcomes), len(folds),

@@ -17,6 +17,35 @@ from search_fixtures import (died, kill_session, optuna_trials, parent_run, ray_
 SAFETY_NET = 1800  # seconds; each step ends as soon as its event happens
 
 
+def stop(process):
+    """The process and its Ray session gone, whatever happened to the test."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    kill_session(process)
+
+
+def kill_driver_when(driver, log, condition, what, ray_tmpdir):
+    """SIGKILL the driver once `condition()` holds; return when its Ray session is gone too (its watchdog
+    ends it), so a resumed search starts a fresh one."""
+    try:
+        wait_until(condition, timeout=SAFETY_NET, interval=0.3, what=what, unless=died(driver, log))
+        os.kill(driver.pid, signal.SIGKILL)
+        wait_for_exit(driver, SAFETY_NET)
+    finally:
+        stop(driver)
+    wait_until(lambda: not ray_processes(ray_tmpdir), timeout=SAFETY_NET, what="the killed Ray session to end")
+
+
+def run_to_exit(args, log, env):
+    """`python -m search ARGS` to its end: (exit code, its log)."""
+    process = start_cli(args, log, env=env)
+    try:
+        return wait_for_exit(process, SAFETY_NET, log), log.read_text()
+    finally:
+        stop(process)
+
+
 def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     samples = 4
     space = write_space(tmp_path / "resume.yaml", num_samples=samples, max_concurrent_trials=2,
@@ -27,38 +56,19 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     log = tmp_path / "driver.log"
     driver = start_cli(["run", str(space), "--name", "resume", "--tracking-uri", uri, "--verbose", "0", *common],
                        log, env=env)
-    try:
-        def mid_search():
-            runs = trial_runs(uri, "resume")
-            finished = [r for r in runs if r.data.tags.get("htnet.status") == "finished"]
-            running = [r for r in runs if r.info.status == "RUNNING"
-                       and r.data.metrics.get("curve_inner_val_uf1") is not None]
-            return finished and running
-        wait_until(mid_search, timeout=SAFETY_NET, interval=0.3, what="one finished and one running trial",
-                   unless=died(driver, log))
-        os.kill(driver.pid, signal.SIGKILL)
-        wait_for_exit(driver, SAFETY_NET)
-    finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-            driver.wait()
-        kill_session(driver)
-    # the driver's watchdog ends its Ray session: the resumed search starts a fresh one
-    wait_until(lambda: not ray_processes(ray_tmpdir), timeout=SAFETY_NET, what="the killed Ray session to end")
+
+    def mid_search():
+        runs = trial_runs(uri, "resume")
+        finished = [r for r in runs if r.data.tags.get("htnet.status") == "finished"]
+        running = [r for r in runs if r.info.status == "RUNNING"
+                   and r.data.metrics.get("curve_inner_val_uf1") is not None]
+        return finished and running
+    kill_driver_when(driver, log, mid_search, "one finished and one running trial", ray_tmpdir)
     before = trial_runs(uri, "resume")
     assert sum(r.data.tags.get("htnet.status") == "finished" for r in before) < samples
     assert yaml.safe_load((storage / "searches" / "resume.yaml").read_text())["status"] == "running"
 
-    log = tmp_path / "resume.log"
-    resumed = start_cli(["run", "--resume", "resume", *common], log, env=env)
-    try:
-        code = wait_for_exit(resumed, SAFETY_NET, log)
-    finally:
-        if resumed.poll() is None:
-            os.kill(resumed.pid, signal.SIGKILL)
-            resumed.wait()
-        kill_session(resumed)
-    output = log.read_text()
+    code, output = run_to_exit(["run", "--resume", "resume", *common], tmp_path / "resume.log", env)
     assert code == 0, output[-5000:]
     assert "search resume (finished): 4 finished" in output
 
@@ -96,31 +106,14 @@ def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(t
     log = tmp_path / "driver.log"
     driver = start_cli(["run", str(space), "--name", "folds", "--tracking-uri", uri, "--verbose", "0", *common],
                        log, env=env)
-    try:
-        # 3 folds of 80 fold-epochs reported: Ray has registered a checkpoint and snapshotted the experiment
-        # (forced once a trial has checkpointed num_to_keep = 2 times since the last snapshot)
-        wait_until(lambda: [r for r in trial_runs(uri, "folds") if r.info.status == "RUNNING"
-                            and r.data.metrics.get("curve_fold_epochs", 0) >= 3 * 80],
-                   timeout=SAFETY_NET, interval=0.3, what="a trial 3 folds in", unless=died(driver, log))
-        os.kill(driver.pid, signal.SIGKILL)
-        wait_for_exit(driver, SAFETY_NET)
-    finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-            driver.wait()
-        kill_session(driver)
-    wait_until(lambda: not ray_processes(ray_tmpdir), timeout=SAFETY_NET, what="the killed Ray session to end")
+    # 3 folds of 80 fold-epochs reported: Ray has registered a checkpoint and snapshotted the experiment
+    # (forced once a trial has checkpointed num_to_keep = 2 times since the last snapshot)
+    kill_driver_when(driver, log, lambda: [r for r in trial_runs(uri, "folds") if r.info.status == "RUNNING"
+                                           and r.data.metrics.get("curve_fold_epochs", 0) >= 3 * 80],
+                     "a trial 3 folds in", ray_tmpdir)
 
-    log = tmp_path / "resume.log"
-    resumed = start_cli(["resume", "folds", *common], log, env=env)
-    try:
-        code = wait_for_exit(resumed, SAFETY_NET, log)
-    finally:
-        if resumed.poll() is None:
-            os.kill(resumed.pid, signal.SIGKILL)
-            resumed.wait()
-        kill_session(resumed)
-    assert code == 0, log.read_text()[-5000:]
+    code, output = run_to_exit(["resume", "folds", *common], tmp_path / "resume.log", env)
+    assert code == 0, output[-5000:]
     [run] = [r for r in trial_runs(uri, "folds") if r.data.tags.get("htnet.status") == "finished"]
     metrics = run.data.metrics
     assert metrics["fold_epochs"] == 6 * 80 and 80 <= metrics["fold_epochs_resumed"] < 6 * 80
