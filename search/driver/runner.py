@@ -15,8 +15,8 @@ from htnet.loso import parse_subjects
 from search.driver.ray_setup import check_resources, ray_session
 from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_name, check_restorable, data_source,
                                   default_optuna_storage, default_tracking_uri, load_data, lock_path, manifest_path,
-                                  no_such_search, open_optuna_storage, read_manifest, search_lock, search_names,
-                                  write_manifest)
+                                  no_such_search, open_optuna_storage, read_manifest, restore_deleted_checkpoints,
+                                  search_lock, search_names, write_manifest)
 from search.space import SPACES_DIR, check_fixed_values, load_space, parse_space, set_fixed, with_overrides
 
 DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
@@ -209,6 +209,9 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
             write_manifest(storage, name, manifest)
             print(f"resuming search {name} from {manifest['ray_path']} ({len(replay)} trials already ended)",
                   file=out)
+            for trial_id in restore_deleted_checkpoints(manifest["ray_path"]):
+                print(f"trial {trial_id}: Ray's snapshot named a checkpoint it had deleted; it goes on from its "
+                      f"newer one", file=out)
             tuner = tune.Tuner.restore(
                 manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {},
                                                               tracking.provenance(data), replay),

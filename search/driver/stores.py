@@ -194,3 +194,31 @@ def private_group(gid):
     except KeyError:
         return False
     return gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
+
+
+def restore_deleted_checkpoints(ray_path):
+    """Ray snapshots a trial's latest checkpoint once every num_to_keep checkpoints but deletes the older ones
+    at once, so a driver killed in between leaves a snapshot naming a deleted checkpoint, and the resumed
+    trial would fail ("does not exist on storage anymore"). A trial's newer checkpoint holds every fold the
+    named one did and more (htnet.checkpoint): copy it to the named path. Returns the trial ids mended."""
+    import pyarrow.fs
+    from ray import tune
+
+    mended = []
+    for trial in tune.ExperimentAnalysis(ray_path).trials:
+        checkpoint = trial.checkpoint
+        if trial.status == "TERMINATED" or checkpoint is None:
+            continue
+        fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            continue
+        folder, _, missing = path.rpartition("/")
+        newer = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
+                        if info.type == pyarrow.fs.FileType.Directory
+                        and re.fullmatch(r"checkpoint_\d+", info.base_name) and info.base_name > missing))
+        if newer:
+            pyarrow.fs.copy_files(f"{folder}/{newer[-1]}", path, source_filesystem=fs, destination_filesystem=fs)
+        else:
+            fs.create_dir(path)  # nothing newer: the trial starts again from its first fold
+        mended.append(trial.trial_id)
+    return mended
