@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from htnet.checkpoint import continued_config, prepare_folder
 from htnet.data import CROP_MODES, load_release, make_synthetic, synthetic_cache
 from htnet.errors import ArgumentParser, TrainingDiverged, UserError
-from htnet.io import atomic_write, ensure_writable_dir, parse_yaml, read_yaml
+from htnet.io import ensure_writable_dir, parse_yaml, read_yaml, write_files
 from htnet.loso import (ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, lone_subjects_warning,
                         parse_subjects, run_loso, select_subjects)
 from htnet.metrics import PROTOCOLS, per_subject_accuracy, summary_table
@@ -166,10 +168,11 @@ def cmd_evaluate(args):
                                    "subjects": parse_subjects(args.subjects), "protocols": ["final"]})
     out = ensure_writable_dir(args.out)
     predictions, metrics = evaluate_weights(args.weights, load_data(args), config)
-    with atomic_write(out / "predictions.csv") as f:
-        predictions.to_csv(f, index=False)
+    write_files({out / "predictions.csv": predictions.to_csv(index=False),  # as LosoResult.save: all or none
+                 out / "metrics.json": pd.Series(metrics, dtype=float).to_json(indent=2)})
     print(per_subject_accuracy(predictions).round(3).to_string(index=False))
     print(summary_table(metrics, ["weights"]).round(4).to_string())
+    print(f"results in {out}/ (predictions.csv, metrics.json)")
     return 0
 
 

@@ -103,8 +103,10 @@ def build_parser():
     p.add_argument("--max-failures", type=at_least(0), help="retries of a trial whose worker died")
     add_sets(p)
     p.add_argument("--save-weights", action="store_true", help="log per-subject weights of every finished trial")
-    p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=1,
-                   help="Ray Tune's progress output: 0 silent, 1 trial table (default), 2 every result")
+    p.add_argument("--verbose", type=int, nargs="?", const=1, choices=[0, 1, 2], default=0,
+                   help="the libraries' output on the console too: 1 (or --verbose alone) with Ray Tune's trial "
+                        "table, 2 with every result; default 0: only in <storage>/logs/<name>.log, the console "
+                        "shows a line per trial event and now and then a table")
     p.add_argument("--optuna-storage", help="Optuna storage: sqlite:///FILE, an SQLAlchemy URL, or "
                                             "journal:FILE (default: sqlite:///<storage>/optuna.db)")
     p.add_argument("--ray-storage", help="Ray Tune results: a folder or s3://bucket/prefix; a cluster "
@@ -135,21 +137,26 @@ def build_parser():
     p.add_argument("--top", type=int, help="keep the first N trials")
     p.add_argument("--csv", help="write the table as CSV")
     p.add_argument("--markdown", "--md", dest="markdown", help="write the table as Markdown")
-    p.add_argument("--latex", "--tex", dest="latex", help="write the table as LaTeX (booktabs)")
+    p.add_argument("--latex", "--tex", dest="latex", help="write the table as LaTeX (booktabs): the compact paper "
+                                                          "form (model, key parameters, objective, Full UF1/UAR)")
+    p.add_argument("--full", action="store_true", help="LaTeX: every column, as in the CSV and Markdown")
     p.add_argument("--run-ids", action="store_true", help="show MLflow run ids")
     add_store(p)
 
     p = commands.add_parser("rerun", help="rerun a configuration with K seeds in parallel (Ray)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--best", metavar="SEARCH", help="the best finished trial of SEARCH")
+    source.add_argument("--best", metavar="SEARCH", help="the best finished trial of SEARCH (see --param)")
     source.add_argument("--run-id", help="an MLflow run with a config.yaml (trial, rerun, ...)")
     source.add_argument("--preset", choices=["htnet-paper", "ststnet"],
                         help="htnet-paper: the HTNet paper config; ststnet: STSTNet, reference settings")
     source.add_argument("--config", help="a LOSO config YAML (python -m htnet train --config)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --best: the best trial whose parameter equals VALUE, e.g. model=htnet (repeatable)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     p.add_argument("--seed-list", type=comma_list, help="exact seeds, comma-separated (instead of --seeds)")
     p.add_argument("--method", help="row label in the paper table (default: from the source, e.g. "
-                                    "'HTNet (best found)', 'HTNet (paper config)', 'STSTNet')")
+                                    "'HTNet (best found)', 'HTNet (paper config)', 'STSTNet'; with what --set "
+                                    "changed, e.g. 'HTNet (paper config, epochs=1)')")
     add_sets(p, "change a LOSO config key, e.g. device=cpu")
     p.add_argument("--data", help="release folder (default: the search's data, else the synthetic set)")
     add_storage(p, "the synthetic data cache")
@@ -159,10 +166,13 @@ def build_parser():
     p = commands.add_parser("paper-table", help="the paper's table from MLflow reruns (Markdown, LaTeX)")
     p.add_argument("--out", help="folder for paper_table.md, .tex and .csv")
     p.add_argument("--interval", choices=["std", "ci95", "none"], default="std",
-                   help="beside each mean: std over seeds (default), the 95%% t-interval, or nothing")
-    p.add_argument("--method", action="append", default=[], metavar="LABEL=RUN_ID",
-                   help="use this rerun/nested parent run for row LABEL (repeatable; default: the newest "
-                        "finished run per htnet.method tag)")
+                   help="beside each mean (from 3 seeds on): std over seeds (default), the 95%% bootstrap "
+                        "interval over seeds and subjects, or nothing")
+    p.add_argument("--rerun", "--method", dest="rerun", action="append", default=[], metavar="METHOD=RUN_ID",
+                   help="row METHOD from this rerun/nested parent run (repeatable; names every row; default: per "
+                        "method, the finished run on the published data with the most seeds, newest first)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="also rows on other data than the published rows' (synthetic, fewer subjects), marked")
     p.add_argument("--no-nested", action="store_true", help="leave out the nested LOSO rows")
     p.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
     add_store(p)
@@ -231,9 +241,14 @@ def cmd_resume(args):
 
 
 def ended(summary):
-    """A finished search gets its plots (the driver never imports the reports); exit code."""
+    """A finished search gets its plots (the driver never imports the reports; their libraries' warnings go
+    to the search's log as its own did); exit code."""
+    from search.driver.console import search_console
+
     if summary["complete"]:
-        log_plots(summary["manifest"], summary["name"])
+        manifest = summary["manifest"]
+        with search_console(manifest["log"], manifest.get("verbose", 1)):
+            log_plots(manifest, summary["name"])
     return 0 if summary["complete"] else 1
 
 
@@ -262,7 +277,7 @@ def cmd_leaderboard(args):
     table = leaderboard(open_store(args.tracking_uri, args.experiment), args.searches, protocol=args.protocol,
                         statuses=args.status, params=pairs(args.param, "--param"), top=args.top)
     print_leaderboard(table, run_ids=args.run_ids)
-    written = write_exports(table, args.csv, args.markdown, args.latex,
+    written = write_exports(table, args.csv, args.markdown, args.latex, full=args.full,
                             caption=f"Leaderboard: {', '.join(args.searches) or 'all searches'}")
     if written:
         print(f"written: {', '.join(map(str, written))}")
@@ -272,14 +287,15 @@ def cmd_leaderboard(args):
 def cmd_rerun(args):
     from search.reports.rerun import RerunOptions, rerun
 
-    return 0 if len(rerun(options(RerunOptions, args))["summary"]) else 1
+    return 0 if len(rerun(options(RerunOptions, args, params=pairs(args.param, "--param")))["summary"]) else 1
 
 
 def cmd_paper_table(args):
     from search.reports.paper_table import paper_table
 
-    paper_table(args.tracking_uri, args.experiment, methods=pairs(args.method, "--method") or None,
-                interval=args.interval, nested=not args.no_nested, out_dir=args.out, log=not args.no_log)
+    paper_table(args.tracking_uri, args.experiment, picks=pairs(args.rerun, "--rerun") or None,
+                interval=args.interval, nested=not args.no_nested, allow_mixed=args.allow_mixed, out_dir=args.out,
+                log=not args.no_log)
     return 0
 
 

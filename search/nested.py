@@ -15,7 +15,7 @@ from search.bridge import run_trial
 from search.driver.runner import Options, effective_samples, resolve_space
 from search.reports.export import format_numbers, markdown_table
 from search.reports.leaderboard import open_store
-from search.reports.rerun import log_frame, model_label
+from search.reports.rerun import data_tags, log_frame, model_label
 from search.space import flatten
 
 
@@ -148,7 +148,8 @@ def run_nested(options, out=None):
     client = store.client
     tags = {"htnet.role": "nested", "htnet.method": method, "htnet.search": name,
             "htnet.objective": space.metric, "htnet.objective_protocol": space.objective,
-            "htnet.cost": cost_text, "mlflow.runName": name, **tracking.provenance_tags(tracking.provenance(data))}
+            "htnet.cost": cost_text, "mlflow.runName": name, **tracking.provenance_tags(tracking.provenance(data)),
+            **data_tags(data.restrict(outer))}  # the estimate pools the outer subjects
     parent_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name=name).info.run_id
     tracking.log_params(client, parent_id, {
         "space_file": space.source, "num_samples": space.num_samples, "sampler": space.sampler,

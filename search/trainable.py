@@ -21,6 +21,15 @@ def _numbers(values):
             if not isinstance(v, bool) and (isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0)}
 
 
+def _resolved(folder):
+    """What the engine resolved at run time (the batched engine's fold group size), from the config.yaml it writes
+    into `folder` before its first fold; as result keys (search.tracking.schema.RESOLVED_PARAMS)."""
+    from htnet.io import read_yaml
+
+    group = read_yaml(Path(folder) / "config.yaml").get("fold_group_size")
+    return {} if group is None else {"htnet_fold_group_size": group}
+
+
 def loso_trial(config, data=None, settings=None):
     """Run LOSO for the sampled `config` (`data` is read from Ray's object store, not copied). A configuration
     that cannot train reports `htnet_status: failed`, not raising: Ray's retries are for workers that died."""
@@ -71,6 +80,7 @@ def loso_trial(config, data=None, settings=None):
 
         def callback(progress):
             done["step"] = progress["step"]
+            info.update(_resolved(out))
             if progress["step"] < progress["folds_total"]:  # the final report follows, with the files
                 tune.report(_report({**_numbers(progress), "fold_objectives": fold_objectives(progress, metric),
                                      "final": 0, "htnet_status": "running", **info}, metric),
@@ -87,6 +97,7 @@ def loso_trial(config, data=None, settings=None):
         if len(main):  # as in the engine's reports: the last epoch's mean over folds
             result.metrics.setdefault("train_loss", float(main.groupby("epoch")["train_loss"].mean().iloc[-1]))
         shutil.rmtree(out / "folds", ignore_errors=True)   # the fold records: in the result files now
+        info.update(_resolved(out))  # also where no callback came (every fold resumed)
         final = {**_numbers(result.metrics), "step": result.folds_done,
                  "folds_total": result.folds_total, "final": 1, "htnet_status": "finished", **info}
         tune.report(_report(final, metric), checkpoint=tune.Checkpoint.from_directory(folder))

@@ -7,6 +7,7 @@ import sys
 import contextlib
 
 from htnet.errors import UserError, first_line
+from search.driver.console import route_worker_output
 
 
 # The watchdog of a local Ray, run as `python -I -c WATCHDOG DRIVER_PID SESSION_DIR` (standard
@@ -91,10 +92,12 @@ def init_ray(address, num_cpus):
         except (ConnectionError, ValueError) as e:
             raise UserError(f"--address {address}: {first_line(e)}") from None
         restore_sigterm(sigterm)
+        route_worker_output()
         return True
     end_watchdog()  # this process's previous local Ray was shut down: clear what is left of it
     context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     restore_sigterm(sigterm)
+    route_worker_output()
     _watchdog = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()),
                                   context.address_info["session_dir"]],
                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

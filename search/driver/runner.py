@@ -12,6 +12,7 @@ import yaml
 from htnet.errors import UserError, first_line
 from htnet.io import atomic_write, ensure_writable_dir, read_yaml
 from htnet.loso import parse_subjects
+from search.driver.console import library_stdout, log_path, search_console
 from search.driver.ray_setup import check_resources, ray_session
 from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_name, check_restorable, data_source,
                                   default_optuna_storage, default_tracking_uri, load_data, lock_path, manifest_path,
@@ -48,7 +49,7 @@ class Options:
     save_weights: bool = False
     sets: list = field(default_factory=list)
     top: int = 10
-    verbose: int | None = 1
+    verbose: int = 0  # 0: the libraries' output only in the log file; 1, 2: on the console too (Ray Tune's verbose)
 
 
 def resolve_space(options):
@@ -94,12 +95,9 @@ def effective_samples(space):
 
 
 def run_search(options, out=None):
-    """Start a new search; returns its summary (see `summarize`)."""
-    import optuna
-    from ray import tune
-
+    """Start a new search; returns its summary (see `summarize`). Our own lines go to `out` (default: stdout),
+    the libraries' output to the search's log file (search.driver.console)."""
     from search import tracking
-    from search.pruning import OptunaPruningScheduler, PruningOptunaSearch
 
     out = out or sys.stdout
     space = resolve_space(options)
@@ -107,13 +105,26 @@ def run_search(options, out=None):
     tracking_uri = options.tracking_uri or default_tracking_uri()
     tracking.check_reachable(tracking_uri)  # before anything is written or any trial runs
     storage = ensure_writable_dir(Path(options.storage).resolve())
+    with search_console(log_path(storage, name), options.verbose, out):
+        return start_search(options, space, name, tracking_uri, storage, out)
+
+
+def start_search(options, space, name, tracking_uri, storage, out):
+    import optuna
+    from ray import tune
+
+    from search import tracking
+    from search.driver.progress import SearchProgress
+    from search.pruning import OptunaPruningScheduler, PruningOptunaSearch
+
     ray_storage = options.ray_storage or str(storage / "ray")
     if "://" not in ray_storage:
         ray_storage = str(ensure_writable_dir(Path(ray_storage).resolve()))
     overrides = overrides_of(options)
     source = data_source(options, space, storage)
     data, data_root = load_data(source)
-    check_data(data, overrides)
+    used = check_data(data, overrides)
+    description = f"{space.description or Path(space.source).stem}; on {data_description(source, data, used)}"
     provenance = tracking.provenance(data)   # the code and data the trials run, as recorded
     with search_lock(storage, name, "wait for it to end or pick another --name"):
         if manifest_path(storage, name).exists():
@@ -131,11 +142,13 @@ def run_search(options, out=None):
                 parent_run_id = tracking.start_parent_run(
                     client, experiment_id, name, space, space.metric,
                     {"data": data_root, "optuna_storage": optuna_url, "ray_storage": ray_storage,
-                     **{f"override.{k}": v for k, v in overrides.items()}}, tracking.provenance_tags(provenance))
+                     **{f"override.{k}": v for k, v in overrides.items()}},
+                    {**tracking.provenance_tags(provenance), "mlflow.note.content": description})
             except tracking.mlflow_errors() as e:
                 raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
             manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                        "status": "running", "space_file": space.source, "space": space.raw,
+                        "status": "running", "description": description, "space_file": space.source,
+                        "space": space.raw, "verbose": options.verbose, "log": str(log_path(storage, name)),
                         "settings": {key: getattr(space, key) for key in SETTINGS_KEYS},
                         "sets": list(options.sets), "overrides": overrides, "data": source,
                         "data_root": data_root, "tracking_uri": tracking_uri, "experiment": options.experiment,
@@ -143,15 +156,18 @@ def run_search(options, out=None):
                         "optuna_storage": optuna_url, "ray_storage": ray_storage,
                         "ray_path": f"{ray_storage.rstrip('/')}/{name}", "address": options.address}
             write_manifest(storage, name, manifest)
-            print(f"search {name}: {space.num_samples} trials of {space.source}, objective {space.metric} "
-                  f"({space.objective} protocol), {space.sampler['type']} sampler, {space.pruner['type']} pruner",
-                  file=out)
-            print(f"data: {data_root} ({len(data)} samples, {len(data.subject_ids)} subjects)", file=out)
+            print(f"search {name}: {space.num_samples} trials of {shown_path(space.source)}, objective "
+                  f"{space.metric} ({space.objective} protocol), {space.sampler['type']} sampler, "
+                  f"{space.pruner['type']} pruner", file=out)
+            print(f"data: {data_description(source, data, used, shown_path(data_root))}"
+                  + (f" (--subjects {options.subjects})" if options.subjects else ""), file=out)
+            print(log_line(manifest, storage, name), file=out, flush=True)
             searcher = PruningOptunaSearch(space=space.optuna_space(), metric=space.metric, mode="max",
                                            pruner=space.make_pruner(), sampler=space.make_sampler(),
                                            study_name=name, storage=open_optuna_storage(optuna_url))
             callback = tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space,
                                                searcher, overrides, results_path=manifest["ray_path"])
+            progress = SearchProgress(space, searcher, space.num_samples)
             tuner = tune.Tuner(
                 make_trainable(space, data, overrides, provenance),
                 tune_config=tune.TuneConfig(
@@ -159,12 +175,13 @@ def run_search(options, out=None):
                     num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
                     trial_dirname_creator=trial_dirname, reuse_actors=True),
                 run_config=tune.RunConfig(
-                    name=name, storage_path=ray_storage, callbacks=[callback],
+                    name=name, storage_path=ray_storage, callbacks=[callback, progress],
                     failure_config=tune.FailureConfig(max_failures=space.max_failures),
                     # each holds all finished folds: the latest two (the last may be half-written)
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     verbose=options.verbose))
-            tuner.fit()
+            with library_stdout():
+                tuner.fit()
         # MLflow went away mid-search: fill it in now if it is back
         return finish_or_report(storage, name, space, options.top, out, fill=callback.offline)
 
@@ -180,10 +197,6 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
     """Resume a search whose driver stopped (killed, Ctrl+C, machine restart). Everything else
     (space, data, stores, progress output) is as the search was started. Ray's experiment is
     checked before it is loaded (check_restorable)."""
-    from ray import tune
-
-    from search import tracking
-
     out = out or sys.stdout
     storage = Path(storage).resolve()
     if not NAME_PATTERN.match(name) or not (manifest_path(storage, name).is_file()
@@ -191,33 +204,45 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
         raise no_such_search(storage, name)
     with search_lock(storage, name):
         manifest = read_manifest(storage, name)
-        check_restorable(manifest, name)
-        if not tune.Tuner.can_restore(manifest["ray_path"]):
-            raise UserError(f"search {name!r}: Ray Tune has no restorable experiment at {manifest['ray_path']}")
-        tracking.check_reachable(manifest["tracking_uri"])
-        space = space_of(manifest)
-        data, data_root = load_data(manifest["data"])
-        client = tracking.client_for(manifest["tracking_uri"])
-        with ray_session(address or manifest.get("address"), num_cpus):
-            check_resources(space.resources, f"search {name!r} (resources in {manifest_path(storage, name)})"
-                            + (f" with --num-cpus {num_cpus}" if num_cpus is not None else ""))
-            tracking.retry(client.update_run, manifest["parent_run_id"], status="RUNNING")
-            replay = tracking.replay_results(client, manifest["experiment_id"], manifest["parent_run_id"],
-                                             space.metric)
-            manifest["status"] = "running"
-            manifest.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
-            write_manifest(storage, name, manifest)
-            print(f"resuming search {name} from {manifest['ray_path']} ({len(replay)} trials already ended)",
-                  file=out)
-            for trial_id in restore_deleted_checkpoints(manifest["ray_path"]):
-                print(f"trial {trial_id}: Ray's snapshot named a checkpoint it had deleted; it goes on from its "
-                      f"newer one", file=out)
-            tuner = tune.Tuner.restore(
-                manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {},
-                                                              tracking.provenance(data), replay),
-                resume_unfinished=True, resume_errored=False)
+        with search_console(log_path(storage, name), manifest.get("verbose", 1), out):  # as it was started
+            return continue_search(manifest, storage, name, address, num_cpus, top, out)
+
+
+def continue_search(manifest, storage, name, address, num_cpus, top, out):
+    from ray import tune
+
+    from search import tracking
+
+    check_restorable(manifest, name)
+    if not tune.Tuner.can_restore(manifest["ray_path"]):
+        raise UserError(f"search {name!r}: Ray Tune has no restorable experiment at {manifest['ray_path']}")
+    tracking.check_reachable(manifest["tracking_uri"])
+    space = space_of(manifest)
+    data, data_root = load_data(manifest["data"])
+    client = tracking.client_for(manifest["tracking_uri"])
+    with ray_session(address or manifest.get("address"), num_cpus):
+        check_resources(space.resources, f"search {name!r} (resources in {manifest_path(storage, name)})"
+                        + (f" with --num-cpus {num_cpus}" if num_cpus is not None else ""))
+        tracking.retry(client.update_run, manifest["parent_run_id"], status="RUNNING")
+        replay = tracking.replay_results(client, manifest["experiment_id"], manifest["parent_run_id"],
+                                         space.metric)
+        manifest["status"] = "running"
+        manifest.setdefault("log", str(log_path(storage, name)))  # a record from before the log files
+        manifest.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
+        write_manifest(storage, name, manifest)
+        print(f"resuming search {name} from {manifest['ray_path']} ({len(replay)} trials already ended)",
+              file=out)
+        print(log_line(manifest, storage, name), file=out, flush=True)
+        for trial_id in restore_deleted_checkpoints(manifest["ray_path"]):
+            print(f"trial {trial_id}: Ray's snapshot named a checkpoint it had deleted; it goes on from its "
+                  f"newer one", file=out)
+        tuner = tune.Tuner.restore(
+            manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {},
+                                                          tracking.provenance(data), replay),
+            resume_unfinished=True, resume_errored=False)
+        with library_stdout():
             tuner.fit()
-        return finish_or_report(storage, name, space, top, out, fill=True)
+    return finish_or_report(storage, name, space, top, out, fill=True)
 
 
 def space_of(manifest):
@@ -239,6 +264,32 @@ def check_data(data, overrides):
     warning = lone_subjects_warning(data)
     if warning:
         print(warning, file=sys.stderr)
+    return data
+
+
+def data_description(source, data, used, root=None):
+    """What the trials train on, e.g. 'the synthetic composite at R: 6 of its 9 subjects (casme2 2, samm 2,
+    smic 2), 45 samples'."""
+    kind = "the synthetic composite" if "synthetic" in source else "the release"
+    count, total = len(used.subject_ids), len(data.subject_ids)
+    per_dataset = ", ".join(f"{dataset} {n}" for dataset, n in used.summary()["subjects"].items())
+    subjects = f"{count} of its {total} subjects" if count < total else f"{total} subjects"
+    return f"{kind} at {root or data.source}: {subjects} ({per_dataset}), {len(used)} samples"
+
+
+def shown_path(path):
+    """A path as the user would type it: relative to the working folder when it lies under it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def log_line(manifest, storage, name):
+    where = shown_path(log_path(storage, name))
+    if manifest.get("verbose", 1):
+        return f"log: {where} (Ray's, MLflow's and Optuna's messages, also shown here)"
+    return f"log: {where} holds Ray's, MLflow's and Optuna's messages (--verbose shows them here)"
 
 
 # ----------------------------------------------------------------------------- MLflow gone
@@ -357,15 +408,14 @@ def write_best_config(storage, name, summary):
     return path
 
 
-def ui_command(tracking_uri):
+def browse_hint(tracking_uri, experiment):
+    """One sentence: a tracking server is opened in a browser; a local store is served by `mlflow ui` first."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"browse the runs: open {tracking_uri} (experiment {experiment})"
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        try:
-            shown = db.relative_to(Path.cwd())
-        except ValueError:
-            shown = db
-        return f"mlflow ui --backend-store-uri sqlite:///{shown}"
-    return f"open {tracking_uri} in a browser"
+        tracking_uri = f"sqlite:///{shown_path(tracking_uri[len('sqlite:///'):])}"
+    return (f"browse the runs: mlflow ui --backend-store-uri {tracking_uri}, then open http://127.0.0.1:5000 "
+            f"(experiment {experiment})")
 
 
 def print_summary(summary, top, best, out):
@@ -384,13 +434,12 @@ def print_summary(summary, top, best, out):
             text = shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
         print(f"top trials:\n{text}", file=out)
     if best is not None:
-        data = manifest["data_root"]
+        best, data = shown_path(best), shown_path(manifest["data_root"])
         print(f"best configuration: {best}\n  rerun it: python -m htnet train --config {best} --data {data}",
               file=out)
     if manifest["status"] != "finished":
         print(f"the search did not finish: resume it with `python -m search resume {summary['name']}`", file=out)
-    print(f"browse the runs: {ui_command(manifest['tracking_uri'])}   (then http://127.0.0.1:5000, "
-          f"experiment {manifest['experiment']})", file=out)
+    print(browse_hint(manifest["tracking_uri"], manifest["experiment"]), file=out)
     print(f"inspect the Optuna study (pip install optuna-dashboard): optuna-dashboard "
           f"{manifest['optuna_storage']}", file=out)
 

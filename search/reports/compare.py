@@ -9,6 +9,7 @@ import pandas as pd
 from htnet.errors import UserError
 from htnet.metrics import NUM_CLASSES, confusion, uf1_uar
 from search import tracking
+from search.reports.export import plural
 from search.reports.leaderboard import read_csv_artifact
 from search.reports.rerun import get_run
 from search.reports.stats import cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue, wilcoxon_pvalue
@@ -110,7 +111,8 @@ def compare(a, b, protocol="inner", protocol_b=None, dataset="full", n_boot=10_0
 def print_comparison(result, out=None):
     out = out or sys.stdout
     (a, b), pa, pb, dropped = result["labels"], result["protocol_a"], result["protocol_b"], result["samples_dropped"]
-    print(f"A = {a} ({pa}, {result['seeds_a']} seed(s)); B = {b} ({pb}, {result['seeds_b']} seed(s))", file=out)
+    print(f"A = {a} ({pa}, {plural(result['seeds_a'], 'seed')}); B = {b} ({pb}, {plural(result['seeds_b'], 'seed')})",
+          file=out)
     print(f"{result['subjects']} subjects, {result['samples']} shared samples ({result['dataset']})"
           + (f"; left out as not shared: {dropped[0]} of A's, {dropped[1]} of B's" if any(dropped) else ""), file=out)
     low, high = result["ci95"]

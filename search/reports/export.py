@@ -7,7 +7,7 @@ import pandas as pd
 # table needs grouped headers and notes, and the readers must parse exactly what the writers write.
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                 "±": r"$\pm$"}
+                 "±": r"$\pm$", "†": r"\dag{}"}
 LATEX_UNESCAPE = re.compile("|".join(re.escape(v) for v in sorted(LATEX_SPECIAL.values(), key=len, reverse=True)))
 NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -21,6 +21,11 @@ def format_numbers(table, digits=4, fixed=None):
             spec = f".{digits}f" if fixed is None or column in fixed else ".6g"
             out[column] = out[column].map(lambda v, spec=spec: "" if pd.isna(v) else format(v, spec)).astype(object)
     return out
+
+
+def plural(count, word):
+    """'1 seed', '2 seeds', '0 seeds' (the words here take an s)."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def _texts(table):

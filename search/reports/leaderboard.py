@@ -124,15 +124,44 @@ def leaderboard(store, searches=None, protocol="objective", statuses=None, param
     return out
 
 
-def write_exports(table, csv=None, markdown=None, latex=None, caption=None):
-    """Write the table to the requested files (atomically); returns the paths written."""
+def paper_form(table):
+    """The leaderboard as a paper prints it: rank, status (unless all finished), model, the key parameters
+    (a trial without one: '-'), the objective and the shown protocol's Full UF1/UAR; no run ids, searches, trial
+    ids, per-dataset or all-empty columns (the CSV and Markdown keep every column)."""
+    from search.reports.rerun import model_label
+
+    if not len(table):
+        return table
+    protocols = sorted(set(table["protocol"]))
+    objectives = sorted(set(table["objective"]))
+    first, last = table.columns.get_loc("protocol") + 1, table.columns.get_loc(METRIC_COLUMNS[0])
+    key_params = [c for c in table.columns[first:last] if c != "model"]  # leaderboard() puts them there
+    text = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value")).astype(object)
+    text = text.where(text.notna() & (text != ""), "-")
+    one = len(protocols) == 1
+    form = pd.DataFrame({
+        "Rank": text["rank"], "Status": text["status"],
+        "Model": table["model"].map(lambda m: model_label(m) if isinstance(m, str) else "-"),
+        **{c.removeprefix("model_config."): text[c] for c in key_params},
+        **({objectives[0]: text["objective_value"]} if len(objectives) == 1 else
+           {"Objective": text["objective"], "Objective value": text["objective_value"]}),
+        **({} if one else {"Protocol": text["protocol"]}),
+        **{f"UF1 ({protocols[0]})" if one else "UF1": text["Full UF1"],
+           f"UAR ({protocols[0]})" if one else "UAR": text["Full UAR"]}})
+    keep = [c for c in form if (form[c] != "-").any() and not (c == "Status" and set(table["status"]) == {"finished"})]
+    return form[keep]
+
+
+def write_exports(table, csv=None, markdown=None, latex=None, caption=None, full=False):
+    """Write the table to the requested files (atomically); the LaTeX in paper_form unless full. Returns the
+    paths written."""
     from htnet.io import atomic_write
 
     text = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value"))
     written = []
     for path, write in ((csv, lambda f: table.to_csv(f, index=False)),
                         (markdown, lambda f: f.write(markdown_table(text))),
-                        (latex, lambda f: f.write(latex_table(text, caption=caption)))):
+                        (latex, lambda f: f.write(latex_table(text if full else paper_form(table), caption=caption)))):
         if path:
             with atomic_write(path) as f:
                 write(f)

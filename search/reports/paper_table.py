@@ -1,5 +1,6 @@
 """`python -m search paper-table`: published rows beside our reruns and nested LOSO, under the paper protocol
-and leak-free, as Markdown, LaTeX and CSV (printed, saved, logged to MLflow)."""
+and leak-free, as Markdown, LaTeX and CSV (printed, saved, logged to MLflow). Each of our rows states its data,
+epochs and seeds; rows on other data than the published ones' are refused unless --allow-mixed (then marked)."""
 import sys
 
 import numpy as np
@@ -7,15 +8,21 @@ import pandas as pd
 
 from htnet.errors import UserError
 from search import tracking
-from search.reports.export import latex_table, markdown_table
-from search.reports.leaderboard import DATASET_COLUMNS, METRIC_COLUMNS, METRICS, open_store
-from search.reports.rerun import format_interval, get_run
+from search.reports.export import latex_table, markdown_table, plural
+from search.reports.leaderboard import (DATASET_COLUMNS, METRIC_COLUMNS, METRICS, open_store, read_artifact_bytes,
+                                        read_csv_artifact)
+from search.reports.rerun import PRESETS, config_of_run, format_interval, get_run, preset_label
+from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
 
 STATS = ("std", "ci95_low", "ci95_high")  # beside each column's mean in the numbers (CSV)
-CSV_COLUMNS = ["method", "protocol", "source", "kind", "n", "run_id", "commit", "data",
+CSV_COLUMNS = ["method", "protocol", "source", "kind", "n", "epochs", "data", "fingerprint", "subjects", "samples",
+               "published_data", "run_id", "commit",
                *(f"{c}{s}" for c in METRIC_COLUMNS for s in ("", *(f" {stat}" for stat in STATS)))]
+ROLES = ("rerun", "nested")
+PUBLISHED_MARK, MIXED_MARK = "*", "†"
 
-# Published reference numbers: copied from the publications, not reproduced here.
+# Published reference numbers: copied from the publications, not reproduced here. Their data: the composite
+# release of CASME II (145 samples, 24 subjects), SMIC (164, 16) and SAMM (133, 28).
 PUBLISHED = (
     {"method": "HTNet", "protocol": "paper", "source": "published (HTNet paper)",
      "values": {"full": (0.8603, 0.8475), "smic": (0.8049, 0.7905), "casme2": (0.9532, 0.9516),
@@ -23,9 +30,15 @@ PUBLISHED = (
     {"method": "STSTNet", "protocol": "final", "source": "published (STSTNet, PyTorch, final epoch)",
      "values": {"full": (0.7209, 0.7250)}},
 )
-EXPECTED = {"HTNet (best found)": "python -m search rerun --best SEARCH",
-            "HTNet (paper config)": "python -m search rerun --preset htnet-paper",
-            "STSTNet": "python -m search rerun --preset ststnet"}
+PUBLISHED_DATA = {"subjects": 68, "samples": 442}
+PUBLISHED_TEXT = "the composite: 68 subjects, 442 samples"
+EXPECTED = {"HTNet (best found)": "python -m search rerun --best SEARCH --param model=htnet",
+            "HTNet (paper config)": "python -m search rerun --preset htnet-paper --data RELEASE",
+            "STSTNet": "python -m search rerun --preset ststnet --data RELEASE"}
+RULE = "per method, the finished rerun (or nested LOSO run) on the published data with the most seeds " \
+       "(outer folds), the newest of those"
+RULE_MIXED = "per method, the finished rerun (or nested LOSO run) with the most seeds (outer folds), those on " \
+             "the published data first, the newest of those"
 PROTOCOL_ORDER = {"paper": 0, "inner": 1, "final": 2}
 PROTOCOL_NOTES = {
     "paper": "paper: per subject, the epoch with the best test accuracy (the HTNet reference's "
@@ -44,62 +57,163 @@ def _order(row):
         PROTOCOL_ORDER[row["protocol"]]
 
 
-def _run_rows(run, kind, method):
-    """The paper and leak-free (inner, else final) rows of a rerun parent (mean over seeds, std, t-interval)
-    or a nested parent (one estimate)."""
-    metrics, mean = run.data.metrics, "_mean" if kind == "rerun" else ""
+def _count(text):
+    return int(text) if str(text).isdigit() else None
+
+
+def _epochs(store, run):
+    """A rerun's epochs (its params); a nested run's: its space's fixed epochs, 'searched', or the default."""
+    from htnet.io import parse_yaml
+    from htnet.loso import LosoConfig
+
+    if run.data.tags.get("htnet.role") == "rerun":
+        return run.data.params.get("epochs", "unknown")
+    text = read_artifact_bytes(store, run.info.run_id, "space.yaml", optional=True)
+    space = parse_yaml(text, f"run {run.info.run_id}: space.yaml") if text is not None else None
+    if not isinstance(space, dict):
+        return "unknown"
+    return "searched" if "epochs" in (space.get("space") or {}) else \
+        str((space.get("fixed") or {}).get("epochs", LosoConfig.epochs))
+
+
+def facts(store, run, label=None):
+    """What the table states of a rerun or nested parent: its label (a preset's only with the preset's
+    settings), kind, n (seeds; outer folds), epochs, data (htnet.data_source: a release folder's name or
+    'synthetic'; 'unknown' where not logged), fingerprint, subjects and samples, and whether that is the
+    published data."""
+    tags, metrics = run.data.tags, run.data.metrics
+    kind = tags.get("htnet.role")
+    label = label or tags.get("htnet.method") or run.info.run_id[:8]
+    if label in {name for _, name in PRESETS.values()}:
+        label = preset_label(label, config_of_run(store, run))
     n = int(metrics.get("n_seeds" if kind == "rerun" else "nested_outer_folds", 0))
-    source = f"ours, {n} seed{'s' if n != 1 else ''}" if kind == "rerun" else f"ours, nested LOSO ({n} outer folds)"
-    suffixes = [("", mean), *((f" {stat}", f"_{stat}") for stat in STATS if kind == "rerun")]  # (column, metric)
+    subjects, samples = _count(tags.get("htnet.data_subjects")), _count(tags.get("htnet.data_samples"))
+    if kind == "nested" and subjects is not None and n < subjects:  # failed outer folds: fewer subjects pooled
+        subjects, samples = n, None
+    data = tags.get("htnet.data_source", "unknown")
+    published = data not in ("synthetic", "unknown") and (subjects, samples) == tuple(PUBLISHED_DATA.values())
+    return {"run": run, "label": label, "kind": kind, "n": n, "epochs": _epochs(store, run), "data": data,
+            "fingerprint": tags.get("htnet.data_fingerprint", "unknown"), "subjects": subjects, "samples": samples,
+            "published_data": published}
+
+
+def data_text(f):
+    counts = [plural(f[k], k[:-1]) for k in ("subjects", "samples") if f[k] is not None]
+    return f"data {f['data']}" + (f" ({', '.join(counts)})" if counts else "")
+
+
+def run_text(f):
+    what = plural(f["n"], "seed") if f["kind"] == "rerun" else plural(f["n"], "outer fold")
+    return f"run {f['run'].info.run_id} ({what}, {f['epochs']} epochs, {data_text(f)})"
+
+
+def choose(store, picks=None, nested=True, allow_mixed=False):
+    """({label: facts} of our rows, lines saying how they were chosen or why runs were left out). picks:
+    {label: run_id} names every row; else RULE (RULE_MIXED with allow_mixed) over the finished runs."""
+    chosen, lines = {}, []
+    for label, run_id in (picks or {}).items():
+        run = get_run(store, run_id, f"--rerun {label}={run_id}: no such MLflow run")
+        role = run.data.tags.get("htnet.role")
+        if role not in ROLES:
+            raise UserError(f"--rerun {label}={run_id}: run is not a rerun or nested parent (role {role})")
+        chosen[label] = facts(store, run, label)
+        if not (chosen[label]["published_data"] or allow_mixed):
+            raise UserError(f"--rerun {label}={run_id}: ran on {data_text(chosen[label])}, not the published "
+                            f"data ({PUBLISHED_TEXT}); pass --allow-mixed to include it, marked {MIXED_MARK}")
+    if picks:
+        return chosen, ["rows: the runs named by --rerun: " + "; ".join(f"{label} = {run_text(f)}"
+                                                                        for label, f in chosen.items())]
+    found = []
+    for role in ROLES if nested else ROLES[:1]:
+        ids = tracking.runs(store.client, store.experiment_id,
+                            f"tags.`htnet.role` = '{role}' and attributes.status = 'FINISHED'")
+        found += [facts(store, tracking.retry(store.client.get_run, run_id)) for run_id in ids["run_id"]]
+    by_label = {}
+    for f in sorted(found, key=lambda f: (not f["published_data"], -f["n"], -f["run"].info.start_time)):
+        by_label.setdefault(f["label"], []).append(f)
+    left_out = []
+    for label, ranked in by_label.items():
+        usable = [f for f in ranked if f["published_data"] or allow_mixed]
+        if usable:
+            chosen[label] = usable[0]
+        else:
+            left_out.append(f"left out {label!r}: {plural(len(ranked), 'finished run')} not on the published data "
+                            f"(the best by the rule: {run_text(ranked[0])}); --allow-mixed includes "
+                            f"{'it' if len(ranked) == 1 else 'them'}, marked {MIXED_MARK}")
+    lines.append(f"rows ({RULE_MIXED if allow_mixed else RULE}; `--rerun METHOD=RUN_ID` chooses): "
+                 + ("; ".join(f"{label} = {run_text(f)}" for label, f in chosen.items()) or "none"))
+    return chosen, lines + left_out
+
+
+def _run_rows(store, f):
+    """The paper and leak-free (inner, else final) rows of a rerun parent (mean over seeds; from MIN_SEEDS
+    seeds on, std and the bootstrap interval of its predictions) or a nested parent (one estimate)."""
+    run, kind = f["run"], f["kind"]
+    metrics, mean = run.data.metrics, "_mean" if kind == "rerun" else ""
+    spread = kind == "rerun" and f["n"] >= MIN_SEEDS
+    bounds = seed_subject_bootstrap(read_csv_artifact(store, run.info.run_id, "predictions.csv")) if spread else {}
+    epochs = plural(int(f["epochs"]), "epoch") if str(f["epochs"]).isdigit() else f"epochs {f['epochs']}"
+    source = f"ours, {plural(f['n'], 'seed')}, {epochs}" if kind == "rerun" else \
+        f"ours, nested LOSO ({plural(f['n'], 'outer fold')}), {epochs}"
     leak_free = "inner" if f"inner_full_uf1{mean}" in metrics else "final"
     tags = run.data.tags
     commit = tags.get("mlflow.source.git.commit", "unknown")[:12]
     commit += " (dirty)" if tags.get("htnet.git_dirty") == "true" else ""
-    return [{"method": method, "protocol": p, "source": source, "kind": kind, "n": n, "run_id": run.info.run_id,
-             "commit": commit, "data": tags.get("htnet.data_fingerprint", "unknown"),
-             **{column + text: metrics.get(f"{p}_{key}_{m}{suffix}", np.nan)
-                for key, column, m in METRICS for text, suffix in suffixes}}
-            for p in ("paper", leak_free) if f"{p}_full_uf1{mean}" in metrics]
+    rows = []
+    for p in (p for p in ("paper", leak_free) if f"{p}_full_uf1{mean}" in metrics):
+        values = {}
+        for key, column, m in METRICS:
+            metric = f"{p}_{key}_{m}"
+            low, high = bounds.get(metric, (np.nan, np.nan))
+            values.update({column: metrics.get(metric + mean, np.nan), f"{column} ci95_low": low,
+                           f"{column} ci95_high": high,
+                           f"{column} std": metrics.get(f"{metric}_std", np.nan) if spread else np.nan})
+        rows.append({"method": f["label"], "protocol": p, "source": source, "kind": kind, "n": f["n"],
+                     "epochs": f["epochs"], **{k: f[k] for k in ("data", "fingerprint", "subjects", "samples",
+                                                                 "published_data")},
+                     "run_id": run.info.run_id, "commit": commit, **values})
+    return rows
 
 
-def collect(store, methods=None, nested=True):
-    """The numbers (a row per method and protocol) and the expected methods missing. methods: {label:
-    run_id} of rerun or nested parents, instead of the newest finished one per htnet.method."""
-    picked = {}
-    for label, run_id in (methods or {}).items():
-        run = get_run(store, run_id, f"--method {label}={run_id}: no such MLflow run")
-        role = run.data.tags.get("htnet.role")
-        if role not in ("rerun", "nested"):
-            raise UserError(f"--method {label}={run_id}: run is not a rerun or nested parent (role {role})")
-        picked[label] = (run, role)
-    for role in () if methods else ("rerun", "nested") if nested else ("rerun",):
-        newest = tracking.newest_run_ids(store.client, store.experiment_id,
-                                         f"tags.`htnet.role` = '{role}' and attributes.status = 'FINISHED'",
-                                         "htnet.method")
-        picked.update({m: (tracking.retry(store.client.get_run, r), role) for m, r in newest.items()})
+def collect(store, picks=None, nested=True, allow_mixed=False):
+    """(the numbers: a row per method and protocol, the expected methods missing, the lines saying how the
+    rows were chosen). picks: {label: run_id} of rerun or nested parents, instead of RULE."""
+    chosen, lines = choose(store, picks, nested, allow_mixed)
     rows = [{"method": p["method"], "protocol": p["protocol"], "source": p["source"], "kind": "published",
-             "n": np.nan, "run_id": "", **{c: p["values"][key][0 if m == "uf1" else 1]
-                                           for key, c, m in METRICS if key in p["values"]}}
+             "n": np.nan, "data": "composite", **PUBLISHED_DATA, "published_data": True, "run_id": "",
+             **{c: p["values"][key][0 if m == "uf1" else 1] for key, c, m in METRICS if key in p["values"]}}
             for p in PUBLISHED]
-    rows += [row for label, (run, role) in picked.items() for row in _run_rows(run, role, label)]
+    rows += [row for f in chosen.values() for row in _run_rows(store, f)]
     table = pd.DataFrame(sorted(rows, key=_order)).reindex(columns=CSV_COLUMNS)
-    return table, [m for m in EXPECTED if m not in picked] if not methods else []
+    return table, [m for m in EXPECTED if m not in chosen] if not picks else [], lines
 
 
 def notes(table, interval):
-    spread = {"std": "mean ± standard deviation over the seeds", "ci95": "mean [95% t-interval] over the seeds",
-              "none": "mean over the seeds"}[interval]
-    lines = ["* published numbers, copied from the publications (not rerun here); "
-             "STSTNet publishes the full composite only."]
-    if (table["kind"] == "rerun").any():
-        lines.append(f"Ours: {spread}.")
-    if (table["kind"] == "nested").any():
-        lines.append("Nested LOSO: the whole search ran inside every outer fold on its training subjects "
-                     "only; one estimate pooled over the outer folds, unbiased for search + model.")
-    lines += [PROTOCOL_NOTES[p] + "." for p in PROTOCOL_ORDER if (table["protocol"] == p).any()]
     ours = table[table["kind"] != "published"]
-    for (commit, data), rows in ours.groupby(["commit", "data"], dropna=False, sort=True):
-        lines.append(f"Built from code at commit {commit} on data {data}: {', '.join(dict.fromkeys(rows['method']))}.")
+    mixed = ~ours["published_data"].astype(bool)
+    spread = {"std": "mean ± standard deviation over the seeds",
+              "ci95": "mean [95% bootstrap interval: 10,000 replicates, each resampling the subjects (within each "
+                      "source dataset) and the seeds, percentile]",
+              "none": "mean over the seeds"}[interval]
+    lines = [f"Rows marked {PUBLISHED_MARK}: published numbers, copied from the publications (not rerun here); "
+             f"STSTNet publishes the full composite only. Their data: the composite release (CASME II 145 samples "
+             f"of 24 subjects, SMIC 164 of 16, SAMM 133 of 28: 442 samples, 68 subjects)."]
+    if mixed.any():
+        lines.append(f"Rows marked {MIXED_MARK}: not on the published data (see Data), so not comparable with the "
+                     f"published rows.")
+    if (ours["kind"] == "rerun").any():
+        lines.append(f"Ours: {spread}" + (f"; with fewer than {MIN_SEEDS} seeds, the mean only." if interval != "none"
+                                          else "."))
+    if (ours["kind"] == "nested").any():
+        lines.append("Nested LOSO: the whole search ran inside every outer fold on its training subjects "
+                     "only; one estimate pooled over the outer folds (no interval), unbiased for search + model.")
+    lines += [PROTOCOL_NOTES[p] + "." for p in PROTOCOL_ORDER if (table["protocol"] == p).any()]
+    keys = ["commit", "data", "fingerprint", "subjects", "samples"]
+    for (commit, data, fingerprint, subjects, samples), rows in ours.groupby(keys, dropna=False, sort=True):
+        counts = ", ".join(plural(int(v), k[:-1]) for k, v in (("subjects", subjects), ("samples", samples))
+                           if pd.notna(v))
+        lines.append(f"Built from code at commit {commit} on data {data} ({fingerprint}"
+                     f"{'; ' + counts if counts else ''}): {', '.join(dict.fromkeys(rows['method']))}.")
     if table["method"].str.contains("best found").any():
         lines.append("(best found): the configuration was selected by a search on these same subjects, "
                      "so even its leak-free numbers are optimistic; nested LOSO gives the unbiased "
@@ -107,36 +221,47 @@ def notes(table, interval):
     return lines
 
 
-def render(table, interval="std"):
-    """{'md': Markdown, 'tex': LaTeX, 'csv': numbers} texts of the table (published methods starred)."""
-    style = {"std": "std", "ci95": "ci"}.get(interval, "mean")  # beside each mean: std, t-interval or nothing
+def render(table, interval="std", chosen_lines=()):
+    """{'md': Markdown, 'tex': LaTeX, 'csv': numbers} texts of the table (published methods marked *, rows on
+    other data †)."""
+    style = {"std": "std", "ci95": "ci"}.get(interval, "mean")  # beside each mean: std, interval or nothing
+    records = table.to_dict("records")
     cells = {c: [format_interval({"mean": r[c], "std": r[f"{c} std"], "ci_low": r[f"{c} ci95_low"],
-                                  "ci_high": r[f"{c} ci95_high"]}, style) for r in table.to_dict("records")]
-             for c in METRIC_COLUMNS}
-    shown = pd.DataFrame({"Method": table["method"] + np.where(table["kind"] == "published", " *", ""),
-                          "Protocol": table["protocol"], "Source": table["source"], **cells})
+                                  "ci_high": r[f"{c} ci95_high"]}, style) for r in records] for c in METRIC_COLUMNS}
+    marks = [f" {PUBLISHED_MARK}" if r["kind"] == "published" else "" if r["published_data"] else f" {MIXED_MARK}"
+             for r in records]
+    data = [f"{r['data']}, {plural(int(r['subjects']), 'subject')}" if pd.notna(r["subjects"]) else r["data"]
+            for r in records]
+    shown = pd.DataFrame({"Method": table["method"] + marks, "Protocol": table["protocol"], "Source": table["source"],
+                          "Data": data, **cells})
     note_lines = notes(table, interval)
-    align = {"Method": "l", "Protocol": "l", "Source": "l", **dict.fromkeys(METRIC_COLUMNS, "r")}
-    md = ("Table: micro-expression recognition under LOSO on the composite set (3 classes).\n\n"
-          + markdown_table(shown, align=align)
-          + "\n" + "\n".join(f"- {line}" for line in note_lines) + "\n")
-    shown.columns = ["Method", "Protocol", "Source", *(["UF1", "UAR"] * len(DATASET_COLUMNS))]
-    tex = latex_table(shown, header_groups=[("", 3), *((name, 2) for _, name in DATASET_COLUMNS)],
-                      column_format="lll" + "c" * len(METRIC_COLUMNS), notes=note_lines, label="tab:htnet-loso",
-                      caption="Micro-expression recognition under LOSO on the composite set (3 classes)")
+    caption = "Micro-expression recognition under LOSO on the composite set (442 samples, 68 subjects; 3 classes)" \
+        if table["published_data"].astype(bool).all() else \
+        f"Micro-expression recognition under LOSO (3 classes); rows marked {MIXED_MARK} are not on the composite set"
+    align = {"Method": "l", "Protocol": "l", "Source": "l", "Data": "l", **dict.fromkeys(METRIC_COLUMNS, "r")}
+    # a note starting with '*' after the list's '- ' would be a nested list: Markdown gets '\*'
+    escaped = [line.replace("*", r"\*") for line in note_lines]
+    md = (f"Table: {caption}.\n\n" + markdown_table(shown, align=align) + "\n"
+          + "".join(f"- {line}\n" for line in escaped) + "".join(f"\n{line}\n" for line in chosen_lines))
+    shown.columns = ["Method", "Protocol", "Source", "Data", *(["UF1", "UAR"] * len(DATASET_COLUMNS))]
+    tex = latex_table(shown, header_groups=[("", 4), *((name, 2) for _, name in DATASET_COLUMNS)],
+                      column_format="llll" + "c" * len(METRIC_COLUMNS), notes=note_lines, label="tab:htnet-loso",
+                      caption=caption)
     return {"md": md, "tex": tex, "csv": table.to_csv(index=False)}
 
 
-def paper_table(tracking_uri=None, experiment="htnet", methods=None, interval="std", nested=True,
+def paper_table(tracking_uri=None, experiment="htnet", picks=None, interval="std", nested=True, allow_mixed=False,
                 out_dir=None, log=True, out=None):
     """Build, print, save and log the paper table; returns a dict: table, texts, run_id, missing, written."""
     out = out or sys.stdout
     if interval not in ("std", "ci95", "none"):
         raise UserError(f"--interval must be std, ci95 or none, got {interval!r}")
     store = open_store(tracking_uri, experiment, create=log)
-    table, missing = collect(store, methods, nested)
-    texts = render(table, interval)
+    table, missing, lines = collect(store, picks, nested, allow_mixed)
+    texts = render(table, interval, lines[:1])
     print(texts["md"], file=out)
+    for line in lines[1:]:
+        print(line, file=out)
     for method in missing:
         print(f"missing row {method!r}: run `{EXPECTED[method]}`", file=out)
     written = []
@@ -151,7 +276,7 @@ def paper_table(tracking_uri=None, experiment="htnet", methods=None, interval="s
     if log:
         client, sources = store.client, ",".join(sorted({r for r in table["run_id"] if r}))
         tags = {"htnet.role": "paper_table", "htnet.sources": sources[:5000], "htnet.interval": interval,
-                **tracking.provenance_tags(tracking.provenance())}
+                "htnet.allow_mixed": str(allow_mixed).lower(), **tracking.provenance_tags(tracking.provenance())}
         run_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name="paper-table").info.run_id
         for ext, text in texts.items():
             tracking.retry(client.log_text, run_id, text, f"paper_table.{ext}")

@@ -35,7 +35,7 @@ def per_subject_bars(predictions, title=""):
     handles = [Patch(facecolor="white", edgecolor="black", hatch=HATCHES[i % 3], label=p)
                for i, p in enumerate(protocols)]
     handles += [Patch(facecolor=c, label=d) for d, c in DATASET_COLORS.items() if d in set(subjects["dataset"])]
-    ax.legend(handles=handles, fontsize=7, ncol=2, loc="upper right")
+    fig.legend(handles=handles, fontsize=7, loc="outside right upper")  # beside the axes: bars reach the top
     ax.set_title(title, fontsize=9)
     return fig
 

@@ -1,8 +1,10 @@
 """`python -m search rerun`: one configuration with K seeds in parallel on Ray, each metric's mean ± std
-and 95% t-interval logged to an MLflow rerun parent run with a child run per seed."""
+and (3 seeds or more) a 95% bootstrap interval over seeds and subjects, logged to an MLflow rerun parent run
+with a child run per seed."""
 import collections
 import dataclasses
 import math
+import re
 import sys
 import tempfile
 import time
@@ -15,9 +17,9 @@ from htnet.errors import UserError
 from htnet.io import parse_yaml, read_yaml
 from htnet.metrics import PROTOCOLS, summary_table
 from search import tracking
-from search.reports.export import markdown_table
+from search.reports.export import markdown_table, plural
 from search.reports.leaderboard import METRICS, leaderboard, open_store, read_artifact_bytes, search_parents
-from search.reports.stats import summarize_columns
+from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
 from search.space import check_value, flatten, nest
 
 MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet"}
@@ -27,6 +29,12 @@ PRESETS = {"htnet-paper": ({"model": "htnet"}, "HTNet (paper config)"),
            "ststnet": ({"model": "ststnet", "protocols": ["paper", "final", "inner"]}, "STSTNet")}
 METRIC_KEYS = (*(f"{p}_{key}_{m}" for p in PROTOCOLS for key, _, m in METRICS),
                "inner_val_uf1", "inner_val_uar", "fold_epochs", "wall_time_s")
+# Not settings of a method: how it runs (device, engine, ...), and what the paper table states beside each row
+# (the subjects, the seeds); changing any other LOSO key changes the method's label.
+NOT_SETTINGS = ("device", "engine", "fold_group_size", "report_every", "save_weights", "protocols", "subjects",
+                "seed")
+LABEL_FIRST = ("epochs", "lr", "batch_size")  # named first in a changed label: what a reader checks first
+SYNTHETIC_SAMPLE = re.compile(r".+_syn\d+")  # htnet.data.make_synthetic's sample names ('<sub>_syn01')
 
 
 # search_run_id: set when a search chose the configuration on these data (its rerun takes fresh seeds)
@@ -41,6 +49,7 @@ class RerunOptions:
     preset: str | None = None
     config: str | None = None
     method: str | None = None
+    params: dict = field(default_factory=dict)
     seeds: int = 5
     seed_list: list | None = None
     sets: list = field(default_factory=list)
@@ -58,12 +67,60 @@ def model_label(model):
     return MODEL_LABELS.get(model, model)
 
 
-def best_run_id(store, parent, search):
-    """The search's best finished trial: its parent's htnet.best_run_id tag, else the leaderboard's first."""
-    if "htnet.best_run_id" in parent.data.tags:
+def best_run_id(store, parent, search, params=None):
+    """The search's best finished trial (among those whose parameters equal `params`, as the leaderboard's
+    --param): its parent's htnet.best_run_id tag, else the leaderboard's first."""
+    if "htnet.best_run_id" in parent.data.tags and not params:
         return parent.data.tags["htnet.best_run_id"]
-    table = leaderboard(store, [search], statuses=["finished"])
+    table = leaderboard(store, [search], statuses=["finished"], params=params)
     return table.iloc[0]["run_id"] if len(table) else None
+
+
+def changed_settings(before, after):
+    """{key: value} of the LOSO settings (flattened, defaults filled in; NOT_SETTINGS aside) that `after`
+    changes from `before`, LABEL_FIRST first."""
+    from htnet.loso import LosoConfig
+
+    defaults = flatten(LosoConfig().to_dict())  # not from_dict: its checks build the model
+    old, new = ({**defaults, **flatten(c)} for c in (before, after))
+    keys = sorted(dict.fromkeys([*old, *new]),  # stable: the others in config order
+                  key=lambda k: LABEL_FIRST.index(k) if k in LABEL_FIRST else len(LABEL_FIRST))
+    return {k: new.get(k) for k in keys if k.split(".")[0] not in NOT_SETTINGS and not _same(old.get(k), new.get(k))}
+
+
+def _same(a, b):
+    """Equal, or the same number (a YAML file's lr: 5e-5 is the text '5e-5' until LosoConfig reads it)."""
+    try:
+        return a == b or float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def changed_label(label, changes, named=3):
+    """The label of a method whose settings were changed: 'HTNet (paper config)' with epochs=1 ->
+    'HTNet (paper config, epochs=1)', 'STSTNet' -> 'STSTNet (epochs=1)'; past `named` changes, '+N more'."""
+    if not changes:
+        return label
+    items = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in changes.items()]
+    text = ", ".join(items[:named] + ([f"+{len(items) - named} more"] if len(items) > named else []))
+    return f"{label[:-1]}, {text})" if label.endswith(")") else f"{label} ({text})"
+
+
+def preset_label(label, config):
+    """A preset's label (as a paper-table row) only when `config` has the preset's settings, else the label
+    with the changes; any other label as it is."""
+    for settings, name in PRESETS.values():
+        if label == name:
+            return changed_label(label, changed_settings(settings, config))
+    return label
+
+
+def data_tags(data):
+    """The parent run's tags of the data its rows are computed on (after `subjects`): the source (the release
+    folder's name, or 'synthetic' for the built-in generator's samples) and the subject and sample counts."""
+    synthetic = len(data) and all(SYNTHETIC_SAMPLE.fullmatch(str(s)) for s in data.samples)
+    return {"htnet.data_source": "synthetic" if synthetic else Path(data.source).name,
+            "htnet.data_subjects": str(len(data.subject_ids)), "htnet.data_samples": str(len(data))}
 
 
 def get_run(store, run_id, missing):
@@ -94,6 +151,8 @@ def resolve_source(store, options):
     """The configuration to rerun, its label and where it came from."""
     if sum(map(bool, (options.best, options.run_id, options.preset, options.config))) != 1:
         raise UserError("name exactly one of --best SEARCH, --run-id RUN, --preset NAME, --config FILE")
+    if options.params and not options.best:
+        raise UserError("--param picks among the trials of --best SEARCH: give --best")
     if options.preset:
         if options.preset not in PRESETS:
             raise UserError(f"--preset {options.preset!r}: known presets are {', '.join(PRESETS)}")
@@ -109,9 +168,10 @@ def resolve_source(store, options):
     run_id = options.run_id
     if options.best:
         parent = search_parents(store, [options.best])[0]
-        run_id = best_run_id(store, parent, options.best)
+        run_id = best_run_id(store, parent, options.best, options.params)
         if run_id is None:
-            raise UserError(f"search {options.best!r} has no finished trial to rerun")
+            among = "".join(f" with {k}={v}" for k, v in options.params.items())
+            raise UserError(f"search {options.best!r} has no finished trial{among} to rerun")
     run = get_run(store, run_id, f"no MLflow run {run_id!r} at {store.tracking_uri}")
     config, tags, metrics = config_of_run(store, run), run.data.tags, run.data.metrics
     parent_id = tags.get("mlflow.parentRunId") if tags.get("htnet.role") == "trial" else None
@@ -249,6 +309,17 @@ def end_seed(client, run_id, seed, result, title):
             **{k: v for k, v in result.metrics.items() if k in METRIC_KEYS}}
 
 
+def seeds_summary(finished, predictions):
+    """Rows = metric keys: n, mean, std over the finished seeds, and from MIN_SEEDS seeds on the 95% bootstrap
+    interval (stats.seed_subject_bootstrap) of the predicted metrics (none for the others: fold-epochs, ...)."""
+    keys = [k for k in METRIC_KEYS if k in finished and finished[k].notna().any()]
+    values = finished[keys].apply(pd.to_numeric, errors="coerce")
+    summary = pd.DataFrame({"n": values.count(), "mean": values.mean(), "std": values.std(ddof=1)})
+    bounds = seed_subject_bootstrap(predictions) if len(finished) >= MIN_SEEDS else {}
+    intervals = [bounds.get(k, (float("nan"),) * 2) for k in summary.index]
+    return summary.assign(ci_low=[low for low, _ in intervals], ci_high=[high for _, high in intervals])
+
+
 def log_summary(client, source, parent_id, rows, predictions, started):
     """The parent run's intervals, tables and pooled confusion matrices (also on the source search's parent
     run); ends it. Returns the seeds table and the summary (rows = metric keys)."""
@@ -256,8 +327,8 @@ def log_summary(client, source, parent_id, rows, predictions, started):
 
     seeds_table = pd.DataFrame(rows).sort_values("seed").reset_index(drop=True)
     finished = seeds_table[seeds_table["status"] == "finished"]
-    keys = [k for k in METRIC_KEYS if k in finished and finished[k].notna().any()]
-    summary = summarize_columns(finished, keys).rename_axis("metric") if len(finished) else pd.DataFrame()
+    pooled = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
+    summary = seeds_summary(finished, pooled).rename_axis("metric") if len(finished) else pd.DataFrame()
     intervals = {f"{key}_{name}": row[stat] for key, row in summary.iterrows() for stat, name in
                  (("mean", "mean"), ("std", "std"), ("ci_low", "ci95_low"), ("ci_high", "ci95_high"))}
     tracking.log_metrics(client, parent_id, {**intervals, "n_seeds": len(finished),
@@ -265,11 +336,10 @@ def log_summary(client, source, parent_id, rows, predictions, started):
                                              "rerun_wall_time_s": time.time() - started})
     log_frame(client, parent_id, seeds_table, "seeds.csv")
     if len(summary):
-        pooled = pd.concat(predictions, ignore_index=True)
         log_frame(client, parent_id, summary.reset_index(), "summary.csv")
         log_frame(client, parent_id, protocol_table(summary), "summary.md", markdown=True)
         log_frame(client, parent_id, pooled, "predictions.csv")
-        title = f"{source.method}: {len(finished)} seeds, counts summed"
+        title = f"{source.method}: {plural(len(finished), 'seed')}, counts summed"
         for run_id, name, folder in ((parent_id, "confusion_matrices.png", None),
                                      (source.search_run_id, "rerun_confusion_matrices.png", "plots")):
             if run_id:
@@ -291,7 +361,7 @@ def format_interval(stats, style="full", digits=4):
 
 
 def protocol_table(summary):
-    """Rows = protocols, columns = Full/SMIC/CASME II/SAMM x UF1/UAR, cells 'mean ± std [95% t-interval]'."""
+    """Rows = protocols, columns = Full/SMIC/CASME II/SAMM x UF1/UAR, cells 'mean ± std [95% interval]'."""
     cells = {key: format_interval(row) for key, row in summary.iterrows()}
     return summary_table(cells).fillna("").rename_axis("protocol").reset_index()
 
@@ -313,12 +383,15 @@ def rerun(options, out=None):
     config.pop("save_weights", None)
     seeds = seeds_for(config, source, options.seeds, options.seed_list)
     base = LosoConfig.from_dict({**config, "seed": seeds[0]}).to_dict()  # checks the config before any work
+    if not options.method:  # a derived label (a preset's, 'best found', ...) says what --set changed
+        source = source._replace(method=changed_label(source.method, changed_settings(source.config, base)))
     if options.cpus_per_seed <= 0 or options.gpus_per_seed < 0:
         raise UserError("--cpus-per-seed must be > 0 and --gpus-per-seed >= 0")
     data, data_root = load_rerun_data(options.data, source, options.storage)
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
     client, method, seed_text = store.client, source.method, ",".join(map(str, seeds))
     provenance = tracking.provenance_tags(tracking.provenance(data))   # on the parent and every seed
+    used = select_subjects(data, base["subjects"])
 
     def new_run(name, tags, params):
         tags = {k: v for k, v in {**tags, **provenance}.items() if v}
@@ -330,16 +403,18 @@ def rerun(options, out=None):
     parent_id = new_run(f"rerun {method}", {
         "htnet.role": "rerun", "htnet.method": method, "htnet.model": base["model"], "htnet.seeds": seed_text,
         "htnet.protocols": ",".join(base["protocols"]), "htnet.source": source.description,
-        "htnet.source_run_id": source.run_id, "htnet.source_search": source.search},
+        "htnet.source_run_id": source.run_id, "htnet.source_search": source.search, **data_tags(used)},
         {**flatten(unseeded), "seeds": seed_text, "data": data_root, "cpus_per_seed": options.cpus_per_seed,
          "gpus_per_seed": options.gpus_per_seed})
     tracking.retry(client.log_dict, parent_id, unseeded, "config.yaml")
-    folds = len(select_subjects(data, base["subjects"]).subject_ids)
+    folds = len(used.subject_ids)
     models = 2 if "inner" in base["protocols"] else 1
-    print(f"rerun {method!r}: {source.description}; {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
-          f"in parallel on Ray; data {data_root} ({len(data)} samples, {len(data.subject_ids)} subjects)", file=out)
-    print(f"cost: {len(seeds)} seeds x {folds} folds x {base['epochs']} epochs x {models} model(s) per fold = "
-          f"{len(seeds) * folds * base['epochs'] * models:,} fold-epochs", file=out)
+    print(f"rerun {method!r}: {source.description}; {plural(len(seeds), 'seed')} ({', '.join(map(str, seeds))}) "
+          f"in parallel on Ray; data {data_root} ({plural(len(used), 'sample')}, {plural(folds, 'subject')} used)",
+          file=out)
+    print(f"cost: {plural(len(seeds), 'seed')} x {plural(folds, 'fold')} x {plural(base['epochs'], 'epoch')} x "
+          f"{plural(models, 'model')} per fold = {len(seeds) * folds * base['epochs'] * models:,} fold-epochs",
+          file=out)
     rows, predictions, started = [], [], time.time()
     children = {seed: new_run(f"{method} seed {seed}", {
         "mlflow.parentRunId": parent_id, "htnet.role": "rerun_seed", "htnet.seed": str(seed), "htnet.method": method,
@@ -369,7 +444,9 @@ def rerun(options, out=None):
 
     seeds_table, summary = log_summary(client, source, parent_id, rows, predictions, started)
     finished = int((seeds_table["status"] == "finished").sum())
-    print(f"\n{method}: {finished} of {len(seeds_table)} seeds finished; mean ± std [95% t-interval] over seeds",
+    interval = "[95% bootstrap interval over seeds and subjects]" if finished >= MIN_SEEDS else \
+        f"(fewer than {MIN_SEEDS} seeds: no interval)"
+    print(f"\n{method}: {finished} of {plural(len(seeds_table), 'seed')} finished; mean ± std over seeds {interval}",
           file=out)
     if len(summary):
         with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
@@ -378,7 +455,7 @@ def rerun(options, out=None):
             if key in summary.index:
                 print(f"{key}: {format_interval(summary.loc[key])}", file=out)
         if not summary["std"].notna().any():
-            print("(one seed: no spread or interval)", file=out)
+            print("(one seed: no spread)", file=out)
     else:
         print("no seed finished: nothing to summarize", file=out)
     print(f"MLflow: rerun parent run {parent_id} (experiment {store.experiment}, tag htnet.method={method!r})",

@@ -1,27 +1,10 @@
-"""The statistics of the reports: seed intervals (Student t) and paired subject-level comparisons."""
+"""The statistics of the reports: bootstrap intervals over seeds and subjects, and paired subject-level
+comparisons."""
 import numpy as np
-import pandas as pd
 from scipy import stats as scipy_stats
 
 EXACT_MAX = 16  # the sign-flip test enumerates all 2^n sign vectors up to this many subjects
-
-
-def summarize_columns(table, columns=None, confidence=0.95):
-    """One row per column over its finite values: n, mean, std (ddof=1) and the two-sided Student-t interval
-    mean +- t_{0.975, n-1} * std / sqrt(n) (none for one value)."""
-    values = table[list(table.columns if columns is None else columns)].apply(pd.to_numeric, errors="coerce")
-    values = values.where(np.isfinite(values))
-    n, mean, std = values.count(), values.mean(), values.std(ddof=1)
-    # not scipy.stats.t.interval: it gives NaN where std = 0, not the point
-    half = pd.Series(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1), index=n.index) * std / np.sqrt(n)
-    return pd.DataFrame({"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half,
-                         "half_width": half})
-
-
-def mean_interval(values, confidence=0.95):
-    """summarize_columns of one list of values, as a dict."""
-    row = summarize_columns(pd.DataFrame({"x": pd.Series(values, dtype=float)}), confidence=confidence).iloc[0]
-    return {"n": int(row["n"]), **{k: float(row[k]) for k in ("mean", "std", "ci_low", "ci_high", "half_width")}}
+MIN_SEEDS = 3  # fewer seeds: no spread nor interval is reported (two seeds say little about a third)
 
 
 def paired_bootstrap(d, n_boot=10000, confidence=0.95, seed=0):
@@ -81,4 +64,39 @@ def cluster_bootstrap_uf1_uar(conf_a, conf_b, n_boot=10000, confidence=0.95, see
     for name, diff in (("uf1", uf1_a - uf1_b), ("uar", uar_a - uar_b)):
         diff = diff[np.isfinite(diff)]
         out[name] = tuple(float(q) for q in np.quantile(diff, [alpha, 1 - alpha])) if len(diff) else (np.nan,) * 2
+    return out
+
+
+def seed_subject_bootstrap(predictions, n_boot=10000, confidence=0.95, seed=0):
+    """{'{protocol}_{dataset}_{uf1|uar}': (low, high)} (dataset 'full' and each source dataset): percentile
+    intervals of the seeds' mean pooled UF1/UAR, from the long predictions of K seeds (columns seed, subject,
+    dataset, label, prediction, protocol). Each replicate draws subjects with replacement within each source
+    dataset (the composite's make-up is fixed by design) and, independently, K seeds with replacement; the
+    same draws serve every protocol and dataset. Its values are UF1/UARs, so the interval stays in [0, 1]."""
+    from htnet.metrics import NUM_CLASSES
+
+    frame = predictions.assign(subject=predictions["subject"].astype(str))
+    subjects = frame.drop_duplicates("subject").sort_values(["dataset", "subject"])[["subject", "dataset"]]
+    seeds = sorted(frame["seed"].unique())
+    rng = np.random.default_rng(seed)
+    strata = {d: np.flatnonzero(subjects["dataset"].to_numpy() == d) for d in subjects["dataset"].unique()}
+    subject_weights = np.zeros((n_boot, len(subjects)))
+    for columns in strata.values():
+        subject_weights[:, columns] = rng.multinomial(len(columns), np.full(len(columns), 1 / len(columns)), n_boot)
+    seed_weights = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), n_boot) / len(seeds)
+    subject_index = {s: i for i, s in enumerate(subjects["subject"])}
+    seed_index = {s: i for i, s in enumerate(seeds)}
+    alpha, out = (1 - confidence) / 2, {}
+    for protocol, part in frame.groupby("protocol", sort=False):
+        counts = np.zeros((len(subjects), len(seeds), NUM_CLASSES, NUM_CLASSES))  # per subject and seed
+        np.add.at(counts, tuple(column.to_numpy() for column in (
+            part["subject"].map(subject_index), part["seed"].map(seed_index), part["label"], part["prediction"])), 1)
+        for dataset, columns in {"full": np.arange(len(subjects)), **strata}.items():
+            flat = counts[columns].reshape(len(columns), -1)
+            pooled = (subject_weights[:, columns] @ flat).reshape(n_boot, len(seeds), NUM_CLASSES, NUM_CLASSES)
+            for name, values in zip(("uf1", "uar"), uf1_uar_from_counts(pooled)):
+                means = (seed_weights * values).sum(axis=1)  # a seed drawn twice counts twice
+                means = means[np.isfinite(means)]
+                out[f"{protocol}_{dataset}_{name}"] = tuple(float(q) for q in np.quantile(means, [alpha, 1 - alpha])) \
+                    if len(means) else (np.nan, np.nan)
     return out

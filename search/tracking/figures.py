@@ -23,7 +23,7 @@ def confusion_matrix_png(predictions, path, title=""):
 
 
 def learning_curve_png(history, path, title=""):
-    """history: subject, run (main|inner), epoch, train_loss, test_acc, val_uf1 (per fold)."""
+    """history: subject, run (main|inner), epoch, train_loss, test_acc, val_uf1 (per fold); returns the Figure."""
     fig = Figure(figsize=(8, 3.4), layout="constrained")
     loss_ax, score_ax = fig.subplots(1, 2)
     for run, style, score, label in (("main", "-", "test_acc", "test accuracy (mean over folds)"),
@@ -33,8 +33,9 @@ def learning_curve_png(history, path, title=""):
             loss_ax.plot(by_epoch["train_loss"].mean(), style, label=f"{run} train loss")
             score_ax.plot(by_epoch[score].mean(), style, label=label)
     loss_ax.set(xlabel="epoch", ylabel="loss")
-    score_ax.set(xlabel="epoch", ylim=(0, 1))
+    score_ax.set(xlabel="epoch", ylabel="accuracy / UF1", ylim=(0, 1))
     for ax in (loss_ax, score_ax):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
+    return fig

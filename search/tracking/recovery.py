@@ -1,5 +1,5 @@
 """Recovery from Ray's records: backfill after an MLflow outage, runs marked interrupted, results replayed on resume."""
-from search.tracking.schema import TERMINAL, curve_of, device_tags, is_number, trial_status, trial_table
+from search.tracking.schema import TERMINAL, curve_of, device_tags, is_number, run_status, trial_status, trial_table
 from search.tracking.store import retry
 from search.tracking.writer import create_trial_run, error_text, log_metrics, log_trial_end, set_tags
 
@@ -18,7 +18,7 @@ def backfill(client, experiment_id, parent_run_id, search_name, space, trials, h
         ended = live[live["status"].isin(TERMINAL)]
         running = ended[ended["run_status"] == "RUNNING"]  # its status tag made it, the end of the run did not
         for run_id, status in zip(running["run_id"], running["status"]):
-            retry(client.set_terminated, run_id, "FAILED" if status == "failed" else "FINISHED")
+            retry(client.set_terminated, run_id, run_status(status))
         if len(ended):
             continue
         result = dict(trial.last_result or {})
@@ -34,7 +34,8 @@ def backfill(client, experiment_id, parent_run_id, search_name, space, trials, h
                                       trial, max(mine["attempt"], default=0) + 1,
                                       optuna_numbers.get(trial.trial_id))
         history = histories.get(trial.trial_id)
-        by_step = {int(row["step"]): curve_of(row) for row in ([] if history is None else history.to_dict("records"))
+        rows = [] if history is None else history.to_dict("records")
+        by_step = {int(row["step"]): curve_of(row, space.metric) for row in rows
                    if is_number(row.get("step")) and row.get("htnet_status") not in ("failed", "replayed")}
         for step, curve in sorted(by_step.items()):  # a step reported twice: its last report
             log_metrics(client, run_id, curve, step=step)

@@ -17,6 +17,8 @@ DEVICE_TAGS = {"htnet.device": "htnet_device", "htnet.node_id": "htnet_node", "h
 PROVENANCE_TAGS = {"mlflow.source.git.commit": "htnet_git_commit", "htnet.git_dirty": "htnet_git_dirty",
                    "htnet.versions": "htnet_versions", "htnet.data_fingerprint": "htnet_data"}
 DEVICE_TAGS.update(PROVENANCE_TAGS)   # a trial's result carries them (search.trainable), as its device
+RESOLVED_PARAMS = {"resolved.fold_group_size": "htnet_fold_group_size"}  # param: the result key (search.trainable)
+PARTIAL_PREFIX = "partial_"  # the metrics of a trial stopped before its last fold (pruned, failed)
 
 
 def provenance(data=None):
@@ -86,18 +88,45 @@ def engine_metrics(result, extra):
             if (k.endswith(("_uf1", "_uar")) or k in extra) and not k.startswith("htnet_") and is_number(v)}
 
 
-def curve_of(result):
-    """The intermediate curve of one Ray result: `curve_<key>`, logged at step = folds done."""
-    return {f"curve_{k}": v for k, v in engine_metrics(result, ("train_loss", "fold_epochs")).items()}
+def running_key(metric):
+    """The objective's history over a trial, one MLflow metric at step = folds done (its charts' x axis); apart
+    from the objective's own key, which only a complete trial has."""
+    return f"running_{metric}"
+
+
+def curve_of(result, metric):
+    """What one intermediate Ray result adds to the trial's history (step = folds done)."""
+    values = {running_key(metric): result.get(metric), "folds_done": result.get("step")}
+    return {k: v for k, v in values.items() if is_number(v)}
+
+
+def end_metrics(result, status):
+    """The end-of-trial metrics: the engine's results (the `_uf1`/`_uar` keys) of a trial that did not finish
+    all its folds are PARTIAL_PREFIX-ed, so the complete-result columns hold complete results only."""
+    prefix = "" if status == "finished" else PARTIAL_PREFIX
+    return {**{prefix + k if k.endswith(("_uf1", "_uar")) else k: v
+               for k, v in engine_metrics(result, ("wall_time_s", *FOLD_EPOCHS)).items()},
+            "folds_done": result.get("step", 0)}
 
 
 def device_tags(result):
     return {tag: result.get(key, "") for tag, key in DEVICE_TAGS.items()} if result.get("htnet_device") else {}
 
 
+def resolved_params(result):
+    """The settings the engine resolved at run time (search.trainable), as params beside the config's own."""
+    return {param: result[key] for param, key in RESOLVED_PARAMS.items() if result.get(key) is not None}
+
+
 def trial_status(result, pruned=False):
     status = "pruned" if pruned else result.get("htnet_status")
     return status if status in ("pruned", "failed") else "finished"
+
+
+def run_status(status):
+    """The MLflow run status of a trial's htnet.status. MLflow has no 'pruned': KILLED (stopped on purpose,
+    not an error) shows it apart from FINISHED; the run's name and htnet.status say it was pruned."""
+    return {"failed": "FAILED", "pruned": "KILLED"}.get(status, "FINISHED")
 
 
 def runs(client, experiment_id, filter_string="", columns=()):
@@ -130,11 +159,17 @@ def ranked(table, value, ties=("trial_id",)):
 def trial_table(client, experiment_id, parent_run_id, metric=None, param_names=(), latest=True):
     """A search's trial runs (lost ones left out) by attempt: trial_id, attempt, status, run_id, run_status,
     retried, optuna_trial, `metric`, SUMMARY_METRICS, `param_names`, then every metrics.<k> and params.<k>
-    (numbers where all values read as numbers). latest: each trial's latest attempt, ranked by `metric`."""
+    (numbers where all values read as numbers); an unfinished run's partial_<k> metrics as <k>. latest: each
+    trial's latest attempt, ranked by `metric` (pruned ones after the finished, by their partial objective)."""
     metrics = list(dict.fromkeys([metric, *SUMMARY_METRICS] if metric else SUMMARY_METRICS))
     named = {**{f"metrics.{m}": m for m in metrics}, **{f"params.{p}": p for p in param_names}}
     frame = runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'",
                  [*(f"tags.htnet.{t}" for t in TRIAL_TAGS), *named])
+    partial = frame.filter(regex=rf"^metrics\.{PARTIAL_PREFIX}")  # read as their metric: the status says partial
+    for column in partial:
+        whole = column.replace(PARTIAL_PREFIX, "", 1)
+        frame[whole] = frame[whole].combine_first(partial[column]) if whole in frame else partial[column]
+    frame = frame.drop(columns=partial.columns)
     for column in frame.columns[frame.columns.str.startswith("params.")]:
         numbers = pd.to_numeric(frame[column], errors="coerce")
         if numbers.notna().sum() == frame[column].notna().sum():

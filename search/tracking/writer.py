@@ -6,9 +6,10 @@ import time
 
 from ray import tune
 
+from htnet.errors import UserError
 from search.space import flatten
-from search.tracking.schema import (FOLD_EPOCHS, TERMINAL, curve_of, device_tags, engine_metrics, is_number, ranked,
-                                    run_name, trial_status, trial_table)
+from search.tracking.schema import (TERMINAL, curve_of, device_tags, end_metrics, is_number, ranked, resolved_params,
+                                    run_name, run_status, trial_status, trial_table)
 from search.tracking.store import (FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason,
                                    unreachable_message)
 
@@ -19,7 +20,8 @@ logger = logging.getLogger(__name__)
 def log_params(client, run_id, params):
     from mlflow.entities import Param
 
-    texts = ((str(k), str(v)) for k, v in params.items())  # MLflow keeps 6000 characters of a value
+    # MLflow keeps 6000 characters of a value; None as YAML's null, so params read back as the config
+    texts = ((str(k), "null" if v is None else str(v)) for k, v in params.items())
     retry(client.log_batch, run_id, params=[Param(k, v if len(v) <= 6000 else v[:5997] + "...") for k, v in texts])
 
 
@@ -37,6 +39,29 @@ def set_tags(client, run_id, tags):
     retry(client.log_batch, run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
 
+EXPERIMENT_NOTE = """HTNet/STSTNet hyper-parameter searches (`python -m search`)
+
+One parent run per search (tag `htnet.role` = search), one child run per trial attempt (grouped under it).
+
+Columns worth showing in the runs table (Columns button, then Save view):
+- the objective: metric `inner_val_uf1` (objective inner) or `paper_full_uf1` (objective paper);
+  on a parent run `best_<objective>` and the best trial's test results `best_<protocol>_<dataset>_<uf1|uar>`
+- `inner_full_uf1`, `inner_full_uar`, `paper_full_uf1`, `folds_done`; tag `htnet.status`
+
+Complete results only in those columns: a pruned trial's run is KILLED, its name ends in "(pruned)" and its
+metrics over the folds it did are `partial_<metric>`. Every trial's objective as it went, at step = folds done:
+the chart of `running_<objective>`. Params: the trial's full resolved LOSO config; `resolved.*` what the
+engine resolved at run time.
+"""
+
+
+def describe_experiment(client, experiment_id):
+    """The experiment's description (the UI shows it above the runs), unless someone wrote their own."""
+    note = retry(client.get_experiment, experiment_id).tags.get("mlflow.note.content", "")
+    if note != EXPERIMENT_NOTE and (not note or note.startswith(EXPERIMENT_NOTE.splitlines()[0])):
+        retry(client.set_experiment_tag, experiment_id, "mlflow.note.content", EXPERIMENT_NOTE)
+
+
 def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None, tags=None):
     tags = {"htnet.role": "search", "htnet.search": name, "htnet.objective": objective_metric,
             "htnet.objective_protocol": space.objective, "mlflow.runName": name, **(tags or {})}
@@ -45,15 +70,19 @@ def start_parent_run(client, experiment_id, name, space, objective_metric, extra
     log_params(client, run_id, {**{k: getattr(space, k) for k in settings}, "space_file": space.source,
                                 **(extra_params or {})})
     retry(client.log_dict, run_id, space.raw, "space.yaml")
+    describe_experiment(client, experiment_id)
     return run_id
 
 
 def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
-    """Counts, the best objective and the trial table (trials.csv) on the parent run."""
+    """Counts, the best finished trial's objective and test UF1/UAR (best_<protocol>_<dataset>_<uf1|uar>) and the
+    trial table (trials.csv) on the parent run."""
     metrics = {f"trials_{k}": v for k, v in table["status"].value_counts().to_dict().items()}
     finished = table[table["status"] == "finished"]
     if metric in finished and finished[metric].notna().any():
         best = ranked(finished, metric).iloc[0]
+        results = best.filter(regex=r"^metrics\..*_(uf1|uar)$")
+        metrics.update({f"best_{k[len('metrics.'):]}": v for k, v in results.items()})
         metrics[f"best_{metric}"] = best[metric]
         set_tags(client, parent_run_id, {"htnet.best_trial_id": best["trial_id"], "htnet.best_run_id": best["run_id"]})
     log_metrics(client, parent_run_id, metrics)
@@ -64,8 +93,14 @@ def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
 
 def create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial, attempt,
                      optuna_number=None):
-    """The child run of one trial attempt: tags, the flattened resolved config and config.yaml."""
-    config = space.resolve(space.sampled(trial.config), overrides)
+    """The child run of one trial attempt: tags, the flattened LOSO config the trainable runs (every setting,
+    defaults too) and config.yaml."""
+    from search.bridge import trial_config
+
+    try:
+        config = trial_config(space, trial.config, overrides).to_dict()
+    except UserError:  # the trial fails on it too (its run says why): the config as sampled
+        config = space.resolve(space.sampled(trial.config), overrides)
     resources = getattr(trial.placement_group_factory, "required_resources", {})
     tags = {"mlflow.parentRunId": parent_run_id, "htnet.role": "trial", "htnet.search": search_name,
             "htnet.trial_id": trial.trial_id, "htnet.attempt": attempt, "htnet.status": "running",
@@ -83,10 +118,12 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
 
 
 def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
-    """Final metrics, the files of a finished trial (its Ray checkpoint, if any) and the end status."""
-    metrics = {**engine_metrics(result, ("wall_time_s", *FOLD_EPOCHS)), "folds_done": result.get("step", 0),
-               "trial_wall_time_s": wall_time_s}  # log_metrics skips a None
-    log_metrics(client, run_id, metrics, step=result.get("step", 0))
+    """Final metrics (partial ones apart: end_metrics), the files of a finished trial (its Ray checkpoint, if
+    any) and the end status; a pruned trial's run is named so."""
+    log_metrics(client, run_id, {**end_metrics(result, status), "trial_wall_time_s": wall_time_s},
+                step=result.get("step", 0))  # log_metrics skips a None
+    if params := resolved_params(result):
+        log_params(client, run_id, params)
     if status == "finished" and checkpoint is not None:
         try:
             with checkpoint.as_directory() as folder:
@@ -99,7 +136,9 @@ def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wal
     why = {"failed": {"htnet.error": str(result.get("htnet_error", ""))[:5000]},
            "pruned": {"htnet.pruned_at_step": result.get("step", "")}}.get(status, {})
     set_tags(client, run_id, {"htnet.status": status, **why, **(tags or {})})
-    retry(client.set_terminated, run_id, "FAILED" if status == "failed" else "FINISHED")
+    if status == "pruned" and not (name := retry(client.get_run, run_id).info.run_name).endswith(" (pruned)"):
+        retry(client.update_run, run_id, name=f"{name} (pruned)")
+    retry(client.set_terminated, run_id, run_status(status))
 
 
 def error_text(trial):
@@ -208,8 +247,10 @@ class MlflowTracking(tune.Callback):
         if trial.trial_id not in self._tagged and device_tags(result):
             self._tagged.add(trial.trial_id)
             set_tags(self.client, run_id, device_tags(result))
+            if params := resolved_params(result):
+                log_params(self.client, run_id, params)
         if result.get("step") is not None and result.get("htnet_status") != "failed":
-            log_metrics(self.client, run_id, curve_of(result), step=result["step"])
+            log_metrics(self.client, run_id, curve_of(result, self.space.metric), step=result["step"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._guard("the end of trial " + trial.trial_id, self._end, trial, None)

@@ -35,6 +35,13 @@ def test_synth_train_evaluate_end_to_end(tmp_path):
     paper = pd.read_csv(out / "predictions.csv").query("protocol == 'paper'").set_index("sample").prediction
     again = pd.read_csv(tmp_path / "eval" / "predictions.csv").set_index("sample").prediction
     assert (again == paper.loc[again.index]).all()
+    # metrics.json as train writes it, under protocol "weights": the paper protocol's figures (the same predictions)
+    trained = pd.read_json(out / "metrics.json", typ="series")
+    metrics = pd.read_json(tmp_path / "eval" / "metrics.json", typ="series")
+    assert sorted(metrics.index) == sorted(f"weights_{d}_{m}" for d in ("full", "smic", "casme2", "samm")
+                                           for m in ("uf1", "uar"))
+    assert all(metrics[k] == pytest.approx(trained[k.replace("weights_", "paper_")]) for k in metrics.index)
+    assert f"results in {tmp_path / 'eval'}/ (predictions.csv, metrics.json)" in evaluated.stdout
 
 
 @pytest.mark.parametrize("args, message", [

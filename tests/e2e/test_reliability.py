@@ -163,9 +163,9 @@ def test_the_writers_replace_their_files_atomically(synth_data, tmp_path):
     table = pd.DataFrame({"rank": [1, 2], "search": ["s", "s"], "trial": ["a", "b"], "status": ["finished"] * 2,
                           "objective_value": [0.5, 0.4]})
     paths = [exports / "board.csv", exports / "board.md", exports / "board.tex"]
-    write_exports(table, csv=paths[0], markdown=paths[1], latex=paths[2])
+    write_exports(table, csv=paths[0], markdown=paths[1], latex=paths[2], full=True)  # not a leaderboard's columns
     kept = keep_old(paths, tmp_path)
-    write_exports(table.iloc[::-1], csv=paths[0], markdown=paths[1], latex=paths[2])
+    write_exports(table.iloc[::-1], csv=paths[0], markdown=paths[1], latex=paths[2], full=True)
     assert_replaced(kept)
 
     stores.write_manifest(tmp_path / "runs", "x", {"name": "x", "status": "running"})
@@ -295,7 +295,7 @@ def test_mlflow_server_stopped_mid_search_then_resume_fills_it_in(local_ray, tmp
             runs = trial_runs(uri, name)
             finished = [r for r in runs if r.data.tags.get("htnet.status") == "finished"]
             running = [r for r in runs if r.info.status == "RUNNING"
-                       and r.data.metrics.get("curve_inner_val_uf1") is not None]
+                       and r.data.metrics.get("running_inner_val_uf1") is not None]
             return finished and running
 
         summary, stopped = run_search_and_meanwhile(options, mid_search, lambda _: stop_mlflow_server(server),
@@ -335,7 +335,7 @@ def test_mlflow_server_stopped_mid_search_then_resume_fills_it_in(local_ray, tmp
         client = MlflowClient(uri)
         for run in runs:
             assert {"predictions.csv", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "curve_inner_val_uf1")]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "running_inner_val_uf1")]
             assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
         assert parent_run(uri, name).info.status == "FINISHED"
     finally:

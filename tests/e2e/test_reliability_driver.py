@@ -243,7 +243,7 @@ def test_no_ray_process_outlives_the_driver(sig, tmp_path, ray_tmpdir):
     driver = start_cli(run_args(space, "killed", tmp_path, "--num-cpus", "1"), log, env={"RAY_TMPDIR": str(ray_tmpdir)})
     try:
         def trial_running():
-            return any(r.info.status == "RUNNING" and r.data.metrics.get("curve_inner_val_uf1") is not None
+            return any(r.info.status == "RUNNING" and r.data.metrics.get("running_inner_val_uf1") is not None
                        for r in trial_runs(uri, "killed"))
         wait_until(trial_running, timeout=SAFETY_NET, interval=0.3, what="a running trial", unless=died(driver, log))
         commands = {}

@@ -2,7 +2,8 @@
 synthetic search: real Ray (2 CPUs), Optuna and MLflow (sqlite in tmp_path), nothing mocked.
 
 The search: 3 STSTNet trials (2 epochs) on 6 synthetic subjects. Reruns use 2-3 seeds, nested
-LOSO 2 outer folds x 2 trials: about a minute in all on 2 cores.
+LOSO 2 outer folds x 2 trials: about a minute in all on 2 cores. (tests/unit/test_paper_table.py checks
+the paper table's rules on made-up reruns on the composite's 68 subjects.)
 """
 import ast
 import json
@@ -20,9 +21,9 @@ from search.reports.export import read_latex_table, read_markdown_table
 from search.reports.leaderboard import leaderboard, open_store, read_csv_artifact
 from search.nested import NestedOptions, run_nested
 from search.reports.paper_table import PUBLISHED
+from search.reports.stats import seed_subject_bootstrap
 from search_fixtures import parent_run, search_options, write_space
 
-T_975_2 = 4.302652730  # Student t quantile 0.975 with 2 degrees of freedom (tables)
 TINY_HTNET = ["--set", "model_config.dim=16", "--set", "model_config.heads=1", "--set", "model_config.patch_size=14",
               "--set", "model_config.num_hierarchies=1", "--set", "model_config.block_repeats=[1]"]
 SMALL = ["--set", "epochs=2", "--set", "batch_size=32", "--set", "lr=0.003", "--set", "subjects=6",
@@ -100,6 +101,7 @@ def test_rerun_of_the_best_trial_reports_intervals(work):
     assert parent.info.status == "FINISHED" and metrics["n_seeds"] == 3
     assert tags["mlflow.source.git.commit"] and tags["htnet.data_fingerprint"].startswith("csv:")
     assert "torch=" in tags["htnet.versions"]
+    assert (tags["htnet.data_source"], tags["htnet.data_subjects"]) == ("synthetic", "6")
     children = runs_with(uri, mlflow_parentRunId=parent.info.run_id)
     assert sorted(int(c.data.tags["htnet.seed"]) for c in children) == [2, 3, 4]
     for child in children:
@@ -109,18 +111,18 @@ def test_rerun_of_the_best_trial_reports_intervals(work):
         assert child.data.params["lr"] == parent.data.params["lr"]
         assert {"predictions.csv", "config.yaml", "confusion_matrix.png", "learning_curve.png"} <= \
             artifacts(uri, child.info.run_id)
-    for key in ("inner_full_uf1", "paper_samm_uar", "final_smic_uf1"):
-        values = np.array([c.data.metrics[key] for c in children])
-        mean, std = values.mean(), values.std(ddof=1)
-        half = T_975_2 * std / math.sqrt(3)
-        assert metrics[f"{key}_mean"] == pytest.approx(mean)
-        assert metrics[f"{key}_std"] == pytest.approx(std)
-        assert metrics[f"{key}_ci95_low"] == pytest.approx(mean - half, abs=1e-7)
-        assert metrics[f"{key}_ci95_high"] == pytest.approx(mean + half, abs=1e-7)
     assert {"seeds.csv", "summary.csv", "summary.md", "predictions.csv", "confusion_matrices.png",
             "config.yaml"} <= artifacts(uri, parent.info.run_id)
     pooled = read_csv_artifact(open_store(uri), parent.info.run_id, "predictions.csv")
     assert sorted(pooled["seed"].unique()) == [2, 3, 4]
+    bounds = seed_subject_bootstrap(pooled)  # over seeds and subjects: inside [0, 1], unlike a t-interval
+    for key in ("inner_full_uf1", "paper_samm_uar", "final_smic_uf1"):
+        values = np.array([c.data.metrics[key] for c in children])
+        assert metrics[f"{key}_mean"] == pytest.approx(values.mean())
+        assert metrics[f"{key}_std"] == pytest.approx(values.std(ddof=1))
+        low, high = metrics[f"{key}_ci95_low"], metrics[f"{key}_ci95_high"]
+        assert (low, high) == pytest.approx(bounds[key]) and 0 <= low <= high <= 1
+    assert "fold_epochs_ci95_low" not in metrics  # no interval where there are no predictions to resample
     assert "plots/rerun_confusion_matrices.png" in artifacts(uri, search.info.run_id, "plots")
 
 
@@ -129,7 +131,9 @@ def test_rerun_with_the_trials_seed_reproduces_it(work, capsys):
     best_id = parent_run(uri, "tiny").data.tags["htnet.best_run_id"]
     code = cli.main(["rerun", "--run-id", best_id, "--seed-list", "1", "--method", "replica",
                             "--tracking-uri", uri, "--storage", work["storage"]])
-    assert code == 0 and "(one seed: no spread or interval)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert code == 0 and "(one seed: no spread)" in printed and "fewer than 3 seeds: no interval" in printed
+    assert "1 seed (1)" in printed and "1 seeds" not in printed
     [replica] = runs_with(uri, htnet_role="rerun", htnet_method="replica")
     trial = MlflowClient(uri).get_run(best_id)
     for key in ("paper_full_uf1", "inner_full_uar", "final_samm_uf1", "inner_val_uf1"):
@@ -163,63 +167,92 @@ def test_nested_loso_runs_the_search_inside_each_outer_fold(work):
         artifacts(uri, parent.info.run_id)
 
 
-def test_paper_table_has_both_protocols_and_the_published_rows(work, tmp_path, capsys):
+PAPER_LABEL = "HTNet (paper config, epochs=2, lr=0.003, batch_size=32, +6 more)"  # TINY_HTNET and SMALL changed it
+STSTNET_LABEL = "STSTNet (epochs=2, lr=0.003, batch_size=32, +1 more)"
+
+
+def test_reruns_say_what_their_settings_changed(work, capsys):
     uri = work["uri"]
     assert work["codes"]["paper"] == 0 and work["codes"]["ststnet"] == 0
-    out = tmp_path / "table"
-    assert cli.main(["paper-table", "--tracking-uri", uri, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "missing row 'HTNet (paper config)'" not in printed and "missing row 'STSTNet'" not in printed
+    [paper] = runs_with(uri, htnet_role="rerun", htnet_method=PAPER_LABEL)
+    assert paper.data.params["epochs"] == "2" and paper.data.tags["htnet.data_source"] == "synthetic"
+    [_] = runs_with(uri, htnet_role="rerun", htnet_method=STSTNET_LABEL)
+    # --best picks among the trials with --param; this search tried STSTNet only
+    code = cli.main(["rerun", "--best", "tiny", "--param", "model=htnet", "--tracking-uri", uri])
+    assert code == 2 and capsys.readouterr().err == \
+        "error: search 'tiny' has no finished trial with model=htnet to rerun\n"
 
+
+def test_paper_table_refuses_other_data_unless_asked_and_marks_it(work, tmp_path, capsys):
+    uri = work["uri"]
+    out = tmp_path / "table"
+    # every rerun here ran on the synthetic set: none is put beside the published rows
+    assert cli.main(["paper-table", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    printed = capsys.readouterr().out
     md = read_markdown_table((out / "paper_table.md").read_text())
-    tex = read_latex_table((out / "paper_table.tex").read_text())
-    assert list(md.columns[:3]) == ["Method", "Protocol", "Source"] and len(md.columns) == 11
-    assert list(tex.columns[3:]) == ["UF1", "UAR"] * 4
+    assert md["Method"].tolist() == ["HTNet *", "STSTNet *"]
+    for label in ("STSTNet (best found)", PAPER_LABEL, STSTNET_LABEL, "Search + STSTNet (nested LOSO)"):
+        assert f"left out {label!r}: " in printed
+    assert "data synthetic (6 subjects, " in printed and "--allow-mixed includes" in printed
+    assert "missing row 'HTNet (best found)': run `python -m search rerun --best SEARCH --param model=htnet`" \
+        in printed
+
+    assert cli.main(["paper-table", "--tracking-uri", uri, "--out", str(out), "--allow-mixed"]) == 0
+    printed = capsys.readouterr().out
+    assert "missing row 'HTNet (paper config)'" in printed  # its settings were changed: not the paper config
+    text = (out / "paper_table.md").read_text()
+    md, tex = read_markdown_table(text), read_latex_table((out / "paper_table.tex").read_text())
+    assert list(md.columns[:4]) == ["Method", "Protocol", "Source", "Data"] and len(md.columns) == 12
+    assert list(tex.columns[4:]) == ["UF1", "UAR"] * 4
     assert md.fillna("").values.tolist() == tex.fillna("").values.tolist()  # the same table
     rows = {(m, p): row for m, p, row in zip(md["Method"], md["Protocol"], md.to_dict("records"))}
 
     htnet = rows[("HTNet *", "paper")]
-    assert htnet["Source"].startswith("published")
-    assert [float(htnet[c]) for c in md.columns[3:]] == [.8603, .8475, .8049, .7905, .9532, .9516, .8131, .8124]
+    assert htnet["Source"].startswith("published") and htnet["Data"] == "composite, 68 subjects"
+    assert [float(htnet[c]) for c in md.columns[4:]] == [.8603, .8475, .8049, .7905, .9532, .9516, .8131, .8124]
     ststnet = rows[("STSTNet *", "final")]
-    assert ststnet["Source"].startswith("published")
     assert (float(ststnet["Full UF1"]), float(ststnet["Full UAR"])) == (0.7209, 0.7250)
-    assert all(pd.isna(ststnet[c]) for c in md.columns[5:])  # no per-dataset published numbers
+    assert all(pd.isna(ststnet[c]) for c in md.columns[6:])  # no per-dataset published numbers
     assert PUBLISHED[0]["values"]["full"] == (0.8603, 0.8475)
 
-    # Ours: the paper protocol and the leak-free one, side by side, mean ± std over the seeds.
-    for method, leak_free, seeds in (("STSTNet (best found)", "inner", 3), ("HTNet (paper config)", "inner", 2),
-                                     ("STSTNet", "final", 2)):
+    # Ours, marked †: the paper protocol and the leak-free one; std from 3 seeds on, else the mean only.
+    for method, leak_free, seeds in (("STSTNet (best found)", "inner", 3), (PAPER_LABEL, "inner", 2),
+                                     (STSTNET_LABEL, "final", 2)):
         [run] = runs_with(uri, htnet_role="rerun", htnet_method=method)
+        m = run.data.metrics
         for protocol in ("paper", leak_free):
-            row = rows[(method, protocol)]
-            assert row["Source"] == f"ours, {seeds} seeds"
-            m = run.data.metrics
-            assert row["Full UF1"] == f"{m[f'{protocol}_full_uf1_mean']:.4f} ± {m[f'{protocol}_full_uf1_std']:.4f}"
-            assert row["SAMM UAR"] == f"{m[f'{protocol}_samm_uar_mean']:.4f} ± {m[f'{protocol}_samm_uar_std']:.4f}"
-    assert ("STSTNet", "inner") not in rows  # that rerun ran paper and final only
-    nested = rows[("Search + STSTNet (nested LOSO)", "inner")]
-    assert nested["Source"] == "ours, nested LOSO (2 outer folds)"
+            row = rows[(f"{method} †", protocol)]
+            assert row["Source"] == f"ours, {seeds} seeds, 2 epochs" and row["Data"] == "synthetic, 6 subjects"
+            full, samm = m[f"{protocol}_full_uf1_mean"], m[f"{protocol}_samm_uar_mean"]
+            if seeds >= 3:
+                assert row["Full UF1"] == f"{full:.4f} ± {m[f'{protocol}_full_uf1_std']:.4f}"
+            else:
+                assert (row["Full UF1"], row["SAMM UAR"]) == (f"{full:.4f}", f"{samm:.4f}")
+    assert (f"{STSTNET_LABEL} †", "inner") not in rows  # that rerun ran paper and final only
+    nested = rows[("Search + STSTNet (nested LOSO) †", "inner")]
+    assert nested["Source"] == "ours, nested LOSO (2 outer folds), 2 epochs" and nested["Data"] == \
+        "synthetic, 2 subjects"
     assert float(nested["Full UF1"]) == pytest.approx(work["nested"]["metrics"]["inner_full_uf1"], abs=5e-5)
-    assert ("Search + STSTNet (nested LOSO)", "paper") in rows
-    # Published rows come first within their model family, then ours.
     methods = md["Method"].tolist()
-    assert methods.index("HTNet *") < methods.index("HTNet (paper config)")
-    assert methods.index("STSTNet *") < methods.index("STSTNet")
-    assert "published numbers" in (out / "paper_table.md").read_text()
-    # the commit and data each of our rows was built from, in the table's notes and CSV
-    [run] = runs_with(uri, htnet_role="rerun", htnet_method="STSTNet")
+    assert methods.index("HTNet *") < methods.index(f"{PAPER_LABEL} †")
+    assert methods.index("STSTNet *") < methods.index(f"{STSTNET_LABEL} †")
+    assert text.startswith("Table: Micro-expression recognition under LOSO (3 classes); rows marked †")
+    # the commit and data each of our rows was built from, in the notes and the CSV
+    [run] = runs_with(uri, htnet_role="rerun", htnet_method=STSTNET_LABEL)
     built = (f"Built from code at commit {run.data.tags['mlflow.source.git.commit'][:12]}"
              f"{' (dirty)' if run.data.tags['htnet.git_dirty'] == 'true' else ''} "
-             f"on data {run.data.tags['htnet.data_fingerprint']}:")
-    assert built in (out / "paper_table.md").read_text()
-    assert r"\multicolumn{2}{c}{CASME II}" in (out / "paper_table.tex").read_text()
+             f"on data synthetic ({run.data.tags['htnet.data_fingerprint']}; 6 subjects, ")
+    assert built in text and r"\multicolumn{2}{c}{CASME II}" in (out / "paper_table.tex").read_text()
+    assert "rows (per method, the finished rerun (or nested LOSO run) with the most seeds" in text
 
     numbers = pd.read_csv(out / "paper_table.csv")
     assert set(numbers["kind"]) == {"published", "rerun", "nested"}
-    assert set(numbers.loc[numbers["kind"] != "published", "data"]) == {run.data.tags["htnet.data_fingerprint"]}
+    ours = numbers[numbers["kind"] != "published"]
+    assert set(ours["data"]) == {"synthetic"} and not ours["published_data"].any()
+    assert set(ours["fingerprint"]) == {run.data.tags["htnet.data_fingerprint"]}
     [logged] = runs_with(uri, htnet_role="paper_table")
     assert logged.data.tags["mlflow.source.git.commit"] == run.data.tags["mlflow.source.git.commit"]
+    assert logged.data.tags["htnet.allow_mixed"] == "true"
     assert {"paper_table.md", "paper_table.tex", "paper_table.csv"} <= artifacts(uri, logged.info.run_id)
 
 

@@ -2,6 +2,7 @@
 
 Trials are STSTNet LOSO runs on 6 synthetic subjects (2 epochs): a few seconds each.
 """
+import dataclasses
 import math
 import os
 import signal
@@ -38,6 +39,8 @@ def test_tiny_search_two_concurrent_trials(local_ray, tmp_path, capsys):
     assert parent.data.tags["htnet.objective"] == "inner_val_uf1"
     assert parent.data.tags["htnet.objective_protocol"] == "inner"
     assert parent.data.metrics["trials_finished"] == 2
+    note = MlflowClient(uri).get_experiment(parent.info.experiment_id).tags["mlflow.note.content"]
+    assert all(words in note for words in ("inner_val_uf1", "running_<objective>", "partial_<metric>", "(pruned)"))
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                             text=True).stdout.strip() or "unknown"
@@ -57,6 +60,12 @@ def test_tiny_search_two_concurrent_trials(local_ray, tmp_path, capsys):
         assert tags["htnet.resources"] == "cpu=1,gpu=0.5"
         assert params["model"] == "ststnet" and params["epochs"] == "2" and params["subjects"] == "6"
         assert params["save_weights"] == "True"
+        # the whole LOSO config the trainable ran, defaults too, and the group size the engine picked
+        from htnet.loso import LosoConfig
+        assert {f.name for f in dataclasses.fields(LosoConfig)} - {"model_config"} <= set(params)
+        assert (params["engine"], params["optimizer"], params["seed"], params["inner_val_subjects"],
+                params["device"], params["fold_group_size"]) == ("batched", "adam", "1", "2", "cpu", "null")
+        assert 1 <= int(params["resolved.fold_group_size"]) <= 6
         assert 1e-3 <= float(params["lr"]) <= 1e-2
         # a name to scan in mlflow ui: the model, the sampled values and the trial's number
         lr, batch = f"{float(params['lr']):.1e}".replace("e-0", "e-"), params["batch_size"]
@@ -67,14 +76,22 @@ def test_tiny_search_two_concurrent_trials(local_ray, tmp_path, capsys):
                 for m in ("uf1", "uar"):
                     assert 0 <= metrics[f"{protocol}_{dataset}_{m}"] <= 1
         assert metrics["folds_done"] == 6 and metrics["wall_time_s"] > 0 and metrics["trial_wall_time_s"] > 0
-        curve = client.get_metric_history(run.info.run_id, "curve_inner_val_uf1")
-        assert sorted(m.step for m in curve) == [1, 2, 3, 4, 5, 6]
-        assert len(client.get_metric_history(run.info.run_id, "curve_train_loss")) == 6
+        # the objective as the trial went: one metric's history, step = folds done
+        running = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "running_inner_val_uf1")}
+        assert sorted(running) == [1, 2, 3, 4, 5, 6] and running[6] == pytest.approx(metrics["inner_val_uf1"])
+        assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "folds_done")}) == sorted(running)
+        assert not [k for k in metrics if k.startswith(("curve_", "partial_"))]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "predictions.csv", "history.csv", "metrics.json",
                 "confusion_matrix.png", "learning_curve.png", "weights"} <= artifacts
         weights = client.list_artifacts(run.info.run_id, "weights")
         assert len(weights) == 6 and all(w.path.endswith(".pth") for w in weights)  # one per subject
+    # The parent run: the best trial's test UF1/UAR of every protocol and dataset.
+    best_run = next(r for r in runs if r.info.run_id == parent.data.tags["htnet.best_run_id"])
+    assert best_run.data.metrics["inner_val_uf1"] == max(r.data.metrics["inner_val_uf1"] for r in runs)
+    assert parent.data.metrics["best_inner_val_uf1"] == best_run.data.metrics["inner_val_uf1"]
+    for key in (f"{p}_{d}_{m}" for p in PROTOCOLS for d in DATASETS for m in ("uf1", "uar")):
+        assert parent.data.metrics[f"best_{key}"] == best_run.data.metrics[key]
     # Two trials ran at the same time.
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
@@ -126,15 +143,33 @@ def test_weak_configurations_are_pruned_by_the_optuna_pruner(local_ray, tmp_path
     assert all(t.user_attrs["pruned_at_step"] < 6 for t in pruned)
     runs = {r.data.tags["htnet.trial_id"]: r for r in trial_runs(options.tracking_uri, "prune")}
     assert all(r.data.tags["htnet.objective_protocol"] == "paper" for r in runs.values())
+    client = MlflowClient(options.tracking_uri)
     for t in trials:
         run = runs[t.user_attrs["ray_trial_id"]]
+        metrics = run.data.metrics
+        running = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "running_paper_full_uf1")}
+        assert sorted(running) == list(range(1, int(metrics["folds_done"]) + 1))
         if t.state == TrialState.PRUNED:
-            assert run.data.tags["htnet.status"] == "pruned" and run.info.status == "FINISHED"
-            assert run.data.metrics["folds_done"] < 6  # stopped in Ray Tune before its last fold
+            # apart at a glance: KILLED (not FINISHED), named so, and its results only under partial_
+            assert run.data.tags["htnet.status"] == "pruned" and run.info.status == "KILLED"
+            assert run.info.run_name.endswith(" (pruned)")
+            assert metrics["folds_done"] < 6  # stopped in Ray Tune before its last fold
             assert int(run.data.tags["htnet.pruned_at_step"]) == t.user_attrs["pruned_at_step"]
+            assert not [k for k in metrics if k.endswith(("_uf1", "_uar")) and not k.startswith(("partial_", "running_"))]
+            assert metrics["partial_paper_full_uf1"] == running[metrics["folds_done"]]
+            assert {"partial_inner_full_uar", "partial_final_full_uf1"} <= set(metrics)
         else:
             assert t.state == TrialState.COMPLETE and run.data.tags["htnet.status"] == "finished"
-            assert run.data.metrics["folds_done"] == 6
+            assert run.info.status == "FINISHED" and not run.info.run_name.endswith("(pruned)")
+            assert metrics["folds_done"] == 6 and not [k for k in metrics if k.startswith("partial_")]
+            assert metrics["paper_full_uf1"] == running[6]
+    # The leaderboard still ranks pruned trials after the finished ones, by their partial objective.
+    from search.reports.leaderboard import leaderboard, open_store
+    board = leaderboard(open_store(options.tracking_uri), ["prune"])
+    assert board["status"].tolist() == ["finished"] * (6 - len(pruned)) + ["pruned"] * len(pruned)
+    for row in board.to_dict("records"):
+        metrics = runs[row["trial"]].data.metrics
+        assert row["objective_value"] == metrics.get("paper_full_uf1", metrics.get("partial_paper_full_uf1"))
     # Ray Tune stopped the pruned trials: their last result is marked and is not the last fold.
     from ray import tune
     analysis = tune.ExperimentAnalysis(summary["manifest"]["ray_path"])
@@ -176,7 +211,7 @@ def test_wilcoxon_pruner_gets_each_folds_own_objective_through_ray(local_ray, tm
         run = runs[t.user_attrs["ray_trial_id"]]
         steps = sorted(t.intermediate_values)
         assert steps == list(range(1, len(steps) + 1)) and len(steps) == min(5, t.user_attrs.get("pruned_at_step", 5))
-        pooled = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "curve_paper_full_uf1")}
+        pooled = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "running_paper_full_uf1")}
         assert t.intermediate_values[1] == pytest.approx(pooled[1])  # one fold: its own objective is the pooled one
         per_fold_differs |= any(t.intermediate_values[s] != pytest.approx(pooled[s]) for s in steps[1:])
     assert per_fold_differs
@@ -196,7 +231,7 @@ def test_trial_whose_worker_dies_is_retried(local_ray, tmp_path):
         worker) before it takes the next result, so the first fold's checkpoint is then Ray's."""
         for run in trial_runs(options.tracking_uri, "kill"):
             pid = run.data.tags.get("htnet.worker_pid")
-            if run.info.status == "RUNNING" and pid and run.data.metrics.get("curve_fold_epochs", 0) >= 2 * 80:
+            if run.info.status == "RUNNING" and pid and run.data.metrics.get("folds_done", 0) >= 2:
                 return int(pid)
         return None
 

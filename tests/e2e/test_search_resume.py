@@ -62,7 +62,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
         runs = trial_runs(uri, "resume")
         finished = [r for r in runs if r.data.tags.get("htnet.status") == "finished"]
         running = [r for r in runs if r.info.status == "RUNNING"
-                   and r.data.metrics.get("curve_inner_val_uf1") is not None]
+                   and r.data.metrics.get("running_inner_val_uf1") is not None]
         return finished and running
     kill_driver_when(driver, log, mid_search, "one finished and one running trial", ray_tmpdir)
     before = trial_runs(uri, "resume")
@@ -109,10 +109,10 @@ def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(t
     log = tmp_path / "driver.log"
     driver = start_cli(["run", str(space), "--name", "folds", "--tracking-uri", uri, "--verbose", "0", *common],
                        log, env=env)
-    # 3 folds of 80 fold-epochs reported: Ray has registered a checkpoint and snapshotted the experiment
+    # 3 folds reported: Ray has registered a checkpoint and snapshotted the experiment
     # (forced once a trial has checkpointed num_to_keep = 2 times since the last snapshot)
     kill_driver_when(driver, log, lambda: [r for r in trial_runs(uri, "folds") if r.info.status == "RUNNING"
-                                           and r.data.metrics.get("curve_fold_epochs", 0) >= 3 * 80],
+                                           and r.data.metrics.get("folds_done", 0) >= 3],
                      "a trial 3 folds in", ray_tmpdir)
     # Ray deletes an old checkpoint before it snapshots the newer one: a driver killed in between leaves the
     # snapshot naming a deleted checkpoint, with a newer one beside it. Made so here, by moving it.

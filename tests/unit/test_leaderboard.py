@@ -16,10 +16,10 @@ from search import cli, tracking
 from search.reports.compare import compare
 from search.reports.export import (format_numbers, latex_table, markdown_table, read_latex_table,
                            read_markdown_table)
-from search.reports.leaderboard import METRIC_COLUMNS, leaderboard, open_store
+from search.reports.leaderboard import METRIC_COLUMNS, leaderboard, open_store, paper_form, search_parents
+from search.reports.rerun import best_run_id
 from search.space import load_space
-from search.reports.stats import (cluster_bootstrap_uf1_uar, mean_interval, paired_bootstrap,
-                          sign_flip_pvalue, summarize_columns, uf1_uar_from_counts)
+from search.reports.stats import cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue, uf1_uar_from_counts
 from search_fixtures import write_space
 
 DATASETS = ("full", "smic", "casme2", "samm")
@@ -161,14 +161,45 @@ def test_exports_parse_back(store, tmp_path, capsys):
     np.testing.assert_allclose(back["Full UF1"], table["Full UF1"], equal_nan=True)
     np.testing.assert_allclose(back["lr"], table["lr"])
 
-    for parsed in (read_markdown_table(md.read_text()), read_latex_table(tex.read_text())):
+    full = tmp_path / "full.tex"
+    assert cli.main(["leaderboard", "alpha", "--tracking-uri", store["uri"], "--latex", str(full), "--full"]) == 0
+    for parsed in (read_markdown_table(md.read_text()), read_latex_table(full.read_text())):
         assert list(parsed.columns) == list(table.columns)
         assert parsed["trial"].tolist() == table["trial"].tolist()
         assert parsed["rank"].astype(int).tolist() == table["rank"].tolist()
         np.testing.assert_allclose(parsed["Full UF1"].astype(float), table["Full UF1"], atol=5e-5, equal_nan=True)
         np.testing.assert_allclose(parsed["lr"].astype(float), table["lr"], rtol=1e-5)
         assert parsed["objective"].iloc[0] == "inner_val_uf1"  # underscores survive LaTeX escaping
-    assert r"inner\_val\_uf1" in tex.read_text() and r"\toprule" in tex.read_text()
+    assert r"inner\_val\_uf1" in full.read_text() and r"\toprule" in full.read_text()
+    # the default LaTeX is the paper form: no run ids, trial ids or per-dataset columns
+    paper = read_latex_table(tex.read_text())
+    assert list(paper.columns) == ["Rank", "Status", "Model", "batch_size", "lr", "inner_val_uf1", "UF1 (inner)",
+                                   "UAR (inner)"]
+    assert paper["Model"].tolist() == ["STSTNet"] * 6 and paper["Status"].iloc[4] == "pruned"
+    np.testing.assert_allclose(paper["UF1 (inner)"].iloc[:5].astype(float), table["Full UF1"].iloc[:5], atol=5e-5)
+
+
+def test_the_paper_form_of_mixed_models(tmp_path):
+    """HTNet-only parameters: a column only where some trial has them, '-' for the STSTNet trials."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(client, "htnet", uri)
+    space = load_space(write_space(tmp_path / "mixed.yaml", space={
+        "model": {"choice": ["htnet", "ststnet"]}, "lr": {"low": 1e-3, "high": 1e-2, "log": True},
+        "model_config.dim": {"choice": [16, 32], "when": "model == 'htnet'"},
+        "model_config.heads": {"choice": [1, 2], "when": "model == 'htnet'"}}))
+    parent = tracking.start_parent_run(client, experiment_id, "mixed", space, "inner_val_uf1")
+    for trial_id, value, params in (("h1", 0.7, {"model": "htnet", "lr": 2e-3, "model_config.dim": 32}),
+                                    ("s1", 0.8, {"model": "ststnet", "lr": 3e-3})):
+        add_trial(client, experiment_id, parent, "mixed", trial_id, "finished", "inner_val_uf1", value, params)
+    table = leaderboard(open_store(uri), ["mixed"])
+    form = paper_form(table)
+    assert list(form.columns) == ["Rank", "Model", "lr", "dim", "inner_val_uf1", "UF1 (inner)", "UAR (inner)"]
+    assert form["Model"].tolist() == ["STSTNet", "HTNet"] and form["dim"].tolist() == ["-", "32"]
+    assert len(table.columns) > 2 * len(form.columns)
+    store = open_store(uri)
+    assert best_run_id(store, search_parents(store, ["mixed"])[0], "mixed", {"model": "htnet"}) == \
+        table.loc[table["trial"] == "h1", "run_id"].item()
 
 
 def test_cli_errors_are_one_line(store, capsys):
@@ -197,26 +228,6 @@ def test_markdown_and_latex_round_trip_with_special_characters():
 
 
 # ----------------------------------------------------------------------------- statistics
-
-def test_mean_interval_matches_hand_computed_values():
-    # values 1..5: mean 3, sample std sqrt(2.5); t_{0.975, 4} = 2.776445105 (tables);
-    # half-width = 2.776445105 * 1.5811388 / sqrt(5) = 1.9632432.
-    stats = mean_interval([1, 2, 3, 4, 5])
-    assert stats["n"] == 5 and stats["mean"] == pytest.approx(3.0)
-    assert stats["std"] == pytest.approx(math.sqrt(2.5))
-    assert stats["half_width"] == pytest.approx(1.9632432, abs=1e-6)
-    assert stats["ci_low"] == pytest.approx(1.0367568, abs=1e-6)
-    assert stats["ci_high"] == pytest.approx(4.9632432, abs=1e-6)
-    # K = 2: 0.80, 0.84: mean 0.82, std 0.0282843, t_{0.975, 1} = 12.7062047 -> half 0.2541241.
-    stats = mean_interval([0.80, 0.84])
-    assert stats["half_width"] == pytest.approx(0.2541241, abs=1e-6)
-    one = mean_interval([0.7])
-    assert one["mean"] == 0.7 and math.isnan(one["std"]) and math.isnan(one["ci_low"])
-    assert mean_interval([0.5, float("nan"), 0.7])["n"] == 2
-    table = summarize_columns(pd.DataFrame({"a": [1, 2, 3, 4, 5], "b": [2.0, 2.0, 2.0, 2.0, 2.0]}))
-    assert table.loc["a", "ci_high"] == pytest.approx(4.9632432, abs=1e-6)
-    assert table.loc["b", "std"] == 0 and table.loc["b", "ci_low"] == table.loc["b", "ci_high"] == 2.0
-
 
 def test_sign_flip_and_bootstrap_known_cases():
     # All five differences positive: of the 32 sign vectors only all-plus and all-minus reach the

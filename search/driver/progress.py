@@ -1,0 +1,117 @@
+"""The search's progress on the console (search.driver.console): one line per trial event (started, a result
+it reported, pruned, finished, failed, retried) and a compact table of the running trials and the best finished
+ones, first after TABLE_EVERY_S seconds, then at twice the interval each time up to TABLE_EVERY_MAX_S (a short
+search shows one, a long one is not flooded), when there was news."""
+import math
+import time
+
+from ray import tune
+
+from search.driver import console
+from search.tracking.schema import run_name, trial_status
+from search.tracking.writer import error_text
+
+TABLE_EVERY_S, TABLE_EVERY_MAX_S = 60, 960
+TABLE_BEST = 5  # finished trials in the table, beside the running ones
+
+
+class SearchProgress(tune.Callback):
+    def __init__(self, space, searcher, num_samples):
+        self.space, self.searcher, self.num_samples = space, searcher, num_samples
+        self._trials = {}  # Ray trial id -> {"tag", "label", "status", "step", "total", "value", "device"}
+        self._start = self._table_at = 0.0
+        self._every, self._news = TABLE_EVERY_S, False
+
+    def setup(self, **info):
+        self._start = self._table_at = time.monotonic()
+        self._every = TABLE_EVERY_S
+
+    def _say(self, text):
+        seconds = int(time.monotonic() - self._start)
+        print(f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}] {text}", file=console.out(), flush=True)
+        self._news = True
+
+    def _trial(self, trial):
+        if trial.trial_id not in self._trials:
+            sampled = self.space.sampled(trial.config)
+            number = self.searcher.optuna_trial_number(trial.trial_id)
+            self._trials[trial.trial_id] = {
+                "tag": trial.trial_id if number is None else f"#{number:02d}", "status": "running",
+                "label": run_name(self.space.resolve(sampled).get("model", "htnet"), sampled, 0).rsplit(" #", 1)[0],
+                "step": 0, "total": None, "value": None, "device": None}
+        return self._trials[trial.trial_id]
+
+    def _update(self, state, result):
+        value = result.get(self.space.metric)
+        state.update(step=result.get("step", state["step"]), total=result.get("folds_total", state["total"]),
+                     value=value if isinstance(value, (int, float)) and math.isfinite(value) else state["value"])
+
+    def _shown(self, state, result):
+        folds = f"{state['step']}/{state['total']} folds" if state["total"] else f"{state['step']} folds"
+        value = "-" if state["value"] is None else f"{state['value']:.4f}"
+        device = None if state["device"] else result.get("htnet_device")  # said once: does the trial see the GPU?
+        if device:
+            state["device"] = device
+        where = f" (on {', '.join(filter(None, (device, result.get('htnet_gpu'))))})" if device else ""
+        return f"{folds}, {self.space.metric} {value}{where}"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        state = self._trial(trial)
+        again = state["status"] == "retrying" or trial.checkpoint is not None  # a retry, or a resumed search
+        state["status"] = "running"
+        self._say(f"trial {state['tag']} {'restarted' if again else 'started'}: {state['label']} "
+                  f"(Ray trial {trial.trial_id})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        state = self._trial(trial)
+        self._update(state, result)
+        if not result.get("final") and not self.searcher.is_pruned(trial.trial_id):  # else its end line says it
+            self._say(f"trial {state['tag']}: {self._shown(state, result)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        state, result = self._trial(trial), trial.last_result or {}
+        self._update(state, result)
+        if result.get("htnet_status") == "replayed":
+            state["status"] = "finished"
+            self._say(f"trial {state['tag']} had ended before the driver stopped: {self._shown(state, {})}")
+            return
+        state["status"] = trial_status(result, self.searcher.is_pruned(trial.trial_id))
+        if state["status"] == "failed":
+            self._say(f"trial {state['tag']} failed: {result.get('htnet_error', 'no result')}")
+        elif state["status"] == "pruned":
+            self._say(f"trial {state['tag']} pruned at {self._shown(state, result)} "
+                      f"({self.space.pruner['type']} pruner)")
+        else:
+            self._say(f"trial {state['tag']} finished: {self._shown(state, result)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        state = self._trial(trial)
+        state["status"] = "failed"
+        self._say(f"trial {state['tag']} failed: {error_text(trial)}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        state = self._trial(trial)
+        state["status"] = "retrying"
+        self._say(f"trial {state['tag']}'s worker failed ({error_text(trial)}); Ray retries it")
+
+    def on_step_end(self, iteration, trials, **info):
+        if self._news and time.monotonic() - self._table_at >= self._every:
+            self._table_at, self._every = time.monotonic(), min(2 * self._every, TABLE_EVERY_MAX_S)
+            self._say(self.table())
+            self._news = False
+
+    def table(self):
+        """Counts, the running trials and the best finished ones."""
+        states = list(self._trials.values())
+        counts = {s: sum(t["status"] == s for t in states) for s in ("finished", "pruned", "failed")}
+        running = [t for t in states if t["status"] in ("running", "retrying")]
+        best = sorted((t for t in states if t["status"] == "finished" and t["value"] is not None),
+                      key=lambda t: -t["value"])[:TABLE_BEST]
+        lines = [f"{counts['finished']} finished, {counts['pruned']} pruned, {counts['failed']} failed, "
+                 f"{len(running)} running of {self.num_samples} trials",
+                 f"  {'trial':<9} {'status':<9} {'folds':>7}  {self.space.metric:>13}  configuration"]
+        for t in running + best:
+            folds = f"{t['step']}/{t['total'] or '?'}"
+            value = "-" if t["value"] is None else f"{t['value']:.4f}"
+            lines.append(f"  {t['tag']:<9} {t['status']:<9} {folds:>7}  {value:>13}  {t['label']}")
+        return "\n".join(lines)
