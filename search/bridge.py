@@ -3,7 +3,8 @@
 import math
 from dataclasses import dataclass, field
 
-from htnet.errors import TrainingDiverged, UserError, first_line
+from htnet.errors import TrainingDiverged, UserError
+from search.space import trial_config
 
 
 def finite(value):
@@ -48,19 +49,6 @@ def tell(study, trial, value, pruned=False, failed=False):
 
 
 STATUS = {"PRUNED": "pruned", "FAIL": "failed", "COMPLETE": "finished"}
-
-
-def trial_config(space, config, overrides=None):
-    """The LosoConfig of a trial's sampled `config`; whatever rejects it raises one UserError, so the trial fails
-    once and is not retried (building a config is deterministic)."""
-    from htnet.loso import LosoConfig
-
-    try:
-        return LosoConfig.from_dict(space.resolve(space.sampled(config), overrides))
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"invalid configuration: {type(e).__name__}: {first_line(e)}") from None
 
 
 @dataclass

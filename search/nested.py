@@ -15,7 +15,8 @@ from search.bridge import run_trial
 from search.driver.runner import Options, effective_samples, resolve_space
 from search.reports.export import format_numbers, markdown_table
 from search.reports.leaderboard import open_store
-from search.reports.rerun import data_tags, log_frame, model_label
+from search.reports.leaderboard import model_label
+from search.reports.rerun import data_tags, log_frame
 from search.space import flatten
 
 

@@ -39,7 +39,8 @@ def loso_trial(config, data=None, settings=None):
 
     from htnet.errors import TrainingDiverged, UserError, first_line
     from htnet.loso import resolve_device, run_loso
-    from search.bridge import fold_objectives, trial_config
+    from search.bridge import fold_objectives
+    from search.space import trial_config
 
     space = settings["space"]
     metric = space.metric

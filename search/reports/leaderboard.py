@@ -15,6 +15,13 @@ from search.reports.export import format_numbers, latex_table, markdown_table
 DATASET_COLUMNS = (("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), ("samm", "SAMM"))
 METRICS = tuple((key, f"{name} {m.upper()}", m) for key, name in DATASET_COLUMNS for m in ("uf1", "uar"))
 METRIC_COLUMNS = tuple(column for _, column, _ in METRICS)  # "Full UF1", ..., "SAMM UAR"
+MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet"}
+
+
+def model_label(model):
+    return MODEL_LABELS.get(model, model)
+
+
 Store = collections.namedtuple("Store", "client experiment_id tracking_uri experiment")  # one MLflow experiment
 
 
@@ -128,7 +135,6 @@ def paper_form(table):
     """The leaderboard as a paper prints it: rank, status (unless all finished), model, the key parameters
     (a trial without one: '-'), the objective and the shown protocol's Full UF1/UAR; no run ids, searches, trial
     ids, per-dataset or all-empty columns (the CSV and Markdown keep every column)."""
-    from search.reports.rerun import model_label
 
     if not len(table):
         return table

@@ -18,11 +18,11 @@ from htnet.io import parse_yaml, read_yaml
 from htnet.metrics import PROTOCOLS, summary_table
 from search import tracking
 from search.reports.export import markdown_table, plural
-from search.reports.leaderboard import METRICS, leaderboard, open_store, read_artifact_bytes, search_parents
+from search.reports.leaderboard import (METRICS, leaderboard, model_label, open_store, read_artifact_bytes,
+                                        search_parents)
 from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
 from search.space import check_value, flatten, nest
 
-MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet"}
 # LosoConfig's defaults are the references' (HTNet: dim 256, heads 3, 3 levels, blocks (2,2,10), patch 7, no
 # shuffle; both: lr 5e-5, batch 256, 800 epochs, Adam); STSTNet publishes its final epoch.
 PRESETS = {"htnet-paper": ({"model": "htnet"}, "HTNet (paper config)"),
@@ -61,10 +61,6 @@ class RerunOptions:
     num_cpus: int | None = None
     cpus_per_seed: float = 1.0
     gpus_per_seed: float = 0.0
-
-
-def model_label(model):
-    return MODEL_LABELS.get(model, model)
 
 
 def best_run_id(store, parent, search, params=None):

@@ -6,7 +6,7 @@ import json
 import math
 import warnings
 
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
 
 BUILTINS = {"image_size": 28}
 MAX_ENUMERATION = 100_000
@@ -218,3 +218,17 @@ def flatten(config, prefix=""):
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def trial_config(space, config, overrides=None):
+    """The LosoConfig of a trial's sampled `config` (what the trainable runs, and what its MLflow run records);
+    whatever rejects it raises one UserError, so the trial fails once and is not retried (building a config is
+    deterministic)."""
+    from htnet.loso import LosoConfig
+
+    try:
+        return LosoConfig.from_dict(space.resolve(space.sampled(config), overrides))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"invalid configuration: {type(e).__name__}: {first_line(e)}") from None

@@ -7,7 +7,7 @@ import time
 from ray import tune
 
 from htnet.errors import UserError
-from search.space import flatten
+from search.space import flatten, trial_config
 from search.tracking.schema import (TERMINAL, curve_of, device_tags, end_metrics, is_number, ranked, resolved_params,
                                     run_name, run_status, trial_status, trial_table)
 from search.tracking.store import (FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason,
@@ -95,8 +95,6 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
                      optuna_number=None):
     """The child run of one trial attempt: tags, the flattened LOSO config the trainable runs (every setting,
     defaults too) and config.yaml."""
-    from search.bridge import trial_config
-
     try:
         config = trial_config(space, trial.config, overrides).to_dict()
     except UserError:  # the trial fails on it too (its run says why): the config as sampled

@@ -308,7 +308,7 @@ def test_config_error_of_a_sampled_combination_is_one_user_error():
     retry it."""
     from htnet.errors import UserError
     from search.space import parse_space
-    from search.bridge import trial_config
+    from search.space import trial_config
 
     raw = {"fixed": {"model": "ststnet", "epochs": 1},
            "space": {"optimizer": {"choice": ["adam", "bogus"]}, "model_config.dropout": {"choice": [0.1, 1.5]}}}

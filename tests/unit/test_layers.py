@@ -20,7 +20,7 @@ LAYERS = [
     ("loso", ["htnet.checkpoint", "htnet.loso"]),
     ("htnet cli", ["htnet.cli", "htnet.__main__"]),
     ("search space", ["search.space"]),
-    ("tracking", ["search.tracking", "search.driver.stores", "search.driver.ray_setup"]),
+    ("tracking", ["search.tracking", "search.driver.stores", "search.driver.ray_setup", "search.driver.console"]),
     ("ray-optuna bridge", ["search.bridge", "search.pruning", "search.trainable"]),
     ("search driver", ["search.driver"]),
     ("reports", ["search.reports", "search.nested"]),
