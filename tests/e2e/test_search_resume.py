@@ -26,6 +26,18 @@ def stop(process):
     kill_session(process)
 
 
+def start_driver(tmp_path, space, name, ray_tmpdir):
+    """`python -m search run SPACE --name NAME` in a subprocess, quiet, with its stores under tmp_path:
+    (the process, its log, the storage folder, the tracking URI, the storage/CPU arguments, the env)."""
+    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--storage", str(storage), "--num-cpus", "2"]
+    env = {"RAY_TMPDIR": str(ray_tmpdir)}
+    log = tmp_path / "driver.log"
+    driver = start_cli(["run", str(space), "--name", name, "--tracking-uri", uri, "--verbose", "0", *common],
+                       log, env=env)
+    return driver, log, storage, uri, common, env
+
+
 def kill_driver_when(driver, log, condition, what, ray_tmpdir):
     """SIGKILL the driver once `condition()` holds; return when its Ray session is gone too (its watchdog
     ends it), so a resumed search starts a fresh one."""
@@ -51,12 +63,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     samples = 4
     space = write_space(tmp_path / "resume.yaml", num_samples=samples, max_concurrent_trials=2,
                         fixed={"epochs": 4})
-    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ["--storage", str(storage), "--num-cpus", "2"]
-    env = {"RAY_TMPDIR": str(ray_tmpdir)}
-    log = tmp_path / "driver.log"
-    driver = start_cli(["run", str(space), "--name", "resume", "--tracking-uri", uri, "--verbose", "0", *common],
-                       log, env=env)
+    driver, log, storage, uri, common, env = start_driver(tmp_path, space, "resume", ray_tmpdir)
 
     def mid_search():
         runs = trial_runs(uri, "resume")
@@ -103,12 +110,7 @@ def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(t
     storage, even where Ray's snapshot names a checkpoint Ray had deleted: it trains only the folds not
     done, and counts each fold once."""
     space = write_space(tmp_path / "folds.yaml", num_samples=1, max_concurrent_trials=1, fixed={"epochs": 40})
-    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ["--storage", str(storage), "--num-cpus", "2"]
-    env = {"RAY_TMPDIR": str(ray_tmpdir)}
-    log = tmp_path / "driver.log"
-    driver = start_cli(["run", str(space), "--name", "folds", "--tracking-uri", uri, "--verbose", "0", *common],
-                       log, env=env)
+    driver, log, storage, uri, common, env = start_driver(tmp_path, space, "folds", ray_tmpdir)
     # 3 folds reported: Ray has registered a checkpoint and snapshotted the experiment
     # (forced once a trial has checkpointed num_to_keep = 2 times since the last snapshot)
     kill_driver_when(driver, log, lambda: [r for r in trial_runs(uri, "folds") if r.info.status == "RUNNING"
