@@ -359,7 +359,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: resume with `python -m search resume NAME`", file=sys.stderr)
+        name = getattr(args, "name", None) or "NAME"
+        # only a search keeps state to go on from; a rerun or a report starts again
+        hint = f"resume with `python -m search resume {name}`" if args.command in ("run", "resume") \
+            else f"`{args.command}` has no resume: run it again"
+        print(f"interrupted: {hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - an MLflow store that fails is one line, not a traceback
         from search.tracking import mlflow_errors

@@ -8,8 +8,8 @@ from ray import tune
 
 from htnet.errors import UserError
 from search.space import flatten, trial_config
-from search.tracking.schema import (TERMINAL, curve_of, device_tags, end_metrics, is_number, ranked, resolved_params,
-                                    run_name, run_status, trial_status, trial_table)
+from search.tracking.schema import (STATUS_ORDER, TERMINAL, curve_of, device_tags, end_metrics, is_number, ranked,
+                                    resolved_params, run_name, run_status, trial_status, trial_table)
 from search.tracking.store import (FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason,
                                    unreachable_message)
 
@@ -77,7 +77,9 @@ def start_parent_run(client, experiment_id, name, space, objective_metric, extra
 def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
     """Counts, the best finished trial's objective and test UF1/UAR (best_<protocol>_<dataset>_<uf1|uar>) and the
     trial table (trials.csv) on the parent run."""
-    metrics = {f"trials_{k}": v for k, v in table["status"].value_counts().to_dict().items()}
+    # every status, 0 included: a resumed search's earlier count (trials_interrupted 2) must not stand
+    counts = table["status"].value_counts()
+    metrics = {f"trials_{k}": int(counts.get(k, 0)) for k in STATUS_ORDER}
     finished = table[table["status"] == "finished"]
     if metric in finished and finished[metric].notna().any():
         best = ranked(finished, metric).iloc[0]

@@ -344,3 +344,20 @@ def test_a_trial_losoconfig_rejects_fails_once_and_the_search_goes_on(local_ray,
     trials = optuna_trials(tmp_path / "runs", "opt")
     assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
     assert any("dropout must be a number in [0, 1)" in t.user_attrs.get("error", "") for t in trials)
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["run", "space.yaml", "--name", "s1"], "resume with `python -m search resume s1`"),
+    (["resume", "s1"], "resume with `python -m search resume s1`"),
+    (["rerun", "--preset", "ststnet"], "`rerun` has no resume: run it again")])
+def test_ctrl_c_says_how_to_go_on_for_that_command(argv, hint, monkeypatch, capsys):
+    """Ctrl+C (a KeyboardInterrupt out of the command) is exit 130 and one line; a rerun keeps no state to
+    resume from, so it is not told to `search resume` (as it was on the cpu-study)."""
+    from search import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, argv[0], interrupted)
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: {hint}"

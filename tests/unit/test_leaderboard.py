@@ -126,6 +126,21 @@ def test_the_trial_table_is_the_one_reader_of_a_search(store):
     assert len(none) == 0 and {"run_id", "status", "start_time", "tags.htnet.search"} <= set(none.columns)
 
 
+def test_the_parent_run_counts_every_status_again_at_each_finish(tmp_path):
+    """A search stopped with 2 trials running, resumed and finished: its parent run's counts are the last
+    finish's, every status logged (0 too), so no stale trials_interrupted stands (seen on the cpu-study)."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("e")).info.run_id
+    stopped = pd.DataFrame({"status": ["finished", "interrupted", "interrupted"], "trial_id": ["a", "b", "c"]})
+    tracking.finish_parent_run(client, parent, stopped, "inner_val_uf1", status="KILLED")
+    assert client.get_run(parent).data.metrics["trials_interrupted"] == 2
+    done = stopped.assign(status=["finished", "finished", "pruned"])
+    tracking.finish_parent_run(client, parent, done, "inner_val_uf1")
+    metrics = client.get_run(parent).data.metrics
+    assert (metrics["trials_interrupted"], metrics["trials_finished"], metrics["trials_pruned"]) == (0, 2, 1)
+    assert metrics["trials_failed"] == 0 and metrics["trials_running"] == 0
+
+
 def test_several_searches_protocols_and_filters(store):
     both = leaderboard(store["store"])
     assert set(both["search"]) == {"alpha", "beta"} and len(both) == 8
