@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from htnet.errors import TrainingDiverged, UserError
 from htnet.folds import (OPTIMIZERS, Fold, FoldOutcome, InnerChoice, TestChoice, build_model, subject_seed,
                          training_order)
-from htnet.models.grouped import GROUPED, grouped_model, member_state
+from htnet.models.grouped import GROUPED, grouped_model, keep_members, member_state
 
 CPU_GROUP_CAP = 4   # STSTNet's time per fold-epoch is flat from 2 to 8 (RESULTS.md)
 GPU_GROUP_CAP = 256
@@ -168,8 +168,12 @@ def train_group(members, X, y, data, config, device, progress=False):
     autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
     # HTNET_COMPILE=default|reduce-overhead|max-autotune (off: slower on CPU); eager: Dynamo only (a quick check)
     mode = os.environ.get("HTNET_COMPILE", "").strip()
-    forward = model if G == 1 or mode in ("", "0") else torch.compile(model, backend="eager") if mode == "eager" \
-        else torch.compile(model, mode=None if mode in ("1", "default") else mode, dynamic=False)
+
+    def compiled(model):
+        return model if G == 1 or mode in ("", "0") else torch.compile(model, backend="eager") if mode == "eager" \
+            else torch.compile(model, mode=None if mode in ("1", "default") else mode, dynamic=False)
+
+    forward = compiled(model)
     mask = np.zeros((len(data.labels), G), dtype=np.float32)
     for g, m in enumerate(members):
         mask[m.train, g] = 1.0
@@ -183,25 +187,25 @@ def train_group(members, X, y, data, config, device, progress=False):
     choices = [InnerChoice(data.labels[m.eval_idx], config.inner_patience) if m.run == "inner"
                else TestChoice(data.labels[m.eval_idx]) for m in members]
     history, epochs_done, weights = [[] for _ in members], [0] * G, [None] * G
-    alive, active = np.ones(G, dtype=bool), torch.ones(G, device=device)
+    alive, columns = np.ones(G, dtype=bool), list(range(G))   # the model's column j is member columns[j]
     generator = torch.Generator().manual_seed(shuffle_seed)
     desc = "+".join(m.fold.subject + (" inner" if m.run == "inner" else "") for m in members)
     for epoch in tqdm(range(1, config.epochs + 1), desc=desc, leave=False, disable=not progress):
         model.train()
         if config.shuffle:
             order = order[torch.randperm(len(order), generator=generator).to(device)]
-        loss_sum = torch.zeros(G, device=device)
+        loss_sum = torch.zeros(len(columns), device=device)
         for start in range(0, len(order), config.batch_size):
             batch = order[start:start + config.batch_size]
-            yb, mb = y[batch], mask[batch] * active
+            yb, mb = y[batch], mask[batch]
             with autocast():
                 logits = forward(X[batch], mb) if getattr(model, "takes_mask", False) else forward(X[batch])
-            logits = logits.float().view(len(batch), G, -1)
+            logits = logits.float().view(len(batch), len(columns), -1)
             if G == 1:   # the reference's loss: the batch mean
                 losses, count = F.cross_entropy(logits[:, 0], yb)[None], len(batch)
             else:
-                ce = F.cross_entropy(logits.reshape(len(batch) * G, -1), yb[:, None].expand(-1, G).reshape(-1),
-                                     reduction="none").view(-1, G)
+                ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat_interleave(len(columns)),
+                                     reduction="none").view(-1, len(columns))
                 count = mb.sum(0)
                 losses = (ce * mb).sum(0) / count.clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
@@ -211,30 +215,33 @@ def train_group(members, X, y, data, config, device, progress=False):
         if epoch % config.eval_every and epoch != config.epochs:
             continue
         mean_loss = loss_sum.cpu().double().numpy() / np.maximum(counts, 1)
-        if not np.isfinite(mean_loss[alive]).all():
-            bad = mean_loss[alive][~np.isfinite(mean_loss[alive])][0]
+        if not np.isfinite(mean_loss).all():
+            bad = mean_loss[~np.isfinite(mean_loss)][0]
             raise TrainingDiverged(f"training loss is {bad} at epoch {epoch} (lr {config.lr} too high?)")
         model.eval()
         with torch.no_grad(), autocast():
-            predicted = torch.cat([forward(eval_x[s:s + eval_chunk]).float().view(-1, G, logits.shape[-1]).argmax(-1)
+            predicted = torch.cat([forward(eval_x[s:s + eval_chunk]).float().view(-1, len(columns), logits.shape[-1])
+                                   .argmax(-1)
                                    for s in range(0, len(eval_union), eval_chunk)]).cpu().numpy()
-        for g, m in enumerate(members):
-            if not alive[g]:
-                continue
-            epochs_done[g] = epoch
+        for j, g in enumerate(columns):
+            m, epochs_done[g] = members[g], epoch
             if m.run == "inner":
-                history[g].append(("inner", epoch, float(mean_loss[g]), np.nan,
-                                   choices[g].add(epoch, predicted[eval_rows[g], g])))
-                if choices[g].done:
-                    alive[g], active[g] = False, 0.0
+                history[g].append(("inner", epoch, float(mean_loss[j]), np.nan,
+                                   choices[g].add(epoch, predicted[eval_rows[g], j])))
+                alive[g] = not choices[g].done
             else:
-                acc, is_paper_best = choices[g].add(epoch, predicted[eval_rows[g], g])
-                history[g].append(("main", epoch, float(mean_loss[g]), acc, np.nan))
+                acc, is_paper_best = choices[g].add(epoch, predicted[eval_rows[g], j])
+                history[g].append(("main", epoch, float(mean_loss[j]), acc, np.nan))
                 # the paper protocol's epoch (as the reference's `--train True`) when it is run, else the last
                 if config.save_weights and (is_paper_best if "paper" in config.protocols else epoch == config.epochs):
-                    weights[g] = member_state(model, g)
+                    weights[g] = member_state(model, j)
         if not alive.any():
             break
+        if not alive[columns].all():   # early-stopped inner runs leave the group: the others train on as they were
+            keep = [j for j, g in enumerate(columns) if alive[g]]
+            model, optimizer = keep_members(model, optimizer, keep, config.model, config.model_config)
+            forward, mask, counts = compiled(model), mask[:, keep], counts[keep]
+            columns = [columns[j] for j in keep]
     return list(zip(history, epochs_done, choices, weights))
 
 

@@ -20,14 +20,16 @@ def _group_dim(grouped, member):
 def grouped_model(name, states, config):
     with torch.device("meta"):
         model = GROUPED[name](len(states), config)
-    stacked = {}
-    for key, tensor in model.state_dict().items():
-        members = [s[key] for s in states]
-        dim = _group_dim(tensor.shape, members[0].shape)
-        stacked[key] = torch.stack(members) if dim is None else torch.cat(members, dim)
-    model.load_state_dict(stacked, assign=True)
+    model.load_state_dict({key: stack(tensor.shape, [s[key] for s in states])
+                           for key, tensor in model.state_dict().items()}, assign=True)
     model.member_shapes = {k: v.shape for k, v in states[0].items()}
     return model
+
+
+def stack(grouped_shape, members):
+    """Member tensors as the grouped model holds them (the inverse of unstack)."""
+    dim = _group_dim(grouped_shape, members[0].shape)
+    return torch.stack(members) if dim is None else torch.cat(members, dim)
 
 
 def unstack(tensors, g, shapes):
@@ -45,6 +47,22 @@ def unstack(tensors, g, shapes):
 def member_state(model, g):
     """Member g's weights as the plain model's state_dict (on the CPU)."""
     return {k: v.detach().cpu().clone() for k, v in unstack(model.state_dict(), g, model.member_shapes).items()}
+
+
+def keep_members(model, optimizer, keep, name, config):
+    """The grouped model and optimizer of members `keep` only, their weights and optimizer state as they were:
+    a member that is done (an early-stopped inner run) stops costing its share of every step."""
+    shapes, old = model.member_shapes, dict(model.named_parameters())
+    kept = grouped_model(name, [member_state(model, g) for g in keep], config).to(next(model.parameters()).device)
+    if getattr(model, "random_generator", None) is not None:
+        kept.random_generator = model.random_generator
+    kept_optimizer = type(optimizer)(kept.parameters(), **optimizer.defaults)
+    for key, param in kept.named_parameters():
+        kept_optimizer.state[param] = {
+            k: stack(param.shape, [unstack({key: v}, g, shapes)[key] for g in keep])
+            if torch.is_tensor(v) and v.shape == old[key].shape else v
+            for k, v in optimizer.state.get(old[key], {}).items()}
+    return kept, kept_optimizer
 
 
 def dropout_mask(shape, p, generator=None, device=None):

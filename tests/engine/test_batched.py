@@ -8,7 +8,7 @@ from htnet.engine import make_groups, plan_groups, plan_members, resolve_fold_gr
 from htnet.loso import LosoConfig, evaluate_weights, make_folds, run_loso
 from htnet.metrics import per_subject_accuracy
 from htnet.models import create_model
-from htnet.models.grouped import dropout_mask, grouped_model, member_state, unstack
+from htnet.models.grouped import dropout_mask, grouped_model, keep_members, member_state, unstack
 
 from conftest import TINY_STSTNET
 
@@ -231,3 +231,34 @@ def test_grouped_models_on_gpu_match_cpu():
             cpu = grouped(x).view(5, 2, -1)
             gpu = grouped.cuda()(x.cuda()).cpu().view(5, 2, -1)
         torch.testing.assert_close(gpu, cpu, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name, model_config", [("htnet", {**TINY_HTNET, "dropout": 0.0}), ("ststnet", {"dropout": 0.0})])
+def test_an_early_stopped_inner_run_leaves_its_group_and_the_main_runs_train_on_unchanged(
+        name, model_config, synth_data, monkeypatch):
+    """Groups of 2 folds (inner + main each): when an inner run stops, the group goes on without it (it cost
+    its share of every step until the end, seen on the cpu-study), and the main runs (no dropout: nothing
+    shared between members) train exactly as in groups that never held the inner runs."""
+    import htnet.engine
+
+    kept = []
+
+    def spy(model, optimizer, keep, *args):
+        kept.append(len(keep))
+        return keep_members(model, optimizer, keep, *args)
+
+    monkeypatch.setattr(htnet.engine, "keep_members", spy)
+    config = {"model": name, "model_config": model_config, "epochs": 8, "lr": 3e-3, "batch_size": 32,
+              "subjects": 4, "inner_patience": 1, "inner_val_subjects": 2, "engine": "batched"}
+    with_inner = run_loso({**config, "fold_group_size": 4}, synth_data, progress=False)
+    mains_only = run_loso({**config, "fold_group_size": 2, "protocols": ["paper", "final"]}, synth_data,
+                          progress=False)
+    inner = with_inner.history[with_inner.history.run == "inner"]
+    assert (inner.groupby("subject").epoch.max() < 8).sum() >= 2 and kept, "no inner run stopped early"
+    assert with_inner.fold_epochs == 4 * 8 + len(inner)
+    main = with_inner.history[with_inner.history.run == "main"].reset_index(drop=True)
+    reference = mains_only.history[mains_only.history.run == "main"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(main[["subject", "epoch"]], reference[["subject", "epoch"]])
+    torch.testing.assert_close(torch.tensor(main.train_loss.values), torch.tensor(reference.train_loss.values),
+                               rtol=1e-4, atol=1e-5)
+    assert (main.test_acc.values == reference.test_acc.values).mean() >= 0.95
