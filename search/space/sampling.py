@@ -160,6 +160,8 @@ def make_pruner(spec, where):
     if kind not in PRUNERS:
         raise UserError(f"{where}: unknown type {kind!r} (known: {', '.join(PRUNERS)})")
     cls = getattr(optuna.pruners, PRUNERS[kind])
+    if kind == "successive_halving":   # Optuna's, with `rejudge` (search.space.pruners)
+        from search.space.pruners import SuccessiveHalvingPruner as cls
     # Wilcoxon ("experimental since v3.6.0") and Patient ("since v2.8") are stable in use
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

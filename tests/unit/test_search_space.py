@@ -158,6 +158,30 @@ def test_pruner_types_build():
         assert isinstance(pruner, optuna.pruners.BasePruner)
 
 
+@pytest.mark.parametrize("rejudge", [False, True])
+def test_rejudging_successive_halving_prunes_the_trial_that_passed_a_rung_unopposed(rejudge):
+    """The cpu-study's order, on a real Optuna study: trial A (fast, poor) reaches rungs 4 and 12 alone; B
+    reaches 4 with a far better value. Plain successive halving lets A go on (it passed unopposed); with
+    `rejudge`, A's next report prunes it. B, better than all at its rung, is never pruned."""
+    spec = {"type": "successive_halving", "min_resource": 4, "reduction_factor": 3, "rejudge": rejudge}
+    study = optuna.create_study(direction="maximize",
+                                pruner=parse_space({"pruner": spec}, "p.yaml").make_pruner())
+    a, b = study.ask(), study.ask()
+    for step, value in ((4, 0.37), (8, 0.40), (12, 0.42)):
+        a.report(value, step)
+        assert not a.should_prune()   # alone at every rung
+    b.report(0.75, 4)
+    assert not b.should_prune()
+    a.report(0.43, 16)
+    assert a.should_prune() is rejudge
+    study.tell(a, state=optuna.trial.TrialState.PRUNED if rejudge else optuna.trial.TrialState.COMPLETE,
+               values=None if rejudge else 0.43)
+    b.report(0.74, 8)
+    assert not b.should_prune()
+    with pytest.raises(UserError, match=r"p.yaml: pruner.rejudge: expected true or false, got 'yes'"):
+        parse_space({"pruner": {**spec, "rejudge": "yes"}}, "p.yaml")
+
+
 def test_bad_yaml_file_and_cli_exit_code(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("space:\n  lr: {low: 1.0, high: [\n")
