@@ -2,12 +2,14 @@
 after its weights), so a killed run continues where it was (`htnet train --resume`, a retried or resumed Ray
 Tune trial) and trains only the folds not done. Folds are seeded per subject: nothing else is needed."""
 import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 
 from htnet.errors import UserError
@@ -31,7 +33,9 @@ def prepare_folder(out_dir, resume=False, overwrite=False):
     if not entries or resume:
         return out_dir
     if not overwrite:
-        raise UserError(f"{out_dir} is not empty ({_describe(out_dir, entries)}): --resume continues its run, "
+        done = len(list((out_dir / FOLDS_DIR).glob("*.json")))
+        what = f"a run with {done} fold(s) done" if "config.yaml" in entries else f"{len(entries)} entries"
+        raise UserError(f"{out_dir} is not empty ({what}): --resume continues its run, "
                         f"--overwrite clears it, or choose another --out")
     foreign = [name for name in entries if name not in RUN_FILES and not name.startswith(".")]
     if foreign:
@@ -41,12 +45,6 @@ def prepare_folder(out_dir, resume=False, overwrite=False):
         path = out_dir / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return out_dir
-
-
-def _describe(out_dir, entries):
-    folds = out_dir / FOLDS_DIR
-    done = len(list(folds.glob("*.json"))) if folds.is_dir() else 0
-    return f"a run with {done} fold(s) done" if "config.yaml" in entries else f"{len(entries)} entries"
 
 
 def continued_config(out_dir, config):
@@ -68,21 +66,33 @@ def continued_config(out_dir, config):
     return config
 
 
-def clear_records(out_dir):
-    shutil.rmtree(Path(out_dir) / FOLDS_DIR, ignore_errors=True)
-    (Path(out_dir) / ATTEMPTS).unlink(missing_ok=True)
+def begin(out_dir, folds, data, config, resume):
+    """(finished folds as load_folds gives them, the attempts table, this attempt's number) of a run in `out_dir`
+    (None: kept nowhere), whose config.yaml is written; a new run first removes an earlier one's records."""
+    path = None if out_dir is None else Path(out_dir) / ATTEMPTS
+    finished = load_folds(out_dir, folds, data) if resume else {}
+    empty = pd.DataFrame(columns=["attempt", "fold_epochs", "folds"])
+    attempts = pd.read_csv(path) if resume and path.is_file() else empty
+    attempt = 1 + max([0, *attempts.attempt.astype(int), *(o.attempt for o in finished.values())])
+    if out_dir is not None:
+        if not resume:   # no fold record of an earlier run may count as this one's
+            shutil.rmtree(Path(out_dir) / FOLDS_DIR, ignore_errors=True)
+            path.unlink(missing_ok=True)
+        write_files({Path(out_dir) / "config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False)})
+    return finished, attempts, attempt
 
 
-def write_config(out_dir, config):
-    write_files({Path(out_dir) / "config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False)})
-
-
-def save_fold(out_dir, number, outcome, data, attempt):
-    """Fold `number` (visit order) finished in `attempt`: its record, written atomically (the marker that
-    the fold is done: weights are saved before it)."""
+def save_fold(out_dir, outcomes, data, attempts, attempt):
+    """The last of `outcomes`, trained in `attempt`: its weights, its record (the marker that the fold is done),
+    then `attempts` with this attempt's row so far, returned (a killed attempt's work after its last fold is lost)."""
+    outcome, trained_now = outcomes[-1], [o for o in outcomes if not o.resumed]
+    if outcome.weights is not None:
+        buffer = io.BytesIO()   # serialised first: torch.save makes a full disk an opaque RuntimeError
+        torch.save(outcome.weights, buffer)
+        write_files({path_under(out_dir, "weights", f"{outcome.subject}.pth"): buffer.getvalue()})
     inner = outcome.inner
-    record = {"fold": number, "subject": outcome.subject, "attempt": attempt, "fold_epochs": outcome.fold_epochs,
-              "samples": data.samples[outcome.test].tolist(),
+    record = {"fold": len(outcomes), "subject": outcome.subject, "attempt": attempt,
+              "fold_epochs": outcome.fold_epochs, "samples": data.samples[outcome.test].tolist(),
               "chosen": {p: {"epoch": None if e is None else int(e), "predictions": np.asarray(pred).tolist()}
                          for p, (e, pred) in outcome.chosen.items()},
               "inner": None if inner is None else {"epoch": int(inner.epoch), "labels": inner.labels.tolist(),
@@ -90,6 +100,10 @@ def save_fold(out_dir, number, outcome, data, attempt):
               "history": [[run, int(epoch), float(loss), float(acc), float(uf1)]
                           for run, epoch, loss, acc, uf1 in outcome.history]}
     write_files({path_under(out_dir, FOLDS_DIR, f"{outcome.subject}.json"): json.dumps(record)})
+    table = pd.concat([attempts[attempts.attempt != attempt], pd.DataFrame([{
+        "attempt": attempt, "fold_epochs": sum(o.fold_epochs for o in trained_now), "folds": len(trained_now)}])])
+    write_files({Path(out_dir) / ATTEMPTS: table.to_csv(index=False)})
+    return table
 
 
 def load_folds(out_dir, folds, data):
@@ -121,20 +135,3 @@ def load_folds(out_dir, folds, data):
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}: not a fold record ({type(e).__name__}: {e})") from None
     return done
-
-
-def previous_attempts(out_dir):
-    """The attempts table (attempt, fold_epochs trained, folds trained) of earlier attempts in `out_dir`."""
-    path = None if out_dir is None else Path(out_dir) / ATTEMPTS
-    if path is None or not path.is_file():
-        return pd.DataFrame(columns=["attempt", "fold_epochs", "folds"])
-    return pd.read_csv(path)
-
-
-def record_attempt(out_dir, attempts, attempt, fold_epochs, folds):
-    """attempts plus this attempt's row so far, written; the fold-epochs of every attempt (as far as each
-    recorded: work after a killed attempt's last fold is lost and not counted)."""
-    table = pd.concat([attempts[attempts.attempt != attempt],
-                       pd.DataFrame([{"attempt": attempt, "fold_epochs": fold_epochs, "folds": folds}])])
-    write_files({Path(out_dir) / ATTEMPTS: table.to_csv(index=False)})
-    return table

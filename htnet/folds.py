@@ -51,9 +51,8 @@ def check_fold_classes(data):
 
 
 def visit_order(subjects, dataset_of, seed):
-    """The order folds are trained in: the source datasets interleaved in proportion (each dataset's
-    subjects spread evenly, in a seeded order), so a partial run (a pruner's early rung) covers every
-    dataset instead of CASME II alone."""
+    """The order folds are trained in: the datasets interleaved in proportion (each one's subjects spread evenly,
+    in a seeded order), so a partial run (a pruner's early rung) covers every dataset, not CASME II alone."""
     keyed = []
     for dataset in sorted(set(dataset_of[s] for s in subjects)):
         members = [s for s in subjects if dataset_of[s] == dataset]

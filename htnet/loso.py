@@ -1,7 +1,6 @@
 """Leave-one-subject-out cross-validation of one configuration (LosoConfig -> LosoResult), the run every
 search trial is: per test subject a seeded model trains on the others; `callback` may stop it."""
 import dataclasses
-import io
 import math
 import numbers
 import re
@@ -239,13 +238,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     if config.engine == "batched":  # the grouping shapes the batch stream: the result records it
         config = dataclasses.replace(config, fold_group_size=resolve_fold_group_size(
             folds, config, device, min_groups=REPORTS_WITH_CALLBACK if callback else 1))
-    finished = checkpoint.load_folds(out_dir, folds, data) if resume else {}
-    attempts = checkpoint.previous_attempts(out_dir if resume else None)
-    attempt = 1 + max([0, *attempts.attempt.astype(int), *(o.attempt for o in finished.values())])
-    if out_dir is not None:
-        if not resume:   # a new run: no fold record of an earlier one may count as this one's
-            checkpoint.clear_records(out_dir)
-        checkpoint.write_config(out_dir, config)
+    finished, attempts, attempt = checkpoint.begin(out_dir, folds, data, config, resume)
     outcomes, prediction_rows, new_folds, stopped = [], [], [], False
     with tqdm(total=len(folds), desc="LOSO folds", disable=not progress) as bar:  # closed on errors too
         for outcome in run_folds(folds, X, y, data, config, device, progress=progress, finished=finished):
@@ -254,15 +247,8 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
             prediction_rows += rows
             if not outcome.resumed:
                 outcome.attempt = attempt
-            if out_dir is not None and not outcome.resumed:
-                if outcome.weights is not None:
-                    buffer = io.BytesIO()   # serialised first: torch.save makes a full disk an opaque RuntimeError
-                    torch.save(outcome.weights, buffer)
-                    write_files({path_under(out_dir, "weights", f"{outcome.subject}.pth"): buffer.getvalue()})
-                checkpoint.save_fold(out_dir, len(outcomes), outcome, data, attempt)
-                trained_now = [o for o in outcomes if not o.resumed]
-                attempts = checkpoint.record_attempt(out_dir, attempts, attempt,
-                                                     sum(o.fold_epochs for o in trained_now), len(trained_now))
+                if out_dir is not None:
+                    attempts = checkpoint.save_fold(out_dir, outcomes, data, attempts, attempt)
             bar.update(1)
             predictions, metrics = _pooled_metrics(prediction_rows, outcomes)
             bar.set_postfix_str(", ".join(f"{p} UF1 {metrics[f'{p}_full_uf1']:.3f}" for p in config.protocols))
@@ -289,11 +275,10 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
                    attempt=attempt, wall_time_s=wall)
     history = pd.DataFrame([(o.subject, *row) for o in outcomes for row in o.history],
                            columns=["subject", "run", "epoch", "train_loss", "test_acc", "val_uf1"])
-    dataset_of = dict(zip(data.subjects, data.datasets))
-    fold_order = pd.DataFrame([(n, f.subject, dataset_of[f.subject], n <= len(outcomes),
-                                outcomes[n - 1].attempt if n <= len(outcomes) else pd.NA)
-                               for n, f in enumerate(folds, 1)],
-                              columns=["fold", "subject", "dataset", "trained", "attempt"])
+    fold_order = pd.DataFrame({"fold": range(1, len(folds) + 1), "subject": [f.subject for f in folds],
+                               "dataset": [data.datasets[f.test[0]] for f in folds],
+                               "trained": [n < len(outcomes) for n in range(len(folds))],
+                               "attempt": [o.attempt for o in outcomes] + [pd.NA] * (len(folds) - len(outcomes))})
     result = LosoResult(config, predictions, metrics, history, stopped, len(outcomes), len(folds),
                         fold_epochs, wall, str(device), fold_order)
     if out_dir is not None:

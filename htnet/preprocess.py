@@ -134,9 +134,8 @@ def _crop(img, box, what):
 
 
 def preprocess_sample(row, frames_root, face_size=224, landmarks=None, tvl1=None):
-    """One read_index row -> (28x28x3 uint8 image, info); SampleError if broken. info: onset, apex (frame
-    indices), apex_source (index|middle), landmarks (10 floats in 28x28 pixels from `landmarks` in
-    apex-face pixels, or None)."""
+    """One read_index row -> (28x28x3 uint8 image, info: apex, onset, apex_source (index|middle), detected and the
+    landmark columns, `landmarks` from apex-face to 28x28 pixels); SampleError if broken."""
     frames_root = Path(frames_root)
     source = frames_root / row["source"] if row["source"] else None
     onset, onset_idx = _frame(row["onset"], frames_root, source, "onset")
@@ -171,9 +170,9 @@ def preprocess_sample(row, frames_root, face_size=224, landmarks=None, tvl1=None
         image = flow_image(u, v, optical_strain(u.astype(np.float64), v.astype(np.float64)))
     except ValueError as e:  # a non-finite flow
         raise SampleError(str(e)) from None
-    scale = [SIZE / face_w, SIZE / face_h]
-    lm28 = None if landmarks is None else (np.reshape(landmarks, (5, 2)) * scale).ravel().tolist()
-    return image, {"onset": onset_idx, "apex": apex_idx, "apex_source": apex_source, "landmarks": lm28}
+    points = [np.nan] * 10 if landmarks is None else (np.reshape(landmarks, (5, 2)) * [SIZE / face_w, SIZE / face_h])
+    return image, {"apex": apex_idx, "onset": onset_idx, "apex_source": apex_source,
+                   "detected": int(landmarks is not None), **dict(zip(LANDMARK_COLUMNS, np.ravel(points)))}
 
 
 def _worker(job):
@@ -273,11 +272,10 @@ def preprocess(index_csv, frames_root, out_dir, workers=None, face_size=224, lan
     if results:
         done = sorted(results)
         info = pd.DataFrame([results[i][1] for i in done])
-        table = index.iloc[done].reset_index(drop=True)[["dataset", "subject", "sample", "label", "id"]]
-        table = pd.concat([table.rename(columns={"subject": "sub", "sample": "filename_o", "id": "sub_filename"}),
-                           info[["apex", "onset", "apex_source"]]], axis=1)
-        points = pd.DataFrame([p or [np.nan] * 10 for p in info["landmarks"]], columns=LANDMARK_COLUMNS).round(6)
+        table = index.iloc[done].reset_index(drop=True).rename(columns={"subject": "sub", "sample": "filename_o"})
+        table = table[["dataset", "sub", "filename_o", "label", "id"]].join(info[["apex", "onset", "apex_source"]])
+        table = table.rename(columns={"id": "sub_filename"})
+        points = info[["detected", *LANDMARK_COLUMNS]].round(6)
         points.insert(0, "sample", table["sub_filename"])
-        points.insert(1, "detected", info["landmarks"].notna().astype(int))
         write_release(out_dir, table, np.stack([results[i][0] for i in done]), points)
     return {"total": len(jobs), "ok": len(results), "failed": [failed[i] for i in sorted(failed)], "out": str(out_dir)}

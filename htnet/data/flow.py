@@ -15,9 +15,8 @@ def optical_strain(u, v):
 
 
 def flow_image(u, v, strain=None):
-    """(28, 28, 3) uint8 (strain, v, u) as cv2.imwrite stores it: each map resized to 28x28 (INTER_AREA) and
-    min-max scaled to 0..255 on its own (a constant map, no motion, is all zeros); the strain computed from u, v
-    unless given. ValueError if a map is not finite."""
+    """(28, 28, 3) uint8 (strain, v, u) as cv2.imwrite stores it: each map resized to 28x28 (INTER_AREA), min-max
+    scaled to 0..255 on its own (a constant map is all zeros); strain from u, v unless given; ValueError: not finite."""
     strain = optical_strain(u, v) if strain is None else strain
     channels = []
     for x in (strain, v, u):

@@ -117,9 +117,8 @@ def load_release(root, landmarks="auto", standardize=False, min_samples_per_subj
     _check_finite(root, table, images, "")
     if standardize:
         with np.errstate(all="ignore"):  # an overflow shows up as inf/NaN, checked below
-            mean = images.mean(axis=(0, 2, 3), keepdims=True)
-            std = images.std(axis=(0, 2, 3), keepdims=True) + 1e-6
-            images = (images - mean) / std
+            images = (images - images.mean(axis=(0, 2, 3), keepdims=True)) / (
+                images.std(axis=(0, 2, 3), keepdims=True) + 1e-6)
         _check_finite(root, table, images, " after standardisation")
     return CompositeData(images.astype(np.float32), table["label"].to_numpy(np.int64),
                          table["sub"].to_numpy(str), table["dataset"].to_numpy(str),

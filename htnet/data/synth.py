@@ -46,9 +46,8 @@ def _smooth_noise(rng, sigma_px, scale):
 
 def make_synthetic(out_dir, subjects_per_dataset=4, samples_per_subject=(4, 9), seed=0,
                    signal=1.0):
-    """Write a synthetic composite to `out_dir`; return the folder. subjects_per_dataset: an int for each
-    of casme2, smic, samm, or a dict. signal: expression amplitude relative to noise (at 1.0 a small
-    model gets well above chance, yet learning rate and epochs matter)."""
+    """A synthetic composite written to `out_dir` (returned); subjects_per_dataset: an int or a dict by dataset; signal:
+    expression amplitude against noise (at 1.0 a small model beats chance well, yet lr and epochs matter)."""
     if isinstance(subjects_per_dataset, int):
         subjects_per_dataset = dict.fromkeys(CLASS_COUNTS, subjects_per_dataset)
     unknown = set(subjects_per_dataset) - set(CLASS_COUNTS)
@@ -62,10 +61,8 @@ def make_synthetic(out_dir, subjects_per_dataset=4, samples_per_subject=(4, 9), 
         shares = np.array(CLASS_COUNTS[dataset], float) / sum(CLASS_COUNTS[dataset])
         for s in range(n_subjects):
             sub = {"casme2": f"sub{s + 1:02d}", "smic": f"s{s + 1:02d}", "samm": f"{s + 6:03d}"}[dataset]
-            face_shift = rng.normal(0, 1.0, 2)
-            gain = rng.uniform(0.6, 1.4)
-            head_motion = rng.normal(0, 0.25, 2)
-            noise_level = rng.uniform(0.15, 0.3)
+            face_shift, gain = rng.normal(0, 1.0, 2), rng.uniform(0.6, 1.4)
+            head_motion, noise_level = rng.normal(0, 0.25, 2), rng.uniform(0.15, 0.3)
             n_samples = rng.integers(samples_per_subject[0], samples_per_subject[1] + 1)
             # Every subject shows every class once before drawing by the dataset's shares.
             labels = np.concatenate([rng.permutation(3), rng.choice(3, max(0, n_samples - 3), p=shares)])

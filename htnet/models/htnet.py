@@ -1,6 +1,7 @@
 """HTNet (Wang et al. 2024; wangzhifengharrison/HTNet's Model.HTNet, whose saved weights load strictly), and with
 `groups=G` G independent fold-models as one (grouped convolutions, per-group LayerNorm and attention)."""
 import numbers
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -11,12 +12,9 @@ from torch import einsum, nn
 from htnet.errors import UserError
 from htnet.models.registry import dropout_rate, positive_int, register_model
 
-# With groups=G member g's copy of the batch is block g of a (G * b, c, h, w) batch; a grouped weight is the
-# members' weights concatenated along dim 0.
-
-
 def per_group(x, groups):
-    """(groups * b, ...) as (groups, b, ...); one group's x as it is (the reference's operations)."""
+    """(groups * b, ...) as (groups, b, ...): with groups=G member g's copy of the batch is block g of a
+    (G * b, c, h, w) batch (a grouped weight is the members' concatenated along dim 0); groups=1: x as it is."""
     return x if groups == 1 else x.unflatten(0, (groups, -1))
 
 
@@ -74,24 +72,15 @@ class GroupLinear(nn.Linear):
         return x.transpose(0, 1).flatten(1)
 
 
-class PreNorm(nn.Module):
-    def __init__(self, dim, fn, groups=1):
-        super().__init__()
-        self.norm = LayerNorm(dim, groups=groups)
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(self.norm(x))
+def PreNorm(dim, fn, groups=1):
+    return nn.Sequential(OrderedDict(norm=LayerNorm(dim, groups=groups), fn=fn))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim, mlp_mult=4, dropout=0., groups=1):
-        super().__init__()
-        self.net = nn.Sequential(GroupConv(dim, dim * mlp_mult, groups=groups), nn.GELU(), nn.Dropout(dropout),
-                                 GroupConv(dim * mlp_mult, dim, groups=groups), nn.Dropout(dropout))
-
-    def forward(self, x):
-        return self.net(x)
+def FeedForward(dim, mlp_mult=4, dropout=0., groups=1):
+    """The reference's FeedForward (its `net` names the weights)."""
+    return nn.Sequential(OrderedDict(net=nn.Sequential(
+        GroupConv(dim, dim * mlp_mult, groups=groups), nn.GELU(), nn.Dropout(dropout),
+        GroupConv(dim * mlp_mult, dim, groups=groups), nn.Dropout(dropout))))
 
 
 class Attention(nn.Module):
@@ -143,11 +132,8 @@ class Transformer(nn.Module):
         return x
 
 
-def check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchies, block_repeats, mlp_mult,
-                 channels, dropout):
+def check_config(block_repeats, dropout, **ints):
     """The arguments normalised (block_repeats one int per level), or UserError where they cannot be built."""
-    ints = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim, heads=heads,
-                num_hierarchies=num_hierarchies, mlp_mult=mlp_mult, channels=channels)
     ints = {name: positive_int("htnet", name, value) for name, value in ints.items()}
     image_size, patch_size, levels = ints["image_size"], ints["patch_size"], ints["num_hierarchies"]
     dropout = dropout_rate("htnet", "dropout", dropout)
@@ -174,17 +160,16 @@ def check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchie
 
 @register_model("htnet", input_kind="face_crops")
 class HTNet(nn.Module):
-    """(B, channels, image_size, image_size) -> (B, groups * num_classes) logits. Level i (from the
-    top) has 2^i dim channels and 2^i heads; the patch grid is cut into 2^(L-1) x 2^(L-1) blocks that
-    attend within themselves, and each Aggregate halves the map, so every block holds seq_len tokens.
-    dim_head is the reference's unused argument (each head gets dim // heads channels)."""
+    """(B, channels, image_size, image_size) -> (B, groups * num_classes) logits, NesT-style: level i (from the top)
+    has 2^i dim channels and heads; the patch grid is cut into 2^(L-1) x 2^(L-1) blocks that attend within
+    themselves, each Aggregate halving the map (seq_len tokens per block). dim_head: the reference's, unused."""
 
     def __init__(self, *, image_size=28, patch_size=7, num_classes=3, dim=256, heads=3, num_hierarchies=3,
                  block_repeats=(2, 2, 10), mlp_mult=4, channels=3, dim_head=64, dropout=0., groups=1):
         super().__init__()
         self.groups = groups
-        c = check_config(image_size, patch_size, num_classes, dim, heads, num_hierarchies, block_repeats,
-                         mlp_mult, channels, dropout)
+        c = check_config(block_repeats, dropout, image_size=image_size, patch_size=patch_size, num_classes=num_classes,
+                         dim=dim, heads=heads, num_hierarchies=num_hierarchies, mlp_mult=mlp_mult, channels=channels)
         patch_size, levels = c["patch_size"], c["num_hierarchies"]
         seq_len = (c["image_size"] // patch_size // 2 ** (levels - 1)) ** 2  # tokens per block, at every level
         dims = [2 ** i * c["dim"] for i in range(levels)]

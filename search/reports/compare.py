@@ -131,11 +131,8 @@ def print_comparison(result, out=None):
 
 
 def write_outputs(result, csv=None, json_path=None):
-    from htnet.io import atomic_write
+    from htnet.io import write_files
 
-    if csv:
-        with atomic_write(csv) as f:
-            result["per_subject"].to_csv(f, index=False)
-    if json_path:
-        with atomic_write(json_path) as f:
-            json.dump({k: v for k, v in result.items() if k != "per_subject"}, f, indent=2)
+    texts = {csv: lambda: result["per_subject"].to_csv(index=False),
+             json_path: lambda: json.dumps({k: v for k, v in result.items() if k != "per_subject"}, indent=2)}
+    write_files({path: text() for path, text in texts.items() if path})

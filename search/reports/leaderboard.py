@@ -16,12 +16,6 @@ DATASET_COLUMNS = (("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), (
 METRICS = tuple((key, f"{name} {m.upper()}", m) for key, name in DATASET_COLUMNS for m in ("uf1", "uar"))
 METRIC_COLUMNS = tuple(column for _, column, _ in METRICS)  # "Full UF1", ..., "SAMM UAR"
 MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet"}
-
-
-def model_label(model):
-    return MODEL_LABELS.get(model, model)
-
-
 Store = collections.namedtuple("Store", "client experiment_id tracking_uri experiment")  # one MLflow experiment
 
 
@@ -50,14 +44,15 @@ def search_parents(store, names=None):
     return [tracking.retry(store.client.get_run, by_name[n]) for n in names or by_name]
 
 
+def model_label(model):
+    return MODEL_LABELS.get(model, model)
+
+
 def searched_names(store, parent):
     """The parameter names the search sampled (its space.yaml); None if unreadable (missing, not YAML, a bomb)."""
-    from htnet.io import parse_yaml
-
-    run_id = parent.info.run_id
     try:
-        space = parse_yaml(read_artifact_bytes(store, run_id, "space.yaml"), f"run {run_id}: space.yaml")
-    except Exception:  # noqa: BLE001 - fall back to the parameters that vary
+        space = read_yaml_artifact(store, parent.info.run_id, "space.yaml")
+    except UserError:  # fall back to the parameters that vary
         return None
     section = space.get("space") if isinstance(space, dict) else None
     return [str(name) for name in section] if isinstance(section, dict) else None
@@ -85,12 +80,17 @@ def read_csv_artifact(store, run_id, path):
     return pd.read_csv(io.BytesIO(read_artifact_bytes(store, run_id, path)))
 
 
-def leaderboard(store, searches=None, protocol="objective", statuses=None, params=None, top=None):
-    """The ranked trials (each its latest attempt) of `searches` (names; all when empty) as a DataFrame.
+def read_yaml_artifact(store, run_id, path):
+    """A YAML artifact's content (htnet.io.parse_yaml's limits: a bomb is one UserError); None if missing."""
+    from htnet.io import parse_yaml
 
-    protocol: 'objective' (each search's objective protocol), 'inner', 'paper', 'final' or 'all' (one row
-    per trial and protocol, sharing the trial's rank). statuses: keep only these htnet.status values.
-    params: {name: value} keeps trials whose parameter equals value (as text, or as numbers)."""
+    text = read_artifact_bytes(store, run_id, path, optional=True)
+    return None if text is None else parse_yaml(text, f"run {run_id}: {path}")
+
+
+def leaderboard(store, searches=None, protocol="objective", statuses=None, params=None, top=None):
+    """The ranked trials (latest attempts) of `searches` (all when empty). protocol: 'objective' (each search's),
+    a protocol, or 'all' (a row per trial and protocol); statuses, params ({name: value}, text or number): filters."""
     if protocol not in ("objective", "all", *PROTOCOLS):
         raise UserError(f"--protocol must be objective, all, {', '.join(PROTOCOLS)}; got {protocol!r}")
     tables, key_params = [], ["model"]
@@ -132,10 +132,8 @@ def leaderboard(store, searches=None, protocol="objective", statuses=None, param
 
 
 def paper_form(table):
-    """The leaderboard as a paper prints it: rank, status (unless all finished), model, the key parameters
-    (a trial without one: '-'), the objective and the shown protocol's Full UF1/UAR; no run ids, searches, trial
-    ids, per-dataset or all-empty columns (the CSV and Markdown keep every column)."""
-
+    """The leaderboard as a paper prints it: rank, status (unless all finished), model, key parameters ('-' where
+    none), the objective, Full UF1/UAR; no ids, per-dataset or all-empty columns (the CSV and Markdown keep all)."""
     if not len(table):
         return table
     protocols = sorted(set(table["protocol"]))
@@ -159,20 +157,14 @@ def paper_form(table):
 
 
 def write_exports(table, csv=None, markdown=None, latex=None, caption=None, full=False):
-    """Write the table to the requested files (atomically); the LaTeX in paper_form unless full. Returns the
-    paths written."""
-    from htnet.io import atomic_write
+    """Write the table to the requested files (all or none; the LaTeX in paper_form unless full); the paths written."""
+    from htnet.io import write_files
 
     text = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value"))
-    written = []
-    for path, write in ((csv, lambda f: table.to_csv(f, index=False)),
-                        (markdown, lambda f: f.write(markdown_table(text))),
-                        (latex, lambda f: f.write(latex_table(text if full else paper_form(table), caption=caption)))):
-        if path:
-            with atomic_write(path) as f:
-                write(f)
-            written.append(path)
-    return written
+    texts = {csv: lambda: table.to_csv(index=False), markdown: lambda: markdown_table(text),
+             latex: lambda: latex_table(text if full else paper_form(table), caption=caption)}
+    write_files(written := {path: write() for path, write in texts.items() if path})
+    return list(written)
 
 
 def print_leaderboard(table, out=None, run_ids=False):

@@ -9,8 +9,8 @@ import pandas as pd
 from htnet.errors import UserError
 from search import tracking
 from search.reports.export import latex_table, markdown_table, plural
-from search.reports.leaderboard import (DATASET_COLUMNS, METRIC_COLUMNS, METRICS, open_store, read_artifact_bytes,
-                                        read_csv_artifact)
+from search.reports.leaderboard import (DATASET_COLUMNS, METRIC_COLUMNS, METRICS, open_store, read_csv_artifact,
+                                        read_yaml_artifact)
 from search.reports.rerun import PRESETS, config_of_run, format_interval, get_run, preset_label
 from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
 
@@ -57,37 +57,29 @@ def _order(row):
         PROTOCOL_ORDER[row["protocol"]]
 
 
-def _count(text):
-    return int(text) if str(text).isdigit() else None
-
-
 def _epochs(store, run):
     """A rerun's epochs (its params); a nested run's: its space's fixed epochs, 'searched', or the default."""
-    from htnet.io import parse_yaml
     from htnet.loso import LosoConfig
 
     if run.data.tags.get("htnet.role") == "rerun":
         return run.data.params.get("epochs", "unknown")
-    text = read_artifact_bytes(store, run.info.run_id, "space.yaml", optional=True)
-    space = parse_yaml(text, f"run {run.info.run_id}: space.yaml") if text is not None else None
-    if not isinstance(space, dict):
+    if not isinstance(space := read_yaml_artifact(store, run.info.run_id, "space.yaml"), dict):
         return "unknown"
     return "searched" if "epochs" in (space.get("space") or {}) else \
         str((space.get("fixed") or {}).get("epochs", LosoConfig.epochs))
 
 
 def facts(store, run, label=None):
-    """What the table states of a rerun or nested parent: its label (a preset's only with the preset's
-    settings), kind, n (seeds; outer folds), epochs, data (htnet.data_source: a release folder's name or
-    'synthetic'; 'unknown' where not logged), fingerprint, subjects and samples, and whether that is the
-    published data."""
+    """What the table states of a rerun or nested parent: label (a preset's only with its settings), kind, n (seeds;
+    outer folds), epochs, data (htnet.data_source, or 'unknown'), fingerprint, counts, whether it is the published."""
     tags, metrics = run.data.tags, run.data.metrics
     kind = tags.get("htnet.role")
     label = label or tags.get("htnet.method") or run.info.run_id[:8]
     if label in {name for _, name in PRESETS.values()}:
         label = preset_label(label, config_of_run(store, run))
     n = int(metrics.get("n_seeds" if kind == "rerun" else "nested_outer_folds", 0))
-    subjects, samples = _count(tags.get("htnet.data_subjects")), _count(tags.get("htnet.data_samples"))
+    subjects, samples = (int(t) if str(t).isdigit() else None for t in (tags.get("htnet.data_subjects"),
+                                                                        tags.get("htnet.data_samples")))
     if kind == "nested" and subjects is not None and n < subjects:  # failed outer folds: fewer subjects pooled
         subjects, samples = n, None
     data = tags.get("htnet.data_source", "unknown")
@@ -108,9 +100,8 @@ def run_text(f):
 
 
 def choose(store, picks=None, nested=True, allow_mixed=False):
-    """({label: facts} of our rows, lines saying how they were chosen or why runs were left out). picks:
-    {label: run_id} names every row; else RULE (RULE_MIXED with allow_mixed) over the finished runs."""
-    chosen, lines = {}, []
+    """({label: facts} of our rows, lines on how they were chosen); picks {label: run_id} name every row, else RULE."""
+    chosen = {}
     for label, run_id in (picks or {}).items():
         run = get_run(store, run_id, f"--rerun {label}={run_id}: no such MLflow run")
         role = run.data.tags.get("htnet.role")
@@ -140,14 +131,13 @@ def choose(store, picks=None, nested=True, allow_mixed=False):
             left_out.append(f"left out {label!r}: {plural(len(ranked), 'finished run')} not on the published data "
                             f"(the best by the rule: {run_text(ranked[0])}); --allow-mixed includes "
                             f"{'it' if len(ranked) == 1 else 'them'}, marked {MIXED_MARK}")
-    lines.append(f"rows ({RULE_MIXED if allow_mixed else RULE}; `--rerun METHOD=RUN_ID` chooses): "
-                 + ("; ".join(f"{label} = {run_text(f)}" for label, f in chosen.items()) or "none"))
-    return chosen, lines + left_out
+    return chosen, [f"rows ({RULE_MIXED if allow_mixed else RULE}; `--rerun METHOD=RUN_ID` chooses): "
+                    + ("; ".join(f"{label} = {run_text(f)}" for label, f in chosen.items()) or "none"), *left_out]
 
 
 def _run_rows(store, f):
-    """The paper and leak-free (inner, else final) rows of a rerun parent (mean over seeds; from MIN_SEEDS
-    seeds on, std and the bootstrap interval of its predictions) or a nested parent (one estimate)."""
+    """The paper and leak-free (inner, else final) rows of a rerun (mean, from MIN_SEEDS seeds std and interval)
+    or nested parent (one estimate)."""
     run, kind = f["run"], f["kind"]
     metrics, mean = run.data.metrics, "_mean" if kind == "rerun" else ""
     spread = kind == "rerun" and f["n"] >= MIN_SEEDS
@@ -176,8 +166,7 @@ def _run_rows(store, f):
 
 
 def collect(store, picks=None, nested=True, allow_mixed=False):
-    """(the numbers: a row per method and protocol, the expected methods missing, the lines saying how the
-    rows were chosen). picks: {label: run_id} of rerun or nested parents, instead of RULE."""
+    """(a row per method and protocol, the expected methods missing, the lines on how the rows were chosen)."""
     chosen, lines = choose(store, picks, nested, allow_mixed)
     rows = [{"method": p["method"], "protocol": p["protocol"], "source": p["source"], "kind": "published",
              "n": np.nan, "data": "composite", **PUBLISHED_DATA, "published_data": True, "run_id": "",
@@ -222,8 +211,7 @@ def notes(table, interval):
 
 
 def render(table, interval="std", chosen_lines=()):
-    """{'md': Markdown, 'tex': LaTeX, 'csv': numbers} texts of the table (published methods marked *, rows on
-    other data †)."""
+    """{'md': Markdown, 'tex': LaTeX, 'csv': numbers} of the table (published rows marked *, other data †)."""
     style = {"std": "std", "ci95": "ci"}.get(interval, "mean")  # beside each mean: std, interval or nothing
     records = table.to_dict("records")
     cells = {c: [format_interval({"mean": r[c], "std": r[f"{c} std"], "ci_low": r[f"{c} ci95_low"],

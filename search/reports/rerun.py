@@ -18,10 +18,9 @@ from htnet.io import parse_yaml, read_yaml
 from htnet.metrics import PROTOCOLS, summary_table
 from search import tracking
 from search.reports.export import markdown_table, plural
-from search.reports.leaderboard import (METRICS, leaderboard, model_label, open_store, read_artifact_bytes,
-                                        search_parents)
+from search.reports.leaderboard import METRICS, leaderboard, model_label, open_store, read_yaml_artifact, search_parents
 from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
-from search.space import check_value, flatten, nest
+from search.space import check_value, flatten, nest, parse_set
 
 # LosoConfig's defaults are the references' (HTNet: dim 256, heads 3, 3 levels, blocks (2,2,10), patch 7, no
 # shuffle; both: lr 5e-5, batch 256, 800 epochs, Adam); STSTNet publishes its final epoch.
@@ -64,8 +63,7 @@ class RerunOptions:
 
 
 def best_run_id(store, parent, search, params=None):
-    """The search's best finished trial (among those whose parameters equal `params`, as the leaderboard's
-    --param): its parent's htnet.best_run_id tag, else the leaderboard's first."""
+    """The search's best finished trial (with `params`, as leaderboard's --param): its parent's tag, or the first."""
     if "htnet.best_run_id" in parent.data.tags and not params:
         return parent.data.tags["htnet.best_run_id"]
     table = leaderboard(store, [search], statuses=["finished"], params=params)
@@ -73,8 +71,7 @@ def best_run_id(store, parent, search, params=None):
 
 
 def changed_settings(before, after):
-    """{key: value} of the LOSO settings (flattened, defaults filled in; NOT_SETTINGS aside) that `after`
-    changes from `before`, LABEL_FIRST first."""
+    """{key: value} of the flattened LOSO settings (NOT_SETTINGS aside) `after` changes from `before`."""
     from htnet.loso import LosoConfig
 
     defaults = flatten(LosoConfig().to_dict())  # not from_dict: its checks build the model
@@ -103,17 +100,13 @@ def changed_label(label, changes, named=3):
 
 
 def preset_label(label, config):
-    """A preset's label (as a paper-table row) only when `config` has the preset's settings, else the label
-    with the changes; any other label as it is."""
-    for settings, name in PRESETS.values():
-        if label == name:
-            return changed_label(label, changed_settings(settings, config))
-    return label
+    """A preset's label with what `config` changes from the preset's settings; any other label as it is."""
+    settings = next((settings for settings, name in PRESETS.values() if name == label), None)
+    return label if settings is None else changed_label(label, changed_settings(settings, config))
 
 
 def data_tags(data):
-    """The parent run's tags of the data its rows are computed on (after `subjects`): the source (the release
-    folder's name, or 'synthetic' for the built-in generator's samples) and the subject and sample counts."""
+    """Tags of the data a parent's rows are computed on: the release folder's name (or 'synthetic'), the counts."""
     synthetic = len(data) and all(SYNTHETIC_SAMPLE.fullmatch(str(s)) for s in data.samples)
     return {"htnet.data_source": "synthetic" if synthetic else Path(data.source).name,
             "htnet.data_subjects": str(len(data.subject_ids)), "htnet.data_samples": str(len(data))}
@@ -132,9 +125,7 @@ def config_of_run(store, run):
     from htnet.loso import LosoConfig
 
     run_id = run.info.run_id
-    text = read_artifact_bytes(store, run_id, "config.yaml", optional=True)
-    config = parse_yaml(text, f"run {run_id}: config.yaml") if text is not None else None
-    if isinstance(config, dict):
+    if isinstance(config := read_yaml_artifact(store, run_id, "config.yaml"), dict):
         return config
     if "model" not in run.data.params:
         raise UserError(f"run {run_id} has neither a config.yaml artifact nor LOSO params")
@@ -184,16 +175,10 @@ def resolve_source(store, options):
 
 
 def checked_config(source, sets, where):
-    """The source's config with --set KEY=VALUE (YAML; model_config.KEY for the model) applied, every value
-    checked (integers are integers, numbers finite) before anything is written; `where` names the source."""
-    given = {}
-    for text in sets or []:
-        key, sep, value = str(text).partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"--set {text!r}: expected KEY=VALUE")
-        given[key] = parse_yaml(value, f"--set {key}")
-        check_value(key, given[key], f"--set {key}")
+    """The source's config with --set KEY=VALUE applied, every value checked before anything is written."""
+    given = dict(map(parse_set, sets or []))
+    for key, value in given.items():
+        check_value(key, value, f"--set {key}")
     flat = flatten(source.config)
     for key, value in flat.items():
         if key not in given:
@@ -202,8 +187,7 @@ def checked_config(source, sets, where):
 
 
 def seeds_for(config, source, count, seed_list=None):
-    """--seed-list, else `count` seeds from the config's seed. A configuration a search chose was chosen with
-    its seed, which favours that seed (the winner's curse): it gets fresh ones (seed+1, ...)."""
+    """--seed-list, else `count` seeds from the config's; a search's choice gets fresh ones (the winner's curse)."""
     if seed_list:
         try:
             seeds = [int(s) for s in seed_list]
@@ -222,12 +206,10 @@ def load_rerun_data(data, source, storage):
     """(data, root) of --data, else of the source search's data, else of the built-in synthetic set."""
     from search.driver.stores import load_data
 
-    if data:
-        if not Path(data).exists():
-            raise UserError(f"--data {data}: no such folder")
-        return load_data({"path": str(Path(data).resolve())})
-    if source.data and Path(source.data).exists():
-        return load_data({"path": source.data})
+    if data and not Path(data).exists():
+        raise UserError(f"--data {data}: no such folder")
+    if data or (source.data and Path(source.data).exists()):
+        return load_data({"path": str(Path(data).resolve()) if data else source.data})
     if source.data:
         raise UserError(f"the data of search {source.search!r} ({source.data}) is not here: pass --data")
     print("no --data given: using the built-in synthetic set", file=sys.stderr)
@@ -250,8 +232,7 @@ def _seed_task(config, data, threads):
 
 
 def run_parallel(jobs, data, on_result, cpus=1.0, gpus=0.0):
-    """Run `jobs` ({key: config dict}) as Ray tasks sharing `data` (in the object store once); call
-    on_result(key, result) in the driver as each ends."""
+    """`jobs` ({key: config}) as Ray tasks sharing `data` (put once); on_result(key, result) in the driver."""
     import ray
 
     task = ray.remote(_seed_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
@@ -270,13 +251,6 @@ def run_parallel(jobs, data, on_result, cpus=1.0, gpus=0.0):
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
-
-
-def log_file(client, run_id, name, write, artifact_path=None):
-    """write(path) makes the file `name`, logged to the run (under the folder artifact_path)."""
-    with tempfile.TemporaryDirectory(prefix="htnet-report-") as folder:
-        write(Path(folder) / name)
-        tracking.retry(client.log_artifact, run_id, str(Path(folder) / name), artifact_path)
 
 
 def log_frame(client, run_id, frame, name, markdown=False):
@@ -306,8 +280,7 @@ def end_seed(client, run_id, seed, result, title):
 
 
 def seeds_summary(finished, predictions):
-    """Rows = metric keys: n, mean, std over the finished seeds, and from MIN_SEEDS seeds on the 95% bootstrap
-    interval (stats.seed_subject_bootstrap) of the predicted metrics (none for the others: fold-epochs, ...)."""
+    """Rows = metric keys: n, mean, std over the seeds; from MIN_SEEDS seeds, the predicted metrics' 95% interval."""
     keys = [k for k in METRIC_KEYS if k in finished and finished[k].notna().any()]
     values = finished[keys].apply(pd.to_numeric, errors="coerce")
     summary = pd.DataFrame({"n": values.count(), "mean": values.mean(), "std": values.std(ddof=1)})
@@ -317,8 +290,7 @@ def seeds_summary(finished, predictions):
 
 
 def log_summary(client, source, parent_id, rows, predictions, started):
-    """The parent run's intervals, tables and pooled confusion matrices (also on the source search's parent
-    run); ends it. Returns the seeds table and the summary (rows = metric keys)."""
+    """Log the parent run's intervals, tables and pooled confusion matrices, end it; (seeds table, summary)."""
     from search.tracking.figures import confusion_matrix_png
 
     seeds_table = pd.DataFrame(rows).sort_values("seed").reset_index(drop=True)
@@ -335,11 +307,11 @@ def log_summary(client, source, parent_id, rows, predictions, started):
         log_frame(client, parent_id, summary.reset_index(), "summary.csv")
         log_frame(client, parent_id, protocol_table(summary), "summary.md", markdown=True)
         log_frame(client, parent_id, pooled, "predictions.csv")
-        title = f"{source.method}: {plural(len(finished), 'seed')}, counts summed"
-        for run_id, name, folder in ((parent_id, "confusion_matrices.png", None),
-                                     (source.search_run_id, "rerun_confusion_matrices.png", "plots")):
+        figure = confusion_matrix_png(pooled, title=f"{source.method}: {plural(len(finished), 'seed')}, counts summed")
+        for run_id, name in ((parent_id, "confusion_matrices.png"),
+                             (source.search_run_id, "plots/rerun_confusion_matrices.png")):
             if run_id:
-                log_file(client, run_id, name, lambda path: confusion_matrix_png(pooled, path, title), folder)
+                tracking.retry(client.log_figure, run_id, figure, name, save_kwargs={"dpi": 100})
     tracking.retry(client.set_terminated, parent_id, "FINISHED" if len(finished) else "FAILED")
     return seeds_table, summary
 
@@ -363,8 +335,7 @@ def protocol_table(summary):
 
 
 def rerun(options, out=None):
-    """Rerun a configuration with K seeds; returns a dict: parent_run_id, seeds (a row per seed), summary
-    (rows = metric keys: n, mean, std, ci_low, ci_high), method and config."""
+    """Rerun a configuration with K seeds: {parent_run_id, seeds (a row each), summary, method, config}."""
     from htnet.loso import LosoConfig, select_subjects
     from search.driver.ray_setup import ray_session
 

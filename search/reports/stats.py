@@ -20,8 +20,7 @@ def paired_bootstrap(d, n_boot=10000, confidence=0.95, seed=0):
 
 
 def sign_flip_pvalue(d, n_perm=100_000, seed=0):
-    """(p, exact): two-sided paired permutation test of mean(d) = 0, flipping the signs of the differences:
-    every sign vector up to EXACT_MAX subjects, else n_perm random ones (the observed one counted)."""
+    """(p, exact) of a two-sided sign-flip test of mean(d) = 0: exact up to EXACT_MAX subjects, else n_perm flips."""
     d = np.asarray(d, dtype=float)
     if len(d) == 0:
         return float("nan"), True
@@ -35,14 +34,11 @@ def sign_flip_pvalue(d, n_perm=100_000, seed=0):
 def wilcoxon_pvalue(d):
     """Wilcoxon signed-rank two-sided p-value, a cross-check; NaN when every d is 0."""
     d = np.asarray(d, dtype=float)
-    if not np.any(d):
-        return float("nan")
-    return float(scipy_stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+    return float(scipy_stats.wilcoxon(d, zero_method="wilcox").pvalue) if np.any(d) else float("nan")
 
 
 def uf1_uar_from_counts(confusions):
-    """UF1 and UAR of confusion counts (..., C, C), rows true: vectorised htnet.metrics.uf1_uar (the classes
-    absent from the ground truth left out; NaN when none is present)."""
+    """UF1 and UAR of confusion counts (..., C, C), rows true: htnet.metrics.uf1_uar vectorised (absent classes out)."""
     c = np.asarray(confusions, dtype=float)
     tp, positives, predicted = np.diagonal(c, axis1=-2, axis2=-1), c.sum(axis=-1), c.sum(axis=-2)
     present = positives > 0
@@ -51,28 +47,26 @@ def uf1_uar_from_counts(confusions):
         return f1, np.where(present, tp / positives, 0.0).sum(axis=-1) / present.sum(axis=-1)
 
 
+def _percentile_interval(values, confidence):
+    """The (low, high) percentiles of the finite replicates; NaNs when there is none."""
+    values, alpha = values[np.isfinite(values)], (1 - confidence) / 2
+    return tuple(float(q) for q in np.quantile(values, [alpha, 1 - alpha])) if len(values) else (np.nan, np.nan)
+
+
 def cluster_bootstrap_uf1_uar(conf_a, conf_b, n_boot=10000, confidence=0.95, seed=0):
-    """{'uf1': (low, high), 'uar': (low, high)}: subject-level bootstrap intervals of pooled A - B from (S, C, C)
-    per-subject confusion counts, the same S subjects drawn for both runs. Not scipy.stats.bootstrap: all the
-    replicates' pooled counts at once, as multinomial weights times the counts."""
+    """{'uf1': (low, high), 'uar': (low, high)}: subject-bootstrap intervals of pooled A - B from (S, C, C) counts,
+    the same subjects drawn for both. Not scipy.stats.bootstrap: every replicate at once, as weights @ counts."""
     conf_a, conf_b = np.asarray(conf_a, float), np.asarray(conf_b, float)
     s = len(conf_a)
     weights = np.random.default_rng(seed).multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(float)
-    uf1_a, uar_a = uf1_uar_from_counts(np.einsum("bs,sij->bij", weights, conf_a))
-    uf1_b, uar_b = uf1_uar_from_counts(np.einsum("bs,sij->bij", weights, conf_b))
-    alpha, out = (1 - confidence) / 2, {}
-    for name, diff in (("uf1", uf1_a - uf1_b), ("uar", uar_a - uar_b)):
-        diff = diff[np.isfinite(diff)]
-        out[name] = tuple(float(q) for q in np.quantile(diff, [alpha, 1 - alpha])) if len(diff) else (np.nan,) * 2
-    return out
+    a, b = (uf1_uar_from_counts(np.einsum("bs,sij->bij", weights, conf)) for conf in (conf_a, conf_b))
+    return {name: _percentile_interval(a[i] - b[i], confidence) for i, name in enumerate(("uf1", "uar"))}
 
 
 def seed_subject_bootstrap(predictions, n_boot=10000, confidence=0.95, seed=0):
-    """{'{protocol}_{dataset}_{uf1|uar}': (low, high)} (dataset 'full' and each source dataset): percentile
-    intervals of the seeds' mean pooled UF1/UAR, from the long predictions of K seeds (columns seed, subject,
-    dataset, label, prediction, protocol). Each replicate draws subjects with replacement within each source
-    dataset (the composite's make-up is fixed by design) and, independently, K seeds with replacement; the
-    same draws serve every protocol and dataset. Its values are UF1/UARs, so the interval stays in [0, 1]."""
+    """{'{protocol}_{dataset}_{uf1|uar}': (low, high)} ('full' and each dataset): percentile intervals of the seeds'
+    mean pooled UF1/UAR from K seeds' long predictions. Each replicate draws subjects within each source dataset
+    (the composite's make-up is fixed by design) and, independently, K seeds; the same draws serve every protocol."""
     from htnet.metrics import NUM_CLASSES
 
     frame = predictions.assign(subject=predictions["subject"].astype(str))
@@ -86,7 +80,7 @@ def seed_subject_bootstrap(predictions, n_boot=10000, confidence=0.95, seed=0):
     seed_weights = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), n_boot) / len(seeds)
     subject_index = {s: i for i, s in enumerate(subjects["subject"])}
     seed_index = {s: i for i, s in enumerate(seeds)}
-    alpha, out = (1 - confidence) / 2, {}
+    out = {}
     for protocol, part in frame.groupby("protocol", sort=False):
         counts = np.zeros((len(subjects), len(seeds), NUM_CLASSES, NUM_CLASSES))  # per subject and seed
         np.add.at(counts, tuple(column.to_numpy() for column in (
@@ -95,8 +89,7 @@ def seed_subject_bootstrap(predictions, n_boot=10000, confidence=0.95, seed=0):
             flat = counts[columns].reshape(len(columns), -1)
             pooled = (subject_weights[:, columns] @ flat).reshape(n_boot, len(seeds), NUM_CLASSES, NUM_CLASSES)
             for name, values in zip(("uf1", "uar"), uf1_uar_from_counts(pooled)):
-                means = (seed_weights * values).sum(axis=1)  # a seed drawn twice counts twice
-                means = means[np.isfinite(means)]
-                out[f"{protocol}_{dataset}_{name}"] = tuple(float(q) for q in np.quantile(means, [alpha, 1 - alpha])) \
-                    if len(means) else (np.nan, np.nan)
+                # a seed drawn twice counts twice
+                out[f"{protocol}_{dataset}_{name}"] = _percentile_interval((seed_weights * values).sum(axis=1),
+                                                                           confidence)
     return out

@@ -81,12 +81,10 @@ def _bounded(value, what="result"):
 
 def _dotted(node):
     """`model_config.dim` as one name; None for anything else."""
-    if isinstance(node, ast.Name):
-        return node.id
     if isinstance(node, ast.Attribute):
         base = _dotted(node.value)
-        return None if base is None else f"{base}.{node.attr}"
-    return None
+        return base and f"{base}.{node.attr}"
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def short(text, limit=80):

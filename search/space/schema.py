@@ -1,5 +1,6 @@
 """The search space file: parse and check it into a SearchSpace (one-line UserError naming the file and key).
 The format is described in docs/design.md and search/spaces/*.yaml."""
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -98,11 +99,9 @@ def _number(value, where):
     """A range bound, step or resource: a finite number (numeric text counts: YAML 1.1 reads 1e-4 as text)."""
     number = value
     for kind in (int, float) if isinstance(value, str) else ():
-        try:
+        with contextlib.suppress(ValueError):
             number = kind(value)
             break
-        except ValueError:
-            pass
     if isinstance(number, bool) or not isinstance(number, (int, float)):
         raise UserError(f"{where}: expected a number, got {value!r}")
     if isinstance(number, float) and not math.isfinite(number):
@@ -255,16 +254,14 @@ def parse_space(raw, source="<space>"):
 
     # `when` may only use names defined before (fixed values, earlier parameters, builtins)
     defined = set(BUILTINS) | {f.name for f in fixed}
-    for param in params:
-        unknown = sorted(param.when.names - defined) if param.when is not None else []
-        if unknown:
-            raise UserError(f"{source}: space.{param.name}.when: {unknown[0]!r} is not a fixed value "
-                            f"or a parameter defined before {param.name}")
-        defined.add(param.name)
-    for item in fixed:
+    for item in [*params, *fixed]:
         unknown = sorted(item.when.names - defined) if item.when is not None else []
+        if unknown and isinstance(item, Param):
+            raise UserError(f"{source}: space.{item.name}.when: {unknown[0]!r} is not a fixed value "
+                            f"or a parameter defined before {item.name}")
         if unknown:
             raise UserError(f"{source}: {item.name}.when: unknown name {unknown[0]!r}")
+        defined.add(item.name)
 
     conditions_raw = raw.get("conditions") or []
     if not isinstance(conditions_raw, list):
@@ -384,20 +381,25 @@ def with_overrides(space, **overrides):
     return space
 
 
+def parse_set(text):
+    """`--set KEY=VALUE` -> (KEY, the YAML value; model_config.KEY for the model)."""
+    key, sep, value = str(text).partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE")
+    return key, parse_yaml(value, f"--set {key}")
+
+
 def set_fixed(space, assignments):
     """Apply `--set KEY=VALUE` (YAML values) to the fixed values of a copy of `space`."""
     if not assignments:
         return space
     space = copy.deepcopy(space)
-    for text in assignments:
-        key, sep, value = str(text).partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"--set {text!r}: expected KEY=VALUE")
+    for key, value in map(parse_set, assignments):
         _check_key(key, f"--set {key}")
         if key in space.names:
             raise UserError(f"--set {key}: {key} is sampled by the space; edit the space file instead")
-        value = check_value(key, parse_yaml(value, f"--set {key}"), f"--set {key}")
+        value = check_value(key, value, f"--set {key}")
         space.fixed = [f for f in space.fixed if f.name != key] + [Fixed(key, value)]
     _check_objective(space)
     check_fixed_values(space, "--set", model=False)  # the model: check_fixed_values, once all is set

@@ -7,8 +7,8 @@ from sklearn.metrics import ConfusionMatrixDisplay
 from htnet.metrics import CLASS_NAMES, confusion, uf1_uar
 
 
-def confusion_matrix_png(predictions, path, title=""):
-    """predictions: the engine's long table (protocol, label, prediction, ...)."""
+def confusion_matrix_png(predictions, path=None, title=""):
+    """predictions: the engine's long table (protocol, label, prediction, ...); the Figure, saved to `path` if given."""
     protocols = list(dict.fromkeys(predictions["protocol"])) or ["(none)"]
     fig = Figure(figsize=(3.6 * len(protocols), 3.6), layout="constrained")
     for ax, protocol in zip(np.atleast_1d(fig.subplots(1, len(protocols))), protocols):
@@ -19,7 +19,9 @@ def confusion_matrix_png(predictions, path, title=""):
         uf1, uar = uf1_uar(part["label"], part["prediction"]) if len(part) else (np.nan, np.nan)
         ax.set_title(f"{protocol}: UF1 {uf1:.3f} UAR {uar:.3f}", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
 
 
 def learning_curve_png(history, path, title=""):

@@ -22,13 +22,14 @@ PARTIAL_PREFIX = "partial_"  # the metrics of a trial stopped before its last fo
 
 
 def provenance(data=None):
-    """What produced a run, as result keys (PROVENANCE_TAGS): the code's git commit and whether the tree
-    was dirty, the versions that matter, and the data's fingerprint (hash of the CSV and of the images)."""
+    """What produced a run, as result keys (PROVENANCE_TAGS): git commit, dirty tree, versions, data fingerprint."""
     import hashlib
     import importlib.metadata
     import platform
     import subprocess
     from pathlib import Path
+
+    from htnet.data.release import CSV_NAME
 
     def git(*args):
         try:
@@ -38,10 +39,7 @@ def provenance(data=None):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    from htnet.data.release import CSV_NAME
-
+    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     versions = [f"{p}={importlib.metadata.version(p)}" for p in ("torch", "ray", "optuna", "mlflow")]
     keys = {"htnet_git_commit": commit or "unknown",
             "htnet_git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
@@ -65,8 +63,7 @@ SHORT_NAMES = {"model_config.dim": "d", "model_config.heads": "h", "batch_size":
 
 
 def run_name(model, sampled, number, size=4):
-    """A trial run's name to scan in `mlflow ui`: the model and its first `size` sampled values (a space file
-    lists what it varies most first), e.g. 'htnet d64 h3 lr3.1e-4 #07'."""
+    """A trial run's name to scan in `mlflow ui`: the model, its first sampled values: 'htnet d64 h3 lr3.1e-4 #07'."""
     def text(value):
         if isinstance(value, list):
             return "-".join(map(str, value))
@@ -82,31 +79,20 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def engine_metrics(result, extra):
-    """A Ray result's engine metrics: the `{protocol}_{dataset}_{uf1|uar}` keys, inner_val_uf1 and `extra`."""
-    return {k: v for k, v in result.items()
-            if (k.endswith(("_uf1", "_uar")) or k in extra) and not k.startswith("htnet_") and is_number(v)}
-
-
-def running_key(metric):
-    """The objective's history over a trial, one MLflow metric at step = folds done (its charts' x axis); apart
-    from the objective's own key, which only a complete trial has."""
-    return f"running_{metric}"
-
-
 def curve_of(result, metric):
-    """What one intermediate Ray result adds to the trial's history (step = folds done)."""
-    values = {running_key(metric): result.get(metric), "folds_done": result.get("step")}
+    """What one intermediate Ray result adds to the trial's history, at step = folds done (the charts' x axis):
+    running_<objective>, apart from the objective's own key, which only a complete trial has."""
+    values = {f"running_{metric}": result.get(metric), "folds_done": result.get("step")}
     return {k: v for k, v in values.items() if is_number(v)}
 
 
 def end_metrics(result, status):
-    """The end-of-trial metrics: the engine's results (the `_uf1`/`_uar` keys) of a trial that did not finish
-    all its folds are PARTIAL_PREFIX-ed, so the complete-result columns hold complete results only."""
-    prefix = "" if status == "finished" else PARTIAL_PREFIX
-    return {**{prefix + k if k.endswith(("_uf1", "_uar")) else k: v
-               for k, v in engine_metrics(result, ("wall_time_s", *FOLD_EPOCHS)).items()},
-            "folds_done": result.get("step", 0)}
+    """The end-of-trial metrics: the engine's `{protocol}_{dataset}_{uf1|uar}` results of a trial that did not
+    finish all its folds are PARTIAL_PREFIX-ed, so the complete-result columns hold complete results only."""
+    prefix, scores = "" if status == "finished" else PARTIAL_PREFIX, ("_uf1", "_uar")
+    return {**{prefix + k if k.endswith(scores) else k: v for k, v in result.items()
+               if (k.endswith(scores) or k in ("wall_time_s", *FOLD_EPOCHS)) and not k.startswith("htnet_")
+               and is_number(v)}, "folds_done": result.get("step", 0)}
 
 
 def device_tags(result):
@@ -157,10 +143,9 @@ def ranked(table, value, ties=("trial_id",)):
 
 
 def trial_table(client, experiment_id, parent_run_id, metric=None, param_names=(), latest=True):
-    """A search's trial runs (lost ones left out) by attempt: trial_id, attempt, status, run_id, run_status,
-    retried, optuna_trial, `metric`, SUMMARY_METRICS, `param_names`, then every metrics.<k> and params.<k>
-    (numbers where all values read as numbers); an unfinished run's partial_<k> metrics as <k>. latest: each
-    trial's latest attempt, ranked by `metric` (pruned ones after the finished, by their partial objective)."""
+    """A search's trial runs (lost ones left out) by attempt: trial_id, attempt, status, run_id, run_status, retried,
+    optuna_trial, `metric`, SUMMARY_METRICS, `param_names`, every metrics.<k> and params.<k> (numbers where all read
+    as numbers); partial_<k> metrics as <k>. latest: each trial's latest attempt, ranked by `metric`."""
     metrics = list(dict.fromkeys([metric, *SUMMARY_METRICS] if metric else SUMMARY_METRICS))
     named = {**{f"metrics.{m}": m for m in metrics}, **{f"params.{p}": p for p in param_names}}
     frame = runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'",

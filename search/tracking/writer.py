@@ -55,13 +55,6 @@ engine resolved at run time.
 """
 
 
-def describe_experiment(client, experiment_id):
-    """The experiment's description (the UI shows it above the runs), unless someone wrote their own."""
-    note = retry(client.get_experiment, experiment_id).tags.get("mlflow.note.content", "")
-    if note != EXPERIMENT_NOTE and (not note or note.startswith(EXPERIMENT_NOTE.splitlines()[0])):
-        retry(client.set_experiment_tag, experiment_id, "mlflow.note.content", EXPERIMENT_NOTE)
-
-
 def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None, tags=None):
     tags = {"htnet.role": "search", "htnet.search": name, "htnet.objective": objective_metric,
             "htnet.objective_protocol": space.objective, "mlflow.runName": name, **(tags or {})}
@@ -70,13 +63,15 @@ def start_parent_run(client, experiment_id, name, space, objective_metric, extra
     log_params(client, run_id, {**{k: getattr(space, k) for k in settings}, "space_file": space.source,
                                 **(extra_params or {})})
     retry(client.log_dict, run_id, space.raw, "space.yaml")
-    describe_experiment(client, experiment_id)
+    # the experiment's description (the UI shows it above the runs), unless someone wrote their own
+    note = retry(client.get_experiment, experiment_id).tags.get("mlflow.note.content", "")
+    if note != EXPERIMENT_NOTE and (not note or note.startswith(EXPERIMENT_NOTE.splitlines()[0])):
+        retry(client.set_experiment_tag, experiment_id, "mlflow.note.content", EXPERIMENT_NOTE)
     return run_id
 
 
 def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
-    """Counts, the best finished trial's objective and test UF1/UAR (best_<protocol>_<dataset>_<uf1|uar>) and the
-    trial table (trials.csv) on the parent run."""
+    """Counts, the best finished trial's objective and best_<protocol>_<dataset>_<uf1|uar>, and trials.csv."""
     # every status, 0 included: a resumed search's earlier count (trials_interrupted 2) must not stand
     counts = table["status"].value_counts()
     metrics = {f"trials_{k}": int(counts.get(k, 0)) for k in STATUS_ORDER}
@@ -95,8 +90,7 @@ def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
 
 def create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial, attempt,
                      optuna_number=None):
-    """The child run of one trial attempt: tags, the flattened LOSO config the trainable runs (every setting,
-    defaults too) and config.yaml."""
+    """The child run of one trial attempt: tags, the flattened LOSO config the trainable runs, config.yaml."""
     try:
         config = trial_config(space, trial.config, overrides).to_dict()
     except UserError:  # the trial fails on it too (its run says why): the config as sampled
@@ -118,8 +112,7 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
 
 
 def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
-    """Final metrics (partial ones apart: end_metrics), the files of a finished trial (its Ray checkpoint, if
-    any) and the end status; a pruned trial's run is named so."""
+    """Final metrics (end_metrics), a finished trial's Ray checkpoint files, the end status; names a pruned run so."""
     log_metrics(client, run_id, {**end_metrics(result, status), "trial_wall_time_s": wall_time_s},
                 step=result.get("step", 0))  # log_metrics skips a None
     if params := resolved_params(result):
