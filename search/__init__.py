@@ -1,3 +1,2 @@
 """Distributed hyper-parameter search over full LOSO runs: Ray Tune trials, Optuna sampling and
-pruning, MLflow tracking. `python -m search --help`; the design is in search/pruning.py (the
-Optuna pruning bridge) and search/tracking.py (the MLflow schema)."""
+pruning, MLflow tracking. `python -m search --help`; the design is in docs/design.md."""

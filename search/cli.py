@@ -16,12 +16,13 @@ or damaged store, or a search that another process is running (one line on stder
 search as Ctrl+C does.
 """
 import argparse
+import contextlib
 import dataclasses
 import signal
 import sys
 import threading
 
-from htnet.errors import ArgumentParser, UserError
+from htnet.errors import ArgumentParser, UserError, first_line
 from search.space import PRUNERS
 
 OBJECTIVE_HELP = ("inner: the leak-free validation UF1 of the inner protocol (default); paper: the "
@@ -32,14 +33,12 @@ SAMPLERS = ["tpe", "random", "grid"]
 def at_least(minimum, kind=int, above=False):
     """An argparse type: a number of `kind` >= `minimum` (> with `above`)."""
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):
             value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value != value or value < minimum or (above and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
-                                             f"{'>' if above else '>='} {minimum}, got {text!r}")
-        return value
+            if value > minimum if above else value >= minimum:  # NaN is neither
+                return value
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
+                                         f"{'>' if above else '>='} {minimum}, got {text!r}")
     return parse
 
 
@@ -50,22 +49,21 @@ def comma_list(text):
     return [s for s in text.split(",") if s] or None
 
 
-def add_store(p):
-    p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (default: "
-                                          "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder)")
-    p.add_argument("--experiment", default="htnet", help="MLflow experiment (default: htnet)")
-
-
-def add_ray(p, per=None):
-    p.add_argument("--address", help="'auto' joins the running Ray cluster (default: start a local Ray)")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
+def add_shared(p, storage=None, ray=False, per=None, store=True):
+    """Options several commands share: --storage (the folder of `storage`), Ray's (with --cpus-/--gpus-per-`per`),
+    the MLflow store's."""
+    if storage:
+        p.add_argument("--storage", default="runs", help=f"folder of {storage} (default: runs)")
+    if ray or per:
+        p.add_argument("--address", help="'auto' joins the running Ray cluster (default: start a local Ray)")
+        p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
     if per:
         p.add_argument(f"--cpus-per-{per}", type=at_least(0, float, above=True), default=1.0, help="default 1")
         p.add_argument(f"--gpus-per-{per}", type=at_least(0, float), default=0.0, help="fractions allowed; default 0")
-
-
-def add_storage(p, what="the search records, Ray results, the Optuna study and synthetic data"):
-    p.add_argument("--storage", default="runs", help=f"folder of {what} (default: runs)")
+    if store:
+        p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (default: "
+                                              "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder)")
+        p.add_argument("--experiment", default="htnet", help="MLflow experiment (default: htnet)")
 
 
 def add_sets(p, verb="hold a LOSO config key fixed"):
@@ -79,6 +77,7 @@ def add_search_choices(p):
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler")
     p.add_argument("--seed", type=int, help="sampler seed")
     p.add_argument("--pruner", choices=PRUNERS, help="Optuna pruner (arguments from the space file if it matches)")
+    add_sets(p)
 
 
 def build_parser():
@@ -86,7 +85,7 @@ def build_parser():
     parser = ArgumentParser(prog="python -m search", description=__doc__, formatter_class=fmt)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("run", help="start (or with --resume, resume) a search")
+    run = p = commands.add_parser("run", help="start (or with --resume, resume) a search")
     p.add_argument("space", nargs="?", help="search space YAML, or the name of one in search/spaces/ (default: demo)")
     p.add_argument("--resume", metavar="NAME", help="resume the search NAME instead of starting one")
     p.add_argument("--name", help="search name (default: <space>-<date>-<time>)")
@@ -101,7 +100,6 @@ def build_parser():
     p.add_argument("--gpus-per-trial", type=at_least(0, float),
                    help="GPUs per trial, fractions allowed: 0.25 packs four on a GPU")
     p.add_argument("--max-failures", type=at_least(0), help="retries of a trial whose worker died")
-    add_sets(p)
     p.add_argument("--save-weights", action="store_true", help="log per-subject weights of every finished trial")
     p.add_argument("--verbose", type=int, nargs="?", const=1, choices=[0, 1, 2], default=0,
                    help="the libraries' output on the console too: 1 (or --verbose alone) with Ray Tune's trial "
@@ -111,19 +109,16 @@ def build_parser():
                                             "journal:FILE (default: sqlite:///<storage>/optuna.db)")
     p.add_argument("--ray-storage", help="Ray Tune results: a folder or s3://bucket/prefix; a cluster "
                                          "needs storage every node reaches (default: <storage>/ray)")
-    add_store(p)
-
-    for name, help_text in (("run", None), ("resume", "resume a search whose driver stopped")):
-        p = commands.choices["run"] if name == "run" else commands.add_parser(name, help=help_text)
-        if name == "resume":
-            p.add_argument("name")
-        add_storage(p)
-        add_ray(p)
+    resume = commands.add_parser("resume", help="resume a search whose driver stopped")
+    resume.add_argument("name")
+    for p in (run, resume):
+        add_shared(p, "the search records, Ray results, the Optuna study and synthetic data", ray=True,
+                   store=p is run)
         p.add_argument("--top", type=int, default=10, help="trials in the final table (default: 10)")
 
     p = commands.add_parser("status", help="list searches, or show one search's trials")
     p.add_argument("name", nargs="?")
-    add_storage(p, "the search records")
+    add_shared(p, "the search records", store=False)
     p.add_argument("--top", type=int, default=10, help="trials shown (default: 10)")
 
     p = commands.add_parser("leaderboard", help="rank the trials of one or more searches (from MLflow)")
@@ -141,7 +136,7 @@ def build_parser():
                                                           "form (model, key parameters, objective, Full UF1/UAR)")
     p.add_argument("--full", action="store_true", help="LaTeX: every column, as in the CSV and Markdown")
     p.add_argument("--run-ids", action="store_true", help="show MLflow run ids")
-    add_store(p)
+    add_shared(p)
 
     p = commands.add_parser("rerun", help="rerun a configuration with K seeds in parallel (Ray)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -159,9 +154,7 @@ def build_parser():
                                     "changed, e.g. 'HTNet (paper config, epochs=1)')")
     add_sets(p, "change a LOSO config key, e.g. device=cpu")
     p.add_argument("--data", help="release folder (default: the search's data, else the synthetic set)")
-    add_storage(p, "the synthetic data cache")
-    add_ray(p, "seed")
-    add_store(p)
+    add_shared(p, "the synthetic data cache", per="seed")
 
     p = commands.add_parser("paper-table", help="the paper's table from MLflow reruns (Markdown, LaTeX)")
     p.add_argument("--out", help="folder for paper_table.md, .tex and .csv")
@@ -175,7 +168,7 @@ def build_parser():
                    help="also rows on other data than the published rows' (synthetic, fewer subjects), marked")
     p.add_argument("--no-nested", action="store_true", help="leave out the nested LOSO rows")
     p.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
-    add_store(p)
+    add_shared(p)
 
     p = commands.add_parser("compare", help="paired per-subject comparison of two runs")
     p.add_argument("run_a", metavar="RUN_A", help="MLflow run id, or a predictions.csv / folder")
@@ -183,29 +176,26 @@ def build_parser():
     p.add_argument("--protocol", default="inner", help="protocol of both runs (default: inner)")
     p.add_argument("--protocol-b", help="protocol of RUN_B when it differs (e.g. final for STSTNet)")
     p.add_argument("--dataset", default="full", choices=["full", "smic", "casme2", "samm"])
-    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap replicates (default 10000)")
+    p.add_argument("--n-boot", type=at_least(100), default=10_000, help="bootstrap replicates, >= 100 (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and permutations")
     p.add_argument("--csv", help="write the per-subject table")
     p.add_argument("--json", help="write the summary as JSON")
-    add_store(p)
+    add_shared(p)
 
     p = commands.add_parser("nested", help="nested LOSO: the search inside every outer fold (unbiased)")
     p.add_argument("space", help="search space YAML, or the name of one in search/spaces/")
     p.add_argument("--name", help="name of the nested run (default: nested-<date>-<time>)")
     p.add_argument("--method", help="row label in the paper table (default: 'Search + HTNet (nested LOSO)')")
     p.add_argument("--data", help="release folder (default: the space's synthetic set)")
-    add_storage(p, "the synthetic data cache")
     p.add_argument("--subjects", help="restrict the data first: a count across datasets, or ids")
     p.add_argument("--outer-subjects", help="outer folds to run: a count across datasets, or ids (default: all)")
     add_search_choices(p)
-    add_sets(p)
-    add_ray(p, "fold")
-    add_store(p)
+    add_shared(p, "the synthetic data cache", per="fold")
 
     p = commands.add_parser("plots", help="log a search's Optuna and per-subject plots to its parent run")
     p.add_argument("search", metavar="SEARCH")
     p.add_argument("--optuna-storage", help="the Optuna storage (default: the one the search logged)")
-    add_store(p)
+    add_shared(p)
     return parser
 
 
@@ -226,42 +216,27 @@ def pairs(items, flag):
 
 
 def cmd_run(args):
+    """run, run --resume and resume. A finished search gets its plots (the driver never imports the reports; their
+    libraries' warnings go to the search's log as its own did)."""
     from search.driver import runner
-
-    if args.resume:
-        return cmd_resume(argparse.Namespace(**{**vars(args), "name": args.resume}))
-    return ended(runner.run_search(options(runner.Options, args)))
-
-
-def cmd_resume(args):
-    from search.driver import runner
-
-    return ended(runner.resume_search(args.name, storage=args.storage, address=args.address,
-                                      num_cpus=args.num_cpus, top=args.top))
-
-
-def ended(summary):
-    """A finished search gets its plots (the driver never imports the reports; their libraries' warnings go
-    to the search's log as its own did); exit code."""
     from search.driver.console import search_console
-
-    if summary["complete"]:
-        manifest = summary["manifest"]
-        with search_console(manifest["log"], manifest.get("verbose", 1)):
-            log_plots(manifest, summary["name"])
-    return 0 if summary["complete"] else 1
-
-
-def log_plots(manifest, name, out=None):
     from search.reports.leaderboard import open_store
     from search.reports.plots import log_search_plots
 
-    try:
-        store = open_store(manifest["tracking_uri"], manifest["experiment"])
-        log_search_plots(store, name, manifest["optuna_storage"], out=out)
-    except Exception as e:  # noqa: BLE001  (plots are a convenience: never fail a finished search)
-        print(f"warning: could not log the search's plots: {str(e).splitlines()[0] if str(e) else e!r}",
-              file=out or sys.stdout)
+    if args.command == "run" and not args.resume:
+        summary = runner.run_search(options(runner.Options, args))
+    else:
+        summary = runner.resume_search(getattr(args, "resume", None) or args.name, storage=args.storage,
+                                       address=args.address, num_cpus=args.num_cpus, top=args.top)
+    if summary["complete"]:
+        manifest = summary["manifest"]
+        with search_console(manifest["log"], manifest.get("verbose", 1)):
+            try:
+                store = open_store(manifest["tracking_uri"], manifest["experiment"])
+                log_search_plots(store, summary["name"], manifest["optuna_storage"])
+            except Exception as e:  # noqa: BLE001  (plots are a convenience: never fail a finished search)
+                print(f"warning: could not log the search's plots: {first_line(e)}")
+    return 0 if summary["complete"] else 1
 
 
 def cmd_status(args):
@@ -310,8 +285,6 @@ def cmd_compare(args):
         pass  # local prediction files need no store
     a, label_a = load_predictions(args.run_a, store)
     b, label_b = load_predictions(args.run_b, store)
-    if args.n_boot < 100:
-        raise UserError(f"--n-boot must be >= 100, got {args.n_boot}")
     result = compare(a, b, protocol=args.protocol, protocol_b=args.protocol_b, dataset=args.dataset,
                      n_boot=args.n_boot, seed=args.seed, labels=(label_a, label_b))
     print_comparison(result)
@@ -333,7 +306,7 @@ def cmd_plots(args):
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "status": cmd_status, "leaderboard": cmd_leaderboard,
+COMMANDS = {"run": cmd_run, "resume": cmd_run, "status": cmd_status, "leaderboard": cmd_leaderboard,
             "rerun": cmd_rerun, "paper-table": cmd_paper_table, "compare": cmd_compare, "nested": cmd_nested,
             "plots": cmd_plots}
 
@@ -370,8 +343,7 @@ def main(argv=None):
 
         if not isinstance(e, mlflow_errors()):
             raise
-        text = str(e).strip()
-        print(f"error: MLflow: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
+        print(f"error: MLflow: {first_line(e)}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

@@ -14,8 +14,7 @@ from search import tracking
 from search.bridge import run_trial
 from search.driver.runner import Options, effective_samples, resolve_space
 from search.reports.export import format_numbers, markdown_table
-from search.reports.leaderboard import open_store
-from search.reports.leaderboard import model_label
+from search.reports.leaderboard import model_label, open_store
 from search.reports.rerun import data_tags, log_frame
 from search.space import flatten
 
@@ -131,8 +130,7 @@ def run_nested(options, out=None):
     if isinstance(outer, int) and outer < 1:
         raise UserError(f"--outer-subjects must be >= 1, got {outer}")
     outer = data.subject_ids if outer is None else data.pick_subjects(outer) if isinstance(outer, int) else outer
-    unknown = [s for s in outer if s not in data.subject_ids]
-    if unknown:
+    if unknown := [s for s in outer if s not in data.subject_ids]:
         raise UserError(f"--outer-subjects: subject {unknown[0]!r} is not in the data")
     n_subjects = len(data.subject_ids)
     if n_subjects < 4:
@@ -235,9 +233,10 @@ def finish_nested(client, parent_id, name, method, space, results, estimate, sta
             "nested_trials_pruned": counts["pruned"], "nested_trials_failed": counts["failed"],
             "nested_fold_epochs": fold_epochs, "nested_wall_time_s": wall,
             "nested_task_time_s": float(folds["wall_time_s"].fillna(0).sum())}
-    predictions = pd.concat([r["predictions"] for r in ok], ignore_index=True) if ok else pd.DataFrame()
-    metrics = compute_metrics(predictions) if ok else {}
+    predictions, metrics = pd.DataFrame(), {}
     if ok:
+        predictions = pd.concat([r["predictions"] for r in ok], ignore_index=True)
+        metrics = compute_metrics(predictions)
         log_frame(client, parent_id, predictions, "predictions.csv")
     tracking.log_metrics(client, parent_id, {**metrics, **cost, "fold_epochs": fold_epochs, "wall_time_s": wall})
     cost_line = (f"{len(trials)} inner trials ({counts['pruned']} pruned, {counts['failed']} failed) "
@@ -253,7 +252,7 @@ def finish_nested(client, parent_id, name, method, space, results, estimate, sta
             f"outer subject's epoch by its test accuracy (leaks).", ""]
     if len(table):
         text.append(markdown_table(format_numbers(table.reset_index(names="protocol"))))
-    log_frame(client, parent_id, "\n".join(text), "summary.md", markdown=True)
+    log_frame(client, parent_id, "\n".join(text), "summary.md")
     tracking.retry(client.set_terminated, parent_id, "FINISHED" if ok else "FAILED")
 
     print(f"\n{method} ({len(ok)} of {len(results)} outer folds):", file=out)

@@ -13,11 +13,9 @@ logger = logging.getLogger(__name__)
 class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch whose study has a real pruner and which tells Optuna PRUNED/FAIL/COMPLETE."""
 
-    def __init__(self, space, metric, mode, pruner, sampler, study_name, storage, **kwargs):
-        self._pruner = pruner
-        self._pruned = set()
-        super().__init__(space=space, metric=metric, mode=mode, sampler=sampler,
-                         study_name=study_name, storage=storage, **kwargs)
+    def __init__(self, pruner, **kwargs):
+        self._pruner, self._pruned = pruner, set()
+        super().__init__(**kwargs)  # OptunaSearch's: space, metric, mode, sampler, study_name, storage
 
     def _setup_study(self, mode):
         super()._setup_study(mode)
@@ -57,15 +55,14 @@ class PruningOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id, result=None, error=False):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial, result = self._ot_trials[trial_id], result or {}
         self._completed_trials.add(trial_id)
         if self._frozen(ot_trial).state.is_finished():  # told before the driver was killed
             return
-        result = result or {}
-        failed = error or not result or result.get("htnet_status") == "failed"
         if result.get("htnet_status") == "failed" and result.get("htnet_error"):
             ot_trial.set_user_attr("error", str(result["htnet_error"])[:500])
-        tell(self._ot_study, ot_trial, result.get(self.metric), pruned=trial_id in self._pruned, failed=failed)
+        tell(self._ot_study, ot_trial, result.get(self.metric), pruned=trial_id in self._pruned,
+             failed=error or not result or result.get("htnet_status") == "failed")
 
     def set_ray_trial_attrs(self, trial_id, **attrs):
         ot_trial = self._ot_trials.get(trial_id)

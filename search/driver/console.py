@@ -2,6 +2,7 @@
 search.driver.progress, the summary). Ray's, MLflow's and Optuna's log records, Python warnings, Ray Tune's
 progress output and the trials' worker output go to the search's log file; with --verbose they are also on
 the console, as the libraries print them."""
+import collections
 import contextlib
 import importlib
 import io
@@ -47,20 +48,7 @@ class LogFile(io.TextIOBase):
         super().close()
 
 
-class Console:
-    def __init__(self, log, out, verbose):
-        self.log, self.out, self.verbose = log, out, verbose
-
-    def worker_lines(self, batch):
-        """A batch of worker output that Ray forwarded to the driver (a dispatcher handler); of the autoscaler's,
-        only its events, as Ray prints them."""
-        from ray._private.worker import filter_autoscaler_events
-
-        lines = batch.get("lines", [])
-        if batch.get("pid") == "autoscaler":
-            lines = filter_autoscaler_events(lines)
-        who = batch.get("actor_name") or batch.get("task_name") or "worker"
-        self.log.write("".join(f"({who} pid={batch.get('pid')}) {line}\n" for line in lines))
+Console = collections.namedtuple("Console", "log out verbose")
 
 
 def is_console_handler(handler):
@@ -122,11 +110,21 @@ def out():
 def route_worker_output():
     """After ray.init: the workers' output that Ray forwards to the driver goes to the log file, and stays on the
     console only with --verbose. Ray prints it through a dispatcher of named handlers (ray._private)."""
+    from ray._private.worker import filter_autoscaler_events
+
+    def worker_lines(batch):  # of the autoscaler's lines only its events, as Ray prints them
+        lines = batch.get("lines", [])
+        if batch.get("pid") == "autoscaler":
+            lines = filter_autoscaler_events(lines)
+        who = batch.get("actor_name") or batch.get("task_name") or "worker"
+        log.write("".join(f"({who} pid={batch.get('pid')}) {line}\n" for line in lines))
+
     if _current is not None:
+        log = _current.log
         if not _current.verbose:
             dispatcher().remove_handler("ray_print_logs")
         dispatcher().remove_handler("htnet_log")
-        dispatcher().add_handler("htnet_log", _current.worker_lines)
+        dispatcher().add_handler("htnet_log", worker_lines)
 
 
 def dispatcher():

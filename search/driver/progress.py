@@ -2,11 +2,11 @@
 it reported, pruned, finished, failed, retried) and a compact table of the running trials and the best finished
 ones, first after TABLE_EVERY_S seconds, then at twice the interval each time up to TABLE_EVERY_MAX_S (a short
 search shows one, a long one is not flooded), when there was news."""
-import math
 import time
 
 from ray import tune
 
+from search.bridge import finite
 from search.driver import console
 from search.tracking.schema import run_name, trial_status
 from search.tracking.writer import error_text
@@ -44,7 +44,7 @@ class SearchProgress(tune.Callback):
     def _update(self, state, result):
         value = result.get(self.space.metric)
         state.update(step=result.get("step", state["step"]), total=result.get("folds_total", state["total"]),
-                     value=value if isinstance(value, (int, float)) and math.isfinite(value) else state["value"])
+                     value=value if finite(value) else state["value"])
 
     def _shown(self, state, result):
         folds = f"{state['step']}/{state['total']} folds" if state["total"] else f"{state['step']} folds"

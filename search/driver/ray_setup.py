@@ -53,8 +53,7 @@ def session_processes():
 
 first, deadline = {}, time.monotonic() + 60
 while time.monotonic() < deadline:
-    pids = session_processes()
-    if not pids:
+    if not (pids := session_processes()):
         break
     for pid in pids:  # SIGTERM, then SIGKILL what is still there 3 s later
         if pid not in first:
@@ -77,7 +76,9 @@ def init_ray(address, num_cpus):
     """Join the Ray cluster at `address`, or start a local Ray with its watchdog (WATCHDOG).
     address="local" makes Ray start one even if a ray_current_cluster file (maybe left by a crashed
     Ray) or RAY_ADDRESS names another cluster. Returns False if Ray was already initialized (the
-    caller's Ray, left alone), else True; end with stop_ray."""
+    caller's Ray, left alone), else True."""
+    import threading
+
     import ray
 
     global _watchdog
@@ -91,27 +92,19 @@ def init_ray(address, num_cpus):
             ray.init(address=address)
         except (ConnectionError, ValueError) as e:
             raise UserError(f"--address {address}: {first_line(e)}") from None
-        restore_sigterm(sigterm)
-        route_worker_output()
-        return True
-    end_watchdog()  # this process's previous local Ray was shut down: clear what is left of it
-    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    restore_sigterm(sigterm)
+    else:
+        end_watchdog()  # this process's previous local Ray was shut down: clear what is left of it
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        _watchdog = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()),
+                                      context.address_info["session_dir"]],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # ray.init replaces the driver's SIGTERM handler (with one that exits at once, and a crash handler that
+    # aborts): put back the one that was there (the CLI's stops the search as Ctrl+C does). Without one of
+    # ours, Ray's stays: SystemExit, so ray_session still shuts Ray down.
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
     route_worker_output()
-    _watchdog = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()),
-                                  context.address_info["session_dir"]],
-                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return True
-
-
-def restore_sigterm(handler):
-    """ray.init replaces the driver's SIGTERM handler (with one that exits at once, and a crash
-    handler that aborts): put back the one that was there (the CLI's stops the search as Ctrl+C
-    does). Without one of ours, Ray's stays: SystemExit, so stop_ray still runs."""
-    import threading
-
-    if callable(handler) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
 
 
 def end_watchdog():
@@ -127,31 +120,21 @@ def end_watchdog():
         watchdog.wait(timeout=90)
 
 
-def stop_ray(started):
-    if started:
-        import ray
-
-        try:
-            ray.shutdown()
-        finally:
-            end_watchdog()
-
-
 @contextlib.contextmanager
 def ray_session(address, num_cpus):
-    """init_ray ... stop_ray around the block, whatever ends it (an error, Ctrl+C, SIGTERM)."""
+    """init_ray around the block; Ray (if it started it) and its watchdog are shut down whatever ends the block
+    (an error, Ctrl+C, SIGTERM)."""
+    import ray
+
     started = init_ray(address, num_cpus)
     try:
         yield started
     finally:
-        stop_ray(started)
-
-
-def is_local_ray():
-    """True when this process's Ray is a cluster ray.init() started (one node, no autoscaler)."""
-    import ray
-
-    return bool(getattr(getattr(ray._private.worker, "_global_node", None), "ray_init_cluster", False))
+        if started:
+            try:
+                ray.shutdown()
+            finally:
+                end_watchdog()
 
 
 def check_resources(resources, where):
@@ -166,6 +149,7 @@ def check_resources(resources, where):
     most = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
     text = (f"{where}: a trial needs cpu={cpu:g}, gpu={gpu:g}, but no node of the Ray cluster has that "
             f"much (the most any node has: cpu={most['CPU']:g}, gpu={most['GPU']:g})")
-    if is_local_ray():
+    # a cluster that ray.init() started (one node, no autoscaler)
+    if getattr(getattr(ray._private.worker, "_global_node", None), "ray_init_cluster", False):
         raise UserError(f"{text}; its trials would wait forever")
     print(f"warning: {text}; the trials wait until the cluster gets such a node", file=sys.stderr, flush=True)

@@ -14,10 +14,9 @@ from htnet.io import atomic_write, ensure_writable_dir, read_yaml
 from htnet.loso import parse_subjects
 from search.driver.console import library_stdout, log_path, search_console
 from search.driver.ray_setup import check_resources, ray_session
-from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_name, check_restorable, data_source,
-                                  default_optuna_storage, default_tracking_uri, load_data, lock_path, manifest_path,
-                                  no_such_search, open_optuna_storage, read_manifest, restore_deleted_checkpoints,
-                                  search_lock, search_names, write_manifest)
+from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_restorable, data_source, default_tracking_uri,
+                                  load_data, manifest_path, no_such_search, open_optuna_storage, read_manifest,
+                                  restore_deleted_checkpoints, search_lock, search_names, write_manifest)
 from search.space import SPACES_DIR, check_fixed_values, load_space, parse_space, set_fixed, with_overrides
 
 DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
@@ -53,24 +52,16 @@ class Options:
 
 
 def resolve_space(options):
-    space = load_space(options.space)
+    """The space file with the options' search settings and --set values."""
     resources = {k: float(v) for k, v in (("cpu", options.cpus_per_trial), ("gpu", options.gpus_per_trial))
                  if v is not None}
-    space = with_overrides(space, num_samples=options.num_samples,
-                           max_concurrent_trials=options.max_concurrent_trials,
-                           objective=options.objective, sampler=options.sampler, seed=options.seed,
-                           pruner=options.pruner, max_failures=options.max_failures,
-                           resources=resources or None)
+    flags = ("num_samples", "max_concurrent_trials", "objective", "sampler", "seed", "pruner", "max_failures")
+    space = with_overrides(load_space(options.space), resources=resources or None,
+                           **{key: getattr(options, key) for key in flags})
     space = set_fixed(space, options.sets)
     if options.sets:
         check_fixed_values(space, "--set")
     return space
-
-
-def overrides_of(options):
-    """LOSO config values the CLI sets for every trial."""
-    return {**({"subjects": parse_subjects(options.subjects)} if options.subjects else {}),
-            **({"save_weights": True} if options.save_weights else {})}
 
 
 def trial_dirname(trial):
@@ -89,9 +80,8 @@ def make_trainable(space, data, overrides, provenance, replay=None):
 
 
 def effective_samples(space):
-    if space.sampler["type"] == "grid":
-        return min(space.num_samples, len(space.grid_points()))
-    return space.num_samples
+    """The trials a search runs: a grid sampler's no more than its points."""
+    return min(space.num_samples, len(space.grid_points())) if space.sampler["type"] == "grid" else space.num_samples
 
 
 def run_search(options, out=None):
@@ -101,7 +91,9 @@ def run_search(options, out=None):
 
     out = out or sys.stdout
     space = resolve_space(options)
-    name = check_name(options.name or f"{Path(space.source).stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    name = options.name or f"{Path(space.source).stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 100)")
     tracking_uri = options.tracking_uri or default_tracking_uri()
     tracking.check_reachable(tracking_uri)  # before anything is written or any trial runs
     storage = ensure_writable_dir(Path(options.storage).resolve())
@@ -113,6 +105,8 @@ def start_search(options, space, name, tracking_uri, storage, out):
     import optuna
     from ray import tune
 
+    from htnet.folds import check_fold_classes
+    from htnet.loso import lone_subjects_warning, select_subjects
     from search import tracking
     from search.driver.progress import SearchProgress
     from search.pruning import OptunaPruningScheduler, PruningOptunaSearch
@@ -120,10 +114,14 @@ def start_search(options, space, name, tracking_uri, storage, out):
     ray_storage = options.ray_storage or str(storage / "ray")
     if "://" not in ray_storage:
         ray_storage = str(ensure_writable_dir(Path(ray_storage).resolve()))
-    overrides = overrides_of(options)
+    overrides = {**({"subjects": parse_subjects(options.subjects)} if options.subjects else {}),
+                 **({"save_weights": True} if options.save_weights else {})}  # LOSO values of every trial
     source = data_source(options, space, storage)
     data, data_root = load_data(source)
-    used = check_data(data, overrides)
+    used = select_subjects(data, overrides.get("subjects"))
+    check_fold_classes(used)  # before any trial: every fold must be trainable (a class in every training set)
+    if warning := lone_subjects_warning(used):  # subjects with a single sample are valid folds: one line names them
+        print(warning, file=sys.stderr)
     description = f"{space.description or Path(space.source).stem}; on {data_description(source, data, used)}"
     provenance = tracking.provenance(data)   # the code and data the trials run, as recorded
     with search_lock(storage, name, "wait for it to end or pick another --name"):
@@ -131,12 +129,15 @@ def start_search(options, space, name, tracking_uri, storage, out):
             raise UserError(f"search {name!r} exists: resume it with `python -m search resume {name}` "
                             f"or pick another --name")
         client = tracking.client_for(tracking_uri)  # creates or checks a local store
-        optuna_url = options.optuna_storage or default_optuna_storage(storage)
+        optuna_url = options.optuna_storage or f"sqlite:///{(storage / 'optuna.db').resolve()}"
         if name in optuna.get_all_study_names(open_optuna_storage(optuna_url)):
             raise UserError(f"an Optuna study named {name!r} exists in {optuna_url}: pick another --name")
-        space.num_samples = min(space.num_samples, effective_samples(space))
+        space.num_samples = effective_samples(space)
         with ray_session(options.address, options.num_cpus):
-            check_resources(space.resources, resources_flags(options) or f"{space.source}: resources")
+            flags = [f"{flag} {value:g}" for flag, value in (("--cpus-per-trial", options.cpus_per_trial),
+                                                             ("--gpus-per-trial", options.gpus_per_trial),
+                                                             ("--num-cpus", options.num_cpus)) if value is not None]
+            check_resources(space.resources, " with ".join(flags) or f"{space.source}: resources")
             try:  # the search's records: only once its trials can run
                 experiment_id = tracking.ensure_experiment(client, options.experiment, tracking_uri)
                 parent_run_id = tracking.start_parent_run(
@@ -186,13 +187,6 @@ def start_search(options, space, name, tracking_uri, storage, out):
         return finish_or_report(storage, name, space, options.top, out, fill=callback.offline)
 
 
-def resources_flags(options):
-    flags = [f"{flag} {value:g}" for flag, value in (("--cpus-per-trial", options.cpus_per_trial),
-                                                     ("--gpus-per-trial", options.gpus_per_trial),
-                                                     ("--num-cpus", options.num_cpus)) if value is not None]
-    return " with ".join(flags)
-
-
 def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out=None):
     """Resume a search whose driver stopped (killed, Ctrl+C, machine restart). Everything else
     (space, data, stores, progress output) is as the search was started. Ray's experiment is
@@ -200,7 +194,7 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
     out = out or sys.stdout
     storage = Path(storage).resolve()
     if not NAME_PATTERN.match(name) or not (manifest_path(storage, name).is_file()
-                                            or lock_path(storage, name).is_file()):
+                                            or manifest_path(storage, name).with_suffix(".lock").is_file()):
         raise no_such_search(storage, name)
     with search_lock(storage, name):
         manifest = read_manifest(storage, name)
@@ -253,20 +247,6 @@ def space_of(manifest):
     return set_fixed(space, manifest.get("sets"))
 
 
-def check_data(data, overrides):
-    """Before any trial: every fold must be trainable (a class in every training set); subjects
-    with a single sample are valid folds, named in one warning line."""
-    from htnet.folds import check_fold_classes
-    from htnet.loso import lone_subjects_warning, select_subjects
-
-    data = select_subjects(data, overrides.get("subjects"))
-    check_fold_classes(data)
-    warning = lone_subjects_warning(data)
-    if warning:
-        print(warning, file=sys.stderr)
-    return data
-
-
 def data_description(source, data, used, root=None):
     """What the trials train on, e.g. 'the synthetic composite at R: 6 of its 9 subjects (casme2 2, samm 2,
     smic 2), 45 samples'."""
@@ -292,64 +272,56 @@ def log_line(manifest, storage, name):
     return f"log: {where} holds Ray's, MLflow's and Optuna's messages (--verbose shows them here)"
 
 
-# ----------------------------------------------------------------------------- MLflow gone
+# ----------------------------------------------------------------------------- the end
 
-def fill_mlflow(storage, name, out=None):
-    """Log to MLflow every ended trial that Ray Tune recorded and MLflow missed (see
-    tracking.backfill); returns the trial ids filled in."""
+def optuna_trials(manifest):
+    """The trials of the search's Optuna study (none where the study is gone)."""
     import optuna
+
+    try:
+        study = optuna.load_study(study_name=manifest["name"], storage=open_optuna_storage(manifest["optuna_storage"]))
+    except KeyError:
+        return []
+    return study.get_trials(deepcopy=False)
+
+
+def fill_mlflow(manifest, name, space, out):
+    """Log to MLflow every ended trial that Ray Tune recorded and MLflow missed (tracking.backfill)."""
     from ray import tune
 
     from search import tracking
 
-    manifest = read_manifest(storage, name)
-    space = space_of(manifest)
     check_restorable(manifest, name)  # ExperimentAnalysis unpickles the trials' state
     analysis = tune.ExperimentAnalysis(manifest["ray_path"])
-    try:
-        study = optuna.load_study(study_name=name, storage=open_optuna_storage(manifest["optuna_storage"]))
-        numbers = {t.user_attrs["ray_trial_id"]: t.number for t in study.get_trials(deepcopy=False)
-                   if "ray_trial_id" in t.user_attrs}
-    except KeyError:
-        numbers = {}
-    client = tracking.client_for(manifest["tracking_uri"])
-    filled = tracking.backfill(client, manifest["experiment_id"], manifest["parent_run_id"], name, space,
-                               analysis.trials, analysis.trial_dataframes, manifest.get("overrides") or {},
-                               numbers)
+    numbers = {t.user_attrs["ray_trial_id"]: t.number for t in optuna_trials(manifest)
+               if "ray_trial_id" in t.user_attrs}
+    filled = tracking.backfill(tracking.client_for(manifest["tracking_uri"]), manifest["experiment_id"],
+                               manifest["parent_run_id"], name, space, analysis.trials, analysis.trial_dataframes,
+                               manifest.get("overrides") or {}, numbers)
     if filled:
-        print(f"MLflow: logged {len(filled)} ended trial(s) it had missed", file=out or sys.stdout)
-    return filled
+        print(f"MLflow: logged {len(filled)} ended trial(s) it had missed", file=out)
 
 
-def mlflow_down(storage, name, reason, out):
-    """MLflow does not answer at the end of a search: say so in one line, keep everything."""
+def finish_or_report(storage, name, space, top, out, fill=False):
+    """Finish the search (after logging what MLflow missed, with `fill`), or, where MLflow does not answer, say so
+    in one line and keep everything."""
     from search import tracking
 
     manifest = read_manifest(storage, name)
+    try:
+        reason = tracking.unreachable(manifest["tracking_uri"]) if fill else None
+        if reason is None:
+            if fill:
+                fill_mlflow(manifest, name, space, out)
+            return finish(storage, name, space, top, out)
+    except tracking.mlflow_errors() as e:
+        reason = tracking.short_reason(e)
     manifest["status"] = "interrupted"
     write_manifest(storage, name, manifest)
     print(f"error: {tracking.unreachable_message(manifest['tracking_uri'], reason, name, manifest['ray_path'])}",
           file=sys.stderr, flush=True)
     return {"name": name, "manifest": manifest, "complete": False, "mlflow_error": reason}
 
-
-def finish_or_report(storage, name, space, top, out, fill=False):
-    """Finish the search (after logging what MLflow missed, with `fill`), or say in one line that
-    MLflow does not answer and keep everything."""
-    from search import tracking
-
-    try:
-        reason = tracking.unreachable(read_manifest(storage, name)["tracking_uri"]) if fill else None
-        if reason is None:
-            if fill:
-                fill_mlflow(storage, name, out)
-            return finish(storage, name, space, top, out)
-    except tracking.mlflow_errors() as e:
-        reason = tracking.short_reason(e)
-    return mlflow_down(storage, name, reason, out)
-
-
-# ----------------------------------------------------------------------------- the end
 
 def summarize(storage, name, space=None):
     """The trial table of a search (from MLflow) with counts and the Optuna study's view."""
@@ -370,20 +342,17 @@ def finish(storage, name, space, top, out):
     from search import tracking
 
     summary = summarize(storage, name, space)
-    manifest, table = summary["manifest"], summary["table"]
-    status = "finished" if summary["complete"] else "interrupted"
-    manifest["status"] = status
+    manifest, complete = summary["manifest"], summary["complete"]
+    manifest["status"] = "finished" if complete else "interrupted"
     write_manifest(storage, name, manifest)
     best = write_best_config(storage, name, summary)
-    if not summary["complete"]:
+    if not complete:
         tracking.mark_interrupted(summary["client"], manifest["experiment_id"], manifest["parent_run_id"])
-        summary = summarize(storage, name, space)
-        table = summary["table"]
-    tracking.finish_parent_run(summary["client"], manifest["parent_run_id"], table, space.metric,
-                               "FINISHED" if summary["complete"] else "KILLED")
+        summary = summarize(storage, name, space)  # with the trial runs it marked
+    tracking.finish_parent_run(summary["client"], manifest["parent_run_id"], summary["table"], space.metric,
+                               "FINISHED" if complete else "KILLED")
     print_summary(summary, top, best, out)
-    summary["best_config"] = best
-    return summary
+    return {**summary, "best_config": best}
 
 
 def write_best_config(storage, name, summary):
@@ -394,15 +363,13 @@ def write_best_config(storage, name, summary):
     if not len(finished) or finished[metric].isna().all():
         return None
     best = finished.loc[finished[metric].idxmax()]
-    path = Path(storage) / "searches" / f"{name}.best.yaml"
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="config.yaml",
-                                                    tracking_uri=summary["manifest"]["tracking_uri"])
-        config = read_yaml(local)
+        config = read_yaml(mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="config.yaml",
+                                                               tracking_uri=summary["manifest"]["tracking_uri"]))
     except Exception as e:  # noqa: BLE001
         print(f"warning: could not read the best trial's config.yaml: {e}", file=sys.stderr)
         return None
-    with atomic_write(path) as f:
+    with atomic_write(path := manifest_path(storage, name).with_suffix(".best.yaml")) as f:
         f.write(f"# best trial {best['trial_id']} of search {name}: {metric} = {best[metric]:.4f}\n")
         yaml.safe_dump(config, f, sort_keys=False)
     return path
@@ -444,15 +411,21 @@ def print_summary(summary, top, best, out):
           f"{manifest['optuna_storage']}", file=out)
 
 
-def list_searches(storage, out=None):
-    """One line per search; a damaged record is marked on its line, the others are listed, and
-    the list ends in one error line naming the damaged files (exit 2)."""
+def status(storage, name=None, top=10, out=None):
+    """One search's summary and its Optuna study's trial states; without `name`, one line per search: a damaged
+    record is marked on its line, the others are listed, and the list ends in one error line naming the damaged
+    files (exit 2)."""
     out = out or sys.stdout
-    folder = Path(storage) / "searches"
-    names, damaged = search_names(storage), []
+    if name is not None:
+        summary = summarize(Path(storage), name)
+        best = manifest_path(storage, name).with_suffix(".best.yaml")
+        print_summary(summary, top, best if best.is_file() else None, out)
+        counts = collections.Counter(trial.state.name for trial in optuna_trials(summary["manifest"]))
+        print("Optuna study: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no trials"), file=out)
+        return summary
+    folder, names, damaged = Path(storage) / "searches", search_names(storage), []
     if not names:
         print(f"no searches in {folder}", file=out)
-        return []
     for name in names:
         try:
             manifest = read_manifest(storage, name)
@@ -465,27 +438,3 @@ def list_searches(storage, out=None):
     if damaged:
         raise UserError(f"{folder}: damaged search record(s): {', '.join(damaged)} (the others are listed)")
     return names
-
-
-def optuna_counts(manifest):
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=manifest["name"],
-                                  storage=open_optuna_storage(manifest["optuna_storage"]))
-    except KeyError:
-        return {}
-    return collections.Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
-
-
-def status(storage, name=None, top=10, out=None):
-    out = out or sys.stdout
-    if name is None:
-        return list_searches(storage, out)
-    summary = summarize(Path(storage), name)
-    best = Path(storage) / "searches" / f"{name}.best.yaml"
-    print_summary(summary, top, best if best.is_file() else None, out)
-    counts = optuna_counts(summary["manifest"])
-    print("Optuna study: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no trials"), file=out)
-    return summary
-

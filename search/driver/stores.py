@@ -19,10 +19,6 @@ def default_tracking_uri():
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-def default_optuna_storage(storage):
-    return f"sqlite:///{(Path(storage) / 'optuna.db').resolve()}"
-
-
 def open_optuna_storage(url):
     """sqlite:///path, any SQLAlchemy URL, or journal:path / a *.log file (JournalStorage)."""
     import optuna
@@ -80,8 +76,7 @@ def read_manifest(storage, name):
             raise UserError(f"{path}: damaged search record: key {key!r} is missing")
         if not isinstance(manifest[key], kind):
             raise UserError(f"{path}: damaged search record: {key} is not a {kind.__name__}")
-    missing = [k for k in SETTINGS_KEYS if k not in manifest["settings"]]
-    if missing:
+    if missing := [k for k in SETTINGS_KEYS if k not in manifest["settings"]]:
         raise UserError(f"{path}: damaged search record: key 'settings.{missing[0]}' is missing")
     if manifest["name"] != name:
         raise UserError(f"{path}: damaged search record: it names search {manifest['name']!r}")
@@ -91,12 +86,6 @@ def read_manifest(storage, name):
 def write_manifest(storage, name, manifest):
     with atomic_write(manifest_path(storage, name)) as f:
         yaml.safe_dump(manifest, f, sort_keys=False)
-
-
-def check_name(name):
-    if not NAME_PATTERN.match(name):
-        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 100)")
-    return name
 
 
 def data_source(options, space, storage):
@@ -123,17 +112,13 @@ def load_data(source):
     return load_release(root), str(root)
 
 
-def lock_path(storage, name):
-    return Path(storage) / "searches" / f"{name}.lock"
-
-
 @contextlib.contextmanager
 def search_lock(storage, name, hint="wait for it to end"):
     """Held (flock) while this process runs or resumes search `name`: two drivers of one search would
     run its trials twice and overwrite each other's records."""
     import fcntl
 
-    path = lock_path(storage, name)
+    path = manifest_path(storage, name).with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -139,7 +139,7 @@ def test_a_stale_ray_current_cluster_file_is_not_joined(tmp_path, ray_tmpdir, ca
     code, out, errors = cli(run_args(tiny_space(tmp_path), "stale", tmp_path), capsys)
     assert code == 0 and not errors, out[-3000:]
     assert "search stale (finished): 1 finished" in out
-    assert not ray_processes(ray_tmpdir)  # stop_ray waits for the watchdog's sweep
+    assert not ray_processes(ray_tmpdir)  # ray_session waits for the watchdog's sweep
 
 
 # ----------------------------------------------------------------------------- 3. trials that fit no node
