@@ -154,7 +154,7 @@ def build_parser():
                                     "changed, e.g. 'HTNet (paper config, epochs=1)')")
     add_sets(p, "change a LOSO config key, e.g. device=cpu")
     p.add_argument("--data", help="release folder (default: the search's data, else the synthetic set)")
-    add_shared(p, "the synthetic data cache", per="seed")
+    add_shared(p, "the synthetic data cache and of the seeds' finished folds (reruns/)", per="seed")
 
     p = commands.add_parser("paper-table", help="the paper's table from MLflow reruns (Markdown, LaTeX)")
     p.add_argument("--out", help="folder for paper_table.md, .tex and .csv")
@@ -333,9 +333,9 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         name = getattr(args, "name", None) or "NAME"
-        # only a search keeps state to go on from; a rerun or a report starts again
-        hint = f"resume with `python -m search resume {name}`" if args.command in ("run", "resume") \
-            else f"`{args.command}` has no resume: run it again"
+        again = f"resume with `python -m search resume {name}`"
+        hint = {"run": again, "resume": again, "rerun": "the same command again goes on from each seed's last "
+                "finished fold"}.get(args.command, f"`{args.command}` keeps nothing: run it again")
         print(f"interrupted: {hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - an MLflow store that fails is one line, not a traceback

@@ -3,8 +3,11 @@ and (3 seeds or more) a 95% bootstrap interval over seeds and subjects, logged t
 with a child run per seed."""
 import collections
 import dataclasses
+import hashlib
+import json
 import math
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -217,8 +220,15 @@ def load_rerun_data(data, source, storage):
                                     "cache": str((Path(storage) / "synthetic").resolve())}})
 
 
-def _seed_task(config, data, threads):
-    """One seed, a full LOSO run: its LosoResult, or {'error': ...} for a config that cannot train."""
+def seed_folder(storage, config, data_root, seed):
+    """A seed's finished folds until MLflow has its result: the same rerun (config, data, seed) run again after
+    a kill goes on from there, not from fold 1."""
+    text = json.dumps([{k: v for k, v in config.items() if k != "seed"}, str(data_root)], sort_keys=True, default=str)
+    return Path(storage).resolve() / "reruns" / hashlib.sha256(text.encode()).hexdigest()[:12] / f"seed-{seed}"
+
+
+def _seed_task(config, data, threads, folder=None):
+    """One seed's LOSO run (on from `folder`'s finished folds): its LosoResult, or {'error': ...} if it cannot train."""
     import torch
 
     from htnet.errors import TrainingDiverged, first_line
@@ -226,18 +236,21 @@ def _seed_task(config, data, threads):
 
     torch.set_num_threads(max(1, int(threads)))
     try:
-        return run_loso(LosoConfig.from_dict(config), data, progress=False)
+        return run_loso(LosoConfig.from_dict(config), data, progress=False, out_dir=folder, resume=folder is not None)
     except (TrainingDiverged, UserError) as e:
         return {"error": f"{type(e).__name__}: {first_line(e)}"}
 
 
-def run_parallel(jobs, data, on_result, cpus=1.0, gpus=0.0):
-    """`jobs` ({key: config}) as Ray tasks sharing `data` (put once); on_result(key, result) in the driver."""
+def run_parallel(jobs, data, on_result, cpus=1.0, gpus=0.0, folders=None):
+    """`jobs` ({key: config}) as Ray tasks sharing `data` (put once), each keeping its folds in `folders[key]`
+    where given; on_result(key, result) in the driver."""
     import ray
 
     task = ray.remote(_seed_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     data_ref = ray.put(data)
-    pending = {task.remote(config, data_ref, max(1, math.floor(cpus))): key for key, config in jobs.items()}
+    folders = folders or {}
+    pending = {task.remote(config, data_ref, max(1, math.floor(cpus)), folders.get(key)): key
+               for key, config in jobs.items()}
     try:
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -387,8 +400,15 @@ def rerun(options, out=None):
         "mlflow.parentRunId": parent_id, "htnet.role": "rerun_seed", "htnet.seed": str(seed), "htnet.method": method,
         "htnet.status": "running"}, flatten({**base, "seed": seed})) for seed in seeds}
 
+    folders = {seed: seed_folder(options.storage, base, data_root, seed) for seed in seeds}
+    for seed, folder in folders.items():
+        if kept := len(list((folder / "folds").glob("*.json"))):
+            print(f"  seed {seed}: {kept} of {plural(folds, 'fold')} kept from an interrupted rerun ({folder})",
+                  file=out)
+
     def logged(seed, result):
         rows.append(end_seed(client, children[seed], seed, result, f"{method} seed {seed}"))
+        shutil.rmtree(folders[seed], ignore_errors=True)   # in MLflow now (a failed seed starts afresh)
         if isinstance(result, dict):
             print(f"  seed {seed}: failed ({result['error']})", file=out)
             return
@@ -401,7 +421,7 @@ def rerun(options, out=None):
     with ray_session(options.address, options.num_cpus):
         try:
             run_parallel({seed: {**base, "seed": seed} for seed in seeds}, data, logged, options.cpus_per_seed,
-                         options.gpus_per_seed)
+                         options.gpus_per_seed, folders)
         except BaseException:
             for seed in set(seeds) - {r["seed"] for r in rows}:
                 tracking.set_tags(client, children[seed], {"htnet.status": "interrupted"})

@@ -8,6 +8,7 @@ the paper table's rules on made-up reruns on the composite's 68 subjects.)
 import ast
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -139,6 +140,34 @@ def test_rerun_with_the_trials_seed_reproduces_it(work, capsys):
     for key in ("paper_full_uf1", "inner_full_uar", "final_samm_uf1", "inner_val_uf1"):
         assert replica.data.metrics[f"{key}_mean"] == pytest.approx(trial.data.metrics[key])
     assert math.isnan(replica.data.metrics.get("inner_full_uf1_std", float("nan")))
+
+
+def test_a_killed_rerun_run_again_goes_on_from_each_seeds_finished_folds(work, capsys):
+    """A rerun keeps each seed's finished folds until MLflow has the seed's result (a finished rerun leaves none);
+    the same command after a kill (here: the seed's run stopped after 2 of 6 folds, as a kill leaves it) trains
+    only the other folds and gives the same numbers as the uninterrupted replica."""
+    from htnet.data import load_release
+    from htnet.loso import LosoConfig, run_loso
+    from search.reports.leaderboard import read_yaml_artifact
+    from search.reports.rerun import seed_folder
+
+    uri, storage = work["uri"], work["storage"]
+    assert not list((Path(storage) / "reruns").glob("*/seed-*")), "a finished rerun left its fold records"
+    [replica] = runs_with(uri, htnet_role="rerun", htnet_method="replica")
+    config = read_yaml_artifact(open_store(uri), replica.info.run_id, "config.yaml")
+    folder = seed_folder(storage, config, replica.data.params["data"], 1)
+    run_loso(LosoConfig.from_dict({**config, "seed": 1}), load_release(replica.data.params["data"]),
+             callback=lambda report: report["step"] >= 2, out_dir=folder, progress=False)
+    assert len(list((folder / "folds").glob("*.json"))) == 2
+    best_id = parent_run(uri, "tiny").data.tags["htnet.best_run_id"]
+    code = cli.main(["rerun", "--run-id", best_id, "--seed-list", "1", "--method", "replica again",
+                     "--tracking-uri", uri, "--storage", storage])
+    assert code == 0 and f"seed 1: 2 of 6 folds kept from an interrupted rerun ({folder})" in capsys.readouterr().out
+    [again] = runs_with(uri, htnet_role="rerun", htnet_method="replica again")
+    for key in ("paper_full_uf1", "inner_full_uar", "final_samm_uf1"):
+        assert again.data.metrics[f"{key}_mean"] == replica.data.metrics[f"{key}_mean"]
+    [seed] = runs_with(uri, mlflow_parentRunId=again.info.run_id)
+    assert seed.data.metrics["fold_epochs_resumed"] > 0 and not folder.exists()
 
 
 def test_nested_loso_runs_the_search_inside_each_outer_fold(work):

@@ -349,10 +349,11 @@ def test_a_trial_losoconfig_rejects_fails_once_and_the_search_goes_on(local_ray,
 @pytest.mark.parametrize("argv, hint", [
     (["run", "space.yaml", "--name", "s1"], "resume with `python -m search resume s1`"),
     (["resume", "s1"], "resume with `python -m search resume s1`"),
-    (["rerun", "--preset", "ststnet"], "`rerun` has no resume: run it again")])
+    (["rerun", "--preset", "ststnet"], "the same command again goes on from each seed's last finished fold"),
+    (["compare", "a", "b"], "`compare` keeps nothing: run it again")])
 def test_ctrl_c_says_how_to_go_on_for_that_command(argv, hint, monkeypatch, capsys):
-    """Ctrl+C (a KeyboardInterrupt out of the command) is exit 130 and one line; a rerun keeps no state to
-    resume from, so it is not told to `search resume` (as it was on the cpu-study)."""
+    """Ctrl+C (a KeyboardInterrupt out of the command) is exit 130 and one line saying how to go on; a rerun is
+    not told to `search resume` (as it was on the cpu-study): run again, it continues its seeds' folds."""
     from search import cli
 
     def interrupted(args):
