@@ -9,6 +9,8 @@
   compare RUN_A RUN_B  paired per-subject comparison: bootstrap interval and p-value
   nested SPACE         nested LOSO: the whole search inside every outer fold (unbiased)
   plots SEARCH         Optuna's plots and the best trial's per-subject accuracy, on the parent run
+  local-cluster start|env|stop|s3-down|s3-up
+                       cluster.yaml simulated here: autoscaled fake GPU workers, S3 and MLflow servers
 
 Exit codes: 0 done, 1 the search did not finish (resume it; also when MLflow went away mid-search:
 its results are kept) or nothing usable came out of a rerun/nested run, 2 bad input, an unreachable
@@ -196,6 +198,16 @@ def build_parser():
     p.add_argument("search", metavar="SEARCH")
     p.add_argument("--optuna-storage", help="the Optuna storage (default: the one the search logged)")
     add_shared(p)
+    p = commands.add_parser("local-cluster", help="cluster-local.yaml: the cluster path simulated on this machine")
+    p.add_argument("action", choices=["start", "env", "stop", "s3-down", "s3-up"],
+                   help="start prints the exports for the driver's shell: eval \"$(python -m search local-cluster "
+                        "start)\"; env prints them again; stop ends this cluster's processes only; s3-down and "
+                        "s3-up switch its S3 endpoint off and on (an outage rehearsed, the contents kept)")
+    p.add_argument("--dir", default="runs/local-cluster", help="its state, logs and MLflow store "
+                                                                "(default: runs/local-cluster)")
+    p.add_argument("--idle-timeout-minutes", type=at_least(0, float),
+                   help="remove idle workers after this long (default: cluster.yaml's)")
+    p.add_argument("--max-workers", type=positive_int, help="at most this many workers (default: cluster.yaml's)")
     return parser
 
 
@@ -306,9 +318,29 @@ def cmd_plots(args):
     return 0
 
 
+def cmd_local_cluster(args):
+    from search.driver import local_cluster
+
+    if args.action == "start":
+        state = local_cluster.start(args.dir, args.idle_timeout_minutes, args.max_workers)
+        print(f"# local cluster: Ray head {state['env']['RAY_ADDRESS']}, MLflow {state['env']['MLFLOW_TRACKING_URI']}, "
+              f"S3 {state['env']['AWS_ENDPOINT_URL']} (bucket {local_cluster.BUCKET}); logs in {state['folder']}",
+              file=sys.stderr)
+    elif args.action == "stop":
+        state = local_cluster.stop(args.dir)
+        print(f"local cluster in {state['folder']} stopped", file=sys.stderr)
+        return 0
+    elif args.action in ("s3-down", "s3-up"):
+        state = local_cluster.switch_s3(args.dir, up=args.action == "s3-up")
+        print(f"S3 endpoint {state['env']['AWS_ENDPOINT_URL']} {args.action.removeprefix('s3-')}", file=sys.stderr)
+        return 0
+    print(local_cluster.exports(local_cluster.read_state(args.dir)), end="")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "resume": cmd_run, "status": cmd_status, "leaderboard": cmd_leaderboard,
             "rerun": cmd_rerun, "paper-table": cmd_paper_table, "compare": cmd_compare, "nested": cmd_nested,
-            "plots": cmd_plots}
+            "plots": cmd_plots, "local-cluster": cmd_local_cluster}
 
 
 def terminate(signum, frame):

@@ -1,18 +1,70 @@
 """The Ray Tune function trainable: one trial = one LOSO run of one sampled configuration, reported to
 Optuna's pruner as it goes (search.bridge), its finished folds in a Ray checkpoint at every report (a retried or
-resumed trial trains only the rest: htnet.checkpoint), ending with the trial's files as its last checkpoint."""
+resumed trial trains only the rest: htnet.checkpoint), ending with the trial's files as its last checkpoint (the
+fold records kept: a trial whose node is lost in its last report is retried without training again). Storage that
+stops answering (S3 down) does not end a trial: see _report."""
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from search.tracking.figures import confusion_matrix_png, learning_curve_png
 
 
-def _report(values, metric):
+def _ordered(values, metric):
     """The objective first: Ray Tune's progress table shows a result's first four numbers."""
     first = [metric, "step", "inner_full_uf1" if metric != "inner_full_uf1" else "paper_full_uf1", "train_loss"]
     return {**{k: values[k] for k in first if k in values}, **values}
+
+
+# how long a trial waits for unreachable storage where it must reach it (its last report, its start from a
+# checkpoint) before it fails (and Ray retries it)
+STORAGE_WAIT_S = float(os.environ.get("HTNET_STORAGE_WAIT_S", 3600))
+STORAGE_RETRY_S = 5.0
+
+
+def _storage_error(error):
+    """What Ray raises when a checkpoint cannot be written to or read from its storage (pyarrow's OSError, or its
+    own check that the storage is there)."""
+    return isinstance(error, OSError) or "cluster storage" in str(error)
+
+
+def _until_storage_answers(action):
+    deadline = time.monotonic() + STORAGE_WAIT_S
+    while True:
+        try:
+            return action()
+        except Exception as e:  # noqa: BLE001 - only storage errors are waited out
+            if not _storage_error(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(STORAGE_RETRY_S)
+
+
+def _report(values, folder, metric, last=False):
+    """tune.report with `folder` (the trial's files so far) as its checkpoint. If the storage does not answer, the
+    trial says so in a result without its checkpoint (the driver prints it once) and trains on: its folds stay in
+    `folder` and the next report stores them all. The last report then waits for it (_until_storage_answers)."""
+    from ray import tune
+
+    from htnet.errors import first_line
+
+    def report():
+        tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    try:
+        return report()
+    except Exception as e:  # noqa: BLE001
+        if not _storage_error(e):
+            raise
+        error = f"{type(e).__name__}: {first_line(e)}"
+        error = error if len(error) <= 200 else error[:199] + "…"
+    if not last:
+        return tune.report({**values, "htnet_storage_error": error})
+    # the final values wait for the checkpoint that goes with them: meanwhile a result without the objective
+    tune.report({**{k: v for k, v in values.items() if k.startswith("htnet_")}, metric: float("nan"),
+                 "step": values["step"], "final": 0, "htnet_status": "running", "htnet_storage_error": error})
+    _until_storage_answers(report)
 
 
 def _numbers(values):
@@ -76,16 +128,17 @@ def loso_trial(config, data=None, settings=None):
         out, title = Path(folder), f"{loso_config.model} trial {trial_id}"
         previous = tune.get_checkpoint()   # a retry (its worker died) or a trial continued by `search resume`
         if previous is not None:
-            with previous.as_directory() as finished:
-                shutil.copytree(finished, out, dirs_exist_ok=True)
+            def restore():
+                with previous.as_directory() as finished:
+                    shutil.copytree(finished, out, dirs_exist_ok=True)
+            _until_storage_answers(restore)
 
         def callback(progress):
             done["step"] = progress["step"]
             info.update(_resolved(out))
             if progress["step"] < progress["folds_total"]:  # the final report follows, with the files
-                tune.report(_report({**_numbers(progress), "fold_objectives": fold_objectives(progress, metric),
-                                     "final": 0, "htnet_status": "running", **info}, metric),
-                            checkpoint=tune.Checkpoint.from_directory(folder))
+                _report(_ordered({**_numbers(progress), "fold_objectives": fold_objectives(progress, metric),
+                                  "final": 0, "htnet_status": "running", **info}, metric), folder, metric)
 
         try:
             result = run_loso(loso_config, data, callback=callback, out_dir=out, progress=False, resume=True)
@@ -97,8 +150,7 @@ def loso_trial(config, data=None, settings=None):
         main = result.history[result.history["run"] == "main"]
         if len(main):  # as in the engine's reports: the last epoch's mean over folds
             result.metrics.setdefault("train_loss", float(main.groupby("epoch")["train_loss"].mean().iloc[-1]))
-        shutil.rmtree(out / "folds", ignore_errors=True)   # the fold records: in the result files now
         info.update(_resolved(out))  # also where no callback came (every fold resumed)
         final = {**_numbers(result.metrics), "step": result.folds_done,
                  "folds_total": result.folds_total, "final": 1, "htnet_status": "finished", **info}
-        tune.report(_report(final, metric), checkpoint=tune.Checkpoint.from_directory(folder))
+        _report(_ordered(final, metric), folder, metric, last=True)

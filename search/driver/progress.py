@@ -21,6 +21,7 @@ class SearchProgress(tune.Callback):
         self._trials = {}  # Ray trial id -> {"tag", "label", "status", "step", "total", "value", "device"}
         self._start = self._table_at = 0.0
         self._every, self._news = TABLE_EVERY_S, False
+        self._storage_down = False  # a trial said its checkpoint could not be stored, none stored one since
 
     def setup(self, **info):
         self._start = self._table_at = time.monotonic()
@@ -65,6 +66,14 @@ class SearchProgress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         state = self._trial(trial)
         self._update(state, result)
+        if result.get("htnet_storage_error") and not self._storage_down:  # search.trainable._report
+            self._storage_down = True
+            self._say(f"warning: trial {state['tag']} could not store its checkpoint in Ray's storage "
+                      f"({result['htnet_storage_error']}); the trials keep their finished folds and train on, "
+                      f"and store them once the storage answers")
+        elif self._storage_down and result.get("checkpoint_dir_name"):
+            self._storage_down = False
+            self._say(f"Ray's storage answers again: trial {state['tag']} stored its checkpoint")
         if not result.get("final") and not self.searcher.is_pruned(trial.trial_id):  # else its end line says it
             self._say(f"trial {state['tag']}: {self._shown(state, result)}")
 

@@ -7,73 +7,15 @@ import sys
 import contextlib
 
 from htnet.errors import UserError, first_line
+from search.driver import watchdog as watchdog_script
 from search.driver.console import route_worker_output
 
-
-# The watchdog of a local Ray, run as `python -I -c WATCHDOG DRIVER_PID SESSION_DIR` (standard
-# library only, so it starts in a blink). It waits until the driver writes to or closes its stdin
-# (after ray.shutdown) or dies (SIGKILL included, when nothing can run in the driver), then ends
-# every process left of that Ray session: those whose command line names the session folder
-# (gcs_server, raylet, ...) or whose stdout/stderr go into it (agents and workers, whose process
-# titles Ray rewrites). Ray's own fate-sharing ends only its direct children, and its agents and
-# workers otherwise linger for a minute or more. Other Ray sessions are never touched.
-WATCHDOG = r"""
-import os, select, signal, sys, time
-driver, session = int(sys.argv[1]), sys.argv[2].rstrip("/")
-for sig in (signal.SIGINT, signal.SIGHUP):  # Ctrl+C, a closed terminal: the driver handles them
-    signal.signal(sig, signal.SIG_IGN)
-events = [sys.stdin]
-try:
-    events.append(os.pidfd_open(driver))
-except (AttributeError, OSError):
-    pass  # no pidfd: os.getppid() notices the driver's death within a second
-while os.getppid() == driver and not select.select(events, [], [], 1.0)[0]:
-    pass
-marks = (session + "/").encode(), (session + "\0").encode()
-
-def session_processes():
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in (os.getpid(), driver):
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read() + b"\0"
-        except OSError:
-            continue
-        outputs = []
-        for fd in (1, 2):
-            try:
-                outputs.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
-            except OSError:
-                pass
-        if any(m in cmdline for m in marks) or any(o.startswith(session + "/") for o in outputs):
-            found.append(int(entry))
-    return found
-
-first, deadline = {}, time.monotonic() + 60
-while time.monotonic() < deadline:
-    if not (pids := session_processes()):
-        break
-    for pid in pids:  # SIGTERM, then SIGKILL what is still there 3 s later
-        if pid not in first:
-            first[pid], sig = time.monotonic(), signal.SIGTERM
-        elif time.monotonic() - first[pid] > 3:
-            sig = signal.SIGKILL
-        else:
-            continue
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-    time.sleep(0.2)
-"""
 
 _watchdog = None  # the watchdog of the local Ray this process started (subprocess.Popen)
 
 
 def init_ray(address, num_cpus):
-    """Join the Ray cluster at `address`, or start a local Ray with its watchdog (WATCHDOG).
+    """Join the Ray cluster at `address`, or start a local Ray with its watchdog (search.driver.watchdog).
     address="local" makes Ray start one even if a ray_current_cluster file (maybe left by a crashed
     Ray) or RAY_ADDRESS names another cluster. Returns False if Ray was already initialized (the
     caller's Ray, left alone), else True."""
@@ -95,7 +37,7 @@ def init_ray(address, num_cpus):
     else:
         end_watchdog()  # this process's previous local Ray was shut down: clear what is left of it
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-        _watchdog = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()),
+        _watchdog = subprocess.Popen([sys.executable, "-I", watchdog_script.__file__, str(os.getpid()),
                                       context.address_info["session_dir"]],
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # ray.init replaces the driver's SIGTERM handler (with one that exits at once, and a crash handler that

@@ -14,8 +14,8 @@ from htnet.io import atomic_write, ensure_writable_dir, read_yaml
 from htnet.loso import parse_subjects
 from search.driver.console import library_stdout, log_path, search_console
 from search.driver.ray_setup import check_resources, ray_session
-from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_restorable, data_source, default_tracking_uri,
-                                  load_data, manifest_path, no_such_search, open_optuna_storage, read_manifest,
+from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_remote_storage, check_restorable, data_source,
+                                  default_tracking_uri, load_data, manifest_path, no_such_search, open_optuna_storage, read_manifest,
                                   restore_deleted_checkpoints, search_lock, search_names, write_manifest)
 from search.space import SPACES_DIR, check_fixed_values, load_space, parse_space, set_fixed, with_overrides
 
@@ -112,7 +112,9 @@ def start_search(options, space, name, tracking_uri, storage, out):
     from search.pruning import OptunaPruningScheduler, PruningOptunaSearch
 
     ray_storage = options.ray_storage or str(storage / "ray")
-    if "://" not in ray_storage:
+    if "://" in ray_storage:
+        check_remote_storage(ray_storage)
+    else:
         ray_storage = str(ensure_writable_dir(Path(ray_storage).resolve()))
     overrides = {**({"subjects": parse_subjects(options.subjects)} if options.subjects else {}),
                  **({"save_weights": True} if options.save_weights else {})}  # LOSO values of every trial
@@ -228,8 +230,8 @@ def continue_search(manifest, storage, name, address, num_cpus, top, out):
               file=out)
         print(log_line(manifest, storage, name), file=out, flush=True)
         for trial_id in restore_deleted_checkpoints(manifest["ray_path"]):
-            print(f"trial {trial_id}: Ray's snapshot named a checkpoint it had deleted; it goes on from its "
-                  f"newer one", file=out)
+            print(f"trial {trial_id}: Ray's snapshot named an older checkpoint than the trial's last; it goes on "
+                  f"from its last one", file=out)
         tuner = tune.Tuner.restore(
             manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {},
                                                           tracking.provenance(data), replay),

@@ -134,6 +134,24 @@ def search_lock(storage, name, hint="wait for it to end"):
         os.close(fd)  # releases the lock (the kernel does it too if this process is killed)
 
 
+def check_remote_storage(uri):
+    """Ray storage on S3 (or another pyarrow file system) must answer, and its bucket exist, before anything is
+    recorded or restored: Ray would say so only in a traceback once the Tuner runs (or that nothing is
+    restorable). One line otherwise."""
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        bucket = path.split("/")[0]
+        found = fs.get_file_info(bucket).type != pyarrow.fs.FileType.NotFound
+    except (OSError, pyarrow.ArrowException) as e:
+        raise UserError(f"Ray storage {uri} does not answer ({first_line(e)[:300]}): check the endpoint and "
+                        f"credentials, or try again when it is back") from None
+    if not found:
+        raise UserError(f"Ray storage {uri}: there is no bucket {bucket!r}; create it first")
+
+
 def check_restorable(manifest, name):
     """Refuse (one line) a Ray experiment that someone else could have written: `Tuner.restore` and
     `ExperimentAnalysis` unpickle it (why and what is checked: docs/design.md)."""
@@ -144,7 +162,7 @@ def check_restorable(manifest, name):
         raise UserError(f"search {name!r}: its record names the Ray experiment {path}, not "
                         f"{storage}/{name}: refusing to load it")
     if "://" in storage:
-        return
+        return check_remote_storage(storage)
     root, folder = Path(storage).resolve(), Path(path).resolve()
     if root not in folder.parents:
         raise UserError(f"search {name!r}: the Ray experiment {path} leads outside the Ray storage {storage} "
@@ -183,11 +201,19 @@ def private_group(gid):
 
 def restore_deleted_checkpoints(ray_path):
     """Ray snapshots a trial's latest checkpoint once every num_to_keep checkpoints but deletes the older ones
-    at once, so a driver killed in between leaves a snapshot naming a deleted checkpoint, and the resumed
-    trial would fail ("does not exist on storage anymore"). A trial's newer checkpoint holds every fold the
-    named one did and more (htnet.checkpoint): copy it to the named path. Returns the trial ids mended."""
+    at once, so a driver killed in between leaves a snapshot naming a deleted (or an older) checkpoint: the
+    resumed trial would fail ("does not exist on storage anymore") or train again folds it had finished. A
+    trial's newer checkpoint holds every fold the named one did and more (htnet.checkpoint): copy it to the
+    named path. A newer one with fewer fold records (an upload cut off while S3 was down: search.trainable) is
+    passed over. Returns the trial ids mended."""
     import pyarrow.fs
     from ray import tune
+
+    from htnet.checkpoint import FOLDS_DIR
+
+    def folds_in(fs, checkpoint):
+        selector = pyarrow.fs.FileSelector(f"{checkpoint}/{FOLDS_DIR}", allow_not_found=True)
+        return sum(info.base_name.endswith(".json") for info in fs.get_file_info(selector))
 
     mended = []
     for trial in tune.ExperimentAnalysis(ray_path).trials:
@@ -195,15 +221,20 @@ def restore_deleted_checkpoints(ray_path):
         if trial.status == "TERMINATED" or checkpoint is None:
             continue
         fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-            continue
-        folder, _, missing = path.rpartition("/")
+        folder, _, named = path.rpartition("/")
+        exists = fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+        kept = folds_in(fs, path) if exists else 0
         newer = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
                         if info.type == pyarrow.fs.FileType.Directory
-                        and re.fullmatch(r"checkpoint_\d+", info.base_name) and info.base_name > missing))
+                        and re.fullmatch(r"checkpoint_\d+", info.base_name) and info.base_name > named
+                        and folds_in(fs, info.path) >= kept))
         if newer:
+            if exists:
+                fs.delete_dir_contents(path)
             pyarrow.fs.copy_files(f"{folder}/{newer[-1]}", path, source_filesystem=fs, destination_filesystem=fs)
-        else:
+        elif not exists:
             fs.create_dir(path)  # nothing newer: the trial starts again from its first fold
+        else:
+            continue
         mended.append(trial.trial_id)
     return mended

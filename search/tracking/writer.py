@@ -2,10 +2,13 @@
 import logging
 import functools
 import sys
+import shutil
+import tempfile
 import time
 
 from ray import tune
 
+from htnet.checkpoint import FOLDS_DIR
 from htnet.errors import UserError
 from search.space import flatten, trial_config
 from search.tracking.schema import (STATUS_ORDER, TERMINAL, curve_of, device_tags, end_metrics, is_number, ranked,
@@ -111,27 +114,42 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
     return run.info.run_id
 
 
+def log_trial_files(client, run_id, trial_id, checkpoint):
+    """A finished trial's files (its last Ray checkpoint, from Ray's storage) as the run's artifacts. Returns None,
+    or why they could not be stored (Ray's storage or MLflow's artifact store not answering: tagged on the run, the
+    files kept in Ray's storage); raises if the MLflow server itself does not answer."""
+    try:
+        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as files:
+            # the fold records stay in the checkpoint only: a retry of a trial lost in its last report needs them
+            shutil.copytree(folder, files, dirs_exist_ok=True, ignore=shutil.ignore_patterns(FOLDS_DIR))
+            retry(client.log_artifacts, run_id, files, tries=2)
+    except Exception as e:  # noqa: BLE001 - missing files must not end the search
+        if isinstance(e, mlflow_errors()):
+            client.get_run(run_id)   # raises if the server is gone, not only its artifact store
+        why = short_reason(e)
+        logger.warning("could not log the artifacts of trial %s: %s", trial_id, e)
+        set_tags(client, run_id, {"htnet.artifacts_error": why})
+        return why
+    return None
+
+
 def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
-    """Final metrics (end_metrics), a finished trial's Ray checkpoint files, the end status; names a pruned run so."""
+    """Final metrics (end_metrics), a finished trial's Ray checkpoint files, the end status; names a pruned run so.
+    Returns why the files could not be stored (log_trial_files), or None."""
     log_metrics(client, run_id, {**end_metrics(result, status), "trial_wall_time_s": wall_time_s},
                 step=result.get("step", 0))  # log_metrics skips a None
     if params := resolved_params(result):
         log_params(client, run_id, params)
+    unstored = None
     if status == "finished" and checkpoint is not None:
-        try:
-            with checkpoint.as_directory() as folder:
-                retry(client.log_artifacts, run_id, folder)
-        except mlflow_errors():
-            raise
-        except Exception as e:  # noqa: BLE001 - a missing artifact must not end the search
-            logger.warning("could not log the artifacts of trial %s: %s", trial_id, e)
-            set_tags(client, run_id, {"htnet.artifacts_error": str(e).splitlines()[0][:500]})
+        unstored = log_trial_files(client, run_id, trial_id, checkpoint)
     why = {"failed": {"htnet.error": str(result.get("htnet_error", ""))[:5000]},
            "pruned": {"htnet.pruned_at_step": result.get("step", "")}}.get(status, {})
     set_tags(client, run_id, {"htnet.status": status, **why, **(tags or {})})
     if status == "pruned" and not (name := retry(client.get_run, run_id).info.run_name).endswith(" (pruned)"):
         retry(client.update_run, run_id, name=f"{name} (pruned)")
     retry(client.set_terminated, run_id, run_status(status))
+    return unstored
 
 
 def error_text(trial):
@@ -264,7 +282,10 @@ class MlflowTracking(tune.Callback):
             result = trial.last_result or {}
             status = trial_status(result, self.searcher.is_pruned(trial_id))
             wall = time.time() - self._started[trial_id] if trial_id in self._started else None
-            log_trial_end(self.client, run_id, trial_id, result, status, trial.checkpoint, wall)
+            if why := log_trial_end(self.client, run_id, trial_id, result, status, trial.checkpoint, wall):
+                print(f"warning: trial {trial_id}'s files could not be stored in MLflow ({why}; its run is tagged "
+                      f"htnet.artifacts_error): they are kept in Ray's storage, {trial.checkpoint.path}",
+                      file=sys.stderr, flush=True)
         else:
             set_tags(self.client, run_id, {"htnet.status": "failed", "htnet.error": error_text(trial), **failed_tags})
             retry(self.client.set_terminated, run_id, "FAILED")

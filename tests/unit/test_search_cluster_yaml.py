@@ -47,3 +47,15 @@ def test_setup_installs_requirements_and_syncs_data():
     assert mounts["/home/ubuntu/htnet"] == "."
     assert any("data" in remote and local.startswith("./data") for remote, local in mounts.items())
     assert "MLFLOW_TRACKING_URI" in " ".join(config["head_setup_commands"])
+
+
+def test_the_local_simulation_differs_from_cluster_yaml_only_in_its_provider():
+    aws, local = load(), yaml.safe_load((CLUSTER_YAML.parent / "cluster-local.yaml").read_text())
+    assert local["provider"]["type"] == "fake_multinode" and aws["provider"]["type"] == "aws"
+    aws.pop("provider"), local.pop("provider")
+    assert local == aws   # node types, resources (GPUs stated), autoscaling, idle timeout, commands
+    workers = local["available_node_types"]["gpu_worker"]
+    assert workers["resources"] == {"CPU": 4, "GPU": 1}   # the simulation's workers are these
+    # Ray's fake provider names its head ray.head.default: the AWS file uses that name too
+    assert local["head_node_type"] == "ray.head.default"
+    validate_config(yaml.safe_load((CLUSTER_YAML.parent / "cluster-local.yaml").read_text()))

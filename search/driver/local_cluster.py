@@ -1,0 +1,187 @@
+"""The cluster path on one machine (cluster-local.yaml): an S3 server (moto) on 127.0.0.1, a Ray head whose
+autoscaler adds and removes worker nodes with Ray's fake multi-node provider, and an MLflow server whose
+artifacts go to that S3. `python -m search local-cluster start | env | stop | s3-down | s3-up`. All of it lives
+in one state folder; `stop` ends that folder's processes only (search.driver.watchdog), never every Ray on the
+machine. S3 is reached through a proxy (search.driver.switchable_proxy) that `s3-down` switches off and `s3-up`
+on again: an S3 outage rehearsed with the bucket's contents kept. AWS credentials come from the environment (any
+value: the local S3 accepts every key)."""
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from htnet.errors import UserError
+from htnet.io import atomic_write, ensure_writable_dir
+from search.driver.watchdog import end_processes, folder_processes
+
+CLUSTER_LOCAL_YAML = Path(__file__).resolve().parents[2] / "cluster-local.yaml"
+BUCKET = "htnet"
+STATE = "cluster.json"
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what, log, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise UserError(f"{what} did not come up within {timeout} s (its log: {log})")
+
+
+def ray_temp_dir(folder):
+    """Short (Ray's socket paths have a length limit) and this folder's own."""
+    return Path(tempfile.gettempdir()) / f"htnet-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
+
+
+def read_state(folder):
+    path = Path(folder).resolve() / STATE
+    if not path.is_file():
+        raise UserError(f"{path}: no local cluster was started from this folder "
+                        f"(python -m search local-cluster start --dir {folder})")
+    return json.loads(path.read_text())
+
+
+def exports(state):
+    return "".join(f"export {k}={v}\n" for k, v in state["env"].items())
+
+
+def start(folder, idle_timeout_minutes=None, max_workers=None):
+    """Start the S3 server, the Ray head (with its autoscaler) and the MLflow server; returns the state (its
+    "env": what a driver's shell needs, also in `exports`)."""
+    import boto3
+    import ray._private.services
+
+    folder = ensure_writable_dir(Path(folder).resolve())
+    if (folder / STATE).exists():
+        raise UserError(f"{folder / STATE}: a local cluster was started from this folder: "
+                        f"`python -m search local-cluster stop --dir {folder}` first")
+    missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(k)]
+    if missing:
+        raise UserError(f"set {' and '.join(missing)} in the environment (any value for the local S3 server)")
+    ip = ray._private.services.get_node_ip_address()
+    ports = {k: free_port() for k in ("s3", "s3_server", "ray", "mlflow")}  # s3: the proxy in front of s3_server
+    temp = ray_temp_dir(folder)
+    token = folder / "ray_auth_token"  # the Ray cluster's token (Ray 2.x authenticates its clients)
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    s3 = f"http://127.0.0.1:{ports['s3']}"
+    env = {"RAY_ADDRESS": f"{ip}:{ports['ray']}", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+           "HTNET_RAY_STORAGE": f"s3://{BUCKET}/ray", "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
+           "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    state = {"folder": str(folder), "ray_temp_dir": str(temp), "ports": ports, "env": env, "pids": {}}
+    child_env = {**os.environ, **env}
+
+    def launch(name, command, cwd=folder, extra=None):
+        log = open(folder / f"{name}.log", "ab")
+        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env={**child_env, **(extra or {})}, start_new_session=True)
+        state["pids"][name] = process.pid
+        return process
+
+    try:
+        launch("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3_server"])])
+        launch("s3-proxy", [sys.executable, "-I", str(Path(__file__).with_name("switchable_proxy.py")),
+                            str(ports["s3"]), str(ports["s3_server"])])
+        client = boto3.client("s3", endpoint_url=s3, region_name=env["AWS_DEFAULT_REGION"])
+        wait_for(lambda: client.list_buckets() is not None, f"the S3 server on {s3}", folder / "s3.log")
+        client.create_bucket(Bucket=BUCKET)
+
+        # The autoscaler's copy of cluster-local.yaml: the provider is told this head's GCS address. Ray
+        # hashes the file_mounts' local folders, so they must exist where it runs.
+        config = yaml.safe_load(CLUSTER_LOCAL_YAML.read_text())
+        config["provider"]["gcs_address"] = env["RAY_ADDRESS"]
+        if idle_timeout_minutes is not None:
+            config["idle_timeout_minutes"] = idle_timeout_minutes
+        if max_workers is not None:
+            config["max_workers"] = config["available_node_types"]["gpu_worker"]["max_workers"] = max_workers
+        stage = folder / "autoscaler"
+        for local in config["file_mounts"].values():
+            (stage / local).mkdir(parents=True, exist_ok=True)
+        (stage / "cluster-local.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        head = launch("ray-head", [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                                   f"--port={ports['ray']}", "--num-cpus=0", "--num-gpus=0",
+                                   "--autoscaling-config=cluster-local.yaml", f"--temp-dir={temp}",
+                                   "--include-dashboard=false", "--disable-usage-stats"],
+                      cwd=stage, extra={"RAY_FAKE_CLUSTER": "1"})
+        wait_for(lambda: (folder / "ray-head.log").read_text().count("Ray runtime started") or head.poll() is not None,
+                 "the Ray head", folder / "ray-head.log")
+        if head.poll() is not None:
+            raise UserError(f"the Ray head did not start (its log: {folder / 'ray-head.log'})")
+
+        launch("mlflow", [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                          "--port", str(ports["mlflow"]),
+                          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                          "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--workers", "1"])
+        wait_for(lambda: urllib.request.urlopen(f"{env['MLFLOW_TRACKING_URI']}/health", timeout=2).status == 200,
+                 "the MLflow server", folder / "mlflow.log", timeout=120)
+    except BaseException:
+        stop_processes(state)
+        raise
+    with atomic_write(folder / STATE) as f:
+        json.dump(state, f, indent=1)
+    return state
+
+
+def stop_processes(state):
+    for pid in state["pids"].values():  # their process groups: mlflow's workers, moto's threads
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    groups = set(state["pids"].values())
+
+    def left():
+        pids = folder_processes(state["ray_temp_dir"])
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getpgid(int(entry)) in groups:
+                        pids.append(int(entry))
+                except OSError:
+                    pass
+        return sorted(set(pids) - {os.getpid()})
+
+    end_processes(left)
+
+
+def switch_s3(folder, up):
+    """The S3 endpoint down (connections refused and cut, as in an outage) or up again; the contents are kept."""
+    state = read_state(folder)
+    try:
+        os.kill(state["pids"]["s3-proxy"], signal.SIGUSR2 if up else signal.SIGUSR1)
+    except OSError as e:
+        raise UserError(f"the S3 proxy of the local cluster in {state['folder']} is gone ({e.strerror}): "
+                        f"stop and start the cluster again") from None
+    return state
+
+
+def stop(folder):
+    """End every process of the cluster started from `folder` (its worker nodes included); keep its records
+    (mlflow.db, the logs) but not the S3 server's contents, which live in its memory."""
+    state = read_state(folder)
+    stop_processes(state)
+    shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
+    (Path(state["folder"]) / STATE).unlink(missing_ok=True)
+    return state
