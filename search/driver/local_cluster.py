@@ -70,7 +70,6 @@ def start(folder, idle_timeout_minutes=None, max_workers=None):
     """Start the S3 server, the Ray head (with its autoscaler) and the MLflow server; returns the state (its
     "env": what a driver's shell needs, also in `exports`)."""
     import boto3
-    import ray._private.services
 
     folder = ensure_writable_dir(Path(folder).resolve())
     if (folder / STATE).exists():
@@ -79,7 +78,7 @@ def start(folder, idle_timeout_minutes=None, max_workers=None):
     missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(k)]
     if missing:
         raise UserError(f"set {' and '.join(missing)} in the environment (any value for the local S3 server)")
-    ip = ray._private.services.get_node_ip_address()
+    ip = "127.0.0.1"  # every node of this cluster on the loopback: nothing of it is reached from outside
     ports = {k: free_port() for k in ("s3", "s3_server", "ray", "mlflow")}  # s3: the proxy in front of s3_server
     temp = ray_temp_dir(folder)
     token = folder / "ray_auth_token"  # the Ray cluster's token (Ray 2.x authenticates its clients)
@@ -121,7 +120,7 @@ def start(folder, idle_timeout_minutes=None, max_workers=None):
             (stage / local).mkdir(parents=True, exist_ok=True)
         (stage / "cluster-local.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         head = launch("ray-head", [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-                                   f"--port={ports['ray']}", "--num-cpus=0", "--num-gpus=0",
+                                   f"--port={ports['ray']}", f"--node-ip-address={ip}", "--num-cpus=0", "--num-gpus=0",
                                    "--autoscaling-config=cluster-local.yaml", f"--temp-dir={temp}",
                                    "--include-dashboard=false", "--disable-usage-stats"],
                       cwd=stage, extra={"RAY_FAKE_CLUSTER": "1"})
