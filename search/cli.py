@@ -156,6 +156,9 @@ def build_parser():
                                     "changed, e.g. 'HTNet (paper config, epochs=1)')")
     add_sets(p, "change a LOSO config key, e.g. device=cpu")
     p.add_argument("--data", help="release folder (default: the search's data, else the synthetic set)")
+    p.add_argument("--fold-storage", metavar="URI", help="where each seed keeps its finished folds until MLflow has "
+                   "its result: a folder or s3://bucket/prefix (default: STORAGE/reruns); on a cluster one every node "
+                   "reaches, so that a seed retried on another node goes on from there")
     add_shared(p, "the synthetic data cache and of the seeds' finished folds (reruns/)", per="seed")
 
     p = commands.add_parser("paper-table", help="the paper's table from MLflow reruns (Markdown, LaTeX)")

@@ -4,6 +4,7 @@ that `resume` unpickles (the layout of --storage: docs/design.md)."""
 import contextlib
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -199,6 +200,43 @@ def private_group(gid):
     return gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
 
 
+def open_folder(folder):
+    """(pyarrow file system, path) of a local folder or of a URI such as s3://bucket/prefix (credentials and
+    endpoint from the environment, as Ray's storage)."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(str(Path(folder).resolve()) if "://" not in str(folder) else str(folder))
+
+
+def folds_kept(fs, path):
+    """How many finished folds (htnet.checkpoint's fold records) the run folder at `path` holds."""
+    import pyarrow.fs
+
+    from htnet.checkpoint import FOLDS_DIR
+
+    selector = pyarrow.fs.FileSelector(f"{path}/{FOLDS_DIR}", allow_not_found=True)
+    return sum(info.base_name.endswith(".json") for info in fs.get_file_info(selector))
+
+
+@contextlib.contextmanager
+def mirrored(folder):
+    """A local run folder mirrored to `folder` (s3://...): yields (local folder, store), the folder holding what
+    `folder` held (an earlier attempt's finished folds); store() copies it back, so that a task retried on
+    another node (this one lost) goes on from there. A store that does not answer skips a copy: the next
+    one holds everything."""
+    import pyarrow.fs
+
+    fs, path = open_folder(folder)
+    with tempfile.TemporaryDirectory(prefix="htnet-run-") as local:
+        if folds_kept(fs, path):
+            pyarrow.fs.copy_files(path, local, source_filesystem=fs)
+
+        def store():
+            with contextlib.suppress(OSError):
+                pyarrow.fs.copy_files(local, path, destination_filesystem=fs)
+        yield Path(local), store
+
+
 def restore_deleted_checkpoints(ray_path):
     """Ray snapshots a trial's latest checkpoint once every num_to_keep checkpoints but deletes the older ones
     at once, so a driver killed in between leaves a snapshot naming a deleted (or an older) checkpoint: the
@@ -209,12 +247,6 @@ def restore_deleted_checkpoints(ray_path):
     import pyarrow.fs
     from ray import tune
 
-    from htnet.checkpoint import FOLDS_DIR
-
-    def folds_in(fs, checkpoint):
-        selector = pyarrow.fs.FileSelector(f"{checkpoint}/{FOLDS_DIR}", allow_not_found=True)
-        return sum(info.base_name.endswith(".json") for info in fs.get_file_info(selector))
-
     mended = []
     for trial in tune.ExperimentAnalysis(ray_path).trials:
         checkpoint = trial.checkpoint
@@ -223,11 +255,11 @@ def restore_deleted_checkpoints(ray_path):
         fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
         folder, _, named = path.rpartition("/")
         exists = fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-        kept = folds_in(fs, path) if exists else 0
+        kept = folds_kept(fs, path) if exists else 0
         newer = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
                         if info.type == pyarrow.fs.FileType.Directory
                         and re.fullmatch(r"checkpoint_\d+", info.base_name) and info.base_name > named
-                        and folds_in(fs, info.path) >= kept))
+                        and folds_kept(fs, info.path) >= kept))
         if newer:
             if exists:
                 fs.delete_dir_contents(path)

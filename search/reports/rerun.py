@@ -2,12 +2,9 @@
 and (3 seeds or more) a 95% bootstrap interval over seeds and subjects, logged to an MLflow rerun parent run
 with a child run per seed."""
 import collections
+import contextlib
 import dataclasses
-import hashlib
-import json
-import math
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -20,8 +17,10 @@ from htnet.errors import UserError
 from htnet.io import parse_yaml, read_yaml
 from htnet.metrics import PROTOCOLS, summary_table
 from search import tracking
+from search.driver.stores import check_remote_storage, folds_kept, open_folder
 from search.reports.export import markdown_table, plural
 from search.reports.leaderboard import METRICS, leaderboard, model_label, open_store, read_yaml_artifact, search_parents
+from search.reports.seeds import run_parallel, seed_folder
 from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
 from search.space import check_value, flatten, nest, parse_set
 
@@ -63,6 +62,7 @@ class RerunOptions:
     num_cpus: int | None = None
     cpus_per_seed: float = 1.0
     gpus_per_seed: float = 0.0
+    fold_storage: str | None = None   # where seeds keep their finished folds (default: <storage>/reruns)
 
 
 def best_run_id(store, parent, search, params=None):
@@ -220,52 +220,6 @@ def load_rerun_data(data, source, storage):
                                     "cache": str((Path(storage) / "synthetic").resolve())}})
 
 
-def seed_folder(storage, config, data_root, seed):
-    """A seed's finished folds until MLflow has its result: the same rerun (config, data, seed) run again after
-    a kill goes on from there, not from fold 1."""
-    text = json.dumps([{k: v for k, v in config.items() if k != "seed"}, str(data_root)], sort_keys=True, default=str)
-    return Path(storage).resolve() / "reruns" / hashlib.sha256(text.encode()).hexdigest()[:12] / f"seed-{seed}"
-
-
-def _seed_task(config, data, threads, folder=None):
-    """One seed's LOSO run (on from `folder`'s finished folds): its LosoResult, or {'error': ...} if it cannot train."""
-    import torch
-
-    from htnet.errors import TrainingDiverged, first_line
-    from htnet.loso import LosoConfig, run_loso
-
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        return run_loso(LosoConfig.from_dict(config), data, progress=False, out_dir=folder, resume=folder is not None)
-    except (TrainingDiverged, UserError) as e:
-        return {"error": f"{type(e).__name__}: {first_line(e)}"}
-
-
-def run_parallel(jobs, data, on_result, cpus=1.0, gpus=0.0, folders=None):
-    """`jobs` ({key: config}) as Ray tasks sharing `data` (put once), each keeping its folds in `folders[key]`
-    where given; on_result(key, result) in the driver."""
-    import ray
-
-    task = ray.remote(_seed_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    data_ref = ray.put(data)
-    folders = folders or {}
-    pending = {task.remote(config, data_ref, max(1, math.floor(cpus)), folders.get(key)): key
-               for key, config in jobs.items()}
-    try:
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                lines = [line for line in str(e).splitlines() if line.strip()]
-                result = {"error": (lines[-1] if lines else type(e).__name__)[:2000]}
-            on_result(pending.pop(ref), result)
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
-
-
 def log_frame(client, run_id, frame, name, markdown=False):
     """A table as a CSV (or Markdown) artifact of the run; a text is logged as it is."""
     text = frame if isinstance(frame, str) else markdown_table(frame) if markdown else frame.to_csv(index=False)
@@ -367,6 +321,9 @@ def rerun(options, out=None):
         source = source._replace(method=changed_label(source.method, changed_settings(source.config, base)))
     if options.cpus_per_seed <= 0 or options.gpus_per_seed < 0:
         raise UserError("--cpus-per-seed must be > 0 and --gpus-per-seed >= 0")
+    fold_root = options.fold_storage or str(Path(options.storage) / "reruns")
+    if "://" in fold_root:
+        check_remote_storage(fold_root)   # before anything is recorded
     data, data_root = load_rerun_data(options.data, source, options.storage)
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
     client, method, seed_text = store.client, source.method, ",".join(map(str, seeds))
@@ -400,15 +357,17 @@ def rerun(options, out=None):
         "mlflow.parentRunId": parent_id, "htnet.role": "rerun_seed", "htnet.seed": str(seed), "htnet.method": method,
         "htnet.status": "running"}, flatten({**base, "seed": seed})) for seed in seeds}
 
-    folders = {seed: seed_folder(options.storage, base, data_root, seed) for seed in seeds}
+    folders = {seed: seed_folder(fold_root, base, data_root, seed) for seed in seeds}
     for seed, folder in folders.items():
-        if kept := len(list((folder / "folds").glob("*.json"))):
+        if kept := folds_kept(*open_folder(folder)):
             print(f"  seed {seed}: {kept} of {plural(folds, 'fold')} kept from an interrupted rerun ({folder})",
                   file=out)
 
     def logged(seed, result):
         rows.append(end_seed(client, children[seed], seed, result, f"{method} seed {seed}"))
-        shutil.rmtree(folders[seed], ignore_errors=True)   # in MLflow now (a failed seed starts afresh)
+        with contextlib.suppress(OSError):   # in MLflow now (a failed seed starts afresh)
+            fs, path = open_folder(folders[seed])
+            fs.delete_dir(path)
         if isinstance(result, dict):
             print(f"  seed {seed}: failed ({result['error']})", file=out)
             return

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,8 +86,12 @@ def search_args(cluster, space, name, storage):
 def kill_node(node_id):
     """A spot reclaim: the node's raylet and every process under it (its workers, agents) die at once."""
     found = subprocess.run(["pgrep", "-f", f"raylet.*--node_id={node_id}"], capture_output=True, text=True)
-    pids, queue = [], [int(p) for p in found.stdout.split()]
-    assert queue, f"no raylet of node {node_id}"
+    assert found.stdout.split(), f"no raylet of node {node_id}"
+    return kill_tree([int(p) for p in found.stdout.split()])
+
+
+def kill_tree(queue):
+    pids = []
     while queue:
         pids.append(pid := queue.pop())
         children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
@@ -95,6 +100,16 @@ def kill_node(node_id):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)
+
+
+def raylet_running(task):
+    """The pid of the raylet whose worker runs `task` (Ray titles a busy worker ray::<task>), or None."""
+    for pid in subprocess.run(["pgrep", "-f", f"^ray::{task}"], capture_output=True, text=True).stdout.split():
+        with contextlib.suppress(OSError):
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"raylet" in Path(f"/proc/{parent}/cmdline").read_bytes():
+                return parent
+    return None
 
 
 def clock_of(log, pattern):
@@ -316,3 +331,26 @@ def test_s3_storage_that_does_not_answer_or_lacks_its_bucket_is_one_line_before_
     for name in ("nobucket", "nos3"):   # no search record, no MLflow run (parent or trial)
         assert not (tmp_path / "runs" / "searches" / f"{name}.yaml").exists()
         assert client.search_runs(experiments, filter_string=f"tags.`htnet.search` = '{name}'") == []
+
+
+def test_a_rerun_seed_on_a_reclaimed_node_goes_on_from_its_folds_in_s3(cluster, tmp_path):
+    log = tmp_path / "rerun.log"
+    rerun = start_cli(["rerun", "--preset", "ststnet", "--seed-list", "1", "--method", "reclaimed", "--set",
+                       "epochs=300", "--storage", str(tmp_path / "runs"), "--address", cluster["RAY_ADDRESS"],
+                       "--fold-storage", "s3://htnet/reruns", "--gpus-per-seed", "0.5",
+                       "--tracking-uri", cluster["MLFLOW_TRACKING_URI"]], log, env=cluster["env"])
+    wait_until(lambda: any("/folds/" in k for k in s3_keys(cluster, "reruns/")), timeout=300,
+               what="a seed's finished fold in S3", unless=died(rerun, log))
+    kill_tree([wait_until(lambda: raylet_running("_seed_task"), timeout=60, what="the seed's node")])
+    assert wait_for_exit(rerun, 900, log) == 0, log.read_text()[-3000:]
+
+    client = search_fixtures.store_client(cluster["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("htnet").experiment_id
+    [seed] = client.search_runs([experiment], "tags.`htnet.role` = 'rerun_seed' and tags.`htnet.method` = 'reclaimed'")
+    assert seed.data.tags["htnet.status"] == "finished", seed.data.tags
+    metrics = seed.data.metrics
+    assert metrics["fold_epochs_resumed"] > 0   # the retried task went on from the folds in S3
+    print(f"\nrerun seed on a reclaimed node: resumed {metrics['fold_epochs_resumed']:.0f} of "
+          f"{metrics['fold_epochs']:.0f} fold-epochs from S3")
+    left = s3_keys(cluster, "reruns/")
+    assert not any("/seed-" in key for key in left), left   # MLflow has the result: the seed's folds are gone

@@ -155,7 +155,7 @@ def test_a_killed_rerun_run_again_goes_on_from_each_seeds_finished_folds(work, c
     assert not list((Path(storage) / "reruns").glob("*/seed-*")), "a finished rerun left its fold records"
     [replica] = runs_with(uri, htnet_role="rerun", htnet_method="replica")
     config = read_yaml_artifact(open_store(uri), replica.info.run_id, "config.yaml")
-    folder = seed_folder(storage, config, replica.data.params["data"], 1)
+    folder = seed_folder(Path(storage) / "reruns", config, replica.data.params["data"], 1)
     run_loso(LosoConfig.from_dict({**config, "seed": 1}), load_release(replica.data.params["data"]),
              callback=lambda report: report["step"] >= 2, out_dir=folder, progress=False)
     assert len(list((folder / "folds").glob("*.json"))) == 2
