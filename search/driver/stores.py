@@ -135,10 +135,10 @@ def search_lock(storage, name, hint="wait for it to end"):
         os.close(fd)  # releases the lock (the kernel does it too if this process is killed)
 
 
-def check_remote_storage(uri):
-    """Ray storage on S3 (or another pyarrow file system) must answer, and its bucket exist, before anything is
+def check_remote_storage(uri, what="Ray storage"):
+    """Storage on S3 (or another pyarrow file system) must answer, and its bucket exist, before anything is
     recorded or restored: Ray would say so only in a traceback once the Tuner runs (or that nothing is
-    restorable). One line otherwise."""
+    restorable). One line otherwise, naming the storage as `what`."""
     import pyarrow
     import pyarrow.fs
 
@@ -147,10 +147,10 @@ def check_remote_storage(uri):
         bucket = path.split("/")[0]
         found = fs.get_file_info(bucket).type != pyarrow.fs.FileType.NotFound
     except (OSError, pyarrow.ArrowException) as e:
-        raise UserError(f"Ray storage {uri} does not answer ({first_line(e)[:300]}): check the endpoint and "
+        raise UserError(f"{what} {uri} does not answer ({first_line(e)[:300]}): check the endpoint and "
                         f"credentials, or try again when it is back") from None
     if not found:
-        raise UserError(f"Ray storage {uri}: there is no bucket {bucket!r}; create it first")
+        raise UserError(f"{what} {uri}: there is no bucket {bucket!r}; create it first")
 
 
 def check_restorable(manifest, name):

@@ -323,7 +323,7 @@ def rerun(options, out=None):
         raise UserError("--cpus-per-seed must be > 0 and --gpus-per-seed >= 0")
     fold_root = options.fold_storage or str(Path(options.storage) / "reruns")
     if "://" in fold_root:
-        check_remote_storage(fold_root)   # before anything is recorded
+        check_remote_storage(fold_root, "--fold-storage")   # before anything is recorded
     data, data_root = load_rerun_data(options.data, source, options.storage)
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
     client, method, seed_text = store.client, source.method, ",".join(map(str, seeds))

@@ -43,7 +43,8 @@ def run_parallel(jobs, data, on_result, cpus=1.0, gpus=0.0, folders=None):
     where given; on_result(key, result) in the driver."""
     import ray
 
-    task = ray.remote(_seed_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    # a task whose node is lost is retried (Ray's default 3: spot nodes), from its folds where they are kept
+    task = ray.remote(_seed_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=3)
     data_ref = ray.put(data)
     folders = folders or {}
     pending = {task.remote(config, data_ref, max(1, math.floor(cpus)), folders.get(key)): key

@@ -326,8 +326,15 @@ def test_s3_storage_that_does_not_answer_or_lacks_its_bucket_is_one_line_before_
         local_cluster(cluster, "s3-up")
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: Ray storage s3://htnet/ray does not answer (")
+    done = run_cli(["rerun", "--preset", "ststnet", "--seeds", "1", "--method", "nobucket", "--storage",
+                    str(tmp_path / "runs"), "--fold-storage", "s3://no-such-bucket/reruns",
+                    "--tracking-uri", cluster["MLFLOW_TRACKING_URI"]], env=cluster["env"])
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        "error: --fold-storage s3://no-such-bucket/reruns: there is no bucket 'no-such-bucket'; create it first")
+
     client = search_fixtures.store_client(cluster["MLFLOW_TRACKING_URI"])
     experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments, filter_string="tags.`htnet.method` = 'nobucket'") == []
     for name in ("nobucket", "nos3"):   # no search record, no MLflow run (parent or trial)
         assert not (tmp_path / "runs" / "searches" / f"{name}.yaml").exists()
         assert client.search_runs(experiments, filter_string=f"tags.`htnet.search` = '{name}'") == []
