@@ -143,7 +143,7 @@ def check_remote_storage(uri, what="Ray storage"):
     import pyarrow.fs
 
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        fs, path = open_folder(uri)
         bucket = path.split("/")[0]
         found = fs.get_file_info(bucket).type != pyarrow.fs.FileType.NotFound
     except (OSError, pyarrow.ArrowException) as e:
