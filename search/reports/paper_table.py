@@ -39,7 +39,9 @@ RULE = "per method, the finished rerun (or nested LOSO run) on the published dat
        "(outer folds), the newest of those"
 RULE_MIXED = "per method, the finished rerun (or nested LOSO run) with the most seeds (outer folds), those on " \
              "the published data first, the newest of those"
-PROTOCOL_ORDER = {"paper": 0, "inner": 1, "final": 2}
+# every method gets these rows in this order; one its run lacks says so, never another in its place
+PROTOCOL_ORDER = {"paper": 0, "final": 1, "inner": 2}
+NOT_RUN, NOT_PUBLISHED = "not run", "not published"
 PROTOCOL_NOTES = {
     "paper": "paper: per subject, the epoch with the best test accuracy (the HTNet reference's "
              "protocol; it looks at the test subject, so it is optimistic)",
@@ -145,12 +147,12 @@ def _run_rows(store, f):
     epochs = plural(int(f["epochs"]), "epoch") if str(f["epochs"]).isdigit() else f"epochs {f['epochs']}"
     source = f"ours, {plural(f['n'], 'seed')}, {epochs}" if kind == "rerun" else \
         f"ours, nested LOSO ({plural(f['n'], 'outer fold')}), {epochs}"
-    leak_free = "inner" if f"inner_full_uf1{mean}" in metrics else "final"
     tags = run.data.tags
     commit = tags.get("mlflow.source.git.commit", "unknown")[:12]
     commit += " (dirty)" if tags.get("htnet.git_dirty") == "true" else ""
     rows = []
-    for p in (p for p in ("paper", leak_free) if f"{p}_full_uf1{mean}" in metrics):
+    for p in PROTOCOL_ORDER:
+        ran = f"{p}_full_uf1{mean}" in metrics
         values = {}
         for key, column, m in METRICS:
             metric = f"{p}_{key}_{m}"
@@ -158,7 +160,8 @@ def _run_rows(store, f):
             values.update({column: metrics.get(metric + mean, np.nan), f"{column} ci95_low": low,
                            f"{column} ci95_high": high,
                            f"{column} std": metrics.get(f"{metric}_std", np.nan) if spread else np.nan})
-        rows.append({"method": f["label"], "protocol": p, "source": source, "kind": kind, "n": f["n"],
+        rows.append({"method": f["label"], "protocol": p, "source": source if ran else NOT_RUN, "kind": kind,
+                     "n": f["n"],
                      "epochs": f["epochs"], **{k: f[k] for k in ("data", "fingerprint", "subjects", "samples",
                                                                  "published_data")},
                      "run_id": run.info.run_id, "commit": commit, **values})
@@ -172,6 +175,9 @@ def collect(store, picks=None, nested=True, allow_mixed=False):
              "n": np.nan, "data": "composite", **PUBLISHED_DATA, "published_data": True, "run_id": "",
              **{c: p["values"][key][0 if m == "uf1" else 1] for key, c, m in METRICS if key in p["values"]}}
             for p in PUBLISHED]
+    published, first = {(r["method"], r["protocol"]) for r in rows}, {r["method"]: r for r in reversed(rows)}
+    rows += [{**r, "protocol": protocol, "source": NOT_PUBLISHED, **dict.fromkeys(METRIC_COLUMNS, np.nan)}
+             for method, r in first.items() for protocol in PROTOCOL_ORDER if (method, protocol) not in published]
     rows += [row for f in chosen.values() for row in _run_rows(store, f)]
     table = pd.DataFrame(sorted(rows, key=_order)).reindex(columns=CSV_COLUMNS)
     return table, [m for m in EXPECTED if m not in chosen] if not picks else [], lines
@@ -197,6 +203,8 @@ def notes(table, interval):
         lines.append("Nested LOSO: the whole search ran inside every outer fold on its training subjects "
                      "only; one estimate pooled over the outer folds (no interval), unbiased for search + model.")
     lines += [PROTOCOL_NOTES[p] + "." for p in PROTOCOL_ORDER if (table["protocol"] == p).any()]
+    lines.append(f"Every method has a row per protocol, in the order {', '.join(PROTOCOL_ORDER)}; "
+                 f"'{NOT_RUN}' and '{NOT_PUBLISHED}' rows have no numbers.")
     keys = ["commit", "data", "fingerprint", "subjects", "samples"]
     for (commit, data, fingerprint, subjects, samples), rows in ours.groupby(keys, dropna=False, sort=True):
         counts = ", ".join(plural(int(v), k[:-1]) for k, v in (("subjects", subjects), ("samples", samples))
@@ -205,8 +213,8 @@ def notes(table, interval):
                      f"{'; ' + counts if counts else ''}): {', '.join(dict.fromkeys(rows['method']))}.")
     if table["method"].str.contains("best found").any():
         lines.append("(best found): the configuration was selected by a search on these same subjects, "
-                     "so even its leak-free numbers are optimistic; nested LOSO gives the unbiased "
-                     "estimate of search + model.")
+                     "so every protocol's number is optimistic, the leak-free ones too; nested LOSO gives the "
+                     "unbiased estimate of search + model.")
     return lines
 
 

@@ -34,14 +34,14 @@ def predictions(layout, seeds, accuracy, protocols=("paper", "inner"), rng_seed=
 
 
 def add_rerun(client, experiment_id, method, preset, seeds, layout, source="htnet_composite", sets=None,
-              accuracy=0.7):
+              accuracy=0.7, protocols=("paper", "inner")):
     """A rerun parent as `rerun` writes it: its tags, params and config.yaml, then log_summary's metrics and
     artifacts from the seeds' predictions."""
     from htnet.loso import LosoConfig
 
     config = {k: v for k, v in LosoConfig.from_dict({**PRESETS[preset][0], **(sets or {})}).to_dict().items()
               if k != "seed"}
-    frame = predictions(layout, seeds, accuracy, rng_seed=len(seeds))
+    frame = predictions(layout, seeds, accuracy, protocols, rng_seed=len(seeds))
     tags = {"htnet.role": "rerun", "htnet.method": method, "htnet.seeds": ",".join(map(str, seeds)),
             "htnet.data_source": source, "htnet.data_subjects": str(sum(s for _, s in layout.values())),
             "htnet.data_samples": str(sum(n for n, _ in layout.values())),
@@ -125,7 +125,7 @@ def test_allow_mixed_marks_the_rows_on_other_data(store, tmp_path, capsys):
     assert "- Rows marked †: not on the published data (see Data)" in t["md"]
     numbers = t["csv"].set_index("run_id")
     assert not numbers.loc[store["ids"]["D"], "published_data"].any()
-    assert read_latex_table(t["tex"]).iloc[:, 0].str.endswith("†").sum() == 4
+    assert read_latex_table(t["tex"]).iloc[:, 0].str.endswith("†").sum() == 6  # 2 methods x 3 protocols
 
 
 def test_intervals_stay_in_the_metric_range_and_need_three_seeds(store, tmp_path, capsys):
@@ -151,6 +151,39 @@ def test_intervals_stay_in_the_metric_range_and_need_three_seeds(store, tmp_path
     assert numbers.loc[(b, "paper"), ["Full UF1 std", "Full UF1 ci95_low"]].isna().all()
     assert not any(k.endswith("_ci95_low") for k in store["client"].get_run(b).data.metrics)
     assert "with fewer than 3 seeds, the mean only" in t["md"] and "95% bootstrap interval" in t["md"]
+
+
+def test_every_method_has_the_same_protocol_rows(tmp_path, capsys):
+    """Two reruns with different protocol sets: both get paper, final, inner in that order; the protocol a run
+    lacks is a row marked 'not run' (no numbers), never another protocol in its place; so do the published rows."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(client, "htnet", uri)
+    htnet = add_rerun(client, experiment_id, "HTNet (paper config)", "htnet-paper", [1, 2, 3], COMPOSITE,
+                      protocols=("paper", "inner"))
+    ststnet = add_rerun(client, experiment_id, "STSTNet", "ststnet", [1, 2, 3], COMPOSITE,
+                        protocols=("paper", "final", "inner"))
+    code, _, t = table({"uri": uri}, tmp_path, capsys)
+    assert code == 0
+    order = ["paper", "final", "inner"]
+    groups = t["csv"].fillna({"run_id": ""}).groupby(["method", "kind", "run_id"], sort=False)["protocol"]
+    assert len(groups) == 4 and all(list(protocols) == order for _, protocols in groups)
+    for frame in (t["table"], read_latex_table(t["tex"])):
+        assert set(frame["Method"]) == {"HTNet *", "STSTNet *", "HTNet (paper config)", "STSTNet"}
+        assert all(list(rows["Protocol"]) == order for _, rows in frame.groupby("Method"))
+    numbers = t["csv"].set_index(["run_id", "protocol"])
+    assert numbers.loc[(htnet, "final"), "source"] == "not run"
+    assert numbers.loc[(htnet, ["final"]), ["Full UF1", "Full UAR"]].isna().all().all()
+    assert numbers.loc[(htnet, "inner"), "Full UF1"] > 0 and numbers.loc[(htnet, "paper"), "Full UF1"] > 0
+    assert (numbers.loc[ststnet, "source"] == "ours, 3 seeds, 800 epochs").all()
+    assert numbers.loc[ststnet, "Full UF1"].notna().all()
+    shown = t["table"].set_index(["Method", "Protocol"])
+    assert shown.loc[("HTNet (paper config)", "final"), "Source"] == "not run"
+    assert pd.isna(shown.loc[("HTNet (paper config)", "final"), "Full UF1"])
+    published = t["csv"][t["csv"]["kind"] == "published"].set_index(["method", "protocol"])
+    assert published.loc[("STSTNet", "paper"), "source"] == "not published"
+    assert published.loc[("STSTNet", "final"), "Full UF1"] == pytest.approx(0.7209)
+    assert "Every method has a row per protocol, in the order paper, final, inner" in t["md"]
 
 
 def test_notes_render_as_a_flat_list(store, tmp_path, capsys):
