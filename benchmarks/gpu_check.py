@@ -6,17 +6,18 @@ and writes one JSON plus a Markdown block for benchmarks/RESULTS.md.
 
 1. The paper HTNet (small HTNet with --quick) per fold-epoch, side by side in one process: the
    reference loop (benchmarks/reference_loop.py), the plain engine, and the batched engine in float32
-   (HTNET_BF16=0), bf16 autocast (its GPU default) and torch.compile (HTNET_COMPILE=default; --quick:
+   (bf16: false), bf16 autocast (its GPU default) and torch.compile (compile: default; --quick:
    Dynamo with the eager backend, as inductor's code generation takes minutes on 2 cores). The
    first round of each row includes its warm-up (cudnn autotuning, compilation); the figure is the
    best round. Peak GPU memory per row.
-2. A 2-trial search through the search driver (search/spaces/htnet.yaml, --gpus-per-trial 0.5, a few
-   epochs and subjects; --quick: demo.yaml on the CPU) on the real composite where it is present,
+2. A 2-trial search through the search driver (search/spaces/htnet.py, --gpus-per-trial 0.5, a few
+   epochs and subjects; --quick: demo.py on the CPU) on the real composite where it is present,
    else on the synthetic set (said in the output), with its stores in a temporary folder.
 A row that fails (e.g. torch.compile on a new GPU) is recorded with its error; the others go on.
 """
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -69,16 +70,17 @@ def engine_rows(data, device, args):
         run_fold(folds[0], X, y, data, config, device)
         return args.epochs
 
-    def batched(**variables):
+    def batched(**fields):  # LosoConfig fields
         def run():
-            with env(HTNET_BATCHED_WORKERS=0, **variables):
-                assert len(list(run_folds(folds, X, y, data, config, device))) == len(folds)
+            with env(HTNET_BATCHED_WORKERS=0):
+                varied = dataclasses.replace(config, **fields)
+                assert len(list(run_folds(folds, X, y, data, varied, device))) == len(folds)
             return len(folds) * args.epochs
         return run
 
     rows = {"reference loop": reference, "plain engine (G=1)": plain,
-            "batched, float32": batched(HTNET_BF16=0), "batched, bf16 autocast": batched(HTNET_BF16=1),
-            "batched, torch.compile": batched(HTNET_COMPILE="eager" if args.quick else "default")}
+            "batched, float32": batched(bf16=False), "batched, bf16 autocast": batched(bf16=True),
+            "batched, torch.compile": batched(compile="eager" if args.quick else "default")}
     results = {}
     for name, fn in rows.items():
         try:
@@ -111,7 +113,7 @@ def search_check(data_root, device, args):
             summary = run_search(options)
         wall = time.perf_counter() - started
         table = summary["table"]
-        columns = [c for c in ("trial_id", "status", summary["space"].metric, "folds_done") if c in table]
+        columns = [c for c in ("trial_id", "status", summary["metric"], "folds_done") if c in table]
         return {"space": options.space, "gpus_per_trial": gpu, "subjects": args.subjects,
                 "epochs": args.search_epochs, "wall_s": wall, "complete": summary["complete"],
                 "counts": {k: int(v) for k, v in summary["counts"].items()},
@@ -138,7 +140,7 @@ def markdown(report):
     if "error" in search:
         lines += ["", f"2-trial search: failed: {search['error']}"]
     else:
-        lines += ["", f"2-trial search ({search['space']}.yaml, --gpus-per-trial {search['gpus_per_trial']}, "
+        lines += ["", f"2-trial search (space {search['space']}, --gpus-per-trial {search['gpus_per_trial']}, "
                       f"{search['subjects']} subjects, {search['epochs']} epochs): {search['wall_s']:.0f} s, "
                       f"{search['counts']}, complete: {search['complete']}"]
     return "\n".join(lines) + "\n"

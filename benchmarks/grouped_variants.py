@@ -5,8 +5,7 @@ cross-entropy, backward, fused Adam) of a group of G fold-models on one shared b
   + `vmap` over G plain HTNets (dropout drawn per member, randomness="different"), and, with
   `--other-grouped FILE`, the `grouped_model` of another grouped-models module (e.g. an older
   htnet/models/grouped.py from `git show`) side by side;
-- STSTNet: `GroupedSTSTNet` with the opt-in C stem kernels (htnet.kernels, HTNET_CPU_KERNELS=1),
-  without them (the pure-PyTorch path, the default), and the latter under `torch.compile`. (vmap is not a
+- STSTNet: `GroupedSTSTNet` eager and under `torch.compile`. (vmap is not a
   candidate for STSTNet: each member's BatchNorm must leave its held-out subject out of the batch
   statistics, which the grouped model's mask does and a vmapped plain BatchNorm cannot.)
 
@@ -21,7 +20,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import os
 import platform
 import statistics
 import time
@@ -30,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from htnet.models import create_model
-from htnet import kernels
 from htnet.models import grouped
 from htnet.models.htnet import HTNet
 
@@ -86,12 +83,6 @@ def vmap_step(name, config, states):
     return step
 
 
-def with_kernels(on):
-    """Switch the STSTNet C stem kernels on or off for the models built next."""
-    os.environ["HTNET_CPU_KERNELS"] = "1" if on else "0"
-    return kernels.cpu_kernels() is not None
-
-
 def load_module(path):
     spec = importlib.util.spec_from_file_location("other_grouped", path)
     module = importlib.util.module_from_spec(spec)
@@ -110,21 +101,16 @@ def variants(model_key, groups, compile_, other=None):
             out["other grouped_model (--other-grouped)"] = grouped_step(name, config, states, other)[0]
         out["vmap(functional_call)"] = vmap_step(name, config, states)
         return out
-    if with_kernels(True):
-        out["GroupedSTSTNet + C kernels"] = grouped_step(name, config, states)[0]
-    else:
-        print("note: the C stem kernels could not be built here (no compiler?)")
-    with_kernels(False)
-    out["GroupedSTSTNet, PyTorch only"] = grouped_step(name, config, states)[0]
+    out["GroupedSTSTNet"] = grouped_step(name, config, states)[0]
     if compile_:
         step, model = grouped_step(name, config, states)
         model.forward = torch.compile(model.forward, dynamic=False)
-        out["GroupedSTSTNet, PyTorch only, torch.compile"] = step
+        out["GroupedSTSTNet, torch.compile"] = step
     return out
 
 
 def measure(steps_by_name, x, y, mask, rounds, steps):
-    for step in steps_by_name.values():  # warm-up: compilation, allocator, kernel build
+    for step in steps_by_name.values():  # warm-up: compilation, allocator
         for _ in range(2):
             step(x, y, mask)
     times = {k: [] for k in steps_by_name}

@@ -31,23 +31,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+
+SPACE = """description = "orchestration overhead benchmark: identical-cost STSTNet trials"
+num_samples = {trials}
+max_concurrent_trials = 1
+objective = "inner"
+resources = {{"cpu": 1, "gpu": 0}}
+max_failures = 0
+sampler = {{"type": "grid"}}
+pruner = {{"type": "none"}}
+data = {{"synthetic_subjects": 8, "synthetic_seed": 0}}
+fixed = {{"model": "ststnet", "epochs": {epochs}, "lr": 5.0e-4, "batch_size": 64,
+         "protocols": ["paper", "final", "inner"], "report_every": 1, "engine": "{engine}", "device": "cpu"}}
+grid = {{"seed": list(range(1, {trials} + 1))}}
+
+
+def space(trial):
+    return {{"seed": trial.suggest_categorical("seed", grid["seed"])}}
+"""
 
 
 def space_file(folder, trials, subjects, epochs, engine):
-    space = {
-        "description": "orchestration overhead benchmark: identical-cost STSTNet trials",
-        "num_samples": trials, "max_concurrent_trials": 1, "objective": "inner",
-        "resources": {"cpu": 1, "gpu": 0}, "max_failures": 0,
-        "sampler": {"type": "grid"}, "pruner": {"type": "none"},
-        "data": {"synthetic_subjects": 8, "synthetic_seed": 0},
-        "fixed": {"model": "ststnet", "epochs": epochs, "lr": 5.0e-4, "batch_size": 64,
-                  "protocols": ["paper", "final", "inner"], "report_every": 1, "engine": engine,
-                  "device": "cpu"},
-        "space": {"seed": {"choice": list(range(1, trials + 1))}},
-    }
-    path = Path(folder) / "overhead.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    path = Path(folder) / "overhead.py"
+    path.write_text(SPACE.format(trials=trials, epochs=epochs, engine=engine))
     return path
 
 

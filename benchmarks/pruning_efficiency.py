@@ -10,7 +10,7 @@ and with one; fold-epochs consumed and the best objective found.
 
 Both arms draw their configurations from Optuna's RandomSampler with the same seed, which does not
 look at results, so the two arms run the same N configurations (checked, and printed). The space
-and the pruner are the search package's (`search.space.parse_space`: STSTNet's lr, batch size,
+and the pruner are the search package's (`search.space.SearchSpace`: STSTNet's lr, batch size,
 dropout, optimizer; `search.space.make_pruner`: any pruner a space file can name), and so is the
 protocol: trials run one after another in this process through `search.bridge.run_trial`, the same
 report -> prune -> tell steps the Ray search follows, without Ray (whose overhead is
@@ -36,20 +36,27 @@ import math
 import time
 from pathlib import Path
 
-SPACE = {
-    "description": "pruning benchmark: STSTNet on the real composite",
-    "objective": "inner",
-    "sampler": {"type": "random", "seed": 0},
-    "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 3},
-    "fixed": {"model": "ststnet", "protocols": ["paper", "final", "inner"], "inner_val_subjects": 3,
-              "report_every": 1},
-    "space": {
-        "lr": {"low": 1.0e-5, "high": 3.0e-2, "log": True},
-        "batch_size": {"choice": [32, 64, 128, 256]},
-        "model_config.dropout": {"choice": [0.0, 0.25, 0.5]},
-        "optimizer": {"choice": ["adam", "adamw", "sgd"]},
-    },
-}
+def space(trial):
+    """STSTNet's lr, batch size, dropout and optimizer (as a space file's space(), search/spaces/)."""
+    return {"lr": trial.suggest_float("lr", 1.0e-5, 3.0e-2, log=True),
+            "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
+            "model_config.dropout": trial.suggest_categorical("model_config.dropout", [0.0, 0.25, 0.5]),
+            "optimizer": trial.suggest_categorical("optimizer", ["adam", "adamw", "sgd"])}
+
+
+SETTINGS = {"description": "pruning benchmark: STSTNet on the real composite", "objective": "inner",
+            "sampler": {"type": "random", "seed": 0},
+            "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 3},
+            "fixed": {"model": "ststnet", "protocols": ["paper", "final", "inner"], "inner_val_subjects": 3,
+                      "report_every": 1}}
+
+
+def search_space():
+    """The benchmark's search space (search.space.SearchSpace, built here rather than from a file)."""
+    from search.space import SearchSpace
+
+    return SearchSpace("benchmarks/pruning_efficiency.py", "", space, **SETTINGS)
+
 
 STUDY_NAME = "pruning-benchmark"
 
@@ -214,10 +221,10 @@ def main():
 
     from htnet.errors import UserError
     from search.bridge import pairs_folds
-    from search.space import make_pruner, parse_space
+    from search.space import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")
+    space = search_space()
     metric = space.metric
     specs = args.pruner_spec or [pruner_spec(args)]
     try:

@@ -1,9 +1,12 @@
 """A LOSO run's folder as its checkpoint: each finished fold is written as it ends (folds/<subject>.json,
 after its weights), so a killed run continues where it was (`htnet train --resume`, a retried or resumed Ray
-Tune trial) and trains only the folds not done. Folds are seeded per subject: nothing else is needed."""
+Tune trial) and trains only the folds not done. Folds are seeded per subject: nothing else is needed. Nothing read
+back is trusted: each record carries the fingerprint of what made it and is checked field by field."""
 import dataclasses
 import io
 import json
+import math
+import reprlib
 import shutil
 from pathlib import Path
 
@@ -12,9 +15,10 @@ import pandas as pd
 import torch
 import yaml
 
+from htnet.data.release import NUM_CLASSES, check_rows, duplicates, read_csv
 from htnet.errors import UserError
 from htnet.folds import FoldOutcome, InnerChoice
-from htnet.io import path_under, read_bytes, read_yaml, write_files
+from htnet.io import path_under, read_json, read_yaml, write_files
 
 FOLDS_DIR = "folds"
 ATTEMPTS = "attempts.csv"
@@ -23,6 +27,79 @@ RUN_FILES = ("config.yaml", "predictions.csv", "folds.csv", "history.csv", "metr
              FOLDS_DIR, "weights")
 # may differ on resume: where it runs and how often it reports change no result
 FREE_ON_RESUME = ("device", "report_every")
+# LosoConfig fields that change no fold's result (where and how it runs, what it reports and keeps); every other
+# field, new ones too, is in the fingerprint each fold record carries (made_by): resume refuses another's records
+NOT_RESULT = ("device", "engine", "fold_group_size", "compile", "report_every", "save_weights")
+MAX_RECORD_BYTES = 16 * 1024 * 1024   # a record of 800 epochs is ~100 kB
+ATTEMPT_COLUMNS = {"attempt": (1, 10**6), "fold_epochs": (0, 10**12), "folds": (0, 10**6)}   # integers in range
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A fold record field: int, float (finite, or NaN where `nan`) in low..high, or str (one of `among` if given);
+    with `length`, a list of that many."""
+    kind: type
+    low: float = -math.inf
+    high: float = math.inf
+    length: int | None = None
+    nan: bool = False
+    among: tuple = ()
+
+    def allows(self, value):
+        if self.kind is str:
+            return isinstance(value, str) and (not self.among or value in self.among)
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return self.nan and math.isnan(value)
+        return self.low <= value <= self.high
+
+    def __str__(self):
+        if self.kind is str:
+            return f"one of {', '.join(map(repr, self.among))}" if self.among else "text"
+        return ("an integer" if self.kind is int else "a finite number") + (
+            f" in {self.low}..{self.high}" if math.isfinite(self.high) else f" >= {self.low}") + " or NaN" * self.nan
+
+    def check(self, where, name, value):
+        if self.length is not None and not (isinstance(value, list) and len(value) == self.length):
+            got = f"{len(value)}" if isinstance(value, list) else reprlib.repr(value)
+            raise UserError(f"{where}: {name} must be a list of {self.length} values, got {got}")
+        for k, item in enumerate(value) if self.length is not None else [(None, value)]:
+            if not self.allows(item):
+                at = "" if k is None else f"[{k}]"
+                raise UserError(f"{where}: {name}{at} must be {self}, got {reprlib.repr(item)}")
+
+
+def record_schema(config, fold, number):
+    """A fold record's fields (dotted: nested) -> Rule, and its history rows' columns, for fold `number` of a run."""
+    epochs, classes, inner, n = config.epochs, (0, NUM_CLASSES - 1), "inner" in config.protocols, len(fold.test)
+    schema = {"fold": Rule(int, number, number), "attempt": Rule(int, *ATTEMPT_COLUMNS["attempt"]),
+              "fold_epochs": Rule(int, epochs, epochs * (1 + inner)), "samples": Rule(str, length=n)}
+    for p in config.protocols:
+        schema |= {f"chosen.{p}.epoch": Rule(int, 1, epochs), f"chosen.{p}.predictions": Rule(int, *classes, n)}
+    if inner:
+        schema |= {"inner.epoch": Rule(int, 1, epochs), "inner.labels": Rule(int, *classes, len(fold.val)),
+                   "inner.predictions": Rule(int, *classes, len(fold.val))}
+    history = {"run": Rule(str, among=("inner", "main")), "epoch": Rule(int, 1, epochs), "train_loss": Rule(float, 0),
+               "test_acc": Rule(float, 0, 1, nan=True), "val_uf1": Rule(float, 0, 1, nan=True)}
+    return schema, history
+
+
+def fingerprint(config, data, folds):
+    """What made a run's fold records: its config but NOT_RESULT (as JSON holds it), its data, its fold order."""
+    values = json.loads(json.dumps(config.to_dict()))
+    return {**{k: v for k, v in values.items() if k not in NOT_RESULT}, "data": data.fingerprint(),
+            "folds": [f.subject for f in folds]}
+
+
+def _field(where, record, name):
+    """record's field `name` (dotted: nested), or UserError naming the first part missing."""
+    value = record
+    for depth, key in enumerate(name.split(".")):
+        if not isinstance(value, dict) or key not in value:
+            raise UserError(f"{where}: {'.'.join(name.split('.')[:depth + 1])} is missing")
+        value = value[key]
+    return value
 
 
 def prepare_folder(out_dir, resume=False, overwrite=False):
@@ -58,6 +135,10 @@ def continued_config(out_dir, config):
         raise UserError(f"{path}: not a LOSO config (a {type(saved).__name__})")
     if config.fold_group_size is None and saved.get("fold_group_size") is not None:
         config = dataclasses.replace(config, fold_group_size=saved["fold_group_size"])
+        try:
+            config.validate()
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     ours = yaml.safe_load(yaml.safe_dump(config.to_dict()))  # as written: lists, plain numbers
     for key in sorted(set(ours) | set(saved)):
         if key not in FREE_ON_RESUME and ours.get(key) != saved.get(key):
@@ -67,22 +148,23 @@ def continued_config(out_dir, config):
 
 
 def begin(out_dir, folds, data, config, resume):
-    """(finished folds as load_folds gives them, the attempts table, this attempt's number) of a run in `out_dir`
-    (None: kept nowhere), whose config.yaml is written; a new run first removes an earlier one's records."""
+    """(finished folds as load_folds gives them, the attempts table, this attempt's number, the fingerprint its
+    records carry) of a run in `out_dir` (None: kept nowhere). All that is read back is checked before config.yaml
+    is written; a new run first removes an earlier one's records."""
     path = None if out_dir is None else Path(out_dir) / ATTEMPTS
-    finished = load_folds(out_dir, folds, data) if resume else {}
-    empty = pd.DataFrame(columns=["attempt", "fold_epochs", "folds"])
-    attempts = pd.read_csv(path) if resume and path.is_file() else empty
-    attempt = 1 + max([0, *attempts.attempt.astype(int), *(o.attempt for o in finished.values())])
+    made_by = None if out_dir is None else fingerprint(config, data, folds)
+    finished = load_folds(out_dir, folds, data, config, made_by) if resume else {}
+    attempts = read_attempts(path) if resume and path.exists() else pd.DataFrame(columns=list(ATTEMPT_COLUMNS))
+    attempt = 1 + max([0, *attempts.attempt, *(o.attempt for o in finished.values())])
     if out_dir is not None:
         if not resume:   # no fold record of an earlier run may count as this one's
             shutil.rmtree(Path(out_dir) / FOLDS_DIR, ignore_errors=True)
             path.unlink(missing_ok=True)
         write_files({Path(out_dir) / "config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False)})
-    return finished, attempts, attempt
+    return finished, attempts, attempt, made_by
 
 
-def save_fold(out_dir, outcomes, data, attempts, attempt):
+def save_fold(out_dir, outcomes, data, attempts, attempt, made_by):
     """The last of `outcomes`, trained in `attempt`: its weights, its record (the marker that the fold is done),
     then `attempts` with this attempt's row so far, returned (a killed attempt's work after its last fold is lost)."""
     outcome, trained_now = outcomes[-1], [o for o in outcomes if not o.resumed]
@@ -98,7 +180,7 @@ def save_fold(out_dir, outcomes, data, attempts, attempt):
               "inner": None if inner is None else {"epoch": int(inner.epoch), "labels": inner.labels.tolist(),
                                                    "predictions": np.asarray(inner.predictions).tolist()},
               "history": [[run, int(epoch), float(loss), float(acc), float(uf1)]
-                          for run, epoch, loss, acc, uf1 in outcome.history]}
+                          for run, epoch, loss, acc, uf1 in outcome.history], "made_by": made_by}
     write_files({path_under(out_dir, FOLDS_DIR, f"{outcome.subject}.json"): json.dumps(record)})
     table = pd.concat([attempts[attempts.attempt != attempt], pd.DataFrame([{
         "attempt": attempt, "fold_epochs": sum(o.fold_epochs for o in trained_now), "folds": len(trained_now)}])])
@@ -106,32 +188,48 @@ def save_fold(out_dir, outcomes, data, attempts, attempt):
     return table
 
 
-def load_folds(out_dir, folds, data):
-    """{fold index: FoldOutcome} of the folds `out_dir` finished; a record that does not fit these folds and
-    data (another release, another subject set) is one UserError line naming the file."""
+def read_attempts(path):
+    """attempts.csv's ATTEMPT_COLUMNS as integers, one row per attempt; anything else is one UserError line."""
+    table = read_csv(path, list(ATTEMPT_COLUMNS))
+    numbers = table[list(ATTEMPT_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    check_rows(path, table, [(~numbers[c].between(low, high) | (numbers[c] % 1 != 0),
+                              lambda row, c=c, low=low, high=high: f"{c} {row[c]!r} is not an integer in {low}..{high}")
+                             for c, (low, high) in ATTEMPT_COLUMNS.items()] + [duplicates(table.attempt, "attempt")])
+    return numbers.astype(np.int64)
+
+
+def load_folds(out_dir, folds, data, config, made_by):
+    """{fold index: FoldOutcome} of the folds `out_dir` finished, each record checked first: made by this run
+    (`made_by`: fingerprint's), then field by field (record_schema); a bad one is one UserError line."""
     folder, done = Path(out_dir) / FOLDS_DIR, {}
     index_of = {f.subject: i for i, f in enumerate(folds)}
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            record = json.loads(read_bytes(path))
-            subject = record["subject"]
-            i = index_of.get(subject)
-            if i is None or record["fold"] != i + 1:
-                raise UserError(f"{path}: fold {subject!r} (number {record['fold']}) is not one of this run's "
-                                f"folds: resume with the same data and subjects, or --overwrite")
-            test = folds[i].test
-            if record["samples"] != data.samples[test].tolist():
-                raise UserError(f"{path}: fold {subject!r} tested other samples than the data has now")
-            chosen = {p: (c["epoch"], np.asarray(c["predictions"], dtype=np.int64))
-                      for p, c in record["chosen"].items()}
-            inner = None
-            if record["inner"] is not None:
-                inner = InnerChoice(np.asarray(record["inner"]["labels"], dtype=data.labels.dtype))
-                inner.epoch = record["inner"]["epoch"]
-                inner.predictions = np.asarray(record["inner"]["predictions"], dtype=np.int64)
-            history = [(run, epoch, loss, acc, uf1) for run, epoch, loss, acc, uf1 in record["history"]]
-            done[i] = FoldOutcome(subject, test, chosen, inner, history, int(record["fold_epochs"]),
-                                  resumed=True, attempt=int(record["attempt"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}: not a fold record ({type(e).__name__}: {e})") from None
+        record = read_json(path, MAX_RECORD_BYTES)
+        for key, ours in made_by.items():
+            if (theirs := _field(path, record, f"made_by.{key}")) != ours:
+                raise UserError(f"{path}: made with {key}={reprlib.repr(theirs)}, this run has "
+                                f"{key}={reprlib.repr(ours)}; use --overwrite to start again")
+        Rule(str, among=(path.stem,)).check(path, "subject", _field(path, record, "subject"))
+        if path.stem not in index_of:
+            raise UserError(f"{path}: {path.stem!r} is not one of this run's folds")
+        i = index_of[path.stem]
+        fold, (schema, columns) = folds[i], record_schema(config, folds[i], i + 1)
+        for name, rule in schema.items():
+            rule.check(path, name, _field(path, record, name))
+        history = _field(path, record, "history")
+        if not isinstance(history, list) or not all(isinstance(r, list) and len(r) == len(columns) for r in history):
+            raise UserError(f"{path}: history must be a list of [{', '.join(columns)}] rows")
+        for (name, rule), column in zip(columns.items(), zip(*history)):   # history.<column>[row]
+            dataclasses.replace(rule, length=len(history)).check(path, f"history.{name}", list(column))
+        if record["samples"] != data.samples[fold.test].tolist():
+            raise UserError(f"{path}: samples are not fold {fold.subject!r}'s in the data now")
+        inner = None
+        if "inner" in config.protocols:   # the validation labels are the data's
+            inner = InnerChoice(data.labels[fold.val])
+            inner.epoch = record["inner"]["epoch"]
+            inner.predictions = np.asarray(record["inner"]["predictions"], np.int64)
+        chosen = {p: (record["chosen"][p]["epoch"], np.asarray(record["chosen"][p]["predictions"], np.int64))
+                  for p in config.protocols}
+        done[i] = FoldOutcome(fold.subject, fold.test, chosen, inner, [tuple(row) for row in history],
+                              record["fold_epochs"], resumed=True, attempt=record["attempt"])
     return done

@@ -12,8 +12,8 @@ from htnet.checkpoint import continued_config, prepare_folder
 from htnet.data import CROP_MODES, load_release, make_synthetic, synthetic_cache
 from htnet.errors import ArgumentParser, TrainingDiverged, UserError
 from htnet.io import ensure_writable_dir, parse_yaml, read_yaml, write_files
-from htnet.loso import (ENGINES, OPTIMIZERS, LosoConfig, evaluate_weights, lone_subjects_warning,
-                        parse_subjects, run_loso, select_subjects)
+from htnet.loso import (COMPILE_MODES, ENGINES, OPTIMIZERS, LosoConfig, check_environment, evaluate_weights,
+                        lone_subjects_warning, parse_subjects, run_loso, select_subjects)
 from htnet.metrics import PROTOCOLS, per_subject_accuracy, summary_table
 from htnet.models import list_models
 from htnet.preprocess import TVL1_PARAMS, preprocess
@@ -30,6 +30,9 @@ TRAIN_FLAGS = {
     "fold_group_size": {"type": int, "help": "batched engine: fold-models per group (default: what memory allows)"},
     "save_weights": {"action": "store_true", "default": None,
                      "help": "write <out>/weights/<subject>.pth (the paper protocol's epoch, else the last)"},
+    "bf16": {"action": argparse.BooleanOptionalAction, "default": None,
+             "help": "bf16 autocast for grouped HTNet on a GPU that supports it (default: on)"},
+    "compile": {"choices": COMPILE_MODES[1:], "help": "torch.compile the grouped model (default: off)"},
 }
 
 
@@ -142,6 +145,7 @@ def _error_of(values):
 
 def cmd_train(args):
     config = train_config(args)
+    check_environment()   # before --overwrite clears anything
     out = prepare_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         config = continued_config(out, config)   # before the data is read: a mismatch is told at once

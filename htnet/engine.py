@@ -161,17 +161,16 @@ def train_group(members, X, y, data, config, device, progress=False):
     in the batch, so its gradient is its own. Returns, per member, (history, epochs, choice, weights)."""
     G, device = len(members), torch.device(device)
     model, optimizer, shuffle_seed = _start(members, config, device)
-    # bf16 on a GPU for grouped HTNet (matmul-bound; HTNET_BF16=0 keeps float32); STSTNet stays float32
-    # (memory-bound, and its BatchNorm statistics are sums over 230k values per channel)
-    bf16 = (G > 1 and device.type == "cuda" and config.model != "ststnet" and os.environ.get("HTNET_BF16") != "0"
+    # config.bf16: bf16 on a GPU for grouped HTNet (matmul-bound); STSTNet stays float32 (memory-bound, and its
+    # BatchNorm statistics are sums over 230k values per channel)
+    bf16 = (G > 1 and device.type == "cuda" and config.model != "ststnet" and config.bf16
             and torch.cuda.is_bf16_supported())
     autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
-    # HTNET_COMPILE=default|reduce-overhead|max-autotune (off: slower on CPU); eager: Dynamo only (a quick check)
-    mode = os.environ.get("HTNET_COMPILE", "").strip()
+    mode = config.compile  # "" (off), default, reduce-overhead, max-autotune, or eager (Dynamo only: a quick check)
 
     def compiled(model):
-        return model if G == 1 or mode in ("", "0") else torch.compile(model, backend="eager") if mode == "eager" \
-            else torch.compile(model, mode=None if mode in ("1", "default") else mode, dynamic=False)
+        return model if G == 1 or not mode else torch.compile(model, backend="eager") if mode == "eager" \
+            else torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
     forward = compiled(model)
     mask = np.zeros((len(data.labels), G), dtype=np.float32)

@@ -2,6 +2,7 @@
 errors (docs/design.md, Errors)."""
 import contextlib
 import fcntl
+import json
 import os
 import re
 import tempfile
@@ -15,6 +16,7 @@ SAFE_NAME_RULE = "letters, digits, '.', '_', '-'"
 # Refused before they are built: YAML far too big, or expanding through aliases ("billion laughs").
 MAX_YAML_BYTES = 4 * 1024 * 1024
 MAX_YAML_NODES = 200_000  # after alias expansion; a search space or config has a few hundred
+MAX_JSON_DEPTH = 16  # a fold record nests 4 deep
 
 
 @contextlib.contextmanager
@@ -132,6 +134,24 @@ def _expanded_size(node, memo):
 def read_yaml(path, where=None):
     """parse_yaml of a file; a missing or unreadable file is one line too."""
     return parse_yaml(read_bytes(path, where, MAX_YAML_BYTES, "a YAML file"), where or str(path))
+
+
+def read_json(path, max_bytes):
+    """A JSON file's value within `max_bytes` and MAX_JSON_DEPTH levels of nesting; else one UserError line."""
+    text = decode_text(read_bytes(path, max_bytes=max_bytes, kind="a JSON file"), path)
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({first_line(e)})") from None
+    level = [("", value)]   # (where in the value, the value): level by level, no recursion
+    for _ in range(MAX_JSON_DEPTH):
+        level = [(f"{at}.{k}" if isinstance(c, dict) else f"{at}[{k}]", v) for at, c in level
+                 if isinstance(c, (list, dict)) for k, v in (c.items() if isinstance(c, dict) else enumerate(c))]
+    if level:
+        raise UserError(f"{path}: {level[0][0].lstrip('.')} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 def read_bytes(path, where=None, max_bytes=None, kind="this file"):

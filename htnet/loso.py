@@ -20,11 +20,12 @@ from htnet.data import CROP_MODES, CompositeData, htnet_input
 from htnet.errors import UserError, first_line
 from htnet.io import ensure_writable_dir, path_under, write_files
 from htnet.metrics import PROTOCOLS, compute_metrics, uf1_uar
-from htnet.engine import resolve_fold_group_size, run_folds
+from htnet.engine import env_int, resolve_fold_group_size, run_folds
 from htnet.folds import OPTIMIZERS, make_folds
 from htnet.models import create_model, model_input
 
 ENGINES = ("plain", "batched")
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "eager")  # "": off; eager: Dynamo only (a check)
 REPORTS_WITH_CALLBACK = 8
 # validate's rules besides the annotated types: numbers are positive but these; names are one of their choices
 NON_NEGATIVE = ("seed", "inner_val_subjects", "weight_decay")
@@ -57,6 +58,8 @@ class LosoConfig:
     fold_group_size: int | None = None
     save_weights: bool = False
     report_every: int = 1
+    bf16: bool = True  # bf16 autocast for grouped HTNet on a CUDA device that supports it (STSTNet, CPU: float32)
+    compile: str = ""  # torch.compile of the grouped model, one of COMPILE_MODES ("": off, slower on a CPU)
 
     @classmethod
     def from_dict(cls, values):
@@ -104,6 +107,8 @@ class LosoConfig:
                 if value < (1 if positive else 0):
                     raise UserError(f"{name} must be a {sign} integer, got {value!r}")
                 setattr(self, name, int(value))
+        if not isinstance(self.compile, str) or self.compile not in COMPILE_MODES:
+            raise UserError(f"unknown compile mode {self.compile!r} (known: '' (off), {', '.join(COMPILE_MODES[1:])})")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda, cuda:N)")
         subjects = self.subjects
@@ -117,7 +122,8 @@ class LosoConfig:
         for key in self.model_config:
             if not isinstance(key, str):
                 raise UserError(f"model {self.model} has no argument {key!r}")
-        create_model(self.model, **self.model_config)  # raises UserError on an impossible config
+        with torch.device("meta"):  # built to be checked (UserError on an impossible config), no weights allocated
+            create_model(self.model, **self.model_config)
 
 
 def _subject_count(count):
@@ -149,6 +155,12 @@ class LosoResult:
                      out_dir / "metrics.json": pd.Series(self.metrics, dtype=float).to_json(indent=2),
                      out_dir / "config.yaml": yaml.safe_dump(self.config.to_dict(), sort_keys=False)})
         return out_dir
+
+
+def check_environment():
+    """The HTNET_* settings the engine reads as it trains, parsed before a run records anything (one line each)."""
+    env_int("HTNET_BATCHED_GROUP", 1)
+    env_int("HTNET_BATCHED_WORKERS", 0)
 
 
 def resolve_device(name):
@@ -228,6 +240,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     there as it ends (htnet.checkpoint); `resume` continues the run there, training only the folds not done
     (callbacks come for those), with the same results as a run never stopped."""
     started = time.perf_counter()
+    check_environment()
     config, data, device, X = _prepared(config, data)
     out_dir = ensure_writable_dir(out_dir) if out_dir is not None else None
     resume = resume and out_dir is not None
@@ -238,7 +251,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
     if config.engine == "batched":  # the grouping shapes the batch stream: the result records it
         config = dataclasses.replace(config, fold_group_size=resolve_fold_group_size(
             folds, config, device, min_groups=REPORTS_WITH_CALLBACK if callback else 1))
-    finished, attempts, attempt = checkpoint.begin(out_dir, folds, data, config, resume)
+    finished, attempts, attempt, made_by = checkpoint.begin(out_dir, folds, data, config, resume)
     outcomes, prediction_rows, new_folds, stopped = [], [], [], False
     with tqdm(total=len(folds), desc="LOSO folds", disable=not progress) as bar:  # closed on errors too
         for outcome in run_folds(folds, X, y, data, config, device, progress=progress, finished=finished):
@@ -248,7 +261,7 @@ def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=
             if not outcome.resumed:
                 outcome.attempt = attempt
                 if out_dir is not None:
-                    attempts = checkpoint.save_fold(out_dir, outcomes, data, attempts, attempt)
+                    attempts = checkpoint.save_fold(out_dir, outcomes, data, attempts, attempt, made_by)
             bar.update(1)
             predictions, metrics = _pooled_metrics(prediction_rows, outcomes)
             bar.set_postfix_str(", ".join(f"{p} UF1 {metrics[f'{p}_full_uf1']:.3f}" for p in config.protocols))

@@ -3,7 +3,11 @@
 import math
 from dataclasses import dataclass, field
 
+import optuna
+from optuna.trial import TrialState
+
 from htnet.errors import TrainingDiverged, UserError
+from htnet.loso import run_loso
 from search.space import trial_config
 
 
@@ -18,8 +22,6 @@ def fold_objectives(progress, metric):
 
 def pairs_folds(pruner):
     """True for Wilcoxon, which tests a trial fold by fold (the same subjects) against the best trial."""
-    import optuna
-
     return isinstance(pruner, optuna.pruners.WilcoxonPruner)
 
 
@@ -34,9 +36,8 @@ def report(trial, pruner, step, value, folds=(), last=False, reported=()):
 
 
 def tell(study, trial, value, pruned=False, failed=False):
-    """Tell Optuna how the trial ended: PRUNED, FAIL (failed, or no finite objective) or COMPLETE; the state."""
-    from optuna.trial import TrialState
-
+    """Tell Optuna how the trial (a Trial or its number) ended: PRUNED, FAIL (failed, or no finite objective) or
+    COMPLETE; the state."""
     state = TrialState.PRUNED if pruned else TrialState.FAIL if failed or not finite(value) else TrialState.COMPLETE
     try:
         study.tell(trial, float(value) if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
@@ -65,8 +66,6 @@ class TrialRun:
 def run_trial(study, space, data, overrides=None):
     """One trial without Ray: ask the study, sample, run LOSO reporting after every engine report and stopping
     where the pruner says so, tell the study how it ended."""
-    from htnet.loso import run_loso
-
     run, metric = TrialRun(study.ask()), space.metric
 
     def callback(progress):

@@ -6,17 +6,25 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import optuna
 import pandas as pd
+import ray
+import torch
 
+from htnet.engine import run_fold
 from htnet.errors import UserError, first_line
-from htnet.metrics import PROTOCOLS, compute_metrics, summary_table
+from htnet.folds import make_folds
+from htnet.loso import LosoConfig, model_inputs, parse_subjects, resolve_device, select_subjects
+from htnet.metrics import compute_metrics, summary_table
 from search import tracking
 from search.bridge import run_trial
-from search.driver.runner import Options, effective_samples, resolve_space
+from search.driver.ray_setup import ray_session
+from search.driver.runner import Options, resolve_space
+from search.driver.stores import data_source, load_data
 from search.reports.export import format_numbers, markdown_table
 from search.reports.leaderboard import model_label, open_store
 from search.reports.rerun import data_tags, log_frame
-from search.space import flatten
+from search.space import check, flatten
 
 
 @dataclass
@@ -30,72 +38,58 @@ class NestedOptions(Options):
 
 def fit_and_score(config, data, outer):
     """Train `config` on every subject but `outer` and score `outer` (one LOSO fold); (predictions, outcome)."""
-    import torch
-
-    from htnet.engine import run_fold
-    from htnet.folds import make_folds
-    from htnet.loso import LosoConfig, model_inputs, resolve_device
-
     config = LosoConfig.from_dict({**config, "subjects": None, "save_weights": False})
     device = resolve_device(config.device)
     X = torch.tensor(model_inputs(data, config), device=device)  # a copy: Ray's arrays are read-only
-    y = torch.tensor(data.labels, device=device)
     fold = next(f for f in make_folds(data, config) if f.subject == outer)
-    outcome = run_fold(fold, X, y, data, config, device)
-    rows = [pd.DataFrame({"sample": data.samples[outcome.test], "subject": outer,
-                          "dataset": data.datasets[outcome.test], "label": data.labels[outcome.test],
-                          "protocol": protocol, "prediction": predicted, "epoch": epoch})
-            for protocol, (epoch, predicted) in outcome.chosen.items()]
-    return pd.concat(rows, ignore_index=True), outcome
+    outcome = run_fold(fold, X, torch.tensor(data.labels, device=device), data, config, device)
+    test = outcome.test
+    predictions = pd.concat([pd.DataFrame({"sample": data.samples[test], "subject": outer,
+                                           "dataset": data.datasets[test], "label": data.labels[test],
+                                           "protocol": protocol, "prediction": predicted, "epoch": epoch})
+                             for protocol, (epoch, predicted) in outcome.chosen.items()], ignore_index=True)
+    return predictions, outcome
 
 
 def outer_fold(space, data, outer, threads=1):
     """One outer fold (a Ray task): the search, trial after trial, on the other subjects only, then its best
     configuration trained on them and scored on `outer`."""
-    import optuna
-    import torch
-
     torch.set_num_threads(max(1, int(threads)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     study = optuna.create_study(direction="maximize", sampler=space.make_sampler(),
                                 pruner=space.make_pruner(), study_name=f"nested-{outer}")
     overrides = {"subjects": [s for s in data.subject_ids if s != outer], "save_weights": False}
-    rows, configs = [], {}
-    for _ in range(effective_samples(space)):
+    rows, configs, names = [], {}, {}
+    for _ in range(space.num_samples):
         trial_started = time.perf_counter()
         run = run_trial(study, space, data, overrides)
-        row = {"outer_subject": outer, "trial": run.trial.number, **flatten(run.sampled), "status": run.status}
-        if run.error is not None:
-            row["error"] = first_line(run.error)
-        if run.result is not None:
-            row.update({space.metric: run.result.metrics.get(space.metric, float("nan")),
-                        "folds_done": run.result.folds_done, "fold_epochs": run.result.fold_epochs})
+        names.update(dict.fromkeys(run.sampled))
+        result = run.result
+        rows.append({"outer_subject": outer, "trial": run.trial.number, **flatten(run.sampled), "status": run.status,
+                     **({"error": first_line(run.error)} if run.error is not None else {}),
+                     **({space.metric: result.metrics.get(space.metric, math.nan), "folds_done": result.folds_done,
+                         "fold_epochs": result.fold_epochs} if result is not None else {}),
+                     "wall_time_s": time.perf_counter() - trial_started})
         if run.status == "finished":
             configs[run.trial.number] = run.config.to_dict()
-        rows.append({**row, "wall_time_s": time.perf_counter() - trial_started})
-    out = {"outer_subject": outer, "trials": rows,
-           "search_fold_epochs": int(sum(r.get("fold_epochs", 0) or 0 for r in rows))}
-    if not configs:
-        return {**out, "error": "no inner trial finished", "wall_time_s": time.perf_counter() - started}
-    best = study.best_trial
-    predictions, outcome = fit_and_score(configs[best.number], data, outer)
-    return {**out, "best_trial": best.number, "best_value": best.value, "config": configs[best.number],
-            "predictions": predictions, "final_fold_epochs": int(outcome.fold_epochs),
-            "wall_time_s": time.perf_counter() - started}
+    out = {"outer_subject": outer, "trials": rows, "sampled": list(names),
+           "search_fold_epochs": int(sum(r.get("fold_epochs") or 0 for r in rows))}
+    if configs:
+        best = study.best_trial
+        predictions, outcome = fit_and_score(configs[best.number], data, outer)
+        out.update(best_trial=best.number, best_value=best.value, config=configs[best.number],
+                   predictions=predictions, final_fold_epochs=int(outcome.fold_epochs))
+    else:
+        out["error"] = "no inner trial finished"
+    return {**out, "wall_time_s": time.perf_counter() - started}
 
 
-def cost_estimate(space, n_subjects, n_outer):
-    """Upper bounds of the nested run's work and a plain search's (the largest `epochs` a trial can have, twice
-    where the inner protocol trains a second model, no pruning), and the line that says them."""
-    from htnet.loso import LosoConfig
-
-    sampled = next((p for p in space.params if p.name == "epochs"), None)
-    fixed = [f.value for f in space.fixed if f.name == "epochs"]
-    epochs = max(sampled.choices) if sampled and sampled.kind == "choice" else sampled.high if sampled else \
-        max(fixed) if fixed else LosoConfig.epochs
-    per_fold = int(epochs) * (2 if "inner" in space.fixed_env().get("protocols", PROTOCOLS) else 1)
-    trials = effective_samples(space)
+def cost_estimate(space, draws, n_subjects, n_outer):
+    """Upper bounds of the nested run's work and a plain search's (the largest `epochs` of the configs `check` drew,
+    twice where the inner protocol trains a second model, no pruning), and the line that says them."""
+    per_fold = max(c.epochs * (2 if "inner" in c.protocols else 1) for _, c in draws)
+    trials = space.num_samples
     folds = n_outer * trials * (n_subjects - 1)
     total, plain = (folds + n_outer) * per_fold, trials * n_subjects * per_fold
     text = (f"{n_outer} outer folds x {trials} trials = {n_outer * trials} inner LOSO runs over {n_subjects - 1} "
@@ -105,25 +99,11 @@ def cost_estimate(space, n_subjects, n_outer):
             "inner_folds": folds, "fold_epochs": total, "plain_search_fold_epochs": plain}, text
 
 
-def default_method(space):
-    fixed = space.fixed_env()
-    models = [fixed["model"]] if "model" in fixed else \
-        next((p.choices for p in space.params if p.name == "model" and p.kind == "choice"), ["htnet"])
-    return f"Search + {'/'.join(model_label(m) for m in models)} (nested LOSO)"
-
-
 def run_nested(options, out=None):
     """Run nested LOSO; a dict: parent_run_id, metrics (pooled), folds, trials, predictions, cost, method."""
-    import ray
-
-    from htnet.loso import parse_subjects, select_subjects
-    from search.driver.ray_setup import ray_session
-    from search.driver.stores import data_source, load_data
-
     out = out or sys.stdout
     space = resolve_space(options)
-    if options.cpus_per_fold <= 0 or options.gpus_per_fold < 0:
-        raise UserError("--cpus-per-fold must be > 0 and --gpus-per-fold >= 0")
+    draws = check(space)
     data, data_root = load_data(data_source(options, space, options.storage))
     data = select_subjects(data, parse_subjects(options.subjects))
     outer = parse_subjects(options.outer_subjects)
@@ -136,8 +116,9 @@ def run_nested(options, out=None):
     if n_subjects < 4:
         raise UserError(f"nested LOSO needs at least 4 subjects, the data have {n_subjects}")
     name = options.name or f"nested-{time.strftime('%Y%m%d-%H%M%S')}"
-    method = options.method or default_method(space)
-    estimate, cost_text = cost_estimate(space, n_subjects, len(outer))
+    models = dict.fromkeys(config.model for _, config in draws)
+    method = options.method or f"Search + {'/'.join(map(model_label, models))} (nested LOSO)"
+    estimate, cost_text = cost_estimate(space, draws, n_subjects, len(outer))
     print(f"nested LOSO {name!r} ({method}) with space {space.source}, objective {space.metric}", file=out)
     print(f"COST: {cost_text}", file=out)
     print(f"data: {data_root} ({len(data)} samples, {n_subjects} subjects); outer folds in parallel on Ray, "
@@ -154,8 +135,9 @@ def run_nested(options, out=None):
         "space_file": space.source, "num_samples": space.num_samples, "sampler": space.sampler,
         "pruner": space.pruner, "objective": space.objective, "data": data_root,
         "subjects": n_subjects, "outer_subjects": ",".join(outer), "sets": list(options.sets),
-        "cpus_per_fold": options.cpus_per_fold, "gpus_per_fold": options.gpus_per_fold})
-    tracking.retry(client.log_dict, parent_id, space.raw, "space.yaml")
+        "cpus_per_fold": options.cpus_per_fold, "gpus_per_fold": options.gpus_per_fold,
+        "epochs": "searched" if any("epochs" in sampled for sampled, _ in draws) else draws[0][1].epochs})
+    tracking.retry(client.log_text, parent_id, space.text, "space.py")
     tracking.log_metrics(client, parent_id, {f"estimate_{k}": v for k, v in estimate.items()})
 
     started, results = time.time(), []
@@ -207,7 +189,7 @@ def log_outer(store, parent_id, name, space, result, out):
         tracking.log_params(client, run_id, flatten(result["config"]))
         tracking.retry(client.log_dict, run_id, result["config"], "config.yaml")
         log_frame(client, run_id, predictions, "predictions.csv")
-        acc = metrics.get("inner_outer_accuracy", metrics.get("final_outer_accuracy", float("nan")))
+        acc = metrics.get("inner_outer_accuracy", metrics.get("final_outer_accuracy", math.nan))
         print(f"  outer {subject}: best of {len(result['trials'])} trials {space.metric} {result['best_value']:.4f}, "
               f"outer accuracy {acc:.3f} ({result['wall_time_s']:.1f} s)", file=out)
     tracking.log_metrics(client, run_id, metrics)
@@ -216,7 +198,9 @@ def log_outer(store, parent_id, name, space, result, out):
 
 
 def finish_nested(client, parent_id, name, method, space, results, estimate, started, out):
+    """The parent run's pooled metrics, cost, tables and summary; what the console shows at the end."""
     ok = [r for r in results if "error" not in r]
+    names = dict.fromkeys(n for r in results for n in r.get("sampled", ()))
     trials = pd.DataFrame([row for r in results for row in r["trials"]])
     folds = pd.DataFrame([{"outer_subject": r["outer_subject"], "status": "failed" if "error" in r else "finished",
                            "best_trial": r.get("best_trial"), f"best_{space.metric}": r.get("best_value"),
@@ -224,7 +208,7 @@ def finish_nested(client, parent_id, name, method, space, results, estimate, sta
                            "final_fold_epochs": r.get("final_fold_epochs", 0),
                            "wall_time_s": r.get("wall_time_s"), "run_id": r.get("run_id"),
                            **{f"config.{k}": v for k, v in flatten(r.get("config") or {}).items()
-                              if k in space.names or k == "model"}}
+                              if k in names or k == "model"}}
                           for r in results]).sort_values("outer_subject").reset_index(drop=True)
     counts = Counter(row["status"] for r in results for row in r["trials"])
     fold_epochs = int(folds["search_fold_epochs"].sum() + folds["final_fold_epochs"].sum())

@@ -1,88 +1,114 @@
-"""The Ray side of the bridge (protocol: search.bridge): the space's Optuna pruner decides which Ray Tune trials
-stop, and Optuna is told PRUNED, FAIL or COMPLETE (Ray's OptunaSearch uses NopPruner and never asks)."""
+"""The Ray side of the bridge (protocol: search.bridge): a Ray Tune searcher over Optuna's ask/tell API. The study's
+pruner decides which Ray Tune trials stop (OptunaPruningScheduler), and Optuna is told PRUNED, FAIL or COMPLETE."""
 import logging
+import pickle
 
+import optuna
+from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
 from search.bridge import finite, report, tell
 
 logger = logging.getLogger(__name__)
 
 
-class PruningOptunaSearch(OptunaSearch):
-    """OptunaSearch whose study has a real pruner and which tells Optuna PRUNED/FAIL/COMPLETE."""
+class PruningOptunaSearch(Searcher):
+    """Each Ray Tune trial is one Optuna trial: asked from the study (created, or loaded, with the pruner and the
+    sampler), sampled by the define-by-run `space(trial) -> config`, reported to by OptunaPruningScheduler, told
+    how it ended. Its Optuna trial holds the Ray trial id as the user attribute `ray_trial_id`."""
 
-    def __init__(self, pruner, **kwargs):
-        self._pruner, self._pruned = pruner, set()
-        super().__init__(**kwargs)  # OptunaSearch's: space, metric, mode, sampler, study_name, storage
+    def __init__(self, space, metric, mode="max", pruner=None, sampler=None, study_name=None, storage=None):
+        super().__init__(metric=metric, mode=mode)
+        self.space = space
+        self.study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner or optuna.pruners.NopPruner(),
+                                         study_name=study_name, load_if_exists=True,
+                                         direction="maximize" if mode == "max" else "minimize")
+        self.trials, self.pruned, self.ended = {}, set(), set()  # Ray trial id -> Optuna Trial; Ray trial ids
 
-    def _setup_study(self, mode):
-        super()._setup_study(mode)
-        self._ot_study.pruner = self._pruner  # should_prune() asks study.pruner
+    def suggest(self, trial_id):
+        if trial_id not in self.trials:
+            self.trials[trial_id] = self.study.ask()
+        trial = self.trials[trial_id]
+        trial.set_user_attr("ray_trial_id", trial_id)
+        return self.space(trial)
 
     def optuna_trial_number(self, trial_id):
-        trial = self._ot_trials.get(trial_id)
+        trial = self.trials.get(trial_id)
         return None if trial is None else trial.number
 
     def is_pruned(self, trial_id):
-        return trial_id in self._pruned
+        return trial_id in self.pruned
 
-    def _frozen(self, ot_trial):
-        return self._ot_study._storage.get_trial(ot_trial._trial_id)
+    def running(self, trial):
+        """The trial as Optuna stores it while it runs; None once it was told (by this driver or a killed one)."""
+        return next((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                     if t.number == trial.number), None)
 
     def report_and_should_prune(self, trial_id, result):
         """Every result, from OptunaPruningScheduler: report it once (a restarted trial repeats its steps) and
-        let the pruner decide; a final result (a replayed one too) is reported, never pruned."""
-        ot_trial = self._ot_trials.get(trial_id)
-        value, step = result.get(self.metric), result.get("step")
-        if ot_trial is None or trial_id in self._completed_trials or not finite(value) or step is None:
+        let the pruner decide; a final result is reported, never pruned."""
+        trial, value, step = self.trials.get(trial_id), result.get(self.metric), result.get("step")
+        if trial is None or trial_id in self.ended or not finite(value) or step is None:
             return False  # a failed trial reports no objective
-        frozen = self._frozen(ot_trial)
-        folds = result.get("fold_objectives") or []
-        if frozen.state.is_finished() or not report(ot_trial, self._pruner, step, value, folds,
-                                                    bool(result.get("final")), frozen.intermediate_values):
+        stored = self.running(trial)
+        if stored is None:  # told by a killed driver: one it had pruned (after Ray's last snapshot) stops again
+            pruned = self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+            if any(t.number == trial.number for t in pruned):
+                self.pruned.add(trial_id)
+                return True
             return False
-        self._pruned.add(trial_id)
-        ot_trial.set_user_attr("pruned_at_step", int(step))
+        if not report(trial, self.study.pruner, step, value, result.get("fold_objectives") or [],
+                                        bool(result.get("final")), stored.intermediate_values):
+            return False
+        self.pruned.add(trial_id)
+        trial.set_user_attr("pruned_at_step", int(step))
         logger.info("Optuna pruned trial %s (Optuna trial %d) at step %s: %s = %.4f",
-                    trial_id, ot_trial.number, step, self.metric, value)
+                    trial_id, trial.number, step, self.metric, value)
         return True
 
     def on_trial_result(self, trial_id, result):
         pass  # reported by the scheduler, which sees every result first
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        trial, result = self.trials.get(trial_id), result or {}
+        if trial is None or trial_id in self.ended:
             return
-        ot_trial, result = self._ot_trials[trial_id], result or {}
-        self._completed_trials.add(trial_id)
-        if self._frozen(ot_trial).state.is_finished():  # told before the driver was killed
+        self.ended.add(trial_id)
+        if self.running(trial) is None:  # told before the driver was killed
             return
         if result.get("htnet_status") == "failed" and result.get("htnet_error"):
-            ot_trial.set_user_attr("error", str(result["htnet_error"])[:500])
-        tell(self._ot_study, ot_trial, result.get(self.metric), pruned=trial_id in self._pruned,
+            trial.set_user_attr("error", str(result["htnet_error"])[:500])
+        tell(self.study, trial, result.get(self.metric), pruned=trial_id in self.pruned,
              failed=error or not result or result.get("htnet_status") == "failed")
 
     def set_ray_trial_attrs(self, trial_id, **attrs):
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and not self._frozen(ot_trial).state.is_finished():
+        trial = self.trials.get(trial_id)
+        if trial is not None and self.running(trial) is not None:
             for key, value in attrs.items():
-                ot_trial.set_user_attr(key, value)
+                trial.set_user_attr(key, value)
+
+    # Optuna makes a Trial (which reports and prunes) only in study.ask(), so the state keeps the Trial objects
+    # themselves, as Ray's OptunaSearch does: a Trial pickles with its study (and the study's pruner and sampler),
+    # whose RDB storage reconnects when unpickled; one pickle keeps them one study.
+    def save(self, checkpoint_path):
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump({"study": self.study, "trials": self.trials, "pruned": self.pruned, "ended": self.ended}, file)
 
     def restore(self, checkpoint_path):
         """Also: Optuna trials left RUNNING by a killed driver that no restored Ray trial owns are told FAIL, and
         their configuration asked again, so the driver's death loses no sample."""
-        from optuna.trial import TrialState
-
-        super().restore(checkpoint_path)
-        owned = {t.number for t in self._ot_trials.values()}
-        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen.number not in owned:
-                self._ot_study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-                self._ot_study.enqueue_trial(frozen.params, user_attrs={"requeued_from": frozen.number})
+        with open(checkpoint_path, "rb") as file:
+            state = pickle.load(file)
+        self.study, self.trials = state["study"], state["trials"]
+        self.pruned, self.ended = state["pruned"], state["ended"]
+        owned = {t.number for t in self.trials.values()}
+        for stored in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if stored.number not in owned:
+                tell(self.study, stored.number, None, failed=True)
+                self.study.enqueue_trial(stored.params, user_attrs={"requeued_from": stored.number})
                 logger.warning("Optuna trial %d had no Ray trial after resume: told FAIL, its "
-                               "parameters queued again", frozen.number)
+                               "parameters queued again", stored.number)
 
 
 class OptunaPruningScheduler(FIFOScheduler):
@@ -97,4 +123,4 @@ class OptunaPruningScheduler(FIFOScheduler):
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def debug_string(self):
-        return f"Using Optuna pruning ({type(self.searcher._pruner).__name__})."
+        return f"Using Optuna pruning ({type(self.searcher.study.pruner).__name__})."

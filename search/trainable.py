@@ -9,6 +9,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
+import torch
+from ray import tune
+
+from htnet.errors import TrainingDiverged, UserError, first_line
+from htnet.io import read_yaml
+from htnet.loso import LosoConfig, resolve_device, run_loso
+from search.bridge import fold_objectives
+from search.space import trial_config
 from search.tracking.figures import confusion_matrix_png, learning_curve_png
 
 
@@ -45,9 +54,6 @@ def _report(values, folder, metric, last=False):
     """tune.report with `folder` (the trial's files so far) as its checkpoint. If the storage does not answer, the
     trial says so in a result without its checkpoint (the driver prints it once) and trains on: its folds stay in
     `folder` and the next report stores them all. The last report then waits for it (_until_storage_answers)."""
-    from ray import tune
-
-    from htnet.errors import first_line
 
     def report():
         tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -76,8 +82,6 @@ def _numbers(values):
 def _resolved(folder):
     """What the engine resolved at run time (the batched engine's fold group size), from the config.yaml it writes
     into `folder` before its first fold; as result keys (search.tracking.schema.RESOLVED_PARAMS)."""
-    from htnet.io import read_yaml
-
     group = read_yaml(Path(folder) / "config.yaml").get("fold_group_size")
     return {} if group is None else {"htnet_fold_group_size": group}
 
@@ -85,24 +89,11 @@ def _resolved(folder):
 def loso_trial(config, data=None, settings=None):
     """Run LOSO for the sampled `config` (`data` is read from Ray's object store, not copied). A configuration
     that cannot train reports `htnet_status: failed`, not raising: Ray's retries are for workers that died."""
-    import ray
-    import torch
-    from ray import tune
 
-    from htnet.errors import TrainingDiverged, UserError, first_line
-    from htnet.loso import resolve_device, run_loso
-    from search.bridge import fold_objectives
-    from search.space import trial_config
-
-    space = settings["space"]
-    metric = space.metric
+    fixed = settings.get("base_config")   # a rerun: this configuration with the trial's seed
+    metric = settings["metric"] if fixed else settings["space"].metric
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    replay = (settings.get("replay") or {}).get(trial_id)
-    if replay is not None:  # ended before the driver died, after Ray's last snapshot
-        tune.report({**replay, "final": 1, "htnet_status": "replayed"})
-        return
-
     resources = context.get_trial_resources()
     torch.set_num_threads(max(1, int(resources.required_resources.get("CPU", 1) if resources is not None else 1)))
     info = {"htnet_node": ray.get_runtime_context().get_node_id(), "htnet_pid": os.getpid(),
@@ -113,7 +104,8 @@ def loso_trial(config, data=None, settings=None):
                      "htnet_error": f"{type(error).__name__}: {first_line(error)}", **info})
 
     try:
-        loso_config = trial_config(space, config, settings.get("overrides"))
+        loso_config = LosoConfig.from_dict({**fixed, **config}) if fixed else \
+            trial_config(settings["space"], config, settings.get("overrides"))
         device = resolve_device(loso_config.device)
         info["htnet_device"] = str(device)
         if device.type == "cuda":

@@ -9,7 +9,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,18 +18,33 @@ TINY_FIXED = {"model": "ststnet", "epochs": 2, "batch_size": 32, "inner_val_subj
 
 
 def write_space(path, fixed=None, space=None, **settings):
-    """A small search space file; keyword arguments replace top-level settings."""
+    """A small search space file, NAME.py beside `path` (returned): `space` describes its parameters, e.g.
+    {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "batch_size": {"choice": [16, 32]}}, each one suggestion;
+    keyword arguments replace settings (a grid sampler gets the choices as its grid)."""
     space = space or {"lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
                       "batch_size": {"choice": [16, 32]}}
     fixed = {k: v for k, v in {**TINY_FIXED, **(fixed or {})}.items() if k not in space}
     content = {"num_samples": 2, "max_concurrent_trials": 2, "objective": "inner",
                "resources": {"cpu": 1, "gpu": 0}, "max_failures": 0,
                "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
-               "data": {"synthetic_subjects": 2, "synthetic_seed": 0},
-               "fixed": fixed, "space": space}
+               "data": {"synthetic_subjects": 2, "synthetic_seed": 0}, "fixed": fixed}
     content.update(settings)
-    Path(path).write_text(yaml.safe_dump(content, sort_keys=False))
-    return Path(path)
+    if content["sampler"]["type"] == "grid":
+        content.setdefault("grid", {name: spec["choice"] for name, spec in space.items()})
+    lines = [f"{key} = {value!r}" for key, value in content.items()]
+    lines += ["", "", "def space(trial):", "    return {"]
+    lines += [f"        {name!r}: {suggestion(name, spec)}," for name, spec in space.items()] + ["    }", ""]
+    path = Path(path).with_suffix(".py")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def suggestion(name, spec):
+    """The Optuna call for one parameter of write_space."""
+    if "choice" in spec:
+        return f"trial.suggest_categorical({name!r}, {spec['choice']!r})"
+    kind = "int" if isinstance(spec["low"], int) and isinstance(spec["high"], int) else "float"
+    return f"trial.suggest_{kind}({name!r}, {spec['low']!r}, {spec['high']!r}, log={bool(spec.get('log'))})"
 
 
 def search_options(tmp_path, space_path, name, **kwargs):

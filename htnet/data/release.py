@@ -1,5 +1,6 @@
 """Read and write the public HTNet release layout (docs/design.md); pixels as the reference uses them:
 cv2.imread (BGR channel order), float32 0..255."""
+import hashlib
 import io
 import itertools
 from dataclasses import dataclass, fields
@@ -67,6 +68,11 @@ class CompositeData:
         turns = itertools.zip_longest(*by_dataset.values())
         return [subject for turn in turns for subject in turn if subject is not None][:count]
 
+    def fingerprint(self):
+        """A hash of everything a run reads (pixels, labels, ids, landmarks): records of other data differ."""
+        arrays = [np.ascontiguousarray(getattr(self, f.name)) for f in fields(self)[:-1]]
+        return hashlib.sha256(b"".join(f"{a.dtype}{a.shape}".encode() + a.tobytes() for a in arrays)).hexdigest()[:16]
+
     def summary(self):
         """Samples, subjects and class counts per dataset."""
         table = pd.DataFrame({"dataset": self.datasets, "subject": self.subjects, "label": self.labels})
@@ -132,9 +138,13 @@ def read_csv(path, required=(), strip=False):
     if not text.strip():
         raise UserError(f"{path}: empty file (expected a CSV with a header row)")
     try:
+        header = pd.read_csv(io.StringIO(text), header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
         table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
         raise UserError(f"{path}: not a readable CSV ({first_line(e)})") from None
+    header = header.str.strip() if strip else header
+    if header.duplicated().any():  # pandas would rename the second to <name>.1
+        raise UserError(f"{path}: column {header[header.duplicated()].iloc[0]!r} appears twice in the header")
     if strip:
         table = table.rename(columns=lambda c: str(c).strip()).apply(lambda column: column.str.strip())
     missing = [c for c in required if c not in table.columns]

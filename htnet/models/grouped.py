@@ -1,12 +1,13 @@
-"""G fold-models as one computation (HTNet(groups=G), GroupedSTSTNet): `grouped_model` starts one from G plain
-state_dicts, `member_state(model, g)` gives member g's back, strict-loadable."""
+"""G fold-models as one computation (HTNet(groups=G), GroupedSTSTNet, Stacked for models without batch statistics):
+`grouped_model` starts one from G plain state_dicts, `member_state(model, g)` gives member g's back, strict-loadable."""
 import math
 
 import torch
 import torch.nn.functional as F
 
-from htnet import kernels
+from htnet.models.dual_inception import DualInception
 from htnet.models.htnet import HTNet
+from htnet.models.offapexnet import OFFApexNet
 from htnet.models.ststnet import STSTNet
 
 
@@ -42,6 +43,15 @@ def unstack(tensors, g, shapes):
         else:
             out[key] = tensor[g] if dim is None else tensor.narrow(dim, g * size[dim], size[dim])
     return out
+
+
+def stack_members(model, groups):
+    """Each parameter and buffer of `model` replaced by an empty one with a new dim 0 of `groups` members."""
+    for module in model.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(tensor.new_empty(groups, *tensor.shape)))
+        for name, tensor in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, tensor.new_empty(groups, *tensor.shape))
 
 
 def member_state(model, g):
@@ -89,14 +99,9 @@ class _StemFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, need_min):
-        z = F.conv2d(x, weight, bias, padding=2)
-        ctx.kernel = kernels.cpu_kernels() if not need_min and kernels.applies_to(z) else None
-        if ctx.kernel is not None:
-            s1, s2, pmax, idx_max = kernels.stem_forward(ctx.kernel, z)
-        else:
-            z = z.relu_()
-            s1, s2 = z.sum((2, 3)), torch.mul(z, z).sum((2, 3))
-            pmax, idx_max = F.max_pool2d(z, 3, 3, 1, return_indices=True)
+        z = F.conv2d(x, weight, bias, padding=2).relu_()
+        s1, s2 = z.sum((2, 3)), torch.mul(z, z).sum((2, 3))
+        pmax, idx_max = F.max_pool2d(z, 3, 3, 1, return_indices=True)
         pmin, idx_min = pmax.new_zeros(0), idx_max.new_zeros(0)
         if need_min:
             pmin, idx_min = F.max_pool2d(z.neg(), 3, 3, 1, return_indices=True)
@@ -110,8 +115,6 @@ class _StemFn(torch.autograd.Function):
         x, weight, z, idx_max, idx_min = ctx.saved_tensors
         ds1 = z.new_zeros(z.shape[:2]) if ds1 is None else ds1
         ds2 = z.new_zeros(z.shape[:2]) if ds2 is None else ds2
-        if ctx.kernel is not None:
-            return _conv_backward(kernels.stem_backward(ctx.kernel, z, idx_max, dpmax, ds1, ds2), x, weight)
         # the max-pool's gradient lands on the argmax positions; then d/dz of s1, s2 (ds1 + 2 z ds2) in place
         layout = torch.channels_last if z.dim() == 4 and not z.is_contiguous() and \
             z.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -132,11 +135,7 @@ class GroupedSTSTNet(STSTNet):
     def __init__(self, groups, in_channels=3, num_classes=3, dropout=0.5):
         super().__init__(in_channels, num_classes, dropout)
         self.groups, self.random_generator = groups, None
-        for module in self.modules():
-            for table in (module._parameters, module._buffers):
-                for name, tensor in table.items():
-                    stacked = tensor.new_empty(groups, *tensor.shape)
-                    table[name] = torch.nn.Parameter(stacked) if table is module._parameters else stacked
+        stack_members(self, groups)
 
     def forward(self, x, mask=None):
         convs, bns = (self.conv1, self.conv2, self.conv3), (self.bn1, self.bn2, self.bn3)
@@ -192,5 +191,42 @@ class GroupedSTSTNet(STSTNet):
             start = part.stop
 
 
+class LinearForVmap(torch.nn.Linear):
+    """nn.Linear computed as (W x^T)^T: vmapped over members it is one baddbmm whose weight gradient comes out
+    contiguous (F.linear's comes out transposed, and copying it made the step 3x slower on the CPU)."""
+
+    def forward(self, x):
+        if self.bias is None or x.dim() != 2:
+            return super().forward(x)
+        return torch.addmm(self.bias[:, None], self.weight, x.t()).t()
+
+
+class Stacked(torch.nn.Module):
+    """G plain models of a class without batch statistics (no BatchNorm: members share nothing but the input) as one:
+    the plain model's modules with each tensor stacked on a new dim 0; forward(x) -> (B, G, O) is the plain forward
+    vmapped over the members (torch.func; dropout draws each member's own mask)."""
+
+    def __init__(self, cls, groups, config):
+        super().__init__()
+        plain, template = cls(**config), cls(**config)
+        for module in list(template.modules()):   # the template computes; its own tensors are never used
+            for name, child in module.named_children():
+                if type(child) is torch.nn.Linear:
+                    setattr(module, name, LinearForVmap(child.in_features, child.out_features, child.bias is not None))
+        self.groups, self.template = groups, (template,)   # a tuple: the template stays out of the state_dict
+        for name, child in plain.named_children():
+            self.add_module(name, child)
+        stack_members(self, groups)
+
+    def forward(self, x):
+        template = self.template[0].train(self.training)
+        state = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        logits = torch.func.vmap(lambda member: torch.func.functional_call(template, member, (x,)),
+                                 randomness="different")(state)
+        return logits.transpose(0, 1)
+
+
 GROUPED = {"htnet": lambda groups, config: HTNet(groups=groups, **config),
-           "ststnet": lambda groups, config: GroupedSTSTNet(groups, **config)}
+           "ststnet": lambda groups, config: GroupedSTSTNet(groups, **config),
+           "offapexnet": lambda groups, config: Stacked(OFFApexNet, groups, config),
+           "dual_inception": lambda groups, config: Stacked(DualInception, groups, config)}

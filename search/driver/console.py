@@ -1,10 +1,10 @@
 """What a search shows on the console: our own lines (the header, the trials' events and a periodic table from
-search.driver.progress, the summary). Ray's, MLflow's and Optuna's log records, Python warnings, Ray Tune's
-progress output and the trials' worker output go to the search's log file; with --verbose they are also on
-the console, as the libraries print them."""
+search.driver.progress, the summary). Ray's, MLflow's and Optuna's log records (standard logging handlers on
+their loggers), Python warnings, Ray Tune's progress output and the trials' worker output (which Ray's driver
+prints to its stdout and stderr) go to the search's log file; with --verbose they are also on the console, as
+the libraries print them."""
 import collections
 import contextlib
-import importlib
 import io
 import logging
 import os
@@ -12,7 +12,12 @@ import sys
 import threading
 from pathlib import Path
 
-QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # tqdm bars of every artifact download
+import mlflow  # noqa: F401 - these three set up their loggers' handlers when imported
+import optuna  # noqa: F401
+import ray  # noqa: F401
+
+QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # tqdm bars of every artifact download
+             "RAY_COLOR_PREFIX": "0"}  # the workers' lines without ANSI colours: they go to the log file
 OUR_LOGGERS = ("search", "htnet")  # their warnings stay on the console
 
 _current = None  # the Console in effect (one search per process)
@@ -60,8 +65,6 @@ def search_console(path, verbose=0, out=None):
     """Route the libraries' output into the log file at `path` for the block (see the module doc); `out` gets our
     own lines (default: stdout). verbose 0 takes it off the console, 1 or 2 keep it there too."""
     global _current
-    for module in ("ray", "mlflow", "optuna"):  # they set up their loggers' handlers when imported
-        importlib.import_module(module)
     log = LogFile(path)
 
     def to_log():  # one per logger: ray.init sets its own format on the "ray" logger's handlers
@@ -87,10 +90,11 @@ def search_console(path, verbose=0, out=None):
         os.environ.update(QUIET_ENV)
     _current = Console(log, out or sys.stdout, verbose)
     try:
-        yield _current
+        with contextlib.redirect_stdout(LibraryOutput(sys.stdout, log, verbose)), \
+                contextlib.redirect_stderr(LibraryOutput(sys.stderr, log, verbose)):
+            yield _current
     finally:
         _current = None
-        dispatcher().remove_handler("htnet_log")
         logging.captureWarnings(False)
         for logger, handlers in saved.items():
             logger.handlers = handlers
@@ -107,30 +111,39 @@ def out():
     return _current.out if _current else sys.stdout
 
 
-def route_worker_output():
-    """After ray.init: the workers' output that Ray forwards to the driver goes to the log file, and stays on the
-    console only with --verbose. Ray prints it through a dispatcher of named handlers (ray._private)."""
-    from ray._private.worker import filter_autoscaler_events
+class LibraryOutput(io.TextIOBase):
+    """sys.stdout or sys.stderr during a search. Ray's driver prints its workers' output there (the trials'
+    prints and log records, Ray's own lines), from a thread of its own: that goes to the log file, and to the
+    console too with --verbose. What the search's own thread prints stays on the console."""
 
-    def worker_lines(batch):  # of the autoscaler's lines only its events, as Ray prints them
-        lines = batch.get("lines", [])
-        if batch.get("pid") == "autoscaler":
-            lines = filter_autoscaler_events(lines)
-        who = batch.get("actor_name") or batch.get("task_name") or "worker"
-        log.write("".join(f"({who} pid={batch.get('pid')}) {line}\n" for line in lines))
+    def __init__(self, console, log, verbose):
+        super().__init__()
+        self.console, self.log, self.verbose, self.owner = console, log, verbose, threading.current_thread()
 
-    if _current is not None:
-        log = _current.log
-        if not _current.verbose:
-            dispatcher().remove_handler("ray_print_logs")
-        dispatcher().remove_handler("htnet_log")
-        dispatcher().add_handler("htnet_log", worker_lines)
+    def write(self, text):
+        ours = threading.current_thread() is self.owner
+        if ours or self.verbose:
+            self.console.write(text)
+        if not ours:
+            self.log.write(text)
+        return len(text)
 
+    def flush(self):
+        self.console.flush()
 
-def dispatcher():
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+    @property
+    def closed(self):  # after the search too, where a library kept this stream (colorama does, at exit)
+        return self.console.closed
 
-    return global_worker_stdstream_dispatcher
+    def isatty(self):
+        return not self.closed and self.console.isatty()
+
+    def fileno(self):
+        return self.console.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.console, "encoding", "utf-8")
 
 
 def library_stdout():
@@ -139,3 +152,14 @@ def library_stdout():
     if _current is None or _current.verbose:
         return contextlib.nullcontext()
     return contextlib.redirect_stdout(_current.log)
+
+
+def ray_shutdown_output():
+    """Around ray.shutdown: it prints the workers' last (deduplicated) lines from our own thread; they go where
+    the rest of the workers' output went."""
+    if _current is None or _current.verbose:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(_current.log))
+    stack.enter_context(contextlib.redirect_stderr(_current.log))
+    return stack

@@ -1,16 +1,16 @@
-"""The cluster path on one machine (cluster-local.yaml): an S3 server (moto) on 127.0.0.1, a Ray head whose
-autoscaler adds and removes worker nodes with Ray's fake multi-node provider, and an MLflow server whose
-artifacts go to that S3. `python -m search local-cluster start | env | stop | s3-down | s3-up`. All of it lives
-in one state folder; `stop` ends that folder's processes only (search.driver.watchdog), never every Ray on the
-machine. S3 is reached through a proxy (search.driver.switchable_proxy) that `s3-down` switches off and `s3-up`
-on again: an S3 outage rehearsed with the bucket's contents kept. AWS credentials come from the environment (any
-value: the local S3 accepts every key)."""
+"""The cluster path on one machine (cluster-local.yaml): an S3 server (moto) on 127.0.0.1 (or the S3 endpoint
+given), a Ray head whose autoscaler adds and removes worker nodes with Ray's fake multi-node provider, and an
+MLflow server whose artifacts go to that S3. `python -m search local-cluster start | env | stop`. All of it lives
+in one state folder; `stop` ends that folder's processes only, never every Ray on the machine (as `ray stop`
+would). AWS credentials come from the environment (any value: the local S3 accepts every key)."""
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,11 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import boto3
 import yaml
 
 from htnet.errors import UserError
 from htnet.io import atomic_write, ensure_writable_dir
-from search.driver.watchdog import end_processes, folder_processes
 
 CLUSTER_LOCAL_YAML = Path(__file__).resolve().parents[2] / "cluster-local.yaml"
 BUCKET = "htnet"
@@ -30,8 +30,6 @@ STATE = "cluster.json"
 
 
 def free_port():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -66,11 +64,9 @@ def exports(state):
     return "".join(f"export {k}={v}\n" for k, v in state["env"].items())
 
 
-def start(folder, idle_timeout_minutes=None, max_workers=None):
-    """Start the S3 server, the Ray head (with its autoscaler) and the MLflow server; returns the state (its
-    "env": what a driver's shell needs, also in `exports`)."""
-    import boto3
-
+def start(folder, idle_timeout_minutes=None, max_workers=None, s3_endpoint=None):
+    """Start the S3 server (unless `s3_endpoint` names one), the Ray head (with its autoscaler) and the MLflow
+    server; returns the state (its "env": what a driver's shell needs, also in `exports`)."""
     folder = ensure_writable_dir(Path(folder).resolve())
     if (folder / STATE).exists():
         raise UserError(f"{folder / STATE}: a local cluster was started from this folder: "
@@ -79,12 +75,12 @@ def start(folder, idle_timeout_minutes=None, max_workers=None):
     if missing:
         raise UserError(f"set {' and '.join(missing)} in the environment (any value for the local S3 server)")
     ip = "127.0.0.1"  # every node of this cluster on the loopback: nothing of it is reached from outside
-    ports = {k: free_port() for k in ("s3", "s3_server", "ray", "mlflow")}  # s3: the proxy in front of s3_server
+    ports = {k: free_port() for k in ("s3", "ray", "mlflow")}
     temp = ray_temp_dir(folder)
     token = folder / "ray_auth_token"  # the Ray cluster's token (Ray 2.x authenticates its clients)
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    s3 = f"http://127.0.0.1:{ports['s3']}"
+    s3 = s3_endpoint or f"http://127.0.0.1:{ports['s3']}"
     env = {"RAY_ADDRESS": f"{ip}:{ports['ray']}", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
            "HTNET_RAY_STORAGE": f"s3://{BUCKET}/ray", "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
            "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
@@ -100,9 +96,8 @@ def start(folder, idle_timeout_minutes=None, max_workers=None):
         return process
 
     try:
-        launch("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3_server"])])
-        launch("s3-proxy", [sys.executable, "-I", str(Path(__file__).with_name("switchable_proxy.py")),
-                            str(ports["s3"]), str(ports["s3_server"])])
+        if not s3_endpoint:
+            launch("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])])
         client = boto3.client("s3", endpoint_url=s3, region_name=env["AWS_DEFAULT_REGION"])
         wait_for(lambda: client.list_buckets() is not None, f"the S3 server on {s3}", folder / "s3.log")
         client.create_bucket(Bucket=BUCKET)
@@ -143,42 +138,46 @@ def start(folder, idle_timeout_minutes=None, max_workers=None):
     return state
 
 
-def stop_processes(state):
-    for pid in state["pids"].values():  # their process groups: mlflow's workers, moto's threads
+def cluster_processes(state):
+    """The pids of the cluster's processes: the process groups it started (the Ray head's, MLflow's workers,
+    moto's) and those whose command line names its Ray temp folder or whose stdout/stderr go into it (the worker
+    nodes the autoscaler added, Ray's workers and agents, whose process titles Ray rewrites)."""
+    folder, groups, found = state["ray_temp_dir"], set(state["pids"].values()), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
         try:
-            os.killpg(pid, signal.SIGTERM)
+            named = os.getpgid(pid) in groups or folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
-            pass
-    groups = set(state["pids"].values())
-
-    def left():
-        pids = folder_processes(state["ray_temp_dir"])
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.getpgid(int(entry)) in groups:
-                        pids.append(int(entry))
-                except OSError:
-                    pass
-        return sorted(set(pids) - {os.getpid()})
-
-    end_processes(left)
+            continue
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                named = named or os.readlink(f"/proc/{pid}/fd/{fd}").startswith(folder + "/")
+        if named:
+            found.append(pid)
+    return found
 
 
-def switch_s3(folder, up):
-    """The S3 endpoint down (connections refused and cut, as in an outage) or up again; the contents are kept."""
-    state = read_state(folder)
-    try:
-        os.kill(state["pids"]["s3-proxy"], signal.SIGUSR2 if up else signal.SIGUSR1)
-    except OSError as e:
-        raise UserError(f"the S3 proxy of the local cluster in {state['folder']} is gone ({e.strerror}): "
-                        f"stop and start the cluster again") from None
-    return state
+def stop_processes(state, timeout=60, grace=3):
+    """SIGTERM the cluster's processes, SIGKILL those still there `grace` s later, until none is left."""
+    first, deadline = {}, time.monotonic() + timeout
+    while time.monotonic() < deadline and (pids := cluster_processes(state)):
+        for pid in pids:
+            if pid not in first:
+                first[pid], sig = time.monotonic(), signal.SIGTERM
+            elif time.monotonic() - first[pid] > grace:
+                sig = signal.SIGKILL
+            else:
+                continue
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        time.sleep(0.2)
 
 
 def stop(folder):
     """End every process of the cluster started from `folder` (its worker nodes included); keep its records
-    (mlflow.db, the logs) but not the S3 server's contents, which live in its memory."""
+    (mlflow.db, the logs) but not the local S3 server's contents, which live in its memory."""
     state = read_state(folder)
     stop_processes(state)
     shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)

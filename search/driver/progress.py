@@ -80,10 +80,6 @@ class SearchProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         state, result = self._trial(trial), trial.last_result or {}
         self._update(state, result)
-        if result.get("htnet_status") == "replayed":
-            state["status"] = "finished"
-            self._say(f"trial {state['tag']} had ended before the driver stopped: {self._shown(state, {})}")
-            return
         state["status"] = trial_status(result, self.searcher.is_pruned(trial.trial_id))
         if state["status"] == "failed":
             self._say(f"trial {state['tag']} failed: {result.get('htnet_error', 'no result')}")

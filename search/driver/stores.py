@@ -2,13 +2,22 @@
 Optuna storage, the default MLflow store, the search's data, and the trust check of the Ray experiment
 that `resume` unpickles (the layout of --storage: docs/design.md)."""
 import contextlib
+import fcntl
+import grp
 import os
+import pwd
 import re
-import tempfile
+import stat
 from pathlib import Path
 
+import optuna
+import pyarrow
+import pyarrow.fs
 import yaml
+from ray import tune
 
+from htnet.checkpoint import FOLDS_DIR
+from htnet.data import load_release, synthetic_cache
 from htnet.errors import UserError, first_line
 from htnet.io import atomic_write, file_lock, read_yaml
 
@@ -22,8 +31,6 @@ def default_tracking_uri():
 
 def open_optuna_storage(url):
     """sqlite:///path, any SQLAlchemy URL, or journal:path / a *.log file (JournalStorage)."""
-    import optuna
-
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
         path = Path(url[len("journal:"):] if url.startswith("journal:") else url).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +51,12 @@ def manifest_path(storage, name):
     return Path(storage) / "searches" / f"{name}.yaml"
 
 
-MANIFEST_KEYS = {"name": str, "status": str, "space_file": str, "space": dict, "settings": dict,
+def space_copy(storage, name):
+    """The copy of its space file a search started with (what `search resume` runs)."""
+    return Path(storage) / "searches" / f"{name}.space.py"
+
+
+MANIFEST_KEYS = {"name": str, "status": str, "space_file": str, "settings": dict,
                  "data": dict, "data_root": str, "tracking_uri": str, "experiment": str,
                  "experiment_id": str, "parent_run_id": str, "optuna_storage": str,
                  "ray_storage": str, "ray_path": str}
@@ -102,8 +114,6 @@ def data_source(options, space, storage):
 
 def load_data(source):
     """The CompositeData of a search: a release folder, or the synthetic set generated once."""
-    from htnet.data import load_release, synthetic_cache
-
     if "path" in source:
         return load_release(source["path"]), source["path"]
     synth = source["synthetic"]
@@ -117,8 +127,6 @@ def load_data(source):
 def search_lock(storage, name, hint="wait for it to end"):
     """Held (flock) while this process runs or resumes search `name`: two drivers of one search would
     run its trials twice and overwrite each other's records."""
-    import fcntl
-
     path = manifest_path(storage, name).with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -139,9 +147,6 @@ def check_remote_storage(uri, what="Ray storage"):
     """Storage on S3 (or another pyarrow file system) must answer, and its bucket exist, before anything is
     recorded or restored: Ray would say so only in a traceback once the Tuner runs (or that nothing is
     restorable). One line otherwise, naming the storage as `what`."""
-    import pyarrow
-    import pyarrow.fs
-
     try:
         fs, path = open_folder(uri)
         bucket = path.split("/")[0]
@@ -156,8 +161,6 @@ def check_remote_storage(uri, what="Ray storage"):
 def check_restorable(manifest, name):
     """Refuse (one line) a Ray experiment that someone else could have written: `Tuner.restore` and
     `ExperimentAnalysis` unpickle it (why and what is checked: docs/design.md)."""
-    import stat
-
     storage, path = manifest["ray_storage"].rstrip("/"), manifest["ray_path"].rstrip("/")
     if path != f"{storage}/{name}":
         raise UserError(f"search {name!r}: its record names the Ray experiment {path}, not "
@@ -190,9 +193,6 @@ def check_restorable(manifest, name):
 
 def private_group(gid):
     """True for your own user-private group (your name, your primary group, no other member)."""
-    import grp
-    import pwd
-
     try:
         me, group = pwd.getpwuid(os.geteuid()), grp.getgrgid(gid)
     except KeyError:
@@ -203,38 +203,14 @@ def private_group(gid):
 def open_folder(folder):
     """(pyarrow file system, path) of a local folder or of a URI such as s3://bucket/prefix (credentials and
     endpoint from the environment, as Ray's storage)."""
-    import pyarrow.fs
-
     return pyarrow.fs.FileSystem.from_uri(str(Path(folder).resolve()) if "://" not in str(folder) else str(folder))
 
 
 def folds_kept(fs, path):
     """How many finished folds (htnet.checkpoint's fold records) the run folder at `path` holds."""
-    import pyarrow.fs
-
-    from htnet.checkpoint import FOLDS_DIR
 
     selector = pyarrow.fs.FileSelector(f"{path}/{FOLDS_DIR}", allow_not_found=True)
     return sum(info.base_name.endswith(".json") for info in fs.get_file_info(selector))
-
-
-@contextlib.contextmanager
-def mirrored(folder):
-    """A local run folder mirrored to `folder` (s3://...): yields (local folder, store), the folder holding what
-    `folder` held (an earlier attempt's finished folds); store() copies it back, so that a task retried on
-    another node (this one lost) goes on from there. A store that does not answer skips a copy: the next
-    one holds everything."""
-    import pyarrow.fs
-
-    fs, path = open_folder(folder)
-    with tempfile.TemporaryDirectory(prefix="htnet-run-") as local:
-        if folds_kept(fs, path):
-            pyarrow.fs.copy_files(path, local, source_filesystem=fs)
-
-        def store():
-            with contextlib.suppress(OSError):
-                pyarrow.fs.copy_files(local, path, destination_filesystem=fs)
-        yield Path(local), store
 
 
 def restore_deleted_checkpoints(ray_path):
@@ -244,9 +220,6 @@ def restore_deleted_checkpoints(ray_path):
     trial's newer checkpoint holds every fold the named one did and more (htnet.checkpoint): copy it to the
     named path. A newer one with fewer fold records (an upload cut off while S3 was down: search.trainable) is
     passed over. Returns the trial ids mended."""
-    import pyarrow.fs
-    from ray import tune
-
     mended = []
     for trial in tune.ExperimentAnalysis(ray_path).trials:
         checkpoint = trial.checkpoint

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from htnet.errors import UserError
+from htnet.io import write_files
 from htnet.metrics import NUM_CLASSES, confusion, uf1_uar
 from search import tracking
 from search.reports.export import plural
@@ -131,8 +132,6 @@ def print_comparison(result, out=None):
 
 
 def write_outputs(result, csv=None, json_path=None):
-    from htnet.io import write_files
-
     texts = {csv: lambda: result["per_subject"].to_csv(index=False),
              json_path: lambda: json.dumps({k: v for k, v in result.items() if k != "per_subject"}, indent=2)}
     write_files({path: text() for path, text in texts.items() if path})

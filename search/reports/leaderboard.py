@@ -1,15 +1,20 @@
 """The leaderboard: every trial of one or more searches, read back from MLflow, ranked by the objective."""
 import collections
 import io
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+import mlflow.artifacts
 import numpy as np
 import pandas as pd
 
 from htnet.errors import UserError, first_line
+from htnet.io import parse_yaml, write_files
 from htnet.metrics import PROTOCOLS
 from search import tracking
+from search.driver.stores import default_tracking_uri
 from search.reports.export import format_numbers, latex_table, markdown_table
 
 DATASET_COLUMNS = (("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), ("samm", "SAMM"))
@@ -21,8 +26,6 @@ Store = collections.namedtuple("Store", "client experiment_id tracking_uri exper
 
 def open_store(tracking_uri=None, experiment="htnet", create=False):
     """The MLflow client and experiment (default URI: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
-    from search.driver.stores import default_tracking_uri
-
     tracking_uri = tracking_uri or default_tracking_uri()
     client = tracking.client_for(tracking_uri)
     if create:
@@ -48,24 +51,9 @@ def model_label(model):
     return MODEL_LABELS.get(model, model)
 
 
-def searched_names(store, parent):
-    """The parameter names the search sampled (its space.yaml); None if unreadable (missing, not YAML, a bomb)."""
-    try:
-        space = read_yaml_artifact(store, parent.info.run_id, "space.yaml")
-    except UserError:  # fall back to the parameters that vary
-        return None
-    section = space.get("space") if isinstance(space, dict) else None
-    return [str(name) for name in section] if isinstance(section, dict) else None
-
-
 def read_artifact_bytes(store, run_id, path, optional=False):
     """An artifact's bytes (htnet.io.parse_yaml checks their encoding and size); None if optional and missing."""
-    import os
-    import tempfile
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow.artifacts
-
     with tempfile.TemporaryDirectory(prefix="htnet-report-") as folder:
         try:
             return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
@@ -82,8 +70,6 @@ def read_csv_artifact(store, run_id, path):
 
 def read_yaml_artifact(store, run_id, path):
     """A YAML artifact's content (htnet.io.parse_yaml's limits: a bomb is one UserError); None if missing."""
-    from htnet.io import parse_yaml
-
     text = read_artifact_bytes(store, run_id, path, optional=True)
     return None if text is None else parse_yaml(text, f"run {run_id}: {path}")
 
@@ -98,8 +84,8 @@ def leaderboard(store, searches=None, protocol="objective", statuses=None, param
         tags = parent.data.tags
         objective = tags.get("htnet.objective", "inner_val_uf1")
         trials = tracking.trial_table(store.client, store.experiment_id, parent.info.run_id, objective)
-        names = searched_names(store, parent)
-        if names is None:  # the parameters that vary across the search's trials
+        names = tracking.sampled_names(trials)
+        if not names:  # a search recorded before htnet.sampled: the parameters that vary across its trials
             values = trials.filter(regex=r"^params\.")
             names = [c[len("params."):] for c in values if values[c].nunique(dropna=False) > 1]
         key_params += [name for name in names if name not in key_params]
@@ -158,8 +144,6 @@ def paper_form(table):
 
 def write_exports(table, csv=None, markdown=None, latex=None, caption=None, full=False):
     """Write the table to the requested files (all or none; the LaTeX in paper_form unless full); the paths written."""
-    from htnet.io import write_files
-
     text = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value"))
     texts = {csv: lambda: table.to_csv(index=False), markdown: lambda: markdown_table(text),
              latex: lambda: latex_table(text if full else paper_form(table), caption=caption)}

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 
 from htnet.errors import UserError
+from htnet.io import ensure_writable_dir, write_files
 from search import tracking
 from search.reports.export import latex_table, markdown_table, plural
-from search.reports.leaderboard import (DATASET_COLUMNS, METRIC_COLUMNS, METRICS, open_store, read_csv_artifact,
-                                        read_yaml_artifact)
+from search.reports.leaderboard import DATASET_COLUMNS, METRIC_COLUMNS, METRICS, open_store, read_csv_artifact
 from search.reports.rerun import PRESETS, config_of_run, format_interval, get_run, preset_label
 from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
 
@@ -29,12 +29,28 @@ PUBLISHED = (
                 "samm": (0.8131, 0.8124)}},
     {"method": "STSTNet", "protocol": "final", "source": "published (STSTNet, PyTorch, final epoch)",
      "values": {"full": (0.7209, 0.7250)}},
+    # MEGC2019 composite rows as the HTNet paper's Table 2 gives them (see BASELINES_NOTE)
+    {"method": "OFF-ApexNet", "protocol": "final", "source": "published (MEGC2019 composite, epoch choice not stated)",
+     "values": {"full": (0.7196, 0.7096), "smic": (0.6817, 0.6695), "casme2": (0.8764, 0.8681),
+                "samm": (0.5409, 0.5392)}},
+    {"method": "Dual-Inception", "protocol": "inner",
+     "source": "published (MEGC2019 composite; its code: epoch of lowest validation loss)",
+     "values": {"full": (0.7322, 0.7278), "smic": (0.6645, 0.6726), "casme2": (0.8621, 0.8560),
+                "samm": (0.5868, 0.5663)}},
 )
+BASELINES_NOTE = ("OFF-ApexNet and Dual-Inception: their MEGC2019 composite rows as Table 2 of the HTNet paper (Wang "
+                  "et al., arXiv 2307.14637) gives them; OFF-ApexNet's are also Table III of the STSTNet paper "
+                  "(Liong et al., FG 2019), Dual-Inception's full row also its own abstract (Zhou et al., FG 2019). "
+                  "The sources used state no epoch choice for OFF-ApexNet (its row stands under final); "
+                  "Dual-Inception's released code keeps the epoch of lowest validation loss on held-out subjects "
+                  "(its row stands under inner).")
 PUBLISHED_DATA = {"subjects": 68, "samples": 442}
 PUBLISHED_TEXT = "the composite: 68 subjects, 442 samples"
 EXPECTED = {"HTNet (best found)": "python -m search rerun --best SEARCH --param model=htnet",
             "HTNet (paper config)": "python -m search rerun --preset htnet-paper --data RELEASE",
-            "STSTNet": "python -m search rerun --preset ststnet --data RELEASE"}
+            "STSTNet": "python -m search rerun --preset ststnet --data RELEASE",
+            "OFF-ApexNet": "python -m search rerun --preset offapexnet --data RELEASE",
+            "Dual-Inception": "python -m search rerun --preset dual_inception --data RELEASE"}
 RULE = "per method, the finished rerun (or nested LOSO run) on the published data with the most seeds " \
        "(outer folds), the newest of those"
 RULE_MIXED = "per method, the finished rerun (or nested LOSO run) with the most seeds (outer folds), those on " \
@@ -59,18 +75,6 @@ def _order(row):
         PROTOCOL_ORDER[row["protocol"]]
 
 
-def _epochs(store, run):
-    """A rerun's epochs (its params); a nested run's: its space's fixed epochs, 'searched', or the default."""
-    from htnet.loso import LosoConfig
-
-    if run.data.tags.get("htnet.role") == "rerun":
-        return run.data.params.get("epochs", "unknown")
-    if not isinstance(space := read_yaml_artifact(store, run.info.run_id, "space.yaml"), dict):
-        return "unknown"
-    return "searched" if "epochs" in (space.get("space") or {}) else \
-        str((space.get("fixed") or {}).get("epochs", LosoConfig.epochs))
-
-
 def facts(store, run, label=None):
     """What the table states of a rerun or nested parent: label (a preset's only with its settings), kind, n (seeds;
     outer folds), epochs, data (htnet.data_source, or 'unknown'), fingerprint, counts, whether it is the published."""
@@ -86,7 +90,8 @@ def facts(store, run, label=None):
         subjects, samples = n, None
     data = tags.get("htnet.data_source", "unknown")
     published = data not in ("synthetic", "unknown") and (subjects, samples) == tuple(PUBLISHED_DATA.values())
-    return {"run": run, "label": label, "kind": kind, "n": n, "epochs": _epochs(store, run), "data": data,
+    return {"run": run, "label": label, "kind": kind, "n": n, "data": data,
+            "epochs": run.data.params.get("epochs", "unknown"),   # a nested run's: 'searched' or its configs'
             "fingerprint": tags.get("htnet.data_fingerprint", "unknown"), "subjects": subjects, "samples": samples,
             "published_data": published}
 
@@ -192,7 +197,7 @@ def notes(table, interval):
               "none": "mean over the seeds"}[interval]
     lines = [f"Rows marked {PUBLISHED_MARK}: published numbers, copied from the publications (not rerun here); "
              f"STSTNet publishes the full composite only. Their data: the composite release (CASME II 145 samples "
-             f"of 24 subjects, SMIC 164 of 16, SAMM 133 of 28: 442 samples, 68 subjects)."]
+             f"of 24 subjects, SMIC 164 of 16, SAMM 133 of 28: 442 samples, 68 subjects).", BASELINES_NOTE]
     if mixed.any():
         lines.append(f"Rows marked {MIXED_MARK}: not on the published data (see Data), so not comparable with the "
                      f"published rows.")
@@ -262,8 +267,6 @@ def paper_table(tracking_uri=None, experiment="htnet", picks=None, interval="std
         print(f"missing row {method!r}: run `{EXPECTED[method]}`", file=out)
     written = []
     if out_dir:
-        from htnet.io import ensure_writable_dir, write_files
-
         folder = ensure_writable_dir(out_dir)
         written = [folder / f"paper_table.{ext}" for ext in texts]
         write_files(dict(zip(written, texts.values())))

@@ -2,15 +2,22 @@
 import sys
 import warnings
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import optuna
+import optuna.visualization.matplotlib as ovm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from optuna.exceptions import ExperimentalWarning
 
 from htnet.errors import UserError, first_line
 from htnet.metrics import per_subject_accuracy
 from search import tracking
-from search.reports.leaderboard import read_csv_artifact, search_parents
-from search.reports.rerun import best_run_id
+from search.driver.console import search_console
+from search.driver.stores import open_optuna_storage
+from search.reports.leaderboard import open_store, read_csv_artifact, search_parents
+from search.reports.sources import best_run_id
 
 DATASET_COLORS = {"casme2": "tab:blue", "smic": "tab:orange", "samm": "tab:green"}
 HATCHES = ("", "//", "..")
@@ -41,8 +48,6 @@ def per_subject_bars(predictions, title=""):
 
 
 def _log_figure(client, run_id, figure, name):
-    import matplotlib.pyplot as plt
-
     try:
         tracking.retry(client.log_figure, run_id, figure, f"plots/{name}.png",
                        save_kwargs={"dpi": 100, "bbox_inches": "tight"})
@@ -52,12 +57,6 @@ def _log_figure(client, run_id, figure, name):
 
 def _optuna_plots(store, parent, search, storage_url, objective, out):
     """Optuna's plots of the search's study on its parent run; returns {name: artifact path}."""
-    import optuna
-    import optuna.visualization.matplotlib as ovm
-    from optuna.exceptions import ExperimentalWarning
-
-    from search.driver.stores import open_optuna_storage
-
     url = storage_url or parent.data.params.get("optuna_storage")
     if not url:
         raise UserError(f"search {search!r}: its parent run names no optuna_storage (pass --optuna-storage)")
@@ -86,8 +85,6 @@ def _optuna_plots(store, parent, search, storage_url, objective, out):
 def log_search_plots(store, search, optuna_storage=None, out=None):
     """Draw the plots of `search` into plots/ of its parent run; returns {name: artifact path}. A plot
     that cannot be drawn (too few trials, ...) is skipped with a note."""
-    import matplotlib
-
     out = out or sys.stdout
     if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
         matplotlib.use("Agg")  # Optuna draws with pyplot; never open a window from a CLI
@@ -115,3 +112,15 @@ def log_search_plots(store, search, optuna_storage=None, out=None):
     print(f"logged to the parent run {run_id} of search {search}: " + (", ".join(made.values()) or "nothing"),
           file=out)
     return made
+
+
+def plot_finished_search(summary):
+    """The plots of a search that `run`/`resume` finished, its libraries' warnings in the search's log as its own
+    were; a failure is a warning (plots are a convenience: never fail a finished search)."""
+    manifest = summary["manifest"]
+    with search_console(manifest["log"], manifest.get("verbose", 1)):
+        try:
+            store = open_store(manifest["tracking_uri"], manifest["experiment"])
+            log_search_plots(store, summary["name"], manifest["optuna_storage"])
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: could not log the search's plots: {first_line(e)}")

@@ -1,10 +1,13 @@
-"""`python -m search rerun`: one configuration with K seeds in parallel on Ray, each metric's mean ± std
-and (3 seeds or more) a 95% bootstrap interval over seeds and subjects, logged to an MLflow rerun parent run
-with a child run per seed."""
-import collections
+"""`python -m search rerun`: one configuration with K seeds in parallel, a Ray Tune grid over the seeds through
+the search's trainable (search.trainable), each metric's mean ± std and (3 seeds or more) a 95% bootstrap
+interval over seeds and subjects, logged to an MLflow rerun parent run with a child run per seed. The seeds'
+finished folds stay in its Ray Tune experiment (a folder, or s3://... every node reaches) until MLflow has them:
+Ray retries a seed whose worker died from there, and the same command run again after a kill goes on."""
 import contextlib
-import dataclasses
-import re
+import hashlib
+import io
+import json
+import shutil
 import sys
 import tempfile
 import time
@@ -12,35 +15,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from ray import tune
 
+from htnet.checkpoint import FOLDS_DIR
 from htnet.errors import UserError
-from htnet.io import parse_yaml, read_yaml
+from htnet.io import ensure_writable_dir, read_yaml
+from htnet.loso import LosoConfig, select_subjects
 from htnet.metrics import PROTOCOLS, summary_table
 from search import tracking
-from search.driver.stores import check_remote_storage, folds_kept, open_folder
+from search.driver.ray_setup import check_resources, ray_session
+from search.driver.stores import check_remote_storage, check_restorable, open_folder, restore_deleted_checkpoints
 from search.reports.export import markdown_table, plural
-from search.reports.leaderboard import METRICS, leaderboard, model_label, open_store, read_yaml_artifact, search_parents
-from search.reports.seeds import run_parallel, seed_folder
+from search.reports.leaderboard import METRICS, model_label, open_store, search_parents
+from search.reports.sources import (RerunSource, best_run_id, changed_label, changed_settings, checked_config,
+                                    config_of_run, data_tags, get_run, load_rerun_data, seeds_for)
 from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
-from search.space import check_value, flatten, nest, parse_set
+from search.space import flatten
+from search.tracking.figures import confusion_matrix_png
+from search.trainable import loso_trial
 
 # LosoConfig's defaults are the references' (HTNet: dim 256, heads 3, 3 levels, blocks (2,2,10), patch 7, no
 # shuffle; both: lr 5e-5, batch 256, 800 epochs, Adam); STSTNet publishes its final epoch.
+# OFF-ApexNet: the paper's training settings were not at hand, so STSTNet's reference settings (the defaults).
+# Dual-Inception: its released code's (Adam, lr 1e-4, batch 3, 40 epochs, shuffled; class_weight='auto' left out).
 PRESETS = {"htnet-paper": ({"model": "htnet"}, "HTNet (paper config)"),
-           "ststnet": ({"model": "ststnet", "protocols": ["paper", "final", "inner"]}, "STSTNet")}
+           "ststnet": ({"model": "ststnet", "protocols": ["paper", "final", "inner"]}, "STSTNet"),
+           "offapexnet": ({"model": "offapexnet", "protocols": ["paper", "final", "inner"]}, "OFF-ApexNet"),
+           "dual_inception": ({"model": "dual_inception", "lr": 1e-4, "batch_size": 3, "epochs": 40, "shuffle": True,
+                               "protocols": ["paper", "final", "inner"]}, "Dual-Inception")}
 METRIC_KEYS = (*(f"{p}_{key}_{m}" for p in PROTOCOLS for key, _, m in METRICS),
                "inner_val_uf1", "inner_val_uar", "fold_epochs", "wall_time_s")
-# Not settings of a method: how it runs (device, engine, ...), and what the paper table states beside each row
-# (the subjects, the seeds); changing any other LOSO key changes the method's label.
-NOT_SETTINGS = ("device", "engine", "fold_group_size", "report_every", "save_weights", "protocols", "subjects",
-                "seed")
-LABEL_FIRST = ("epochs", "lr", "batch_size")  # named first in a changed label: what a reader checks first
-SYNTHETIC_SAMPLE = re.compile(r".+_syn\d+")  # htnet.data.make_synthetic's sample names ('<sub>_syn01')
-
-
-# search_run_id: set when a search chose the configuration on these data (its rerun takes fresh seeds)
-RerunSource = collections.namedtuple("RerunSource", "config method run_id search search_run_id data description",
-                                     defaults=(None, None, None, None, ""))
 
 
 @dataclass
@@ -62,79 +66,13 @@ class RerunOptions:
     num_cpus: int | None = None
     cpus_per_seed: float = 1.0
     gpus_per_seed: float = 0.0
-    fold_storage: str | None = None   # where seeds keep their finished folds (default: <storage>/reruns)
-
-
-def best_run_id(store, parent, search, params=None):
-    """The search's best finished trial (with `params`, as leaderboard's --param): its parent's tag, or the first."""
-    if "htnet.best_run_id" in parent.data.tags and not params:
-        return parent.data.tags["htnet.best_run_id"]
-    table = leaderboard(store, [search], statuses=["finished"], params=params)
-    return table.iloc[0]["run_id"] if len(table) else None
-
-
-def changed_settings(before, after):
-    """{key: value} of the flattened LOSO settings (NOT_SETTINGS aside) `after` changes from `before`."""
-    from htnet.loso import LosoConfig
-
-    defaults = flatten(LosoConfig().to_dict())  # not from_dict: its checks build the model
-    old, new = ({**defaults, **flatten(c)} for c in (before, after))
-    keys = sorted(dict.fromkeys([*old, *new]),  # stable: the others in config order
-                  key=lambda k: LABEL_FIRST.index(k) if k in LABEL_FIRST else len(LABEL_FIRST))
-    return {k: new.get(k) for k in keys if k.split(".")[0] not in NOT_SETTINGS and not _same(old.get(k), new.get(k))}
-
-
-def _same(a, b):
-    """Equal, or the same number (a YAML file's lr: 5e-5 is the text '5e-5' until LosoConfig reads it)."""
-    try:
-        return a == b or float(a) == float(b)
-    except (TypeError, ValueError):
-        return False
-
-
-def changed_label(label, changes, named=3):
-    """The label of a method whose settings were changed: 'HTNet (paper config)' with epochs=1 ->
-    'HTNet (paper config, epochs=1)', 'STSTNet' -> 'STSTNet (epochs=1)'; past `named` changes, '+N more'."""
-    if not changes:
-        return label
-    items = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in changes.items()]
-    text = ", ".join(items[:named] + ([f"+{len(items) - named} more"] if len(items) > named else []))
-    return f"{label[:-1]}, {text})" if label.endswith(")") else f"{label} ({text})"
+    ray_storage: str | None = None   # the seeds' Ray Tune experiment (default: <storage>/ray)
 
 
 def preset_label(label, config):
     """A preset's label with what `config` changes from the preset's settings; any other label as it is."""
     settings = next((settings for settings, name in PRESETS.values() if name == label), None)
     return label if settings is None else changed_label(label, changed_settings(settings, config))
-
-
-def data_tags(data):
-    """Tags of the data a parent's rows are computed on: the release folder's name (or 'synthetic'), the counts."""
-    synthetic = len(data) and all(SYNTHETIC_SAMPLE.fullmatch(str(s)) for s in data.samples)
-    return {"htnet.data_source": "synthetic" if synthetic else Path(data.source).name,
-            "htnet.data_subjects": str(len(data.subject_ids)), "htnet.data_samples": str(len(data))}
-
-
-def get_run(store, run_id, missing):
-    """The MLflow run, or a UserError with the message `missing` when there is none."""
-    try:
-        return tracking.retry(store.client.get_run, run_id)
-    except Exception:  # noqa: BLE001 - MLflow's not-found error
-        raise UserError(missing) from None
-
-
-def config_of_run(store, run):
-    """The LOSO config of a run: its config.yaml artifact, else its params."""
-    from htnet.loso import LosoConfig
-
-    run_id = run.info.run_id
-    if isinstance(config := read_yaml_artifact(store, run_id, "config.yaml"), dict):
-        return config
-    if "model" not in run.data.params:
-        raise UserError(f"run {run_id} has neither a config.yaml artifact nor LOSO params")
-    known = {f.name for f in dataclasses.fields(LosoConfig)}
-    return nest({k: parse_yaml(v, f"run {run_id}: param {k}") for k, v in run.data.params.items()
-                 if k.split(".")[0] in known})
 
 
 def resolve_source(store, options):
@@ -177,73 +115,38 @@ def resolve_source(store, options):
                        description)
 
 
-def checked_config(source, sets, where):
-    """The source's config with --set KEY=VALUE applied, every value checked before anything is written."""
-    given = dict(map(parse_set, sets or []))
-    for key, value in given.items():
-        check_value(key, value, f"--set {key}")
-    flat = flatten(source.config)
-    for key, value in flat.items():
-        if key not in given:
-            check_value(key, value, f"{where}: {key}")
-    return nest({**flat, **given})
-
-
-def seeds_for(config, source, count, seed_list=None):
-    """--seed-list, else `count` seeds from the config's; a search's choice gets fresh ones (the winner's curse)."""
-    if seed_list:
-        try:
-            seeds = [int(s) for s in seed_list]
-        except ValueError:
-            raise UserError(f"--seed-list: expected comma-separated integers, got {','.join(seed_list)!r}") from None
-        if len(set(seeds)) != len(seeds):
-            raise UserError(f"--seed-list has repeated seeds: {seeds}")
-        return seeds
-    if count < 1:
-        raise UserError(f"--seeds must be >= 1, got {count}")
-    start = int(config.get("seed", 1)) + (1 if source.search_run_id else 0)
-    return list(range(start, start + count))
-
-
-def load_rerun_data(data, source, storage):
-    """(data, root) of --data, else of the source search's data, else of the built-in synthetic set."""
-    from search.driver.stores import load_data
-
-    if data and not Path(data).exists():
-        raise UserError(f"--data {data}: no such folder")
-    if data or (source.data and Path(source.data).exists()):
-        return load_data({"path": str(Path(data).resolve()) if data else source.data})
-    if source.data:
-        raise UserError(f"the data of search {source.search!r} ({source.data}) is not here: pass --data")
-    print("no --data given: using the built-in synthetic set", file=sys.stderr)
-    return load_data({"synthetic": {"subjects_per_dataset": 3, "seed": 0,
-                                    "cache": str((Path(storage) / "synthetic").resolve())}})
-
-
 def log_frame(client, run_id, frame, name, markdown=False):
     """A table as a CSV (or Markdown) artifact of the run; a text is logged as it is."""
     text = frame if isinstance(frame, str) else markdown_table(frame) if markdown else frame.to_csv(index=False)
     tracking.retry(client.log_text, run_id, text, name)
 
 
-def end_seed(client, run_id, seed, result, title):
-    """A seed's end on its run: the error, or its metrics, result files and PNGs; returns its row of seeds.csv."""
-    from search.tracking.figures import confusion_matrix_png, learning_curve_png
-
-    if isinstance(result, dict):
-        tracking.set_tags(client, run_id, {"htnet.status": "failed", "htnet.error": result["error"][:5000]})
+def end_seed(client, run_id, seed, result, out):
+    """A seed's end on its run, from its Ray Tune result: the error, or its metrics and files (its last checkpoint
+    but the fold records); prints its line. (its row of seeds.csv, its predictions or None)."""
+    values = result.metrics or {}
+    if values.get("htnet_status") != "finished":
+        lines = [line for line in str(result.error or "").splitlines() if line.strip()]   # a worker that died
+        error = values.get("htnet_error") or (lines[-1][:2000] if lines else "it did not finish")
+        tracking.set_tags(client, run_id, {"htnet.status": "failed", "htnet.error": error[:5000]})
         tracking.retry(client.set_terminated, run_id, "FAILED")
-        return {"seed": seed, "status": "failed", "run_id": run_id}
-    tracking.set_tags(client, run_id, {"htnet.status": "finished", "htnet.device": result.device})
-    tracking.log_metrics(client, run_id, {**result.metrics, "folds_done": result.folds_done})
-    with tempfile.TemporaryDirectory(prefix="htnet-rerun-") as folder:
-        result.save(folder)
-        confusion_matrix_png(result.predictions, Path(folder) / "confusion_matrix.png", title=title)
-        learning_curve_png(result.history, Path(folder) / "learning_curve.png", title=title)
-        tracking.retry(client.log_artifacts, run_id, folder)
+        print(f"  seed {seed}: failed ({error})", file=out)
+        return {"seed": seed, "status": "failed", "run_id": run_id}, None
+    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory(prefix="htnet-rerun-") as files:
+        shutil.copytree(folder, files, dirs_exist_ok=True, ignore=shutil.ignore_patterns(FOLDS_DIR))
+        metrics = pd.read_json(Path(files, "metrics.json"), typ="series").to_dict()   # the LOSO result's
+        predictions = pd.read_csv(Path(files, "predictions.csv")).assign(seed=seed)
+        tracking.retry(client.log_artifacts, run_id, files)
+    tracking.set_tags(client, run_id, {"htnet.status": "finished", "htnet.device": values.get("htnet_device")})
+    tracking.log_metrics(client, run_id, {**metrics, "folds_done": values["step"]})
     tracking.retry(client.set_terminated, run_id, "FINISHED")
+    leak_free, resumed = "inner" if "inner_full_uf1" in metrics else "final", metrics.get("fold_epochs_resumed")
+    print(f"  seed {seed}: paper UF1 {metrics.get('paper_full_uf1', float('nan')):.4f}, {leak_free} UF1 "
+          f"{metrics.get(f'{leak_free}_full_uf1', float('nan')):.4f} ({metrics['wall_time_s']:.1f} s"
+          + (f"; {resumed:g} of {metrics['fold_epochs']:g} fold-epochs from an earlier attempt)" if resumed else ")"),
+          file=out)
     return {"seed": seed, "status": "finished", "run_id": run_id,
-            **{k: v for k, v in result.metrics.items() if k in METRIC_KEYS}}
+            **{k: v for k, v in metrics.items() if k in METRIC_KEYS}}, predictions
 
 
 def seeds_summary(finished, predictions):
@@ -258,8 +161,6 @@ def seeds_summary(finished, predictions):
 
 def log_summary(client, source, parent_id, rows, predictions, started):
     """Log the parent run's intervals, tables and pooled confusion matrices, end it; (seeds table, summary)."""
-    from search.tracking.figures import confusion_matrix_png
-
     seeds_table = pd.DataFrame(rows).sort_values("seed").reset_index(drop=True)
     finished = seeds_table[seeds_table["status"] == "finished"]
     pooled = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
@@ -301,11 +202,52 @@ def protocol_table(summary):
     return summary_table(cells).fillna("").rename_axis("protocol").reset_index()
 
 
+def experiment_path(ray_storage, config, data_root, seeds):
+    """The rerun's Ray Tune experiment, named by what it computes: the same rerun run again goes on from it."""
+    text = json.dumps([config, str(data_root), seeds], sort_keys=True, default=str)
+    return f"{ray_storage.rstrip('/')}/rerun-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def fit_seeds(path, config, seeds, data, options, provenance):
+    """Each seed a trial of a Ray Tune grid through the search's trainable, its finished folds checkpointed at
+    `path`; a rerun stopped before goes on from there (each seed from its last checkpoint). {seed: Tune result}."""
+    settings = {"base_config": config, "metric": f"{config['protocols'][0]}_full_uf1", "provenance": provenance}
+    trainable = tune.with_resources(tune.with_parameters(loso_trial, data=data, settings=settings),
+                                    {"cpu": options.cpus_per_seed, "gpu": options.gpus_per_seed})
+    storage, _, name = path.rpartition("/")
+    if tune.Tuner.can_restore(path):
+        restore_deleted_checkpoints(path)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space={"seed": tune.grid_search(seeds)}, tune_config=tune.TuneConfig(
+            max_concurrent_trials=len(seeds), trial_dirname_creator=lambda trial: f"seed-{trial.config['seed']}"),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=3),   # a seed whose node is lost (spot) is retried
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))   # as the search's trials
+    with contextlib.redirect_stdout(io.StringIO()):   # Ray Tune's experiment box: rerun says where it is
+        return {result.config["seed"]: result for result in tuner.fit()}
+
+
+def print_summary(method, seeds_table, summary, out):
+    """The console's summary: each protocol's mean ± std (and interval) over the finished seeds."""
+    finished = int((seeds_table["status"] == "finished").sum())
+    interval = "[95% bootstrap interval over seeds and subjects]" if finished >= MIN_SEEDS else \
+        f"(fewer than {MIN_SEEDS} seeds: no interval)"
+    print(f"\n{method}: {finished} of {plural(len(seeds_table), 'seed')} finished; mean ± std over seeds {interval}",
+          file=out)
+    if not len(summary):
+        return print("no seed finished: nothing to summarize", file=out)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(protocol_table(summary).set_index("protocol").T.rename_axis("").to_string(), file=out)
+    for key in [k for k in ("inner_val_uf1", "fold_epochs", "wall_time_s") if k in summary.index]:
+        print(f"{key}: {format_interval(summary.loc[key])}", file=out)
+    if not summary["std"].notna().any():
+        print("(one seed: no spread)", file=out)
+
+
 def rerun(options, out=None):
     """Rerun a configuration with K seeds: {parent_run_id, seeds (a row each), summary, method, config}."""
-    from htnet.loso import LosoConfig, select_subjects
-    from search.driver.ray_setup import ray_session
-
     out = out or sys.stdout
     # a config file or preset is checked before the MLflow store is opened (created): nothing written
     store = open_store(options.tracking_uri, options.experiment, create=True) if options.best or options.run_id \
@@ -317,93 +259,68 @@ def rerun(options, out=None):
     config.pop("save_weights", None)
     seeds = seeds_for(config, source, options.seeds, options.seed_list)
     base = LosoConfig.from_dict({**config, "seed": seeds[0]}).to_dict()  # checks the config before any work
+    unseeded = {k: v for k, v in base.items() if k != "seed"}
     if not options.method:  # a derived label (a preset's, 'best found', ...) says what --set changed
         source = source._replace(method=changed_label(source.method, changed_settings(source.config, base)))
-    if options.cpus_per_seed <= 0 or options.gpus_per_seed < 0:
-        raise UserError("--cpus-per-seed must be > 0 and --gpus-per-seed >= 0")
-    fold_root = options.fold_storage or str(Path(options.storage) / "reruns")
-    if "://" in fold_root:
-        check_remote_storage(fold_root, "--fold-storage")   # before anything is recorded
+    ray_storage = options.ray_storage or str(Path(options.storage, "ray"))
+    if "://" in ray_storage:
+        check_remote_storage(ray_storage, "--ray-storage")   # before anything is recorded
     data, data_root = load_rerun_data(options.data, source, options.storage)
+    if "://" not in ray_storage:
+        ray_storage = str(ensure_writable_dir(Path(ray_storage).resolve()))
+    path = experiment_path(ray_storage, unseeded, data_root, seeds)
+    if resumed := tune.Tuner.can_restore(path):   # restoring unpickles it: only an experiment no one else wrote
+        check_restorable({"ray_storage": ray_storage, "ray_path": path}, path.rpartition("/")[2])
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
-    client, method, seed_text = store.client, source.method, ",".join(map(str, seeds))
-    provenance = tracking.provenance_tags(tracking.provenance(data))   # on the parent and every seed
+    client, method, seed_text, provenance = store.client, source.method, ",".join(map(str, seeds)), \
+        tracking.provenance(data)
     used = select_subjects(data, base["subjects"])
 
     def new_run(name, tags, params):
-        tags = {k: v for k, v in {**tags, **provenance}.items() if v}
+        tags = {k: v for k, v in {**tags, **tracking.provenance_tags(provenance)}.items() if v}
         run_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name=name).info.run_id
         tracking.log_params(client, run_id, params)
+        tracking.log_dataset(client, run_id, provenance["htnet_data"], data_root,
+                             data_tags(data)["htnet.data_source"] == "synthetic")
         return run_id
 
-    unseeded = {k: v for k, v in base.items() if k != "seed"}
-    parent_id = new_run(f"rerun {method}", {
-        "htnet.role": "rerun", "htnet.method": method, "htnet.model": base["model"], "htnet.seeds": seed_text,
-        "htnet.protocols": ",".join(base["protocols"]), "htnet.source": source.description,
-        "htnet.source_run_id": source.run_id, "htnet.source_search": source.search, **data_tags(used)},
-        {**flatten(unseeded), "seeds": seed_text, "data": data_root, "cpus_per_seed": options.cpus_per_seed,
-         "gpus_per_seed": options.gpus_per_seed})
-    tracking.retry(client.log_dict, parent_id, unseeded, "config.yaml")
-    folds = len(used.subject_ids)
-    models = 2 if "inner" in base["protocols"] else 1
-    print(f"rerun {method!r}: {source.description}; {plural(len(seeds), 'seed')} ({', '.join(map(str, seeds))}) "
-          f"in parallel on Ray; data {data_root} ({plural(len(used), 'sample')}, {plural(folds, 'subject')} used)",
-          file=out)
-    print(f"cost: {plural(len(seeds), 'seed')} x {plural(folds, 'fold')} x {plural(base['epochs'], 'epoch')} x "
-          f"{plural(models, 'model')} per fold = {len(seeds) * folds * base['epochs'] * models:,} fold-epochs",
-          file=out)
-    rows, predictions, started = [], [], time.time()
-    children = {seed: new_run(f"{method} seed {seed}", {
-        "mlflow.parentRunId": parent_id, "htnet.role": "rerun_seed", "htnet.seed": str(seed), "htnet.method": method,
-        "htnet.status": "running"}, flatten({**base, "seed": seed})) for seed in seeds}
-
-    folders = {seed: seed_folder(fold_root, base, data_root, seed) for seed in seeds}
-    for seed, folder in folders.items():
-        if kept := folds_kept(*open_folder(folder)):
-            print(f"  seed {seed}: {kept} of {plural(folds, 'fold')} kept from an interrupted rerun ({folder})",
-                  file=out)
-
-    def logged(seed, result):
-        rows.append(end_seed(client, children[seed], seed, result, f"{method} seed {seed}"))
-        with contextlib.suppress(OSError):   # in MLflow now (a failed seed starts afresh)
-            fs, path = open_folder(folders[seed])
-            fs.delete_dir(path)
-        if isinstance(result, dict):
-            print(f"  seed {seed}: failed ({result['error']})", file=out)
-            return
-        predictions.append(result.predictions.assign(seed=seed))
-        leak_free = "inner" if "inner_full_uf1" in result.metrics else "final"
-        print(f"  seed {seed}: paper UF1 {result.metrics.get('paper_full_uf1', float('nan')):.4f}, "
-              f"{leak_free} UF1 {result.metrics.get(f'{leak_free}_full_uf1', float('nan')):.4f} "
-              f"({result.wall_time_s:.1f} s)", file=out)
-
     with ray_session(options.address, options.num_cpus):
+        check_resources({"cpu": options.cpus_per_seed, "gpu": options.gpus_per_seed}, "--cpus-/--gpus-per-seed")
+        parent_id = new_run(f"rerun {method}", {
+            "htnet.role": "rerun", "htnet.method": method, "htnet.model": base["model"], "htnet.seeds": seed_text,
+            "htnet.protocols": ",".join(base["protocols"]), "htnet.source": source.description,
+            "htnet.source_run_id": source.run_id, "htnet.source_search": source.search, **data_tags(used)},
+            {**flatten(unseeded), "seeds": seed_text, "data": data_root, "cpus_per_seed": options.cpus_per_seed,
+             "gpus_per_seed": options.gpus_per_seed})
+        tracking.retry(client.log_dict, parent_id, unseeded, "config.yaml")
+        folds, models = len(used.subject_ids), 2 if "inner" in base["protocols"] else 1
+        print(f"rerun {method!r}: {source.description}; {plural(len(seeds), 'seed')} ({', '.join(map(str, seeds))})"
+              f" in parallel on Ray; data {data_root} ({plural(len(used), 'sample')}, {plural(folds, 'subject')} "
+              f"used)\ncost: {plural(len(seeds), 'seed')} x {plural(folds, 'fold')} x "
+              f"{plural(base['epochs'], 'epoch')} x {plural(models, 'model')} per fold = "
+              f"{len(seeds) * folds * base['epochs'] * models:,} fold-epochs\nRay Tune experiment {path}"
+              + (": going on from the interrupted rerun there" if resumed else ""), file=out, flush=True)
+        started = time.time()
+        children = {seed: new_run(f"{method} seed {seed}", {
+            "mlflow.parentRunId": parent_id, "htnet.role": "rerun_seed", "htnet.seed": str(seed),
+            "htnet.method": method, "htnet.status": "running"}, flatten({**base, "seed": seed})) for seed in seeds}
         try:
-            run_parallel({seed: {**base, "seed": seed} for seed in seeds}, data, logged, options.cpus_per_seed,
-                         options.gpus_per_seed, folders)
+            results = fit_seeds(path, unseeded, seeds, data, options, provenance)
+            if any(r.error is None and (r.metrics or {}).get("final") != 1 for r in results.values()):
+                raise KeyboardInterrupt   # Ray Tune stopped on Ctrl+C (or SIGTERM), its experiment kept
         except BaseException:
-            for seed in set(seeds) - {r["seed"] for r in rows}:
-                tracking.set_tags(client, children[seed], {"htnet.status": "interrupted"})
-                tracking.retry(client.set_terminated, children[seed], "KILLED")
+            for run_id in children.values():
+                tracking.set_tags(client, run_id, {"htnet.status": "interrupted"})
+                tracking.retry(client.set_terminated, run_id, "KILLED")
             tracking.retry(client.set_terminated, parent_id, "KILLED")
             raise
-
-    seeds_table, summary = log_summary(client, source, parent_id, rows, predictions, started)
-    finished = int((seeds_table["status"] == "finished").sum())
-    interval = "[95% bootstrap interval over seeds and subjects]" if finished >= MIN_SEEDS else \
-        f"(fewer than {MIN_SEEDS} seeds: no interval)"
-    print(f"\n{method}: {finished} of {plural(len(seeds_table), 'seed')} finished; mean ± std over seeds {interval}",
-          file=out)
-    if len(summary):
-        with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
-            print(protocol_table(summary).set_index("protocol").T.rename_axis("").to_string(), file=out)
-        for key in ("inner_val_uf1", "fold_epochs", "wall_time_s"):
-            if key in summary.index:
-                print(f"{key}: {format_interval(summary.loc[key])}", file=out)
-        if not summary["std"].notna().any():
-            print("(one seed: no spread)", file=out)
-    else:
-        print("no seed finished: nothing to summarize", file=out)
+    rows, predictions = zip(*(end_seed(client, children[seed], seed, results[seed], out) for seed in seeds))
+    seeds_table, summary = log_summary(client, source, parent_id, rows, [p for p in predictions if p is not None],
+                                       started)
+    with contextlib.suppress(OSError):   # MLflow has every seed: the same command again is a new rerun
+        fs, folder = open_folder(path)
+        fs.delete_dir(folder)
+    print_summary(method, seeds_table, summary, out)
     print(f"MLflow: rerun parent run {parent_id} (experiment {store.experiment}, tag htnet.method={method!r})",
           file=out)
     return {"parent_run_id": parent_id, "seeds": seeds_table, "summary": summary, "method": method, "config": base}

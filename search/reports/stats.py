@@ -3,6 +3,8 @@ comparisons."""
 import numpy as np
 from scipy import stats as scipy_stats
 
+from htnet.metrics import NUM_CLASSES
+
 EXACT_MAX = 16  # the sign-flip test enumerates all 2^n sign vectors up to this many subjects
 MIN_SEEDS = 3  # fewer seeds: no spread nor interval is reported (two seeds say little about a third)
 
@@ -67,8 +69,6 @@ def seed_subject_bootstrap(predictions, n_boot=10000, confidence=0.95, seed=0):
     """{'{protocol}_{dataset}_{uf1|uar}': (low, high)} ('full' and each dataset): percentile intervals of the seeds'
     mean pooled UF1/UAR from K seeds' long predictions. Each replicate draws subjects within each source dataset
     (the composite's make-up is fixed by design) and, independently, K seeds; the same draws serve every protocol."""
-    from htnet.metrics import NUM_CLASSES
-
     frame = predictions.assign(subject=predictions["subject"].astype(str))
     subjects = frame.drop_duplicates("subject").sort_values(["dataset", "subject"])[["subject", "dataset"]]
     seeds = sorted(frame["seed"].unique())

@@ -1,13 +1,20 @@
 """What an MLflow trial record holds (tags, metrics, statuses) and the one reader of runs and trials."""
+import hashlib
+import importlib.metadata
 import math
+import platform
+import subprocess
+from pathlib import Path
 
 import pandas as pd
+from mlflow.utils import get_results_from_paginated_fn
 
+from htnet.data.release import CSV_NAME
 from search.tracking.store import retry
 
 TERMINAL = ("finished", "pruned", "failed")
 STATUS_ORDER = {"finished": 0, "pruned": 1, "running": 2, "interrupted": 2, "failed": 3}
-TRIAL_TAGS = ("trial_id", "attempt", "status", "retried", "lost", "optuna_trial", "role")  # htnet.<name>
+TRIAL_TAGS = ("trial_id", "attempt", "status", "retried", "lost", "optuna_trial", "role", "sampled")  # htnet.<name>
 # the result's fold-epochs (as a run never stopped), trained by this attempt, by every attempt, and resumed
 FOLD_EPOCHS = ("fold_epochs", "fold_epochs_attempt", "fold_epochs_trained", "fold_epochs_resumed")
 SUMMARY_METRICS = ("inner_full_uf1", "inner_full_uar", "paper_full_uf1", "paper_full_uar", "final_full_uf1",
@@ -23,14 +30,6 @@ PARTIAL_PREFIX = "partial_"  # the metrics of a trial stopped before its last fo
 
 def provenance(data=None):
     """What produced a run, as result keys (PROVENANCE_TAGS): git commit, dirty tree, versions, data fingerprint."""
-    import hashlib
-    import importlib.metadata
-    import platform
-    import subprocess
-    from pathlib import Path
-
-    from htnet.data.release import CSV_NAME
-
     def git(*args):
         try:
             done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
@@ -118,8 +117,6 @@ def run_status(status):
 def runs(client, experiment_id, filter_string="", columns=()):
     """Every run matching the filter, laid out as mlflow.search_runs (which reads only the global tracking URI)
     does: run_id, status, start_time (ms), tags.<k>, params.<k>, metrics.<k>; `columns` exist even if unset."""
-    from mlflow.utils import get_results_from_paginated_fn
-
     found = get_results_from_paginated_fn(lambda size, token: retry(
         client.search_runs, [experiment_id], filter_string, max_results=size, page_token=token), 1000)
     frame = pd.DataFrame([{"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
@@ -144,8 +141,9 @@ def ranked(table, value, ties=("trial_id",)):
 
 def trial_table(client, experiment_id, parent_run_id, metric=None, param_names=(), latest=True):
     """A search's trial runs (lost ones left out) by attempt: trial_id, attempt, status, run_id, run_status, retried,
-    optuna_trial, `metric`, SUMMARY_METRICS, `param_names`, every metrics.<k> and params.<k> (numbers where all read
-    as numbers); partial_<k> metrics as <k>. latest: each trial's latest attempt, ranked by `metric`."""
+    optuna_trial, sampled, `metric`, SUMMARY_METRICS, `param_names` and the sampled ones (sampled_names), every
+    metrics.<k> and params.<k> (numbers where all read as numbers); partial_<k> metrics as <k>. latest: each trial's
+    latest attempt, ranked by `metric`."""
     metrics = list(dict.fromkeys([metric, *SUMMARY_METRICS] if metric else SUMMARY_METRICS))
     named = {**{f"metrics.{m}": m for m in metrics}, **{f"params.{p}": p for p in param_names}}
     frame = runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'",
@@ -164,8 +162,17 @@ def trial_table(client, experiment_id, parent_run_id, metric=None, param_names=(
         pd.DataFrame({"trial_id": tag["trial_id"], "attempt": pd.to_numeric(tag["attempt"]).fillna(1).astype(int),
                       "status": tag["status"].fillna("running"), "run_id": frame["run_id"],
                       "run_status": frame["status"], "retried": tag["retried"].eq("true"),
-                      "optuna_trial": tag["optuna_trial"]}),
+                      "optuna_trial": tag["optuna_trial"], "sampled": tag["sampled"]}),
         frame[list(named)].set_axis(list(named.values()), axis=1), frame.filter(regex=r"^(metrics|params)\.")], axis=1)
     keep = tag["trial_id"].notna() & tag["role"].fillna("trial").eq("trial") & ~tag["lost"].eq("true")
     table = table[keep].sort_values("attempt", kind="stable")
+    table = table.assign(**{n: table[f"params.{n}"] for n in sampled_names(table) if f"params.{n}" in table})
     return ranked(table.groupby("trial_id", sort=False).tail(1), metric) if latest else table.reset_index(drop=True)
+
+
+def sampled_names(table):
+    """The parameter names a search's trials sampled (each run's htnet.sampled: the keys its space() returned), in
+    the order first seen (by Optuna trial number)."""
+    order = table.assign(_number=pd.to_numeric(table["optuna_trial"], errors="coerce"))
+    texts = order.sort_values(["_number", "attempt"], kind="stable")["sampled"].dropna()
+    return list(dict.fromkeys(name for text in texts for name in str(text).split(",") if name))

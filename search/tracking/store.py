@@ -6,6 +6,9 @@ import time
 from pathlib import Path
 
 import requests
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from htnet.errors import UserError, first_line
 from htnet.io import file_lock
@@ -24,8 +27,6 @@ _checked_stores = set()  # sqlite stores this process has opened (MLflow caches 
 
 def client_for(tracking_uri):
     """The client of a store; a new sqlite file is migrated under a lock (alembic crashes on two at once)."""
-    from mlflow import MlflowClient
-
     os.environ.update({k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ})
     if str(tracking_uri).startswith(SQLITE) and tracking_uri not in _checked_stores:
         path = Path(tracking_uri[len(SQLITE):])
@@ -44,9 +45,6 @@ def client_for(tracking_uri):
 
 def mlflow_errors():
     """What a failing store raises (the HTTP client wraps connection errors in MlflowException)."""
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError
-
     return (MlflowException, requests.RequestException, SQLAlchemyError)
 
 
@@ -94,8 +92,6 @@ def check_reachable(tracking_uri):
 
 def retry(fn, *args, tries=6, **kwargs):
     """Call an MLflow client method, retrying transient failures; errors MLflow calls final are raised at once."""
-    from mlflow.exceptions import MlflowException
-
     for attempt in range(tries):
         try:
             return fn(*args, **kwargs)
@@ -103,14 +99,12 @@ def retry(fn, *args, tries=6, **kwargs):
             if attempt == tries - 1 or getattr(e, "error_code", None) in FINAL_ERROR_CODES:
                 raise
         delay = min(8.0, 0.25 * 2 ** attempt)
-        logger.warning("MLflow call %s failed, retrying in %.1f s", getattr(fn, "__name__", fn), delay)
+        logger.info("MLflow call %s failed, retrying in %.1f s", getattr(fn, "__name__", fn), delay)
         time.sleep(delay)
 
 
 def ensure_experiment(client, name, tracking_uri):
     """The experiment's id, created if needed (a sqlite store's artifacts: mlruns/<experiment>/ beside it)."""
-    from mlflow.exceptions import MlflowException
-
     experiment = retry(client.get_experiment_by_name, name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":

@@ -1,45 +1,48 @@
 """The MLflow writes of a search: its parent run, and the Ray Tune callback that logs every trial attempt."""
-import logging
 import functools
-import sys
+import logging
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
+from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
 from ray import tune
 
 from htnet.checkpoint import FOLDS_DIR
-from htnet.errors import UserError
+from htnet.errors import UserError, first_line
 from search.space import flatten, trial_config
 from search.tracking.schema import (STATUS_ORDER, TERMINAL, curve_of, device_tags, end_metrics, is_number, ranked,
                                     resolved_params, run_name, run_status, trial_status, trial_table)
-from search.tracking.store import (FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason,
-                                   unreachable_message)
+from search.tracking.store import FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason
 
 logger = logging.getLogger(__name__)
 
 
 # MlflowClient.log_batch splits what it is given into MLflow's per-request limits
 def log_params(client, run_id, params):
-    from mlflow.entities import Param
-
     # MLflow keeps 6000 characters of a value; None as YAML's null, so params read back as the config
     texts = ((str(k), "null" if v is None else str(v)) for k, v in params.items())
     retry(client.log_batch, run_id, params=[Param(k, v if len(v) <= 6000 else v[:5997] + "...") for k, v in texts])
 
 
 def log_metrics(client, run_id, metrics, step=0):
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     retry(client.log_batch, run_id, metrics=[Metric(str(k), float(v), now, int(step))
                                              for k, v in metrics.items() if is_number(v)])
 
 
 def set_tags(client, run_id, tags):
-    from mlflow.entities import RunTag
-
     retry(client.log_batch, run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+
+def log_dataset(client, run_id, digest, root, synthetic=False):
+    """The run's data as its MLflow dataset input (the runs table's Dataset column): the release folder, or the
+    built-in synthetic set, with the data fingerprint (provenance's htnet_data) as its digest."""
+    name, source = ("synthetic", f"synthetic:{root}") if synthetic else (Path(root).name, str(root))
+    dataset = Dataset(name=name, digest=str(digest), source_type="local", source=source)
+    retry(client.log_inputs, run_id, datasets=[DatasetInput(dataset)])
 
 
 EXPERIMENT_NOTE = """HTNet/STSTNet hyper-parameter searches (`python -m search`)
@@ -58,14 +61,17 @@ engine resolved at run time.
 """
 
 
-def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None, tags=None):
+def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None, tags=None,
+                     dataset=None):
     tags = {"htnet.role": "search", "htnet.search": name, "htnet.objective": objective_metric,
             "htnet.objective_protocol": space.objective, "mlflow.runName": name, **(tags or {})}
     run_id = retry(client.create_run, experiment_id, tags=tags, run_name=name).info.run_id
     settings = ("num_samples", "max_concurrent_trials", "sampler", "pruner", "resources", "max_failures", "objective")
     log_params(client, run_id, {**{k: getattr(space, k) for k in settings}, "space_file": space.source,
                                 **(extra_params or {})})
-    retry(client.log_dict, run_id, space.raw, "space.yaml")
+    retry(client.log_text, run_id, space.text, "space.py")
+    if dataset:
+        log_dataset(client, run_id, *dataset)
     # the experiment's description (the UI shows it above the runs), unless someone wrote their own
     note = retry(client.get_experiment, experiment_id).tags.get("mlflow.note.content", "")
     if note != EXPERIMENT_NOTE and (not note or note.startswith(EXPERIMENT_NOTE.splitlines()[0])):
@@ -92,25 +98,29 @@ def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
 
 
 def create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial, attempt,
-                     optuna_number=None):
-    """The child run of one trial attempt: tags, the flattened LOSO config the trainable runs, config.yaml."""
+                     optuna_number=None, dataset=None):
+    """The child run of one trial attempt: tags (htnet.sampled: the keys its space() returned), the flattened LOSO
+    config the trainable runs, config.yaml, its data (`dataset`: log_dataset's arguments)."""
+    sampled = space.sampled(trial.config)
     try:
         config = trial_config(space, trial.config, overrides).to_dict()
     except UserError:  # the trial fails on it too (its run says why): the config as sampled
-        config = space.resolve(space.sampled(trial.config), overrides)
+        config = space.resolve(sampled, overrides)
     resources = getattr(trial.placement_group_factory, "required_resources", {})
     tags = {"mlflow.parentRunId": parent_run_id, "htnet.role": "trial", "htnet.search": search_name,
             "htnet.trial_id": trial.trial_id, "htnet.attempt": attempt, "htnet.status": "running",
             "htnet.objective": space.metric, "htnet.objective_protocol": space.objective,
-            "htnet.optuna_study": search_name, "htnet.optuna_trial": optuna_number,
+            "htnet.optuna_study": search_name, "htnet.optuna_trial": optuna_number, "htnet.sampled": ",".join(sampled),
             "htnet.resources": ",".join(f"{k.lower()}={v:g}" for k, v in sorted(resources.items())
                                         if k in ("CPU", "GPU"))}
     run = retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items() if v is not None},
-                run_name=run_name(config.get("model", "htnet"), space.sampled(trial.config),
+                run_name=run_name(config.get("model", "htnet"), sampled,
                                   trial.trial_id if optuna_number is None else optuna_number)
                 + (f" attempt {attempt}" if attempt > 1 else ""))
     log_params(client, run.info.run_id, flatten(config))
     retry(client.log_dict, run.info.run_id, config, "config.yaml")
+    if dataset:
+        log_dataset(client, run.info.run_id, *dataset)
     return run.info.run_id
 
 
@@ -161,41 +171,46 @@ def error_text(trial):
 
 
 class MlflowTracking(tune.Callback):
-    """The child run of every trial attempt, logged from the driver (one writer). If MLflow stops
-    answering it prints one line and stops writing; Ray keeps the results for `backfill`."""
+    """The child run of every trial attempt, logged live from the driver (one writer). An event MLflow refuses is
+    skipped (one warning line, the first time); if the store stops answering, the callback says so once and writes
+    no more: Ray keeps every result, and `sync` logs them at the search's end or its next resume."""
 
-    offline = None  # why MLflow stopped answering; None while it answers (and when unpickled)
+    gone = None  # why the store stopped answering; None while it answers (and when unpickled)
 
-    def __init__(self, tracking_uri, experiment_id, search_name, parent_run_id, space, searcher,
-                 overrides, results_path):
+    def __init__(self, tracking_uri, experiment_id, search_name, parent_run_id, space, searcher, overrides,
+                 dataset=None):
         self.tracking_uri, self.experiment_id, self.search_name = tracking_uri, experiment_id, search_name
         self.parent_run_id, self.space, self.searcher = parent_run_id, space, searcher
-        self.overrides, self.results_path = overrides, results_path
+        self.overrides, self.dataset = overrides, dataset  # dataset: log_dataset's arguments
         # trial id -> the run id of the attempt in progress; -> attempts so far; -> time.time() of the attempt's start
         self._runs, self._attempts, self._started = {}, {}, {}
         self._terminal, self._tagged = set(), set()  # trial ids whose run ended; whose device/node tags are set
-        self._orphans_checked = False
+        self._orphans_checked = self._refused = False
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("client", "offline")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "gone")}
 
     @functools.cached_property
     def client(self):
         return client_for(self.tracking_uri)
 
     def _guard(self, what, fn, *args):
-        """Run one MLflow step of a Ray event; a store that fails turns the callback offline."""
-        if self.offline:
+        """Run one MLflow step of a Ray event; MLflow's errors never stop the search."""
+        if self.gone:
             return
         try:
             fn(*args)
         except mlflow_errors() as e:
             if getattr(e, "error_code", None) in FINAL_ERROR_CODES:  # one call refused, not the store gone
-                logger.warning("MLflow refused %s: %s", what, str(e).strip()[:300])
+                logger.info("MLflow refused %s: %s", what, str(e).strip()[:300])
+                if not self._refused:
+                    self._refused = True
+                    print(f"warning: MLflow refused {what} ({first_line(e)[:200]}): skipped; Ray keeps the "
+                          f"results", file=sys.stderr, flush=True)
                 return
-            self.offline = short_reason(e)
-            print(f"error: {unreachable_message(self.tracking_uri, self.offline, self.search_name, self.results_path)} "
-                  f"(the trials go on)", file=sys.stderr, flush=True)
+            self.gone = short_reason(e)
+            print(f"warning: MLflow at {self.tracking_uri} stopped answering ({self.gone}): the trials go on and "
+                  f"Ray keeps their results for it", file=sys.stderr, flush=True)
 
     def setup(self, **info):
         self._guard("setup", self._load_existing)
@@ -226,14 +241,12 @@ class MlflowTracking(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._started[trial.trial_id] = time.time()
-        if self.offline:  # Optuna still learns which Ray trial is which (backfill, resume)
-            self.searcher.set_ray_trial_attrs(trial.trial_id, ray_trial_id=trial.trial_id)
         self._guard("the start of trial " + trial.trial_id, self._start, trial)
 
     def _start(self, trial):
         trial_id = trial.trial_id
         if trial_id in self._terminal:
-            return  # ended before the driver was killed: the trainable replays its result
+            return  # ended before the driver was killed: its run stays as it ended
         if trial_id in self._runs:  # restarted by a resumed search: the same run goes on
             run = retry(self.client.get_run, self._runs[trial_id])
             retry(self.client.update_run, run.info.run_id, status="RUNNING")
@@ -243,7 +256,7 @@ class MlflowTracking(tune.Callback):
         self._attempts[trial_id] = attempt = self._attempts.get(trial_id, 0) + 1
         self._runs[trial_id] = run_id = create_trial_run(
             self.client, self.experiment_id, self.parent_run_id, self.search_name, self.space, self.overrides,
-            trial, attempt, self.searcher.optuna_trial_number(trial_id))
+            trial, attempt, self.searcher.optuna_trial_number(trial_id), self.dataset)
         self.searcher.set_ray_trial_attrs(trial_id, ray_trial_id=trial_id, mlflow_run_id=run_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -253,7 +266,7 @@ class MlflowTracking(tune.Callback):
 
     def _result(self, trial, result):
         run_id = self._runs.get(trial.trial_id)
-        if run_id is None or result.get("htnet_status") == "replayed":
+        if run_id is None:
             return
         if trial.trial_id not in self._tagged and device_tags(result):
             self._tagged.add(trial.trial_id)

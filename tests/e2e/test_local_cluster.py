@@ -1,13 +1,15 @@
 """The cluster path simulated on one machine (cluster-local.yaml, `python -m search local-cluster`): Ray's
 autoscaler adds fake GPU workers for pending trials and removes idle ones, Ray Tune's results and MLflow's
 artifacts live in an S3 server (moto) on 127.0.0.1, and a search survives a spot reclaim (a worker's raylet
-killed mid-trial) and its driver's death. The measured figures go to benchmarks/RESULTS.md (printed: -s)."""
+killed mid-trial), its driver's death and an S3 outage (tests/tooling/switchable_proxy.py in front of the S3
+server, switched off and on). The measured figures go to benchmarks/RESULTS.md (printed: -s)."""
 import collections
 import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +18,8 @@ from pathlib import Path
 import pytest
 
 import search_fixtures
-from search.driver.watchdog import folder_processes
-from search_fixtures import (REPO, died, kill_session, optuna_trials, run_cli, start_cli, wait_for_exit, wait_until,
-                             write_space)
+from search_fixtures import (REPO, died, free_port, kill_session, optuna_trials, ray_processes, run_cli, start_cli,
+                             wait_for_exit, wait_until, write_space)
 
 pytestmark = pytest.mark.slow
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-test", "AWS_SECRET_ACCESS_KEY": "local-test-secret"}
@@ -26,21 +27,44 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-test", "AWS_SECRET_ACCESS_KEY": "loca
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("local-cluster")
+    """The local cluster, its S3 endpoint a switchable proxy in front of an S3 server that this fixture starts."""
+    folder, s3_folder = tmp_path_factory.mktemp("local-cluster"), tmp_path_factory.mktemp("s3")
     env = {**os.environ, **CREDENTIALS}
-    started = subprocess.run([sys.executable, "-m", "search", "local-cluster", "start", "--dir", str(folder),
-                              "--idle-timeout-minutes", "0.25"], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=240)
-    assert started.returncode == 0, started.stderr
-    exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
+    s3_port, proxy_port = free_port(), free_port()
+    with open(s3_folder / "s3.log", "wb") as log:
+        s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    proxy = subprocess.Popen([sys.executable, "-I", str(REPO / "tests" / "tooling" / "switchable_proxy.py"),
+                              str(proxy_port), str(s3_port)])
     try:
-        yield {"folder": folder, "env": {**env, **exports}, **exports}
-    finally:
-        temp = json.loads((folder / "cluster.json").read_text())["ray_temp_dir"]
-        stopped = subprocess.run([sys.executable, "-m", "search", "local-cluster", "stop", "--dir", str(folder)],
+        started = subprocess.run([sys.executable, "-m", "search", "local-cluster", "start", "--dir", str(folder),
+                                  "--idle-timeout-minutes", "0.25", "--s3-endpoint", f"http://127.0.0.1:{proxy_port}"],
                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-        assert stopped.returncode == 0, stopped.stderr
-        assert not folder_processes(temp) and not folder_processes(folder)  # head, workers, S3, MLflow: gone
+        assert started.returncode == 0, started.stderr
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
+        try:
+            yield {"folder": folder, "env": {**env, **exports}, "proxy": proxy, "proxy_port": proxy_port, **exports}
+        finally:
+            temp = json.loads((folder / "cluster.json").read_text())["ray_temp_dir"]
+            stopped = subprocess.run([sys.executable, "-m", "search", "local-cluster", "stop", "--dir", str(folder)],
+                                     cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+            assert stopped.returncode == 0, stopped.stderr
+            assert not ray_processes(temp) and not ray_processes(folder)  # head, workers, MLflow: gone
+    finally:
+        for process in (proxy, s3):
+            process.terminate()
+            process.wait()
+
+
+def switch_s3(cluster, up):
+    """The S3 endpoint down (connections cut and refused, as in an outage) or up again; the contents are kept."""
+    os.kill(cluster["proxy"].pid, signal.SIGUSR2 if up else signal.SIGUSR1)
+
+    def answers():
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", cluster["proxy_port"]), timeout=2):
+            return True
+        return False
+    wait_until(lambda: answers() == up, timeout=30, interval=0.1, what=f"the S3 proxy {'up' if up else 'down'}")
 
 
 def s3_keys(cluster, prefix):
@@ -125,6 +149,9 @@ def test_a_search_autoscales_onto_gpu_workers_and_idle_workers_are_removed(clust
     started = time.monotonic()
     search = start_cli(search_args(cluster, space, "autoscale", tmp_path / "runs"), tmp_path / "search.log",
                        env=cluster["env"])
+    # the workers' resources, read while they are alive (a removed node's are gone)
+    alive = wait_until(lambda: {n[0]: n[2] for n in ray_nodes(cluster) if n[0] not in before and n[1]}, timeout=300,
+                       interval=5, what="a worker node", unless=died(search, tmp_path / "search.log"))
     assert wait_for_exit(search, 600, tmp_path / "search.log") == 0, (tmp_path / "search.log").read_text()[-3000:]
     # the progress clock starts with the Tuner, its trials pending; a trial starts once a worker has joined
     first = clock_of(tmp_path / "search.log", r"trial #\d+ started")
@@ -136,7 +163,7 @@ def test_a_search_autoscales_onto_gpu_workers_and_idle_workers_are_removed(clust
     on = collections.Counter(r.data.tags["htnet.node_id"] for r in runs)
     assert set(on) <= set(workers), (on, workers)   # every trial on a worker the autoscaler added
     assert len(workers) == 2, workers   # as the demand asked: 4 trials at 0.5 GPU, one GPU per worker
-    assert all(gpus == 1 for gpus in workers.values())                # the workers of cluster-local.yaml
+    assert set(alive) <= set(workers) and set(alive.values()) == {1}, alive   # the workers of cluster-local.yaml
     for run in runs:   # the trials' artifacts went through the MLflow server into S3
         keys = s3_keys(cluster, f"mlartifacts/{run.info.experiment_id}/{run.info.run_id}/")
         assert any(k.endswith("predictions.csv") for k in keys), keys
@@ -216,11 +243,11 @@ def test_a_killed_driver_resumes_from_the_s3_storage_in_a_fresh_process(cluster,
     driver.wait()
     kill_session(driver)
 
-    local_cluster(cluster, "s3-down")   # resumed while S3 does not answer: one line, nothing changed
+    switch_s3(cluster, up=False)   # resumed while S3 does not answer: one line, nothing changed
     try:
         refused = run_cli(["resume", "driver", "--storage", str(tmp_path / "runs")], env=cluster["env"])
     finally:
-        local_cluster(cluster, "s3-up")
+        switch_s3(cluster, up=True)
     assert refused.returncode == 2 and refused.stderr.startswith(
         "error: Ray storage s3://htnet/ray does not answer"), refused.stderr[-2000:]
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
@@ -237,12 +264,6 @@ def test_a_killed_driver_resumes_from_the_s3_storage_in_a_fresh_process(cluster,
     assert states == {"COMPLETE": 2}
 
 
-def local_cluster(cluster, action):
-    done = subprocess.run([sys.executable, "-m", "search", "local-cluster", action, "--dir", str(cluster["folder"])],
-                          cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-
-
 def test_an_s3_outage_mid_search_is_said_once_and_the_search_finishes_when_it_is_back(cluster, tmp_path):
     space = write_space(tmp_path / "space.yaml", num_samples=2, max_concurrent_trials=2, max_failures=1,
                         fixed={"epochs": 400})
@@ -250,7 +271,7 @@ def test_an_s3_outage_mid_search_is_said_once_and_the_search_finishes_when_it_is
     search = start_cli(search_args(cluster, space, "outage", tmp_path / "runs"), log, env=cluster["env"])
     wait_until(lambda: any("/checkpoint_" in k for k in s3_keys(cluster, "ray/outage/")), timeout=300,
                what="a fold checkpoint in S3", unless=died(search, log))
-    local_cluster(cluster, "s3-down")
+    switch_s3(cluster, up=False)
     down = time.monotonic()
     try:
         wait_until(lambda: "could not store its checkpoint" in log.read_text(), timeout=180,
@@ -258,7 +279,7 @@ def test_an_s3_outage_mid_search_is_said_once_and_the_search_finishes_when_it_is
         said = time.monotonic() - down
         time.sleep(20)   # down a while: more reports go without their checkpoint
     finally:
-        local_cluster(cluster, "s3-up")
+        switch_s3(cluster, up=True)
     up = time.monotonic()
     assert wait_for_exit(search, 900, log) == 0, log.read_text()[-3000:]
     output = log.read_text()
@@ -298,11 +319,11 @@ def test_files_mlflow_cannot_store_while_s3_is_down_are_tagged_not_taken_for_mlf
     (files / "folds" / "s01.json").write_text("{}")
     checkpoint = tune.Checkpoint.from_directory(files)
 
-    local_cluster(cluster, "s3-down")
+    switch_s3(cluster, up=False)
     try:
         why = log_trial_files(client, run_id, "t1", checkpoint)   # returns: MLflow answers, its S3 does not
     finally:
-        local_cluster(cluster, "s3-up")
+        switch_s3(cluster, up=True)
     assert why and client.get_run(run_id).data.tags["htnet.artifacts_error"] == why
     assert log_trial_files(client, run_id, "t1", checkpoint) is None
     keys = s3_keys(cluster, f"mlartifacts/{experiment.experiment_id}/{run_id}/")
@@ -319,18 +340,18 @@ def test_s3_storage_that_does_not_answer_or_lacks_its_bucket_is_one_line_before_
     assert done.stderr.strip().splitlines()[-1] == ("error: Ray storage s3://no-such-bucket/ray: there is no bucket "
                                                     "'no-such-bucket'; create it first")
 
-    local_cluster(cluster, "s3-down")
+    switch_s3(cluster, up=False)
     try:
         done = run_cli(search_args(cluster, space, "nos3", tmp_path / "runs"), env=cluster["env"])
     finally:
-        local_cluster(cluster, "s3-up")
+        switch_s3(cluster, up=True)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: Ray storage s3://htnet/ray does not answer (")
     done = run_cli(["rerun", "--preset", "ststnet", "--seeds", "1", "--method", "nobucket", "--storage",
-                    str(tmp_path / "runs"), "--fold-storage", "s3://no-such-bucket/reruns",
+                    str(tmp_path / "runs"), "--ray-storage", "s3://no-such-bucket/reruns",
                     "--tracking-uri", cluster["MLFLOW_TRACKING_URI"]], env=cluster["env"])
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
-        "error: --fold-storage s3://no-such-bucket/reruns: there is no bucket 'no-such-bucket'; create it first")
+        "error: --ray-storage s3://no-such-bucket/reruns: there is no bucket 'no-such-bucket'; create it first")
 
     client = search_fixtures.store_client(cluster["MLFLOW_TRACKING_URI"])
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -344,11 +365,11 @@ def test_a_rerun_seed_on_a_reclaimed_node_goes_on_from_its_folds_in_s3(cluster, 
     log = tmp_path / "rerun.log"
     rerun = start_cli(["rerun", "--preset", "ststnet", "--seed-list", "1", "--method", "reclaimed", "--set",
                        "epochs=300", "--storage", str(tmp_path / "runs"), "--address", cluster["RAY_ADDRESS"],
-                       "--fold-storage", "s3://htnet/reruns", "--gpus-per-seed", "0.5",
+                       "--ray-storage", "s3://htnet/reruns", "--gpus-per-seed", "0.5",
                        "--tracking-uri", cluster["MLFLOW_TRACKING_URI"]], log, env=cluster["env"])
     wait_until(lambda: any("/folds/" in k for k in s3_keys(cluster, "reruns/")), timeout=300,
                what="a seed's finished fold in S3", unless=died(rerun, log))
-    kill_tree([wait_until(lambda: raylet_running("_seed_task"), timeout=60, what="the seed's node")])
+    kill_tree([wait_until(lambda: raylet_running("ImplicitFunc"), timeout=60, what="the seed's node")])  # its trial
     assert wait_for_exit(rerun, 900, log) == 0, log.read_text()[-3000:]
 
     client = search_fixtures.store_client(cluster["MLFLOW_TRACKING_URI"])
@@ -356,8 +377,8 @@ def test_a_rerun_seed_on_a_reclaimed_node_goes_on_from_its_folds_in_s3(cluster, 
     [seed] = client.search_runs([experiment], "tags.`htnet.role` = 'rerun_seed' and tags.`htnet.method` = 'reclaimed'")
     assert seed.data.tags["htnet.status"] == "finished", seed.data.tags
     metrics = seed.data.metrics
-    assert metrics["fold_epochs_resumed"] > 0   # the retried task went on from the folds in S3
+    assert metrics["fold_epochs_resumed"] > 0   # the retried trial went on from its checkpoint in S3
     print(f"\nrerun seed on a reclaimed node: resumed {metrics['fold_epochs_resumed']:.0f} of "
           f"{metrics['fold_epochs']:.0f} fold-epochs from S3")
     left = s3_keys(cluster, "reruns/")
-    assert not any("/seed-" in key for key in left), left   # MLflow has the result: the seed's folds are gone
+    assert not any("/seed-" in key for key in left), left   # MLflow has the result: the seed's trial is gone

@@ -22,6 +22,7 @@ from ray import tune  # noqa: F401 - imported up front: an in-process `resume` b
 from htnet.errors import UserError
 from search import tracking  # noqa: F401
 from search.driver import runner, stores  # noqa: F401
+from search.space import load_space
 from search_fixtures import (died, free_port, optuna_trials, parent_run, ray_processes, ray_tmpdir, run_main,  # noqa: F401
                              start_cli, trial_runs, wait_for_exit, wait_until, write_space)
 
@@ -139,7 +140,7 @@ def test_a_stale_ray_current_cluster_file_is_not_joined(tmp_path, ray_tmpdir, ca
     code, out, errors = cli(run_args(tiny_space(tmp_path), "stale", tmp_path), capsys)
     assert code == 0 and not errors, out[-3000:]
     assert "search stale (finished): 1 finished" in out
-    assert not ray_processes(ray_tmpdir)  # ray_session waits for the watchdog's sweep
+    assert not ray_processes(ray_tmpdir)  # ray.shutdown ends its processes
 
 
 # ----------------------------------------------------------------------------- 3. trials that fit no node
@@ -175,9 +176,9 @@ def test_trials_that_fit_no_node_are_refused_before_anything_is_recorded(flags, 
 def record_for(tmp_path, name, tracking_uri):
     """A complete search record as `search run` writes it (no Ray or MLflow behind it)."""
     storage = tmp_path / "runs"
-    space = yaml.safe_load(tiny_space(tmp_path, name).read_text())
-    return {"name": name, "created": "2026-01-01T00:00:00", "status": "finished", "space_file": f"{name}.yaml",
-            "space": space, "settings": {k: space[k] for k in stores.SETTINGS_KEYS},
+    space = load_space(tiny_space(tmp_path, name))
+    return {"name": name, "created": "2026-01-01T00:00:00", "status": "finished", "space_file": space.source,
+            "settings": {k: getattr(space, k) for k in stores.SETTINGS_KEYS},
             "sets": [], "overrides": {}, "data": {"path": str(tmp_path / "data")}, "data_root": str(tmp_path / "data"),
             "tracking_uri": tracking_uri, "experiment": "htnet", "experiment_id": "1", "parent_run_id": "0" * 32,
             "optuna_storage": f"sqlite:///{storage / 'optuna.db'}", "ray_storage": str(storage / "ray"),
@@ -233,10 +234,10 @@ def test_a_damaged_mlflow_store_or_search_record_is_one_line_naming_the_file(tmp
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_no_ray_process_outlives_the_driver(sig, tmp_path, ray_tmpdir):
-    """While a trial runs, the driver gets SIGKILL (nothing runs in it: its watchdog ends the
-    session's raylet, GCS, agents and workers) or SIGTERM (handled like Ctrl+C: the trials stop,
+    """While a trial runs, the driver gets SIGKILL (nothing runs in it: Ray's own fate-sharing ends
+    the session's raylet, GCS, agents and workers) or SIGTERM (handled like Ctrl+C: the trials stop,
     the search is recorded unfinished, exit 1). Either way no process of that Ray session is left
-    well before a minute (Ray's agents alone would linger for a minute or more)."""
+    well before a minute."""
     space = tiny_space(tmp_path, fixed={"epochs": 400})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "driver.log"
@@ -253,7 +254,6 @@ def test_no_ray_process_outlives_the_driver(sig, tmp_path, ray_tmpdir):
             except OSError:
                 pass  # ended meanwhile
         assert any(b"raylet" in c for c in commands.values()) and any(b"ray::" in c for c in commands.values())
-        assert any(b"watchdog.py" in c for c in commands.values())  # the watchdog
         sent = time.monotonic()
         os.kill(driver.pid, sig)
         code = wait_for_exit(driver, SAFETY_NET, log)
@@ -263,7 +263,7 @@ def test_no_ray_process_outlives_the_driver(sig, tmp_path, ray_tmpdir):
         gone = time.monotonic()
     finally:
         stop(driver)
-    # SIGKILL: the watchdog alone cleans up, from the kill; SIGTERM: before the driver exits
+    # SIGKILL: Ray alone cleans up, from the kill; SIGTERM: before the driver exits
     took = gone - (sent if sig == signal.SIGKILL else exited)
     assert took < 30, took
     record = yaml.safe_load((tmp_path / "runs" / "searches" / "killed.yaml").read_text())

@@ -8,12 +8,15 @@ the paper table's rules on made-up reruns on the composite's 68 subjects.)
 import ast
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from ray import tune
 
 from htnet.metrics import per_subject_accuracy
 from search import cli
@@ -23,7 +26,7 @@ from search.reports.leaderboard import leaderboard, open_store, read_csv_artifac
 from search.nested import NestedOptions, run_nested
 from search.reports.paper_table import PUBLISHED
 from search.reports.stats import seed_subject_bootstrap
-from search_fixtures import parent_run, search_options, write_space
+from search_fixtures import died, kill_session, parent_run, search_options, start_cli, wait_until, write_space
 
 TINY_HTNET = ["--set", "model_config.dim=16", "--set", "model_config.heads=1", "--set", "model_config.patch_size=14",
               "--set", "model_config.num_hierarchies=1", "--set", "model_config.block_repeats=[1]"]
@@ -142,32 +145,51 @@ def test_rerun_with_the_trials_seed_reproduces_it(work, capsys):
     assert math.isnan(replica.data.metrics.get("inner_full_uf1_std", float("nan")))
 
 
-def test_a_killed_rerun_run_again_goes_on_from_each_seeds_finished_folds(work, capsys):
-    """A rerun keeps each seed's finished folds until MLflow has the seed's result (a finished rerun leaves none);
-    the same command after a kill (here: the seed's run stopped after 2 of 6 folds, as a kill leaves it) trains
-    only the other folds and gives the same numbers as the uninterrupted replica."""
-    from htnet.data import load_release
-    from htnet.loso import LosoConfig, run_loso
-    from search.reports.leaderboard import read_yaml_artifact
-    from search.reports.rerun import seed_folder
-
+def test_a_killed_rerun_run_again_goes_on_from_each_seeds_finished_folds(work, ray2, capsys):
+    """A rerun's seeds are trials of a Ray Tune experiment in its Ray storage until MLflow has them (a finished
+    rerun leaves none); the same command after the rerun's process is SIGKILLed mid-way trains only the folds that
+    Ray's snapshot of it does not hold, and gives the same numbers as the uninterrupted replica."""
     uri, storage = work["uri"], work["storage"]
-    assert not list((Path(storage) / "reruns").glob("*/seed-*")), "a finished rerun left its fold records"
-    [replica] = runs_with(uri, htnet_role="rerun", htnet_method="replica")
-    config = read_yaml_artifact(open_store(uri), replica.info.run_id, "config.yaml")
-    folder = seed_folder(Path(storage) / "reruns", config, replica.data.params["data"], 1)
-    run_loso(LosoConfig.from_dict({**config, "seed": 1}), load_release(replica.data.params["data"]),
-             callback=lambda report: report["step"] >= 2, out_dir=folder, progress=False)
-    assert len(list((folder / "folds").glob("*.json"))) == 2
+    assert not list((Path(storage) / "ray").glob("rerun-*")), "a finished rerun left its Ray Tune experiment"
     best_id = parent_run(uri, "tiny").data.tags["htnet.best_run_id"]
-    code = cli.main(["rerun", "--run-id", best_id, "--seed-list", "1", "--method", "replica again",
-                     "--tracking-uri", uri, "--storage", storage])
-    assert code == 0 and f"seed 1: 2 of 6 folds kept from an interrupted rerun ({folder})" in capsys.readouterr().out
-    [again] = runs_with(uri, htnet_role="rerun", htnet_method="replica again")
+    command = ["rerun", "--run-id", best_id, "--seed-list", "1", "--method", "replica again", "--tracking-uri", uri,
+               "--storage", storage, "--address", ray2.get_runtime_context().gcs_address]
+    log = work["tmp"] / "killed-rerun.log"
+    killed = start_cli(command, log)
+
+    def worker():   # the seed's process, once it reported a finished fold (a line of Ray Tune's result.json)
+        texts = [path.read_text() for path in (Path(storage) / "ray").glob("rerun-*/seed-1/result.json")]
+        return texts and "\n" in texts[0] and json.loads(texts[0].partition("\n")[0])["htnet_pid"]
+
+    def snapshot_folds():   # the finished folds in the checkpoint that Ray's snapshot of the experiment names
+        [experiment] = (Path(storage) / "ray").glob("rerun-*")
+        try:
+            [trial] = tune.ExperimentAnalysis(str(experiment)).trials
+        except ValueError:   # no snapshot yet
+            return 0
+        return len(list(Path(trial.checkpoint.path, "folds").glob("*.json"))) if trial.checkpoint else 0
+
+    pid = wait_until(worker, timeout=600, interval=0.2, what="a finished fold", unless=died(killed, log))
+    os.kill(pid, signal.SIGSTOP)   # mid-way: its other folds wait until it is killed
+    wait_until(lambda: snapshot_folds() >= 1, timeout=300, what="a snapshot naming a checkpoint",
+               unless=died(killed, log))
+    for process in (killed.pid, pid):
+        os.kill(process, signal.SIGKILL)
+    killed.wait()
+    kill_session(killed)
+    assert cli.main(command) == 0
+    printed = capsys.readouterr().out
+    assert "going on from the interrupted rerun there" in printed and "fold-epochs from an earlier attempt" in printed
+    [again] = [r for r in runs_with(uri, htnet_role="rerun", htnet_method="replica again")
+               if r.info.status == "FINISHED"]   # the killed one's run stays RUNNING
+    [replica] = runs_with(uri, htnet_role="rerun", htnet_method="replica")
     for key in ("paper_full_uf1", "inner_full_uar", "final_samm_uf1"):
         assert again.data.metrics[f"{key}_mean"] == replica.data.metrics[f"{key}_mean"]
     [seed] = runs_with(uri, mlflow_parentRunId=again.info.run_id)
-    assert seed.data.metrics["fold_epochs_resumed"] > 0 and not folder.exists()
+    metrics = seed.data.metrics
+    assert metrics["fold_epochs_resumed"] >= metrics["fold_epochs"] / 6   # the snapshot's fold or more
+    assert metrics["fold_epochs_attempt"] == metrics["fold_epochs"] - metrics["fold_epochs_resumed"]  # the rest only
+    assert not list((Path(storage) / "ray").glob("rerun-*"))
 
 
 def test_nested_loso_runs_the_search_inside_each_outer_fold(work):
@@ -219,7 +241,9 @@ def test_paper_table_refuses_other_data_unless_asked_and_marks_it(work, tmp_path
     assert cli.main(["paper-table", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
     printed = capsys.readouterr().out
     md = read_markdown_table((out / "paper_table.md").read_text())
-    assert md["Method"].tolist() == ["HTNet *", "STSTNet *"]
+    published = ["HTNet *", "STSTNet *", "Dual-Inception *", "OFF-ApexNet *"]
+    assert md["Method"].tolist() == [m for m in published for _ in range(3)]  # a row per protocol each
+    assert md["Protocol"].tolist() == ["paper", "final", "inner"] * len(published)
     for label in ("STSTNet (best found)", PAPER_LABEL, STSTNET_LABEL, "Search + STSTNet (nested LOSO)"):
         assert f"left out {label!r}: " in printed
     assert "data synthetic (6 subjects, " in printed and "--allow-mixed includes" in printed
@@ -257,7 +281,8 @@ def test_paper_table_refuses_other_data_unless_asked_and_marks_it(work, tmp_path
                 assert row["Full UF1"] == f"{full:.4f} ± {m[f'{protocol}_full_uf1_std']:.4f}"
             else:
                 assert (row["Full UF1"], row["SAMM UAR"]) == (f"{full:.4f}", f"{samm:.4f}")
-    assert (f"{STSTNET_LABEL} †", "inner") not in rows  # that rerun ran paper and final only
+    not_run = rows[(f"{STSTNET_LABEL} †", "inner")]  # that rerun ran paper and final only
+    assert not_run["Source"] == "not run" and all(pd.isna(not_run[c]) for c in md.columns[4:])
     nested = rows[("Search + STSTNet (nested LOSO) †", "inner")]
     assert nested["Source"] == "ours, nested LOSO (2 outer folds), 2 epochs" and nested["Data"] == \
         "synthetic, 2 subjects"

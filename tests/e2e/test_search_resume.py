@@ -61,7 +61,7 @@ def run_to_exit(args, log, env):
 
 def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     samples = 4
-    space = write_space(tmp_path / "resume.yaml", num_samples=samples, max_concurrent_trials=2,
+    space = write_space(tmp_path / "resume.py", num_samples=samples, max_concurrent_trials=2,
                         fixed={"epochs": 4})
     driver, log, storage, uri, common, env = start_driver(tmp_path, space, "resume", ray_tmpdir)
 
@@ -75,9 +75,15 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     before = trial_runs(uri, "resume")
     assert sum(r.data.tags.get("htnet.status") == "finished" for r in before) < samples
     assert yaml.safe_load((storage / "searches" / "resume.yaml").read_text())["status"] == "running"
+    # the space file changes on disk meanwhile: the search goes on with the copy it started with, and says so
+    started_with = space.read_text()
+    space.write_text(started_with.replace("trial.suggest_float('lr', 0.001, 0.01, log=True)", "0.5"))
+    assert space.read_text() != started_with
 
     code, output = run_to_exit(["run", "--resume", "resume", *common], tmp_path / "resume.log", env)
     assert code == 0, output[-5000:]
+    assert (f"{space} has changed since the search started: it goes on with the copy it started with, "
+            f"{storage / 'searches' / 'resume.space.py'}") in output
     summary = [line for line in output.splitlines() if line.startswith("search resume (")]
     assert summary and summary[-1].startswith("search resume (finished): 4 finished"), output[-5000:]
 
@@ -90,6 +96,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     assert len(per_trial) == samples and set(per_trial.values()) == {1}, per_trial  # none twice
     assert {r.data.tags["htnet.status"] for r in kept} == {"finished"}
     assert all(r.data.metrics["folds_done"] == 6 for r in kept)
+    assert all(1e-3 <= float(r.data.params["lr"]) <= 1e-2 for r in kept)  # the stored copy's space, not 0.5
     assert parent_run(uri, "resume").info.status == "FINISHED"
 
     trials = optuna_trials(storage, "resume")
@@ -109,7 +116,7 @@ def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(t
     """`search resume` continues the trial that was running from its last fold checkpoint in Ray's
     storage, even where Ray's snapshot names a checkpoint Ray had deleted: it trains only the folds not
     done, and counts each fold once."""
-    space = write_space(tmp_path / "folds.yaml", num_samples=1, max_concurrent_trials=1, fixed={"epochs": 40})
+    space = write_space(tmp_path / "folds.py", num_samples=1, max_concurrent_trials=1, fixed={"epochs": 40})
     driver, log, storage, uri, common, env = start_driver(tmp_path, space, "folds", ray_tmpdir)
     # 3 folds reported: Ray has registered a checkpoint and snapshotted the experiment
     # (forced once a trial has checkpointed num_to_keep = 2 times since the last snapshot)

@@ -14,7 +14,8 @@ from conftest import TINY_STSTNET
 
 TINY_HTNET = {"dim": 8, "heads": 2, "patch_size": 14, "num_hierarchies": 2, "block_repeats": [1, 1]}
 MODELS = [("ststnet", {}), ("htnet", TINY_HTNET),
-          ("htnet", {"dim": 12, "heads": 3, "block_repeats": [1, 1, 2], "mlp_mult": 2})]
+          ("htnet", {"dim": 12, "heads": 3, "block_repeats": [1, 1, 2], "mlp_mult": 2}),
+          ("offapexnet", {}), ("dual_inception", {})]
 
 
 def plain_models(name, config, count, negative_gamma=True):
@@ -88,6 +89,29 @@ def test_grouped_ststnet_training_step_matches_plain_models_on_their_own_samples
             torch.testing.assert_close(grad, param.grad, rtol=1e-3, atol=1e-5 * param.grad.abs().max().item())
         for key, buffer in model.state_dict().items():  # running statistics after the step
             torch.testing.assert_close(state[key].to(buffer.dtype), buffer, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["offapexnet", "dual_inception"])
+def test_stacked_training_step_matches_plain_models_on_their_own_samples(name):
+    """The vmapped (Stacked) form in train mode: member g's logits and gradients are the plain model's on its own
+    samples (no batch statistics, so a member's loss alone decides its gradient)."""
+    config = {"hidden": 16, "dropout": 0.0}
+    models = plain_models(name, config, 3)
+    grouped = grouped_model(name, [m.state_dict() for m in models], config).train()
+    x, y = torch.rand(10, 3, 28, 28) * 255, torch.randint(0, 3, (10,))
+    mask = torch.ones(10, 3)
+    mask[:4, 0] = mask[4:6, 1] = mask[8:, 2] = 0
+    logits = grouped(x)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), y.repeat_interleave(3), reduction="none").view(10, 3)
+    ((ce * mask).sum(0) / mask.sum(0)).sum().backward()
+    for g, model in enumerate(models):
+        own = mask[:, g].bool()
+        ref = model.train()(x[own])
+        torch.testing.assert_close(logits[own, g], ref, rtol=1e-4, atol=1e-4)
+        torch.nn.functional.cross_entropy(ref, y[own]).backward()
+        grads = unstack({k: p.grad for k, p in grouped.named_parameters()}, g, grouped.member_shapes)
+        for key, param in model.named_parameters():
+            torch.testing.assert_close(grads[key], param.grad, rtol=1e-3, atol=1e-5 * param.grad.abs().max().item())
 
 
 def test_dropout_mask_keeps_half_and_scales():
@@ -233,7 +257,9 @@ def test_grouped_models_on_gpu_match_cpu():
         torch.testing.assert_close(gpu, cpu, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("name, model_config", [("htnet", {**TINY_HTNET, "dropout": 0.0}), ("ststnet", {"dropout": 0.0})])
+@pytest.mark.parametrize("name, model_config", [("htnet", {**TINY_HTNET, "dropout": 0.0}),
+                                                ("ststnet", {"dropout": 0.0}),
+                                                ("offapexnet", {"hidden": 16, "dropout": 0.0})])
 def test_an_early_stopped_inner_run_leaves_its_group_and_the_main_runs_train_on_unchanged(
         name, model_config, synth_data, monkeypatch):
     """Groups of 2 folds (inner + main each): when an inner run stops, the group goes on without it (it cost

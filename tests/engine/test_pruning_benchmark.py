@@ -3,8 +3,8 @@ real run gives, and its fold-epoch counts must charge a stopped trial for the wh
 import optuna
 import pytest
 
-from benchmarks.pruning_efficiency import SPACE, replay_arm, run_arm, summary
-from search.space import make_pruner, parse_space
+from benchmarks.pruning_efficiency import replay_arm, run_arm, search_space, summary
+from search.space import make_pruner
 
 # 9 subjects; 4 members per group = 2 folds (inner + main run each) trained together
 OVERRIDES = {"epochs": 1, "engine": "batched", "seed": 1, "fold_group_size": 4}
@@ -12,7 +12,7 @@ OVERRIDES = {"epochs": 1, "engine": "batched", "seed": 1, "fold_group_size": 4}
 
 @pytest.fixture(scope="module")
 def unpruned(synth_data):
-    space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")
+    space = search_space()
     return run_arm(space, synth_data, optuna.pruners.NopPruner(), 5, OVERRIDES, 0, "no pruner")[0]
 
 
@@ -21,7 +21,7 @@ def unpruned(synth_data):
     {"type": "wilcoxon", "p_threshold": 0.7},   # per-fold objectives at step = fold number (0.7: one trial is pruned)
 ])
 def test_replay_of_the_unpruned_arm_is_the_real_pruned_arm(synth_data, unpruned, pruner):
-    space = parse_space(SPACE, "benchmarks/pruning_efficiency.py")
+    space = search_space()
     pruned, _ = run_arm(space, synth_data, make_pruner(pruner, "test"), 5, OVERRIDES, 0, "pruner")
     replayed = replay_arm(make_pruner(pruner, "test"), unpruned, space.metric)
 

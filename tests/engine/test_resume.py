@@ -74,11 +74,18 @@ def test_resume_refuses_another_config_or_data(synth_data, tmp_path):
     run_loso(config, synth_data, out_dir=tmp_path, progress=False)
     with pytest.raises(UserError, match=r"config.yaml: the run there has lr=0.003, this command 0.001"):
         continued_config(tmp_path, LosoConfig.from_dict({**config, "lr": 1e-3}))
-    # device and report_every change no result; an unset fold_group_size takes the folder's
-    assert continued_config(tmp_path, LosoConfig.from_dict({**config, "device": "cpu", "report_every": 3}))
+    # device and report_every change no result: the command's are kept; an unset fold_group_size takes the folder's
+    saved, original = tmp_path / "config.yaml", (tmp_path / "config.yaml").read_text()
+    saved.write_text(original.replace("fold_group_size: null", "fold_group_size: 2"))
+    got = continued_config(tmp_path, LosoConfig.from_dict({**config, "device": "cpu", "report_every": 3}))
+    assert (got.device, got.report_every, got.fold_group_size, got.lr) == ("cpu", 3, 2, config["lr"])
+    saved.write_text(original.replace("fold_group_size: null", "fold_group_size: -2"))
+    with pytest.raises(UserError, match=r"config.yaml: fold_group_size must be a positive integer, got -2$"):
+        continued_config(tmp_path, LosoConfig.from_dict(config))
+    saved.write_text(original)
     bad = tmp_path / FOLDS_DIR / next(p.name for p in (tmp_path / FOLDS_DIR).iterdir())
     bad.write_text("{not json")
-    with pytest.raises(UserError, match=rf"{bad.name}: not a fold record"):
+    with pytest.raises(UserError, match=rf"{bad.name}: not valid JSON \(Expecting property name"):
         run_loso(config, synth_data, out_dir=tmp_path, progress=False, resume=True)
 
 

@@ -223,15 +223,15 @@ def test_bad_numbers_in_a_config_file_name_the_file(synth_root, tmp_path, capsys
 
 
 def test_bad_numbers_in_a_search_space_or_set(tmp_path, capsys):
-    space = tmp_path / "s.yaml"
-    space.write_text(yaml.safe_dump({"num_samples": 1, "data": {"synthetic_subjects": 1},
-                                     "fixed": {"model": "ststnet", "epochs": 1, "batch_size": 32.0, "device": "cpu"},
-                                     "space": {"lr": {"low": 1e-3, "high": 1e-2}}}))
+    space = tmp_path / "s.py"
+    space.write_text("num_samples = 1\ndata = {'synthetic_subjects': 1}\n"
+                     "fixed = {'model': 'ststnet', 'epochs': 1, 'batch_size': 32.0, 'device': 'cpu'}\n\n"
+                     "def space(trial):\n    return {'lr': trial.suggest_float('lr', 1e-3, 1e-2)}\n")
     runs = tmp_path / "runs"
     common = ["run", "--name", "bad", "--storage", runs, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     code, _, err = run_main("search", [*common, space], capsys)
-    line = one_error_line(err)  # search.space may say it first, in its own words; LosoConfig otherwise
-    assert code == 2 and re.search(r"s\.yaml: fixed.*batch_size.*integer, got 32\.0", line), err
+    line = one_error_line(err)  # LosoConfig's rule, named by the space file's key
+    assert code == 2 and re.search(r"s\.py: fixed.batch_size: batch_size must be an integer, got 32\.0", line), err
     space.write_text(space.read_text().replace("32.0", "32"))
     code, _, err = run_main("search", [*common, space, "--set", "weight_decay=-0.5"], capsys)
     assert code == 2 and re.search(r"--set.*weight_decay.*-0\.5", one_error_line(err)), err
@@ -325,6 +325,8 @@ RELEASE_CASES = {
     "binary": (lambda r: (r / CSV_NAME).write_bytes(first_png(r).read_bytes()), f"{CSV_NAME}: not UTF-8 text (byte 0x89 at offset 0)"),
     "empty file": (lambda r: (r / CSV_NAME).write_bytes(b""), f"{CSV_NAME}: empty file"),
     "header only": (lambda r: (r / CSV_NAME).write_text("dataset,sub,filename_o,label\n"), f"{CSV_NAME}: no samples"),
+    "label twice": (lambda r: (r / CSV_NAME).write_text((r / CSV_NAME).read_text().replace("label,", "label,label,", 1)),
+                    f"{CSV_NAME}: column 'label' appears twice in the header"),
     "label 1.5": (lambda r: edit_csv(r, lambda t: t.__setitem__("label", t["label"].where(t.index != 3, "1.5"))),
                   "row 5: label '1.5' is not one of 0, 1, 2"),
     "label 1.0": (lambda r: edit_csv(r, lambda t: t.__setitem__("label", t["label"].where(t.index != 0, "1.0"))),

@@ -19,7 +19,7 @@ LAYERS = [
     ("engine", ["htnet.engine"]),
     ("loso", ["htnet.checkpoint", "htnet.loso"]),
     ("htnet cli", ["htnet.cli", "htnet.__main__"]),
-    ("search space", ["search.space"]),
+    ("search space", ["search.pruners", "search.space", "search.spaces"]),  # spaces: the space files
     ("tracking", ["search.tracking", "search.driver.stores", "search.driver.ray_setup", "search.driver.watchdog",
                   "search.driver.console"]),
     ("ray-optuna bridge", ["search.bridge", "search.pruning", "search.trainable"]),

@@ -37,10 +37,13 @@ def trial_metrics(base):
 
 
 def add_trial(client, experiment_id, parent_id, search, trial_id, status, objective, value,
-              params, attempt=1, extra_tags=None, folds=6):
+              params, attempt=1, extra_tags=None, folds=6, sampled=("lr", "batch_size")):
+    """A trial run as the search writes it; `sampled`: the keys its space() returned (None: a run recorded before
+    htnet.sampled)."""
     tags = {"mlflow.parentRunId": parent_id, "htnet.role": "trial", "htnet.search": search,
             "htnet.trial_id": trial_id, "htnet.attempt": attempt, "htnet.status": status,
-            "htnet.objective": objective, **(extra_tags or {})}
+            "htnet.objective": objective, **({} if sampled is None else {"htnet.sampled": ",".join(sampled)}),
+            **(extra_tags or {})}
     run = client.create_run(experiment_id, tags={k: str(v) for k, v in tags.items()}, run_name=f"trial_{trial_id}")
     tracking.log_params(client, run.info.run_id, params)
     if status != "failed":
@@ -62,7 +65,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment_id = tracking.ensure_experiment(client, "htnet", uri)
-    space = load_space(write_space(tmp / "alpha.yaml", num_samples=7))
+    space = load_space(write_space(tmp / "alpha.py", num_samples=7))
     parent = tracking.start_parent_run(client, experiment_id, "alpha", space, "inner_val_uf1")
     objective = "inner_val_uf1"
     ids = {}
@@ -79,11 +82,12 @@ def store(tmp_path_factory):
     add_trial(client, experiment_id, parent, "alpha", "t7", "failed", objective, 0.99,
               {"model": "ststnet", "lr": 1e-3, "batch_size": 16, "epochs": 2}, extra_tags={"htnet.lost": "true"})
 
-    beta_space = load_space(write_space(tmp / "beta.yaml", num_samples=2, objective="paper"))
+    beta_space = load_space(write_space(tmp / "beta.py", num_samples=2, objective="paper"))
     beta = tracking.start_parent_run(client, experiment_id, "beta", beta_space, "paper_full_uf1")
     for trial_id, value in (("b1", 0.75), ("b2", 0.50)):
         ids[trial_id] = add_trial(client, experiment_id, beta, "beta", trial_id, "finished", "paper_full_uf1",
-                                  value, {"model": "ststnet", "lr": 1e-3, "batch_size": 16, "epochs": 2})
+                                  value, {"model": "ststnet", "lr": 1e-3 * value, "batch_size": 16, "epochs": 2},
+                                  sampled=None)
     return {"uri": uri, "tmp": tmp, "ids": ids, "store": open_store(uri, "htnet")}
 
 
@@ -95,7 +99,7 @@ def test_trials_are_ranked_by_the_objective_then_status(store):
     assert table["objective_value"].iloc[:5].tolist() == [0.80, 0.70, 0.65, 0.60, 0.95]
     assert table["run_id"].iloc[2] == store["ids"]["t6"]  # the retried trial's latest attempt
     assert "t7" not in table["trial"].tolist()              # lost with the driver
-    # The searched parameters (from the search's space.yaml) and the model are the key columns.
+    # The searched parameters (the keys its trials' space() returned) and the model are the key columns.
     assert {"model", "lr", "batch_size"} <= set(table.columns)
     assert table.loc[table["trial"] == "t3", "lr"].item() == pytest.approx(5e-5)
     # The objective protocol's UF1/UAR for Full, SMIC, CASME II, SAMM.
@@ -148,6 +152,9 @@ def test_several_searches_protocols_and_filters(store):
     assert beta["protocol"].tolist() == ["paper", "paper"] and beta["objective"].iloc[0] == "paper_full_uf1"
     # b1 (0.75) sits between alpha's t2 (0.80) and t3 (0.70).
     assert both["trial"].tolist()[:3] == ["t2", "b1", "t3"]
+    # beta's runs predate htnet.sampled: its key columns are the parameters that vary (lr), not the constant ones
+    alone = leaderboard(store["store"], ["beta"])
+    assert "lr" in alone and "batch_size" not in alone and "epochs" not in alone
 
     every = leaderboard(store["store"], ["alpha"], protocol="all")
     assert len(every) == 18 and every[every["trial"] == "t2"]["protocol"].tolist() == ["paper", "final", "inner"]
@@ -188,8 +195,8 @@ def test_exports_parse_back(store, tmp_path, capsys):
     assert r"inner\_val\_uf1" in full.read_text() and r"\toprule" in full.read_text()
     # the default LaTeX is the paper form: no run ids, trial ids or per-dataset columns
     paper = read_latex_table(tex.read_text())
-    assert list(paper.columns) == ["Rank", "Status", "Model", "batch_size", "lr", "inner_val_uf1", "UF1 (inner)",
-                                   "UAR (inner)"]
+    assert list(paper.columns) == ["Rank", "Status", "Model", "lr", "batch_size", "inner_val_uf1", "UF1 (inner)",
+                                   "UAR (inner)"]   # the key parameters in the order space() returned them
     assert paper["Model"].tolist() == ["STSTNet"] * 6 and paper["Status"].iloc[4] == "pruned"
     np.testing.assert_allclose(paper["UF1 (inner)"].iloc[:5].astype(float), table["Full UF1"].iloc[:5], atol=5e-5)
 
@@ -199,14 +206,12 @@ def test_the_paper_form_of_mixed_models(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment_id = tracking.ensure_experiment(client, "htnet", uri)
-    space = load_space(write_space(tmp_path / "mixed.yaml", space={
-        "model": {"choice": ["htnet", "ststnet"]}, "lr": {"low": 1e-3, "high": 1e-2, "log": True},
-        "model_config.dim": {"choice": [16, 32], "when": "model == 'htnet'"},
-        "model_config.heads": {"choice": [1, 2], "when": "model == 'htnet'"}}))
+    space = load_space(write_space(tmp_path / "mixed.py", space={"model": {"choice": ["htnet", "ststnet"]}}))
     parent = tracking.start_parent_run(client, experiment_id, "mixed", space, "inner_val_uf1")
     for trial_id, value, params in (("h1", 0.7, {"model": "htnet", "lr": 2e-3, "model_config.dim": 32}),
                                     ("s1", 0.8, {"model": "ststnet", "lr": 3e-3})):
-        add_trial(client, experiment_id, parent, "mixed", trial_id, "finished", "inner_val_uf1", value, params)
+        add_trial(client, experiment_id, parent, "mixed", trial_id, "finished", "inner_val_uf1", value,
+                  {**params, "epochs": 2}, sampled=list(params))
     table = leaderboard(open_store(uri), ["mixed"])
     form = paper_form(table)
     assert list(form.columns) == ["Rank", "Model", "lr", "dim", "inner_val_uf1", "UF1 (inner)", "UAR (inner)"]

@@ -10,9 +10,11 @@ def count(model):
 
 
 def test_registry():
-    assert list_models() == ["htnet", "ststnet"]
-    assert model_input("htnet") == "face_crops" and model_input("ststnet") == "whole_face"
-    with pytest.raises(UserError, match="unknown model 'resnet' \\(known: htnet, ststnet\\)"):
+    assert list_models() == ["dual_inception", "htnet", "offapexnet", "ststnet"]
+    assert model_input("htnet") == "face_crops"
+    assert {model_input(name) for name in ("ststnet", "offapexnet", "dual_inception")} == {"whole_face"}
+    known = "dual_inception, htnet, offapexnet, ststnet"
+    with pytest.raises(UserError, match=f"unknown model 'resnet' \\(known: {known}\\)"):
         create_model("resnet")
     with pytest.raises(UserError, match="model htnet has no argument 'depth'"):
         create_model("htnet", depth=3)
@@ -85,3 +87,56 @@ def test_ststnet_reference_layout():
     assert model.fc.in_features == 400 and model.fc.out_features == 3
     assert count(model) == 3 * (5 + 8 + 3) * 9 + 16 + 2 * 16 + 400 * 3 + 3
     assert model(torch.rand(4, 3, 28, 28)).shape == (4, 3)
+
+
+def test_offapexnet_layout_and_streams():
+    """Two streams (u, v) of conv 5x5 (6, 16) + 2x2 max-pool, then FC 1024, FC 1024, FC 3: 2.66M parameters
+    (the STSTNet paper's rerun states 2.77M)."""
+    model = create_model("offapexnet").eval()
+    assert [model.u_stream[0].kernel_size, model.u_stream[0].out_channels, model.u_stream[3].out_channels] == \
+        [(5, 5), 6, 16]
+    assert [m.out_features for m in model.classifier if isinstance(m, torch.nn.Linear)] == [1024, 1024, 3]
+    assert count(model) == 2 * (6 * 25 + 6 + 16 * 6 * 25 + 16) + 1568 * 1024 + 1024 + 1024 * 1025 + 1024 * 3 + 3
+    x = torch.rand(4, 3, 28, 28) * 255
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (4, 3)
+        strain_changed = x.clone()
+        strain_changed[:, 0] = 0          # channel 0 (optical strain) is unused; 1 (v) and 2 (u) are read
+        torch.testing.assert_close(model(strain_changed), out)
+        for channel in (1, 2):
+            moved = x.clone()
+            moved[:, channel] = 0
+            assert not torch.allclose(model(moved), out)
+
+
+def test_dual_inception_layout_and_streams():
+    """Per stream two inception blocks (6, then 16 filters per branch; 1x1, 3x3, 5x5, pool) with 2x2 max-pooling;
+    FC 1024 and the output: 6.45M parameters, no dropout (the released code's)."""
+    model = create_model("dual_inception").eval()
+    block = model.u_stream[0]
+    assert [branch[-2].kernel_size for branch in block.branches] == [(1, 1), (3, 3), (5, 5), (1, 1)]
+    assert {branch[-2].out_channels for branch in block.branches} == {6}
+    assert {branch[-2].out_channels for branch in model.v_stream[2].branches} == {16}
+    assert model.classifier[0].in_features == 2 * 64 * 7 * 7 and model.classifier[2].p == 0.0
+    assert count(model) == 6_449_867
+    x = torch.rand(4, 3, 28, 28) * 255
+    with torch.no_grad():
+        out = model(x)
+        no_strain = x.clone()
+        no_strain[:, 0] = 0
+        torch.testing.assert_close(model(no_strain), out)
+    model.train()(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, config, message", [
+    ("offapexnet", {"dropout": 1.0}, "offapexnet: dropout must be a number in [0, 1), got 1.0"),
+    ("offapexnet", {"hidden": 0}, "offapexnet: hidden must be a positive integer, got 0"),
+    ("dual_inception", {"num_classes": 2.5}, "dual_inception: num_classes must be a positive integer, got 2.5"),
+    ("dual_inception", {"in_channels": 3}, "model dual_inception has no argument 'in_channels'"),
+])
+def test_baseline_configs_are_checked(name, config, message):
+    with pytest.raises(UserError) as error:
+        create_model(name, **config)
+    assert str(error.value) == message

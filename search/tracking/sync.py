@@ -1,16 +1,19 @@
-"""Recovery from Ray's records: backfill after an MLflow outage, runs marked interrupted, results replayed on resume."""
+"""MLflow as a view of Ray's results: `sync` logs whatever MLflow lacks of a search's ended trials; runs of a
+search stopped before its end are marked interrupted."""
 from search.tracking.schema import TERMINAL, curve_of, device_tags, is_number, run_status, trial_status, trial_table
 from search.tracking.store import retry
 from search.tracking.writer import create_trial_run, error_text, log_metrics, log_trial_end, set_tags
 
 
-def backfill(client, experiment_id, parent_run_id, search_name, space, trials, histories, overrides, optuna_numbers):
-    """Log what Ray recorded while MLflow did not answer (nothing twice); returns the trial ids filled in. An ended
-    Ray trial without an ended, non-retried run gets its end logged into its open run, or else a new run
-    (attempt + 1), with the curve from Ray's results (`histories`: trial id -> DataFrame) and its files."""
+def sync(client, experiment_id, parent_run_id, search_name, space, analysis, overrides, optuna_numbers,
+         dataset=None):
+    """Log every ended trial of Ray's experiment (`analysis`: tune.ExperimentAnalysis) that MLflow lacks, nothing
+    twice (a no-op where MLflow has them all); returns the trial ids filled in. An ended Ray trial without an ended,
+    non-retried run gets its end logged into its open run, or else into a new run (attempt + 1), with its curve from
+    Ray's results and its files from its last checkpoint (tagged htnet.backfilled)."""
     table = trial_table(client, experiment_id, parent_run_id, latest=False)
-    filled = []
-    for trial in trials:
+    histories, filled = analysis.trial_dataframes, []
+    for trial in analysis.trials:
         if trial.status not in ("TERMINATED", "ERROR"):
             continue
         mine = table[table["trial_id"] == trial.trial_id]
@@ -30,13 +33,13 @@ def backfill(client, experiment_id, parent_run_id, search_name, space, trials, h
             run_id = open_runs["run_id"].iloc[-1]
             retry(client.update_run, run_id, status="RUNNING")
         else:
-            run_id = create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides,
-                                      trial, max(mine["attempt"], default=0) + 1,
-                                      optuna_numbers.get(trial.trial_id))
+            run_id = create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial,
+                                      max(mine["attempt"], default=0) + 1, optuna_numbers.get(trial.trial_id),
+                                      dataset)
         history = histories.get(trial.trial_id)
         rows = [] if history is None else history.to_dict("records")
         by_step = {int(row["step"]): curve_of(row, space.metric) for row in rows
-                   if is_number(row.get("step")) and row.get("htnet_status") not in ("failed", "replayed")}
+                   if is_number(row.get("step")) and row.get("htnet_status") != "failed"}
         for step, curve in sorted(by_step.items()):  # a step reported twice: its last report
             log_metrics(client, run_id, curve, step=step)
         log_trial_end(client, run_id, trial.trial_id, result, "failed" if error else trial_status(result),
@@ -51,11 +54,3 @@ def mark_interrupted(client, experiment_id, parent_run_id):
     for run_id in table["run_id"][table["run_status"] == "RUNNING"]:
         set_tags(client, run_id, {"htnet.status": "interrupted"})
         retry(client.set_terminated, run_id, "KILLED")
-
-
-def replay_results(client, experiment_id, parent_run_id, metric):
-    """Results of trials whose run ended, for a resumed search to replay if Ray's snapshot still had them running."""
-    table = trial_table(client, experiment_id, parent_run_id, metric, latest=False)
-    ended = table[table["status"].isin(TERMINAL) & ~table["retried"]].fillna({"folds_done": 0})
-    return {row["trial_id"]: {metric: row[metric], "step": row["folds_done"], "htnet_replayed_status": row["status"]}
-            for row in ended.to_dict("records")}

@@ -1,7 +1,7 @@
-"""A TCP proxy that can be switched off: the local cluster's S3 endpoint (search.driver.local_cluster), so that
-an S3 outage can be rehearsed without losing the S3 server's contents (moto keeps them in memory).
-`python -I switchable_proxy.py LISTEN_PORT TARGET_PORT`; SIGUSR1 takes it down (its open connections cut,
-new ones refused, as an unreachable endpoint), SIGUSR2 brings it back. Standard library only."""
+"""A TCP proxy that can be switched off: the tests put it in front of the local cluster's S3 server
+(`local-cluster start --s3-endpoint`), so that an S3 outage can be rehearsed without losing the server's
+contents (moto keeps them in memory). `python -I switchable_proxy.py LISTEN_PORT TARGET_PORT`; SIGUSR1 takes it
+down (its open connections cut, new ones refused, as an unreachable endpoint), SIGUSR2 brings it back."""
 import asyncio
 import signal
 import sys
