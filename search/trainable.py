@@ -29,7 +29,19 @@ def _ordered(values, metric):
 
 # how long a trial waits for unreachable storage where it must reach it (its last report, its start from a
 # checkpoint) before it fails (and Ray retries it)
-STORAGE_WAIT_S = float(os.environ.get("HTNET_STORAGE_WAIT_S", 3600))
+def _seconds(name, default):
+    """A number of seconds >= 0 from the environment variable `name`; anything else is one UserError line."""
+    text = os.environ.get(name, "").strip() or str(default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise UserError(f"environment variable {name}={text!r} must be a number of seconds >= 0")
+    return value
+
+
+STORAGE_WAIT_S = _seconds("HTNET_STORAGE_WAIT_S", 3600)
 STORAGE_RETRY_S = 5.0
 
 

@@ -20,7 +20,8 @@ from search.reports.export import format_numbers, latex_table, markdown_table
 DATASET_COLUMNS = (("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), ("samm", "SAMM"))
 METRICS = tuple((key, f"{name} {m.upper()}", m) for key, name in DATASET_COLUMNS for m in ("uf1", "uar"))
 METRIC_COLUMNS = tuple(column for _, column, _ in METRICS)  # "Full UF1", ..., "SAMM UAR"
-MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet"}
+MODEL_LABELS = {"htnet": "HTNet", "ststnet": "STSTNet", "offapexnet": "OFF-ApexNet",
+                "dual_inception": "Dual-Inception"}
 Store = collections.namedtuple("Store", "client experiment_id tracking_uri experiment")  # one MLflow experiment
 
 

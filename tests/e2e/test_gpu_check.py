@@ -28,4 +28,4 @@ def test_gpu_check_quick_on_cpu_measures_every_row_and_runs_a_two_trial_search(t
     assert all(t["folds_done"] == 3 for t in search["trials"])
     text = (out / "gpu_check.md").read_text()
     assert "| measurement | ms / fold-epoch | vs reference loop | peak GPU memory |" in text
-    assert "| batched, torch.compile |" in text and "2-trial search (demo.yaml" in text
+    assert "| batched, torch.compile |" in text and "2-trial search (space demo," in text

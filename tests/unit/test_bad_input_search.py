@@ -7,9 +7,9 @@ the CLIs in-process. A space file's own errors (a syntax error, space() raising,
 test_search_space.py's; here they go through the CLI.
 """
 import json
+import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -263,3 +263,17 @@ def test_ctrl_c_says_how_to_go_on_for_that_command(argv, hint, monkeypatch, caps
     monkeypatch.setitem(cli.COMMANDS, argv[0], interrupted)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.strip() == f"interrupted: {hint}"
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
+def test_a_bad_storage_wait_is_one_line_before_anything_is_recorded(tmp_path, value):
+    """HTNET_STORAGE_WAIT_S is parsed where it is read (search.trainable, imported when `run` starts): garbage is
+    one line naming the variable, exit 2, and no search record, Ray folder or MLflow store is written."""
+    space = space_file(tmp_path / "s.py")
+    done = subprocess.run([sys.executable, "-m", "search", "run", str(space), "--storage", str(tmp_path / "runs"),
+                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "bad"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HTNET_STORAGE_WAIT_S": value})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert one_error_line(done.stderr) == \
+        f"error: environment variable HTNET_STORAGE_WAIT_S={value!r} must be a number of seconds >= 0"
+    assert files_under(tmp_path / "runs") == [] and not (tmp_path / "mlflow.db").exists()
