@@ -278,7 +278,7 @@ def ray_tmpdir(monkeypatch):
 def ray_processes(folder):
     """Pids of the processes whose command line names `folder` or whose stdout/stderr go into it:
     every process of the Ray sessions under that temp folder (workers and agents included, whose
-    process titles Ray rewrites), and the driver's watchdog (its command line names the session)."""
+    process titles Ray rewrites)."""
     folder, found = str(folder), []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

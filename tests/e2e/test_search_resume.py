@@ -39,8 +39,8 @@ def start_driver(tmp_path, space, name, ray_tmpdir):
 
 
 def kill_driver_when(driver, log, condition, what, ray_tmpdir):
-    """SIGKILL the driver once `condition()` holds; return when its Ray session is gone too (its watchdog
-    ends it), so a resumed search starts a fresh one."""
+    """SIGKILL the driver once `condition()` holds; return when its Ray session is gone too (Ray ends a local
+    session whose driver died), so a resumed search starts a fresh one."""
     try:
         wait_until(condition, timeout=SAFETY_NET, interval=0.3, what=what, unless=died(driver, log))
         os.kill(driver.pid, signal.SIGKILL)
