@@ -2,7 +2,8 @@
 search stopped before its end are marked interrupted."""
 from search.tracking.schema import TERMINAL, curve_of, device_tags, is_number, run_status, trial_status, trial_table
 from search.tracking.store import retry
-from search.tracking.writer import create_trial_run, error_text, log_metrics, log_trial_end, set_tags
+from search.tracking.writer import (create_trial_run, error_text, log_dataset, log_metrics, log_trial_end,
+                                   set_tags)
 
 
 def sync(client, experiment_id, parent_run_id, search_name, space, analysis, overrides, optuna_numbers,
@@ -21,6 +22,7 @@ def sync(client, experiment_id, parent_run_id, search_name, space, analysis, ove
         ended = live[live["status"].isin(TERMINAL)]
         running = ended[ended["run_status"] == "RUNNING"]  # its status tag made it, the end of the run did not
         for run_id, status in zip(running["run_id"], running["status"]):
+            _ensure_dataset(client, run_id, dataset)
             retry(client.set_terminated, run_id, run_status(status))
         if len(ended):
             continue
@@ -32,6 +34,7 @@ def sync(client, experiment_id, parent_run_id, search_name, space, analysis, ove
         if len(open_runs):
             run_id = open_runs["run_id"].iloc[-1]
             retry(client.update_run, run_id, status="RUNNING")
+            _ensure_dataset(client, run_id, dataset)
         else:
             run_id = create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial,
                                       max(mine["attempt"], default=0) + 1, optuna_numbers.get(trial.trial_id),
@@ -46,6 +49,12 @@ def sync(client, experiment_id, parent_run_id, search_name, space, analysis, ove
                       trial.checkpoint, result.get("time_total_s"), tags)
         filled.append(trial.trial_id)
     return filled
+
+
+def _ensure_dataset(client, run_id, dataset):
+    """A run made live whose dataset input MLflow did not take (it stopped answering in between) gets it now."""
+    if dataset and not retry(client.get_run, run_id).inputs.dataset_inputs:
+        log_dataset(client, run_id, *dataset)
 
 
 def mark_interrupted(client, experiment_id, parent_run_id):
