@@ -153,8 +153,7 @@ def begin(out_dir, folds, data, config, resume):
     is written; a new run first removes an earlier one's records."""
     path = None if out_dir is None else Path(out_dir) / ATTEMPTS
     made_by = None if out_dir is None else fingerprint(config, data, folds)
-    finished = load_folds(out_dir, folds, data, config, made_by) if resume else {}
-    attempts = read_attempts(path) if resume and path.exists() else pd.DataFrame(columns=list(ATTEMPT_COLUMNS))
+    finished, attempts = read_back(out_dir, folds, data, config) if resume else ({}, read_attempts(None))
     attempt = 1 + max([0, *attempts.attempt, *(o.attempt for o in finished.values())])
     if out_dir is not None:
         if not resume:   # no fold record of an earlier run may count as this one's
@@ -188,8 +187,18 @@ def save_fold(out_dir, outcomes, data, attempts, attempt, made_by):
     return table
 
 
+def read_back(out_dir, folds, data, config):
+    """(finished folds, attempts table) of the run in `out_dir`, every record checked, nothing written."""
+    path = Path(out_dir) / ATTEMPTS
+    return (load_folds(out_dir, folds, data, config, fingerprint(config, data, folds)),
+            read_attempts(path if path.exists() else None))
+
+
 def read_attempts(path):
-    """attempts.csv's ATTEMPT_COLUMNS as integers, one row per attempt; anything else is one UserError line."""
+    """attempts.csv's ATTEMPT_COLUMNS as integers, one row per attempt (none without a `path`); anything else is
+    one UserError line."""
+    if path is None:
+        return pd.DataFrame(columns=list(ATTEMPT_COLUMNS))
     table = read_csv(path, list(ATTEMPT_COLUMNS))
     numbers = table[list(ATTEMPT_COLUMNS)].apply(pd.to_numeric, errors="coerce")
     check_rows(path, table, [(~numbers[c].between(low, high) | (numbers[c] % 1 != 0),

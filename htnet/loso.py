@@ -233,6 +233,14 @@ def _pooled_metrics(prediction_rows, outcomes):
     return predictions, metrics
 
 
+def check_resumable(config, data, out_dir):
+    """Read back what run_loso(config, data, out_dir=out_dir, resume=True) would, writing nothing: a damaged or
+    foreign file is its one UserError line (a search checks its trials' checkpoints before resuming any)."""
+    data = select_subjects(data, config.subjects)
+    config = checkpoint.continued_config(out_dir, config)
+    checkpoint.read_back(out_dir, make_folds(data, config), data, config)
+
+
 def run_loso(config, data: CompositeData, callback=None, out_dir=None, progress=True, resume=False):
     """Every fold of `data`'s `subjects`; every `report_every` folds `callback(report)` gets the pooled metrics,
     step, folds_total, fold_epochs, train_loss and `folds` (each new fold's own metrics, numbered in LOSO

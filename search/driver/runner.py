@@ -19,13 +19,13 @@ from search import tracking
 from search.driver.console import library_stdout, log_path, search_console
 from search.driver.progress import SearchProgress
 from search.driver.ray_setup import check_resources, ray_session
-from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_remote_storage, check_restorable, data_source,
-                                  default_tracking_uri, load_data, manifest_path, no_such_search,
-                                  open_optuna_storage, read_manifest, restore_deleted_checkpoints, search_lock,
-                                  space_copy, write_manifest)
+from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_experiment, check_remote_storage,
+                                  check_restorable, data_source, default_tracking_uri, load_data, manifest_path,
+                                  no_such_search, open_optuna_storage, read_manifest, restore_deleted_checkpoints,
+                                  search_lock, space_copy, write_manifest)
 from search.driver.summary import browse_hint, finish, optuna_trials, shown_path, status  # noqa: F401 - the CLI's
 from search.pruning import OptunaPruningScheduler, PruningOptunaSearch
-from search.space import SPACES_DIR, check, load_space, with_settings
+from search.space import SPACES_DIR, check, load_space, trial_config, with_settings
 from search.trainable import loso_trial
 
 DEFAULT_SPACE = SPACES_DIR / "demo.py"
@@ -198,6 +198,9 @@ def continue_search(manifest, storage, name, address, num_cpus, top, out):
     tracking.check_reachable(manifest["tracking_uri"])
     space = space_of(storage, name, manifest)
     data, data_root = load_data(manifest["data"])
+    overrides = manifest.get("overrides") or {}
+    plan = check_experiment(manifest["ray_path"], f"search {name!r}", lambda trial: trial_config(
+        space, trial.config, overrides), data)
     provenance, client = tracking.provenance(data), tracking.client_for(manifest["tracking_uri"])
     with ray_session(address or manifest.get("address"), num_cpus):
         check_resources(space.resources, f"search {name!r} (resources in {manifest_path(storage, name)})"
@@ -213,12 +216,11 @@ def continue_search(manifest, storage, name, address, num_cpus, top, out):
             print(f"{shown_path(on_disk)} has changed since the search started: it goes on with the copy it started "
                   f"with, {shown_path(space.source)}", file=out)
         print(log_line(manifest, storage, name), file=out, flush=True)
-        for trial_id in restore_deleted_checkpoints(manifest["ray_path"]):
+        for trial_id in restore_deleted_checkpoints(plan):
             print(f"trial {trial_id}: Ray's snapshot named an older checkpoint than the trial's last; it goes on "
                   f"from its last one", file=out)
         tuner = tune.Tuner.restore(
-            manifest["ray_path"], trainable=make_trainable(space, data, manifest.get("overrides") or {},
-                                                          provenance),
+            manifest["ray_path"], trainable=make_trainable(space, data, overrides, provenance),
             resume_unfinished=True, resume_errored=False)
         with library_stdout():
             tuner.fit()

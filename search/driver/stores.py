@@ -4,10 +4,13 @@ that `resume` unpickles (the layout of --storage: docs/design.md)."""
 import contextlib
 import fcntl
 import grp
+import json
 import os
+import pickle
 import pwd
 import re
 import stat
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -19,6 +22,7 @@ from ray import tune
 from htnet.checkpoint import FOLDS_DIR
 from htnet.data import load_release, synthetic_cache
 from htnet.errors import UserError, first_line
+from htnet.loso import check_resumable
 from htnet.io import atomic_write, file_lock, read_yaml
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -213,17 +217,17 @@ def folds_kept(fs, path):
     return sum(info.base_name.endswith(".json") for info in fs.get_file_info(selector))
 
 
-def restore_deleted_checkpoints(ray_path):
-    """Ray snapshots a trial's latest checkpoint once every num_to_keep checkpoints but deletes the older ones
-    at once, so a driver killed in between leaves a snapshot naming a deleted (or an older) checkpoint: the
-    resumed trial would fail ("does not exist on storage anymore") or train again folds it had finished. A
-    trial's newer checkpoint holds every fold the named one did and more (htnet.checkpoint): copy it to the
-    named path. A newer one with fewer fold records (an upload cut off while S3 was down: search.trainable) is
-    passed over. Returns the trial ids mended."""
-    mended = []
-    for trial in tune.ExperimentAnalysis(ray_path).trials:
+def resume_plan(trials, errored):
+    """[(trial, file system, the checkpoint Ray's snapshot names, the one the trial should go on from or None)] of
+    each trial a resume continues (`errored`: failed ones too). Ray snapshots a trial's latest checkpoint once every num_to_keep checkpoints
+    but deletes the older ones at once, so a driver killed in between leaves a snapshot naming a deleted (or an
+    older) checkpoint: the resumed trial would fail ("does not exist on storage anymore") or train again folds it
+    had finished. A trial's newer checkpoint holds every fold the named one did and more (htnet.checkpoint); one
+    with fewer fold records (an upload cut off while S3 was down: search.trainable) is passed over."""
+    plan = []
+    for trial in trials:
         checkpoint = trial.checkpoint
-        if trial.status == "TERMINATED" or checkpoint is None:
+        if trial.status == "TERMINATED" or trial.status == "ERROR" and not errored or checkpoint is None:
             continue
         fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
         folder, _, named = path.rpartition("/")
@@ -233,13 +237,62 @@ def restore_deleted_checkpoints(ray_path):
                         if info.type == pyarrow.fs.FileType.Directory
                         and re.fullmatch(r"checkpoint_\d+", info.base_name) and info.base_name > named
                         and folds_kept(fs, info.path) >= kept))
-        if newer:
-            if exists:
-                fs.delete_dir_contents(path)
-            pyarrow.fs.copy_files(f"{folder}/{newer[-1]}", path, source_filesystem=fs, destination_filesystem=fs)
-        elif not exists:
-            fs.create_dir(path)  # nothing newer: the trial starts again from its first fold
-        else:
+        plan.append((trial, fs, path, f"{folder}/{newer[-1]}" if newer else path if exists else None))
+    return plan
+
+
+def check_experiment(path, name, config_of, data, errored=False):
+    """Load first what resuming loads from the Ray experiment at `path`: its newest state files, each trial's state,
+    and the fold records of each checkpoint a trial goes on from (htnet.loso.check_resumable; `config_of(trial)`:
+    its LosoConfig). A damaged one is one line naming it, before anything is written. Returns resume_plan's."""
+    fs, folder = open_folder(path)
+
+    def damaged(file, error):
+        return UserError(f"{name}: {file} cannot be loaded ({type(error).__name__}: {first_line(error)[:200]}); "
+                         f"nothing was changed: restore it from a backup, or start again under another name")
+    files = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(folder)))
+    for prefix, load in [("experiment_state-", json.loads), ("search_gen_state-", pickle.loads),
+                         ("searcher-state-", pickle.loads), ("tuner.pkl", pickle.loads)]:
+        for file in [f for f in files if f.startswith(prefix)][-1:]:   # Ray loads the newest
+            try:
+                with fs.open_input_stream(f"{folder}/{file}") as stream:
+                    load(stream.read())   # the trust check came first (check_restorable)
+            except Exception as e:  # noqa: BLE001 - whatever the damage, the file is named
+                raise damaged(f"{path}/{file}", e) from None
+    try:
+        plan = resume_plan(tune.ExperimentAnalysis(path).trials, errored)
+    except Exception as e:  # noqa: BLE001
+        state = [f for f in files if f.startswith("experiment_state-")][-1:] or ["its experiment state"]
+        raise damaged(f"{path}/{state[0]} (a trial's state)", e) from None
+    for trial, fs, _, source in plan:
+        try:
+            config = config_of(trial)
+        except UserError:
+            continue   # the trial fails by itself, as it did before
+        with tempfile.TemporaryDirectory() as copy:
+            try:
+                if source is not None:
+                    pyarrow.fs.copy_files(source, copy, source_filesystem=fs)
+                    check_resumable(config, data, copy)
+            except (UserError, OSError, pyarrow.ArrowException) as e:
+                raise UserError(f"{name}: trial {trial.trial_id}'s checkpoint {first_line(e).replace(copy, source)}; "
+                                f"nothing was changed: remove {source} to train the trial again from an earlier "
+                                f"checkpoint or its first fold") from None
+    return plan
+
+
+def restore_deleted_checkpoints(plan):
+    """Copy to each checkpoint of check_experiment's plan the one its trial goes on from (an empty folder where
+    there is none: it starts again). Returns the trial ids mended."""
+    mended = []
+    for trial, fs, path, source in plan:
+        if source == path:
             continue
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir_contents(path)
+        if source is None:
+            fs.create_dir(path)
+        else:
+            pyarrow.fs.copy_files(source, path, source_filesystem=fs, destination_filesystem=fs)
         mended.append(trial.trial_id)
     return mended

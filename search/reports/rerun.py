@@ -24,7 +24,8 @@ from htnet.loso import LosoConfig, select_subjects
 from htnet.metrics import PROTOCOLS, summary_table
 from search import tracking
 from search.driver.ray_setup import check_resources, ray_session
-from search.driver.stores import check_remote_storage, check_restorable, open_folder, restore_deleted_checkpoints
+from search.driver.stores import (check_experiment, check_remote_storage, check_restorable, open_folder,
+                                  restore_deleted_checkpoints)
 from search.reports.export import markdown_table, plural
 from search.reports.leaderboard import METRICS, model_label, open_store, search_parents
 from search.reports.sources import (RerunSource, best_run_id, changed_label, changed_settings, checked_config,
@@ -208,15 +209,16 @@ def experiment_path(ray_storage, config, data_root, seeds):
     return f"{ray_storage.rstrip('/')}/rerun-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def fit_seeds(path, config, seeds, data, options, provenance):
+def fit_seeds(path, config, seeds, data, options, provenance, plan):
     """Each seed a trial of a Ray Tune grid through the search's trainable, its finished folds checkpointed at
-    `path`; a rerun stopped before goes on from there (each seed from its last checkpoint). {seed: Tune result}."""
+    `path`; a rerun stopped before goes on from there (each seed from its last checkpoint: `plan`, check_experiment's).
+    {seed: Tune result}."""
     settings = {"base_config": config, "metric": f"{config['protocols'][0]}_full_uf1", "provenance": provenance}
     trainable = tune.with_resources(tune.with_parameters(loso_trial, data=data, settings=settings),
                                     {"cpu": options.cpus_per_seed, "gpu": options.gpus_per_seed})
     storage, _, name = path.rpartition("/")
-    if tune.Tuner.can_restore(path):
-        restore_deleted_checkpoints(path)
+    if plan is not None:
+        restore_deleted_checkpoints(plan)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space={"seed": tune.grid_search(seeds)}, tune_config=tune.TuneConfig(
@@ -269,8 +271,11 @@ def rerun(options, out=None):
     if "://" not in ray_storage:
         ray_storage = str(ensure_writable_dir(Path(ray_storage).resolve()))
     path = experiment_path(ray_storage, unseeded, data_root, seeds)
+    plan = None
     if resumed := tune.Tuner.can_restore(path):   # restoring unpickles it: only an experiment no one else wrote
         check_restorable({"ray_storage": ray_storage, "ray_path": path}, path.rpartition("/")[2])
+        plan = check_experiment(path, f"the rerun at {path}", lambda trial: LosoConfig.from_dict(
+            {**unseeded, **trial.config}), data, errored=True)
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
     client, method, seed_text, provenance = store.client, source.method, ",".join(map(str, seeds)), \
         tracking.provenance(data)
@@ -305,7 +310,7 @@ def rerun(options, out=None):
             "mlflow.parentRunId": parent_id, "htnet.role": "rerun_seed", "htnet.seed": str(seed),
             "htnet.method": method, "htnet.status": "running"}, flatten({**base, "seed": seed})) for seed in seeds}
         try:
-            results = fit_seeds(path, unseeded, seeds, data, options, provenance)
+            results = fit_seeds(path, unseeded, seeds, data, options, provenance, plan)
             if any(r.error is None and (r.metrics or {}).get("final") != 1 for r in results.values()):
                 raise KeyboardInterrupt   # Ray Tune stopped on Ctrl+C (or SIGTERM), its experiment kept
         except BaseException:

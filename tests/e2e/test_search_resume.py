@@ -4,6 +4,7 @@ then `python -m search run --resume NAME`; no trial may be lost or run twice.
 Every wait is for an event (MLflow states, a process's exit, the killed session's processes gone);
 the timeouts are safety nets for a busy 2-core machine, and a process that dies ends its wait at
 once with its log."""
+import json
 import os
 import signal
 from collections import Counter
@@ -115,7 +116,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
 def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(tmp_path, ray_tmpdir):
     """`search resume` continues the trial that was running from its last fold checkpoint in Ray's
     storage, even where Ray's snapshot names a checkpoint Ray had deleted: it trains only the folds not
-    done, and counts each fold once."""
+    done, and counts each fold once. Before, each damaged file it loads is refused (refuses_damaged_state)."""
     space = write_space(tmp_path / "folds.py", num_samples=1, max_concurrent_trials=1, fixed={"epochs": 40})
     driver, log, storage, uri, common, env = start_driver(tmp_path, space, "folds", ray_tmpdir)
     # 3 folds reported: Ray has registered a checkpoint and snapshotted the experiment
@@ -129,6 +130,7 @@ def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(t
     [trial] = tune.ExperimentAnalysis(str(storage / "ray" / "folds")).trials
     named = Path(trial.checkpoint.path)
     named.rename(named.with_name("checkpoint_999999"))
+    refuses_damaged_state(storage, uri, common, env, tmp_path)
 
     code, output = run_to_exit(["resume", "folds", *common], tmp_path / "resume.log", env)
     assert code == 0, output[-5000:]
@@ -137,3 +139,45 @@ def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(t
     metrics = run.data.metrics
     assert metrics["fold_epochs"] == 6 * 80 and 80 <= metrics["fold_epochs_resumed"] < 6 * 80
     assert metrics["fold_epochs_attempt"] == metrics["fold_epochs"] - metrics["fold_epochs_resumed"]
+
+
+def truncated(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def trial_state_cut(path):
+    state = json.loads(path.read_text())
+    state["trial_data"][0][0] = state["trial_data"][0][0][:150]
+    path.write_text(json.dumps(state))
+
+
+def refuses_damaged_state(storage, uri, common, env, tmp_path):
+    """Issue 27: each file of Ray's experiment that `search resume` loads, damaged in turn, is one line naming it,
+    exit 2, with the search's record and MLflow as they were; the file is then put back."""
+    experiment = storage / "ray" / "folds"
+    [checkpoint] = experiment.glob("*/checkpoint_999999")
+    cases = [(next(experiment.glob("experiment_state-*.json")), truncated),
+             (next(experiment.glob("experiment_state-*.json")), trial_state_cut),
+             (experiment / "tuner.pkl", truncated),
+             (next(experiment.glob("searcher-state-*.pkl")), truncated),
+             (next(checkpoint.glob("folds/*.json")), truncated),
+             (checkpoint / "attempts.csv", lambda path: path.write_text("fold,epochs\n1,2\n"))]
+    record = storage / "searches" / "folds.yaml"
+    mlflow_before = {(r.info.run_id, r.info.status) for r in trial_runs(uri, "folds")} | \
+        {(parent_run(uri, "folds").info.run_id, parent_run(uri, "folds").info.status)}
+    for path, damage in cases:
+        kept, record_before = path.read_bytes(), record.read_bytes()
+        damage(path)
+        log = tmp_path / f"damaged-{path.name}.log"
+        process = start_cli(["resume", "folds", *common], log, env=env, err_path=log.with_suffix(".err"))
+        try:
+            code = wait_for_exit(process, SAFETY_NET, log)
+        finally:
+            stop(process)
+        errors = log.with_suffix(".err").read_text().splitlines()
+        assert code == 2 and len(errors) == 1 and errors[0].startswith("error: search 'folds': "), errors
+        assert str(path) in errors[0] and "nothing was changed" in errors[0], errors
+        assert record.read_bytes() == record_before
+        assert {(r.info.run_id, r.info.status) for r in trial_runs(uri, "folds")} | \
+            {(parent_run(uri, "folds").info.run_id, parent_run(uri, "folds").info.status)} == mlflow_before
+        path.write_bytes(kept)
