@@ -2,6 +2,7 @@
 cluster), engine/ (the LOSO engines training tiny models) and e2e/ (the CLIs, real local Ray, MLflow
 servers, processes and signals). Everything under e2e/, and the few end-to-end tests elsewhere, are
 marked `slow`: `pytest -m "not slow" tests` is the quick loop, `pytest tests` runs everything."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,12 @@ def synth_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_data(synth_root):
     return load_release(synth_root)
+
+
+@pytest.fixture
+def release(synth_root, tmp_path):
+    """A copy of the synthetic release for a test to break (tests/release_edits.py)."""
+    return Path(shutil.copytree(synth_root, tmp_path / "release"))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ import pytest
 import torch
 import yaml
 
-from htnet.engine import make_groups, plan_groups, plan_members, resolve_fold_group_size, worker_count
+from htnet.engine import (CPU_GROUP_CAP, make_groups, member_bytes, plan_groups, plan_members,
+                          resolve_fold_group_size, worker_count)
 from htnet.loso import LosoConfig, evaluate_weights, make_folds, run_loso
 from htnet.metrics import per_subject_accuracy
 from htnet.models import create_model
@@ -58,6 +59,24 @@ def test_fold_state_dict_loads_strict_into_the_plain_model(name, config):
             assert torch.equal(state[key], value), key
 
 
+def step_matches_plain_models(grouped, models, x, y, mask, logits, statistics):
+    """One masked training step of `grouped` (its `logits` on x) against each plain model run on its own samples
+    (mask[:, g]): the same logits and gradients, and with `statistics` the same BatchNorm running statistics."""
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), y.repeat_interleave(3), reduction="none").view(-1, 3)
+    ((ce * mask).sum(0) / mask.sum(0)).sum().backward()
+    for g, model in enumerate(models):
+        own = mask[:, g].bool()
+        ref = model.train()(x[own])
+        torch.testing.assert_close(logits[own, g], ref, rtol=1e-4, atol=1e-4)
+        torch.nn.functional.cross_entropy(ref, y[own]).backward()
+        grads = unstack({k: p.grad for k, p in grouped.named_parameters()}, g, grouped.member_shapes)
+        for key, param in model.named_parameters():
+            torch.testing.assert_close(grads[key], param.grad, rtol=1e-3, atol=1e-5 * param.grad.abs().max().item())
+        state = member_state(grouped, g) if statistics else {}
+        for key, buffer in model.state_dict().items() if statistics else []:   # running statistics after the step
+            torch.testing.assert_close(state[key].to(buffer.dtype), buffer, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("negative_gamma", [False, True], ids=["max-pool", "min-pool"])
 def test_grouped_ststnet_training_step_matches_plain_models_on_their_own_samples(negative_gamma):
     """Train mode with a per-fold mask: member g's BatchNorm statistics and gradients are those of
@@ -70,25 +89,8 @@ def test_grouped_ststnet_training_step_matches_plain_models_on_their_own_samples
     grouped.dropout.p = 0.0
     x, y = torch.rand(12, 3, 28, 28) * 255, torch.randint(0, 3, (12,))
     mask = torch.ones(12, 3)
-    mask[0:3, 0] = 0
-    mask[3:5, 1] = 0
-    mask[10:, 2] = 0
-    logits = grouped(x, mask)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), y[:, None].expand(12, 3).reshape(-1),
-                                           reduction="none").view(12, 3)
-    ((ce * mask).sum(0) / mask.sum(0)).sum().backward()
-    for g, model in enumerate(models):
-        own = mask[:, g].bool()
-        ref = model.train()(x[own])
-        torch.testing.assert_close(logits[own, g], ref, rtol=1e-4, atol=1e-4)
-        torch.nn.functional.cross_entropy(ref, y[own]).backward()
-        state = member_state(grouped, g)
-        grads = unstack({k: p.grad for k, p in grouped.named_parameters()}, g, grouped.member_shapes)
-        for key, param in model.named_parameters():
-            grad = grads[key]
-            torch.testing.assert_close(grad, param.grad, rtol=1e-3, atol=1e-5 * param.grad.abs().max().item())
-        for key, buffer in model.state_dict().items():  # running statistics after the step
-            torch.testing.assert_close(state[key].to(buffer.dtype), buffer, rtol=1e-4, atol=1e-4)
+    mask[0:3, 0] = mask[3:5, 1] = mask[10:, 2] = 0
+    step_matches_plain_models(grouped, models, x, y, mask, grouped(x, mask), statistics=True)
 
 
 @pytest.mark.parametrize("name", ["offapexnet", "dual_inception"])
@@ -101,17 +103,7 @@ def test_stacked_training_step_matches_plain_models_on_their_own_samples(name):
     x, y = torch.rand(10, 3, 28, 28) * 255, torch.randint(0, 3, (10,))
     mask = torch.ones(10, 3)
     mask[:4, 0] = mask[4:6, 1] = mask[8:, 2] = 0
-    logits = grouped(x)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), y.repeat_interleave(3), reduction="none").view(10, 3)
-    ((ce * mask).sum(0) / mask.sum(0)).sum().backward()
-    for g, model in enumerate(models):
-        own = mask[:, g].bool()
-        ref = model.train()(x[own])
-        torch.testing.assert_close(logits[own, g], ref, rtol=1e-4, atol=1e-4)
-        torch.nn.functional.cross_entropy(ref, y[own]).backward()
-        grads = unstack({k: p.grad for k, p in grouped.named_parameters()}, g, grouped.member_shapes)
-        for key, param in model.named_parameters():
-            torch.testing.assert_close(grads[key], param.grad, rtol=1e-3, atol=1e-5 * param.grad.abs().max().item())
+    step_matches_plain_models(grouped, models, x, y, mask, grouped(x), statistics=False)
 
 
 def test_dropout_mask_keeps_half_and_scales():
@@ -133,7 +125,11 @@ def test_groups_keep_a_folds_runs_together_and_size_follows_memory(synth_data, m
         assert all(group[i].fold is group[i + 1].fold for i in range(0, len(group), 2))
     cpu = torch.device("cpu")
     monkeypatch.delenv("HTNET_BATCHED_GROUP", raising=False)
-    assert 1 <= resolve_fold_group_size(folds, config, cpu) <= 18
+    # from memory: members that fit in half the free memory, capped on a CPU (CPU_GROUP_CAP)
+    monkeypatch.setattr("htnet.engine._available_memory", lambda device: 2 * 3 * member_bytes(config) + 1)
+    assert resolve_fold_group_size(folds, config, cpu) == 3
+    monkeypatch.setattr("htnet.engine._available_memory", lambda device: 10 ** 15)
+    assert resolve_fold_group_size(folds, config, cpu) == CPU_GROUP_CAP < 18
     monkeypatch.setattr("htnet.engine._available_memory", lambda device: 1)
     assert resolve_fold_group_size(folds, config, cpu) == 1
     monkeypatch.setenv("HTNET_BATCHED_GROUP", "6")

@@ -175,9 +175,7 @@ def test_the_search_trainables_resume_refuses_before_writing(run, synth_data):
     assert snapshot(run) == before
 
 
-def test_a_release_csv_with_a_duplicated_column(run, synth_root, tmp_path, capsys):
-    release = tmp_path / "release"
-    shutil.copytree(synth_root, release)
+def test_a_release_csv_with_a_duplicated_column(run, release, capsys):
     lines = (release / CSV_NAME).read_text().splitlines()
     (release / CSV_NAME).write_text("\n".join([lines[0] + ",label"] + [line + ",0" for line in lines[1:]]) + "\n")
     resume_fails(capsys, run, release, message=f"{release / CSV_NAME}: column 'label' appears twice in the header")
