@@ -20,6 +20,9 @@ MLflow store (sqlite) and Optuna storage; no pruner. Then, from MLflow:
   idle time is neither Ray's nor MLflow's, so the share is also given without it:
   1 - sum_i(LOSO time_i) / (c x search wall - tail).
 
+`--compare REV` measures the code of git revision REV too (an export of it, run as its own process), each
+concurrency old then new, side by side in one run: the table has a row per code and concurrency.
+
 The share depends on how long a trial is: the fixed seconds per trial and per search are printed
 so the share of a full-size trial (a full LOSO run is minutes to hours) can be read off.
 Target (the issue): overhead <= 5% of trial time.
@@ -27,6 +30,9 @@ Target (the issue): overhead <= 5% of trial time.
 import argparse
 import datetime
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +97,19 @@ def one_search(args, c, folder):
             "fixed_overhead_s": wall - sum(trial_walls) / c if trial_walls else None}
 
 
+def old_search(args, c, tree):
+    """one_search's figures for concurrency c from the old code in `tree` (its own benchmark, its own process)."""
+    out = Path(tree) / f"c{c}.json"
+    flags = [f"--{k}={v}" for k, v in [("data", args.data), ("trials", args.trials), ("subjects", args.subjects),
+                                       ("epochs", args.epochs), ("engine", args.engine), ("cpus", args.cpus)]]
+    subprocess.run([sys.executable, "-m", "benchmarks.orchestration_overhead", f"--concurrency={c}", *flags,
+                    f"--json={out}"], cwd=tree, check=True, env={**os.environ, "PYTHONPATH": tree})
+    [r] = json.loads(out.read_text())["results"]
+    print(f"  c={c} ({args.compare}): search {r['search_wall_s']:.1f} s, overhead {r['overhead_share'] * 100:.1f}%",
+          flush=True)
+    return {"code": args.compare, **r}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/htnet_composite")
@@ -102,29 +121,36 @@ def main():
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--keep", help="keep the searches' folders here (default: a temporary folder)")
     parser.add_argument("--json", default="outputs/bench/orchestration_overhead.json")
+    parser.add_argument("--compare", metavar="REV", help="also measure git revision REV's code, side by side")
     args = parser.parse_args()
+    args.data = str(Path(args.data).resolve())
     args.data_path = args.data if (Path(args.data) / "combined_3_class2_for_optical_flow.csv").is_file() else None
     print(f"# orchestration overhead {datetime.date.today()} | data {args.data_path or 'SYNTHETIC (8 per dataset)'} | "
           f"{args.trials} trials of STSTNet, {args.subjects} subjects, {args.epochs} epochs, engine {args.engine} | "
           f"{args.cpus} CPUs", flush=True)
-    results = []
+    results, old_tree = [], tempfile.TemporaryDirectory(prefix="overhead-old-") if args.compare else None
+    if old_tree:   # the old code as its own tree, run by its own benchmark script
+        archive = subprocess.run(["git", "archive", args.compare], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", old_tree.name], input=archive, check=True)
     for c in [int(v) for v in args.concurrency.split(",")]:
+        if old_tree:
+            results.append(old_search(args, c, old_tree.name))
         with tempfile.TemporaryDirectory(prefix=f"overhead-c{c}-", dir=args.keep) as folder:
             if args.keep:
                 folder = Path(args.keep) / f"c{c}"
                 folder.mkdir(parents=True, exist_ok=True)
-            r = one_search(args, c, folder)
+            r = {"code": "this tree", **one_search(args, c, folder)}
         results.append(r)
         print(f"  c={c}: search {r['search_wall_s']:.1f} s, {r['finished']}/{args.trials} finished, sum LOSO "
               f"{r['loso_s_sum']:.1f} s, overhead {r['overhead_share'] * 100:.1f}%", flush=True)
-    print("\n| concurrent trials | CPUs per trial | search wall | mean trial LOSO time | overhead share | "
+    print("\n| code | concurrent trials | CPUs per trial | search wall | mean trial LOSO time | overhead share | "
           "per-trial overhead | fixed per search | straggler tail (slot-s) | share without the tail |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mean_loso = r["loso_s_sum"] / max(1, len(r["trials"]))
         per_trial = "n/a" if r["per_trial_overhead_s"] is None else f"{r['per_trial_overhead_s']:.1f} s"
         fixed = "n/a" if r["fixed_overhead_s"] is None else f"{r['fixed_overhead_s']:.1f} s"
-        print(f"| {r['concurrency']} | {r['cpus_per_trial']:g} | {r['search_wall_s']:.1f} s | {mean_loso:.1f} s | "
+        print(f"| {r['code']} | {r['concurrency']} | {r['cpus_per_trial']:g} | {r['search_wall_s']:.1f} s | {mean_loso:.1f} s | "
               f"{r['overhead_share'] * 100:.1f}% | {per_trial} | {fixed} | {r['straggler_tail_s']:.1f} s | "
               f"{r['overhead_share_without_tail'] * 100:.1f}% |")
     out = Path(args.json)

@@ -206,8 +206,7 @@ def _prepared(config, data):
 
 
 def lone_subjects_warning(data):
-    """One line naming the subjects with a single sample (valid folds, but the paper protocol's best-test-epoch
-    choice is then right whenever any epoch is; the real release has 8), or None."""
+    """One line naming the subjects with a single sample (the paper protocol then needs one right epoch), or None."""
     counts = pd.Series(data.subjects).value_counts()
     lone = [s for s in data.subject_ids if counts[s] == 1]
     if not lone:
@@ -234,8 +233,7 @@ def _pooled_metrics(prediction_rows, outcomes):
 
 
 def check_resumable(config, data, out_dir):
-    """Read back what run_loso(config, data, out_dir=out_dir, resume=True) would, writing nothing: a damaged or
-    foreign file is its one UserError line (a search checks its trials' checkpoints before resuming any)."""
+    """Check what run_loso(..., resume=True) reads back from `out_dir`, writing nothing (one UserError line)."""
     data = select_subjects(data, config.subjects)
     config = checkpoint.continued_config(out_dir, config)
     checkpoint.read_back(out_dir, make_folds(data, config), data, config)
@@ -328,8 +326,7 @@ def load_weights(path, device="cpu"):
 
 
 def evaluate_weights(weights_dir, data, config):
-    """Test every subject of `data` with `<weights_dir>/<subject>.pth` (the reference's
-    `ourmodel_threedatasets_weights/` layout); protocol 'weights'. Returns (predictions, metrics)."""
+    """Test every subject with `<weights_dir>/<subject>.pth` (the reference's layout): (predictions, metrics)."""
     config, data, device, X = _prepared(config, data)
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():

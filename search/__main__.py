@@ -1,6 +1,4 @@
 """`python -m search`: the search's command line (search.cli)."""
-import sys
-
 from search.cli import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""The one report -> prune -> tell protocol between a LOSO run and its Optuna trial, for the Ray Tune search
-(search.pruning, search.trainable), nested LOSO and benchmarks/pruning_efficiency.py."""
+"""The one report -> prune -> tell protocol between a LOSO run and its Optuna trial: for the Ray Tune search
+(search.pruning), nested LOSO and benchmarks/pruning_efficiency.py."""
 import math
 from dataclasses import dataclass, field
 
@@ -26,8 +26,8 @@ def pairs_folds(pruner):
 
 
 def report(trial, pruner, step, value, folds=(), last=False, reported=()):
-    """One LOSO report to the trial: the pooled objective at step = folds done, or for a pruner that pairs folds
-    each new fold's own at step = its fold number (not the steps in `reported`); True where it prunes, never last."""
+    """Report the pooled objective at step = folds done (Wilcoxon: each fold's own at its fold number, skipping the
+    steps in `reported`); True where the pruner prunes, never on the last report."""
     pairs = [(int(f), float(v)) for f, v in folds] if pairs_folds(pruner) else [(int(step), float(value))]
     for at, reported_value in pairs:
         if at not in reported:
@@ -36,14 +36,12 @@ def report(trial, pruner, step, value, folds=(), last=False, reported=()):
 
 
 def tell(study, trial, value, pruned=False, failed=False):
-    """Tell Optuna how the trial (a Trial or its number) ended: PRUNED, FAIL (failed, or no finite objective) or
-    COMPLETE; the state."""
+    """End the trial (a Trial or its number) PRUNED, FAIL (failed, or no finite objective) or COMPLETE; the state."""
     state = TrialState.PRUNED if pruned else TrialState.FAIL if failed or not finite(value) else TrialState.COMPLETE
     try:
         study.tell(trial, float(value) if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
     except RuntimeError as e:
-        # GridSampler calls study.stop() once the grid is done, which Optuna only allows inside
-        # study.optimize(); the trial's state is stored before that.
+        # GridSampler calls study.stop() once the grid is done (allowed only inside study.optimize): stored already
         if "Study.stop" not in str(e):
             raise
     return state
@@ -64,8 +62,7 @@ class TrialRun:
 
 
 def run_trial(study, space, data, overrides=None):
-    """One trial without Ray: ask the study, sample, run LOSO reporting after every engine report and stopping
-    where the pruner says so, tell the study how it ended."""
+    """One trial without Ray: ask, sample, run LOSO with a report after every engine report, tell how it ended."""
     run, metric = TrialRun(study.ask()), space.metric
 
     def callback(progress):
@@ -77,7 +74,7 @@ def run_trial(study, space, data, overrides=None):
         return report(run.trial, study.pruner, step, value, folds, last=step >= progress["folds_total"])
 
     try:
-        run.sampled = space.optuna_space()(run.trial)
+        run.sampled = space.sample(run.trial)
         run.config = trial_config(space, run.sampled, overrides)
         run.result = run_loso(run.config, data, callback=callback, progress=False)
     except (TrainingDiverged, UserError) as e:

@@ -1,17 +1,5 @@
 """python -m search: the one command line of the search and its reports.
 
-  run [SPACE]          start a search (default: search/spaces/demo.py on synthetic data)
-  resume NAME          go on with a search whose driver stopped (killed, Ctrl+C, lost head node)
-  status [NAME]        list the searches, or one search's trials
-  leaderboard          every trial of the searches, ranked by the objective
-  rerun                a configuration (--best SEARCH, --run-id, --preset, --config) with K seeds
-  paper-table          published rows beside our reruns, paper protocol and leak-free, nested LOSO
-  compare RUN_A RUN_B  paired per-subject comparison: bootstrap interval and p-value
-  nested SPACE         nested LOSO: the whole search inside every outer fold (unbiased)
-  plots SEARCH         Optuna's plots and the best trial's per-subject accuracy, on the parent run
-  local-cluster start|env|stop
-                       cluster.yaml simulated here: autoscaled fake GPU workers, S3 and MLflow servers
-
 Exit codes: 0 done, 1 the search did not finish (resume it; also when MLflow went away mid-search:
 its results are kept) or nothing usable came out of a rerun/nested run, 2 bad input, an unreachable
 or damaged store, or a search that another process is running (one line on stderr). SIGTERM stops a
@@ -29,6 +17,7 @@ from htnet.errors import ArgumentParser, UserError, first_line
 from search.space import OBJECTIVES, PRUNERS, SAMPLERS
 
 RESOURCE_DEFAULTS = {"trial": ("the space file's", "the space file's"), "seed": (1, 0), "fold": (1, 0)}
+KEY_VALUE = {"action": "append", "default": [], "metavar": "KEY=VALUE"}
 
 
 def at_least(minimum, kind=int, above=False):
@@ -52,7 +41,7 @@ def comma_list(text):
 
 def add_shared(p, storage=None, ray=False, per=None, store=True, ray_storage=False):
     """Options several commands share: --storage (the folder of `storage`), Ray's (with --cpus-/--gpus-per-`per`),
-    the MLflow store's. None keeps the options' own defaults."""
+    the MLflow store's."""
     if storage:
         p.add_argument("--storage", default="runs", help=f"folder of {storage} (default: runs)")
     if ray or per:
@@ -86,7 +75,7 @@ def add_search(p, name_default, space_optional=False):
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler")
     p.add_argument("--seed", type=int, help="sampler seed")
     p.add_argument("--pruner", choices=PRUNERS, help="Optuna pruner (arguments from the space file if it matches)")
-    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+    p.add_argument("--set", **KEY_VALUE, dest="sets",
                    help="hold a LOSO config key fixed, e.g. epochs=5 or model_config.dim=64 (repeatable)")
 
 
@@ -95,7 +84,7 @@ def build_parser():
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = p = commands.add_parser("run", help="start (or with --resume, resume) a search")
+    run = p = commands.add_parser("run", help="start a search (default: search/spaces/demo.py on synthetic data)")
     add_search(p, "<space>", space_optional=True)
     p.add_argument("--resume", metavar="NAME", help="resume the search NAME instead of starting one")
     p.add_argument("--max-concurrent", type=positive_int, dest="max_concurrent_trials",
@@ -107,9 +96,10 @@ def build_parser():
                         "with every result; 0 (default): only in <storage>/logs/<name>.log, a line per trial event")
     p.add_argument("--optuna-storage", help="Optuna storage: sqlite:///FILE, an SQLAlchemy URL, or "
                                             "journal:FILE (default: sqlite:///<storage>/optuna.db)")
-    resume = commands.add_parser("resume", help="resume a search whose driver stopped")
+    resume = commands.add_parser("resume", help="go on with a search whose driver stopped (killed, Ctrl+C, lost "
+                                                "head node)")
     resume.add_argument("name")
-    status = commands.add_parser("status", help="list searches, or show one search's trials")
+    status = commands.add_parser("status", help="list the searches, or one search's trials")
     status.add_argument("name", nargs="?")
     for p in (run, resume, status):
         add_shared(p, "the search records" + ("" if p is status else ", Ray results, the Optuna study and synthetic "
@@ -117,12 +107,12 @@ def build_parser():
                    ray_storage=p is run)
         p.add_argument("--top", type=int, default=10, help="trials shown (default: 10)")
 
-    p = commands.add_parser("leaderboard", help="rank the trials of one or more searches (from MLflow)")
+    p = commands.add_parser("leaderboard", help="every trial of the searches, ranked by the objective (from MLflow)")
     p.add_argument("searches", nargs="*", metavar="SEARCH", help="search names (default: every search)")
     p.add_argument("--protocol", default="objective",
                    help="whose UF1/UAR: objective (each search's, default), inner, paper, final, or all (a row each)")
     p.add_argument("--status", type=comma_list, help="keep these trial statuses, comma-separated (finished,pruned,...)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--param", **KEY_VALUE,
                    help="keep trials whose parameter equals VALUE, e.g. model=htnet (repeatable)")
     p.add_argument("--top", type=int, help="keep the first N trials")
     p.add_argument("--csv", help="write the table as CSV")
@@ -133,25 +123,25 @@ def build_parser():
     p.add_argument("--run-ids", action="store_true", help="show MLflow run ids")
     add_shared(p)
 
-    p = commands.add_parser("rerun", help="rerun a configuration with K seeds in parallel (Ray)")
+    p = commands.add_parser("rerun", help="a configuration (--best, --run-id, --preset, --config) with K seeds (Ray)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--best", metavar="SEARCH", help="the best finished trial of SEARCH (see --param)")
     source.add_argument("--run-id", help="an MLflow run with a config.yaml (trial, rerun, ...)")
     source.add_argument("--preset", choices=["htnet-paper", "ststnet", "offapexnet", "dual_inception"],
                         help="the HTNet paper's config, or STSTNet's or a baseline's reference settings (PRESETS)")
     source.add_argument("--config", help="a LOSO config YAML (python -m htnet train --config)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--param", **KEY_VALUE,
                    help="with --best: the best trial whose parameter equals VALUE, e.g. model=htnet (repeatable)")
     p.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (default 5)")
     p.add_argument("--seed-list", type=comma_list, help="exact seeds, comma-separated (instead of --seeds)")
     p.add_argument("--method", help="row label in the paper table (default: from the source and what --set changed, "
                                     "e.g. 'HTNet (best found)', 'HTNet (paper config, epochs=1)')")
-    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+    p.add_argument("--set", **KEY_VALUE, dest="sets",
                    help="change a LOSO config key, e.g. device=cpu or epochs=5 (repeatable)")
     p.add_argument("--data", help="release folder (default: the search's data, else the synthetic set)")
     add_shared(p, "the synthetic data cache and of Ray's results (ray/)", per="seed", ray_storage=True)
 
-    p = commands.add_parser("paper-table", help="the paper's table from MLflow reruns (Markdown, LaTeX)")
+    p = commands.add_parser("paper-table", help="published rows beside our reruns and nested LOSO (Markdown, LaTeX)")
     p.add_argument("--out", help="folder for paper_table.md, .tex and .csv")
     p.add_argument("--interval", choices=["std", "ci95", "none"], default="std",
                    help="beside each mean (3+ seeds): std (default), the 95%% bootstrap interval over seeds "
@@ -165,7 +155,7 @@ def build_parser():
     p.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
     add_shared(p)
 
-    p = commands.add_parser("compare", help="paired per-subject comparison of two runs")
+    p = commands.add_parser("compare", help="paired per-subject comparison of two runs: bootstrap interval and p-value")
     p.add_argument("run_a", metavar="RUN_A", help="MLflow run id, or a predictions.csv / folder")
     p.add_argument("run_b", metavar="RUN_B")
     p.add_argument("--protocol", default="inner", help="protocol of both runs (default: inner)")
@@ -177,22 +167,24 @@ def build_parser():
     p.add_argument("--json", help="write the summary as JSON")
     add_shared(p)
 
-    p = commands.add_parser("nested", help="nested LOSO: the search inside every outer fold (unbiased)")
+    p = commands.add_parser("nested", help="nested LOSO: the whole search inside every outer fold (unbiased)")
     add_search(p, "nested")
     p.add_argument("--method", help="row label in the paper table (default: 'Search + HTNet (nested LOSO)')")
     p.add_argument("--outer-subjects", help="outer folds to run: a count across datasets, or ids (default: all)")
     add_shared(p, "the synthetic data cache", per="fold")
 
-    p = commands.add_parser("plots", help="log a search's Optuna and per-subject plots to its parent run")
+    p = commands.add_parser("plots", help="Optuna's plots and the best trial's per-subject accuracy, on its parent run")
     p.add_argument("search", metavar="SEARCH")
     p.add_argument("--optuna-storage", help="the Optuna storage (default: the one the search logged)")
     add_shared(p)
-    p = commands.add_parser("local-cluster", help="cluster-local.yaml: the cluster path simulated on this machine")
+
+    p = commands.add_parser("local-cluster", help="cluster.yaml simulated here: autoscaled fake GPU workers, S3 and "
+                                                  "MLflow servers (cluster-local.yaml)")
     p.add_argument("action", choices=["start", "env", "stop"],
                    help="start prints the exports for the driver's shell: eval \"$(python -m search local-cluster "
                         "start)\"; env prints them again; stop ends this cluster's processes only")
-    p.add_argument("--dir", default="runs/local-cluster", help="its state, logs and MLflow store "
-                                                                "(default: runs/local-cluster)")
+    p.add_argument("--dir", default="runs/local-cluster",
+                   help="its state, logs and MLflow store (default: runs/local-cluster)")
     p.add_argument("--idle-timeout-minutes", type=at_least(0, float),
                    help="remove idle workers after this long (default: cluster.yaml's)")
     p.add_argument("--max-workers", type=positive_int, help="at most this many workers (default: cluster.yaml's)")
@@ -243,11 +235,6 @@ def cmd_leaderboard(args, board):
         print(f"written: {', '.join(map(str, written))}")
 
 
-def cmd_rerun(args, rerun):
-    summary = rerun.rerun(options(rerun.RerunOptions, args, params=pairs(args.param, "--param")))["summary"]
-    return 0 if len(summary) else 1
-
-
 def cmd_compare(args, compare):
     store = None
     with contextlib.suppress(UserError):  # local prediction files need no store
@@ -259,8 +246,9 @@ def cmd_compare(args, compare):
     compare.write_outputs(result, args.csv, args.json)
 
 
-def cmd_status(args, runner):
-    runner.status(args.storage, args.name, args.top)
+def cmd_rerun(args, rerun):
+    summary = rerun.rerun(options(rerun.RerunOptions, args, params=pairs(args.param, "--param")))["summary"]
+    return 0 if len(summary) else 1
 
 
 def cmd_paper_table(args, paper_table):
@@ -269,26 +257,25 @@ def cmd_paper_table(args, paper_table):
         nested=not args.no_nested, allow_mixed=args.allow_mixed, out_dir=args.out, log=not args.no_log)
 
 
-def cmd_plots(args, plots):
-    plots.log_search_plots(open_store(args), args.search, args.optuna_storage)
-
-
-def cmd_nested(args, nested):
-    return 0 if nested.run_nested(options(nested.NestedOptions, args))["metrics"] else 1
-
-
 def cmd_local_cluster(args, local_cluster):
     if args.action == "start":
         state = local_cluster.start(args.dir, args.idle_timeout_minutes, args.max_workers, args.s3_endpoint)
-        print(f"# local cluster: Ray head {state['env']['RAY_ADDRESS']}, MLflow {state['env']['MLFLOW_TRACKING_URI']}, "
-              f"S3 {state['env']['AWS_ENDPOINT_URL']} (bucket {local_cluster.BUCKET}); logs in {state['folder']}",
+        env = state["env"]
+        print(f"# local cluster: Ray head {env['RAY_ADDRESS']}, MLflow {env['MLFLOW_TRACKING_URI']}, "
+              f"S3 {env['AWS_ENDPOINT_URL']} (bucket {local_cluster.BUCKET}); logs in {state['folder']}",
               file=sys.stderr)
     elif args.action == "stop":
-        state = local_cluster.stop(args.dir)
-        print(f"local cluster in {state['folder']} stopped", file=sys.stderr)
+        print(f"local cluster in {local_cluster.stop(args.dir)['folder']} stopped", file=sys.stderr)
         return 0
     print(local_cluster.exports(local_cluster.read_state(args.dir)), end="")
-    return 0
+
+
+def cmd_status(args, runner):
+    runner.status(args.storage, args.name, args.top)
+
+
+def cmd_plots(args, plots):
+    plots.log_search_plots(open_store(args), args.search, args.optuna_storage)
 
 
 def with_module(command, module):
@@ -298,10 +285,14 @@ def with_module(command, module):
 
 
 COMMANDS = {name: with_module(command, module) for name, (command, module) in {
-    "run": (cmd_run, "driver.runner"), "resume": (cmd_run, "driver.runner"), "status": (cmd_status, "driver.runner"),
-    "leaderboard": (cmd_leaderboard, "reports.leaderboard"), "rerun": (cmd_rerun, "reports.rerun"),
-    "paper-table": (cmd_paper_table, "reports.paper_table"), "compare": (cmd_compare, "reports.compare"),
-    "nested": (cmd_nested, "nested"), "plots": (cmd_plots, "reports.plots"),
+    "run": (cmd_run, "driver.runner"), "resume": (cmd_run, "driver.runner"),
+    "status": (cmd_status, "driver.runner"),
+    "leaderboard": (cmd_leaderboard, "reports.leaderboard"),
+    "rerun": (cmd_rerun, "reports.rerun"), "paper-table": (cmd_paper_table, "reports.paper_table"),
+    "compare": (cmd_compare, "reports.compare"),
+    "nested": (lambda args, nested: 0 if nested.run_nested(options(nested.NestedOptions, args))["metrics"] else 1,
+               "nested"),
+    "plots": (cmd_plots, "reports.plots"),
     "local-cluster": (cmd_local_cluster, "driver.local_cluster")}.items()}
 
 

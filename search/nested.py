@@ -52,28 +52,27 @@ def fit_and_score(config, data, outer):
 
 
 def outer_fold(space, data, outer, threads=1):
-    """One outer fold (a Ray task): the search, trial after trial, on the other subjects only, then its best
+    """One outer fold (a Ray task): the search, trial after trial, on the other subjects, then its best
     configuration trained on them and scored on `outer`."""
-    torch.set_num_threads(max(1, int(threads)))
+    torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     study = optuna.create_study(direction="maximize", sampler=space.make_sampler(),
                                 pruner=space.make_pruner(), study_name=f"nested-{outer}")
     overrides = {"subjects": [s for s in data.subject_ids if s != outer], "save_weights": False}
-    rows, configs, names = [], {}, {}
+    rows, configs = [], {}
     for _ in range(space.num_samples):
         trial_started = time.perf_counter()
         run = run_trial(study, space, data, overrides)
-        names.update(dict.fromkeys(run.sampled))
         result = run.result
-        rows.append({"outer_subject": outer, "trial": run.trial.number, **flatten(run.sampled), "status": run.status,
+        rows.append({"outer_subject": outer, "trial": run.trial.number, **run.sampled, "status": run.status,
                      **({"error": first_line(run.error)} if run.error is not None else {}),
                      **({space.metric: result.metrics.get(space.metric, math.nan), "folds_done": result.folds_done,
                          "fold_epochs": result.fold_epochs} if result is not None else {}),
                      "wall_time_s": time.perf_counter() - trial_started})
         if run.status == "finished":
             configs[run.trial.number] = run.config.to_dict()
-    out = {"outer_subject": outer, "trials": rows, "sampled": list(names),
+    out = {"outer_subject": outer, "trials": rows,
            "search_fold_epochs": int(sum(r.get("fold_epochs") or 0 for r in rows))}
     if configs:
         best = study.best_trial
@@ -86,8 +85,8 @@ def outer_fold(space, data, outer, threads=1):
 
 
 def cost_estimate(space, draws, n_subjects, n_outer):
-    """Upper bounds of the nested run's work and a plain search's (the largest `epochs` of the configs `check` drew,
-    twice where the inner protocol trains a second model, no pruning), and the line that says them."""
+    """Upper bounds of the nested run's fold-epochs and a plain search's (the largest `epochs` drawn, twice where
+    the inner protocol trains a second model, no pruning), and the line that says them."""
     per_fold = max(c.epochs * (2 if "inner" in c.protocols else 1) for _, c in draws)
     trials = space.num_samples
     folds = n_outer * trials * (n_subjects - 1)
@@ -107,8 +106,6 @@ def run_nested(options, out=None):
     data, data_root = load_data(data_source(options, space, options.storage))
     data = select_subjects(data, parse_subjects(options.subjects))
     outer = parse_subjects(options.outer_subjects)
-    if isinstance(outer, int) and outer < 1:
-        raise UserError(f"--outer-subjects must be >= 1, got {outer}")
     outer = data.subject_ids if outer is None else data.pick_subjects(outer) if isinstance(outer, int) else outer
     if unknown := [s for s in outer if s not in data.subject_ids]:
         raise UserError(f"--outer-subjects: subject {unknown[0]!r} is not in the data")
@@ -119,17 +116,15 @@ def run_nested(options, out=None):
     models = dict.fromkeys(config.model for _, config in draws)
     method = options.method or f"Search + {'/'.join(map(model_label, models))} (nested LOSO)"
     estimate, cost_text = cost_estimate(space, draws, n_subjects, len(outer))
-    print(f"nested LOSO {name!r} ({method}) with space {space.source}, objective {space.metric}", file=out)
-    print(f"COST: {cost_text}", file=out)
-    print(f"data: {data_root} ({len(data)} samples, {n_subjects} subjects); outer folds in parallel on Ray, "
+    print(f"nested LOSO {name!r} ({method}) with space {space.source}, objective {space.metric}\nCOST: {cost_text}\n"
+          f"data: {data_root} ({len(data)} samples, {n_subjects} subjects); outer folds in parallel on Ray, "
           f"{options.cpus_per_fold:g} CPU / {options.gpus_per_fold:g} GPU each", file=out)
 
     store = open_store(options.tracking_uri, options.experiment, create=True)
     client = store.client
-    tags = {"htnet.role": "nested", "htnet.method": method, "htnet.search": name,
-            "htnet.objective": space.metric, "htnet.objective_protocol": space.objective,
-            "htnet.cost": cost_text, "mlflow.runName": name, **tracking.provenance_tags(tracking.provenance(data)),
-            **data_tags(data.restrict(outer))}  # the estimate pools the outer subjects
+    tags = {"htnet.role": "nested", "htnet.method": method, "htnet.search": name, "htnet.objective": space.metric,
+            "htnet.objective_protocol": space.objective, "htnet.cost": cost_text,
+            **tracking.provenance_tags(tracking.provenance(data)), **data_tags(data.restrict(outer))}  # pooled: outer
     parent_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name=name).info.run_id
     tracking.log_params(client, parent_id, {
         "space_file": space.source, "num_samples": space.num_samples, "sampler": space.sampler,
@@ -144,8 +139,7 @@ def run_nested(options, out=None):
     with ray_session(options.address, options.num_cpus):
         task = ray.remote(outer_fold).options(num_cpus=options.cpus_per_fold, num_gpus=options.gpus_per_fold,
                                               max_retries=1)
-        space_ref, data_ref = ray.put(space), ray.put(data)
-        threads = max(1, math.floor(options.cpus_per_fold))
+        space_ref, data_ref, threads = ray.put(space), ray.put(data), max(1, math.floor(options.cpus_per_fold))
         pending = {task.remote(space_ref, data_ref, s, threads): s for s in outer}
         try:
             while pending:
@@ -200,15 +194,14 @@ def log_outer(store, parent_id, name, space, result, out):
 def finish_nested(client, parent_id, name, method, space, results, estimate, started, out):
     """The parent run's pooled metrics, cost, tables and summary; what the console shows at the end."""
     ok = [r for r in results if "error" not in r]
-    names = dict.fromkeys(n for r in results for n in r.get("sampled", ()))
-    trials = pd.DataFrame([row for r in results for row in r["trials"]])
+    trials = pd.DataFrame([row for r in results for row in r["trials"]])  # its columns name the sampled keys
     folds = pd.DataFrame([{"outer_subject": r["outer_subject"], "status": "failed" if "error" in r else "finished",
                            "best_trial": r.get("best_trial"), f"best_{space.metric}": r.get("best_value"),
                            "search_fold_epochs": r["search_fold_epochs"],
                            "final_fold_epochs": r.get("final_fold_epochs", 0),
                            "wall_time_s": r.get("wall_time_s"), "run_id": r.get("run_id"),
                            **{f"config.{k}": v for k, v in flatten(r.get("config") or {}).items()
-                              if k in names or k == "model"}}
+                              if k in trials or k == "model"}}
                           for r in results]).sort_values("outer_subject").reset_index(drop=True)
     counts = Counter(row["status"] for r in results for row in r["trials"])
     fold_epochs = int(folds["search_fold_epochs"].sum() + folds["final_fold_epochs"].sum())

@@ -5,25 +5,15 @@ from optuna.trial import TrialState
 
 
 class SuccessiveHalvingPruner(optuna.pruners.BasePruner):
-    """Optuna's asynchronous successive halving (optuna.pruners.SuccessiveHalvingPruner: the same arguments, checks
-    and promotion rule) on Optuna's public pruner interface, plus `rejudge`.
+    """Optuna's asynchronous successive halving (the same arguments, checks and promotion rule) on its public
+    BasePruner, plus `rejudge`. A trial's value at a rung is its first reported value at or after the rung's step.
 
-    Rung r ends at step min_resource * reduction_factor**(r + min_early_stopping_rate); a trial's value there is its
-    first reported value at or after that step. A trial reaching a rung goes on if that value is in the top
-    1/reduction_factor of the values of every trial that has reached the rung (the best while fewer than
-    reduction_factor have); while no more than bootstrap_count trials have reached it, the trial is pruned (Optuna
-    cannot pause a trial until enough have). min_resource="auto" is the longest completed trial's last step // 100
-    (at least 1), fixed once a trial has completed; until then nothing is pruned.
+    rejudge: each report judges again the rungs the trial has passed, against every trial that has reached them
+    since. Without it the first trial at a rung passes it unopposed: in the cpu-study (2 trials at a time) the faster
+    of the first pair passed every rung with the study's lowest values and cost 27% of its fold-epochs.
 
-    rejudge: at each report, the rungs a trial has passed are judged again against every trial that has reached
-    them since. Without it the trial that reaches a rung first passes it unopposed: in the cpu-study (2 trials at a
-    time) the faster of the first pair passed every rung with the study's lowest values and cost 27% of its
-    fold-epochs.
-
-    Optuna's stores a trial's value at a rung (a system attribute, which its public API cannot write) when it
-    judges it; this one reads every trial's reported values. So a value reported with no prune call after it (a
-    trial's last report, or a report before "auto" is fixed) competes here and not in Optuna's, and a second prune
-    call at the same step judges that step's rungs again (Optuna's judges each rung once)."""
+    Optuna's pruner stores a trial's rung value (a system attribute its public API cannot write) when it judges it;
+    this one reads the reported values, so a value with no prune call after it (a last report) competes here too."""
 
     def __init__(self, min_resource: str | int = "auto", reduction_factor: int = 4, min_early_stopping_rate: int = 0,
                  bootstrap_count: int = 0, rejudge: bool = False):
@@ -36,14 +26,14 @@ class SuccessiveHalvingPruner(optuna.pruners.BasePruner):
     def prune(self, study, trial):
         steps = sorted(trial.intermediate_values)
         trials = study.get_trials(deepcopy=False)
-        if self.min_resource is None:
+        if self.min_resource is None:  # "auto", as Optuna's: the first completed trial's last step // 100
             completed = [t.last_step for t in trials if t.state == TrialState.COMPLETE and t.last_step is not None]
             self.min_resource = max(max(completed) // 100, 1) if completed else None
         if not steps or self.min_resource is None:
             return False
         judged_after = steps[-2] if len(steps) > 1 and not self.rejudge else -1  # the rungs this report reached
         others = [t for t in trials if t.number != trial.number]
-        rung = 0
+        maximize, rung = study.direction == StudyDirection.MAXIMIZE, 0
         while (end := self.min_resource * self.reduction_factor ** (rung + self.min_early_stopping_rate)) <= steps[-1]:
             rung += 1
             if end <= judged_after:
@@ -52,8 +42,9 @@ class SuccessiveHalvingPruner(optuna.pruners.BasePruner):
             if value != value:  # NaN
                 return True
             competing = [v for t in others if (v := value_at(t, end)) is not None and v == v] + [value]
-            if len(competing) <= self.bootstrap_count or not promoted(value, competing, self.reduction_factor,
-                                                                      study.direction):
+            # Optuna's rule: promoted if in the top len // reduction_factor (or the best), once past bootstrap_count
+            bar = sorted(competing, reverse=maximize)[max(len(competing) // self.reduction_factor, 1) - 1]
+            if len(competing) <= self.bootstrap_count or (value < bar if maximize else value > bar):
                 return True
         return False
 
@@ -63,9 +54,3 @@ def value_at(trial, end):
     step = min((s for s in trial.intermediate_values if s >= end), default=None)
     return None if step is None else trial.intermediate_values[step]
 
-
-def promoted(value, competing, reduction_factor, direction):
-    """Optuna's rule: in the top len // reduction_factor of `competing` (which holds `value`), or the best."""
-    maximize = direction == StudyDirection.MAXIMIZE
-    bar = sorted(competing, reverse=maximize)[max(len(competing) // reduction_factor, 1) - 1]
-    return value >= bar if maximize else value <= bar

@@ -1,5 +1,5 @@
-"""The Ray side of the bridge (protocol: search.bridge): a Ray Tune searcher over Optuna's ask/tell API. The study's
-pruner decides which Ray Tune trials stop (OptunaPruningScheduler), and Optuna is told PRUNED, FAIL or COMPLETE."""
+"""The Ray side of the bridge (protocol: search.bridge): a Ray Tune searcher over Optuna's ask/tell API, whose
+study's pruner stops Ray Tune trials (OptunaPruningScheduler)."""
 import logging
 import pickle
 
@@ -14,9 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 class PruningOptunaSearch(Searcher):
-    """Each Ray Tune trial is one Optuna trial: asked from the study (created, or loaded, with the pruner and the
-    sampler), sampled by the define-by-run `space(trial) -> config`, reported to by OptunaPruningScheduler, told
-    how it ended. Its Optuna trial holds the Ray trial id as the user attribute `ray_trial_id`."""
+    """One Optuna trial per Ray Tune trial (user attribute `ray_trial_id`), sampled by `space(trial) -> config`."""
 
     def __init__(self, space, metric, mode="max", pruner=None, sampler=None, study_name=None, storage=None):
         super().__init__(metric=metric, mode=mode)
@@ -34,32 +32,27 @@ class PruningOptunaSearch(Searcher):
         return self.space(trial)
 
     def optuna_trial_number(self, trial_id):
-        trial = self.trials.get(trial_id)
-        return None if trial is None else trial.number
+        return getattr(self.trials.get(trial_id), "number", None)
 
     def is_pruned(self, trial_id):
         return trial_id in self.pruned
 
-    def running(self, trial):
-        """The trial as Optuna stores it while it runs; None once it was told (by this driver or a killed one)."""
-        return next((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                     if t.number == trial.number), None)
+    def state(self, trial):
+        """The trial's stored state: a killed driver may have told it already."""
+        return self.study.get_trials(deepcopy=False)[trial.number].state  # numbers are consecutive from 0
 
     def report_and_should_prune(self, trial_id, result):
-        """Every result, from OptunaPruningScheduler: report it once (a restarted trial repeats its steps) and
-        let the pruner decide; a final result is reported, never pruned."""
+        """Report each result once (a restarted trial repeats its steps); True where the pruner prunes."""
         trial, value, step = self.trials.get(trial_id), result.get(self.metric), result.get("step")
         if trial is None or trial_id in self.ended or not finite(value) or step is None:
             return False  # a failed trial reports no objective
-        stored = self.running(trial)
-        if stored is None:  # told by a killed driver: one it had pruned (after Ray's last snapshot) stops again
-            pruned = self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-            if any(t.number == trial.number for t in pruned):
+        stored = self.study.get_trials(deepcopy=False)[trial.number]
+        if stored.state != TrialState.RUNNING:  # told by a killed driver: one it had pruned stops again
+            if stored.state == TrialState.PRUNED:
                 self.pruned.add(trial_id)
-                return True
-            return False
+            return stored.state == TrialState.PRUNED
         if not report(trial, self.study.pruner, step, value, result.get("fold_objectives") or [],
-                                        bool(result.get("final")), stored.intermediate_values):
+                      bool(result.get("final")), stored.intermediate_values):
             return False
         self.pruned.add(trial_id)
         trial.set_user_attr("pruned_at_step", int(step))
@@ -67,15 +60,12 @@ class PruningOptunaSearch(Searcher):
                     trial_id, trial.number, step, self.metric, value)
         return True
 
-    def on_trial_result(self, trial_id, result):
-        pass  # reported by the scheduler, which sees every result first
-
     def on_trial_complete(self, trial_id, result=None, error=False):
         trial, result = self.trials.get(trial_id), result or {}
         if trial is None or trial_id in self.ended:
             return
         self.ended.add(trial_id)
-        if self.running(trial) is None:  # told before the driver was killed
+        if self.state(trial) != TrialState.RUNNING:  # told before the driver was killed
             return
         if result.get("htnet_status") == "failed" and result.get("htnet_error"):
             trial.set_user_attr("error", str(result["htnet_error"])[:500])
@@ -84,31 +74,28 @@ class PruningOptunaSearch(Searcher):
 
     def set_ray_trial_attrs(self, trial_id, **attrs):
         trial = self.trials.get(trial_id)
-        if trial is not None and self.running(trial) is not None:
+        if trial is not None and self.state(trial) == TrialState.RUNNING:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
 
-    # Optuna makes a Trial (which reports and prunes) only in study.ask(), so the state keeps the Trial objects
-    # themselves, as Ray's OptunaSearch does: a Trial pickles with its study (and the study's pruner and sampler),
-    # whose RDB storage reconnects when unpickled; one pickle keeps them one study.
+    # Only study.ask() makes a Trial that can report, so the state keeps the Trials, as Ray's OptunaSearch does; one
+    # pickle keeps them one study (its RDB storage reconnects when unpickled).
     def save(self, checkpoint_path):
         with open(checkpoint_path, "wb") as file:
             pickle.dump({"study": self.study, "trials": self.trials, "pruned": self.pruned, "ended": self.ended}, file)
 
     def restore(self, checkpoint_path):
-        """Also: Optuna trials left RUNNING by a killed driver that no restored Ray trial owns are told FAIL, and
-        their configuration asked again, so the driver's death loses no sample."""
+        """Trials a killed driver left RUNNING that no Ray trial owns are told FAIL and queued again: no sample lost."""
         with open(checkpoint_path, "rb") as file:
             state = pickle.load(file)
-        self.study, self.trials = state["study"], state["trials"]
-        self.pruned, self.ended = state["pruned"], state["ended"]
+        self.study, self.trials, self.pruned, self.ended = (state[k] for k in ("study", "trials", "pruned", "ended"))
         owned = {t.number for t in self.trials.values()}
         for stored in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if stored.number not in owned:
                 tell(self.study, stored.number, None, failed=True)
                 self.study.enqueue_trial(stored.params, user_attrs={"requeued_from": stored.number})
-                logger.warning("Optuna trial %d had no Ray trial after resume: told FAIL, its "
-                               "parameters queued again", stored.number)
+                logger.warning("Optuna trial %d had no Ray trial after resume: told FAIL, its parameters queued again",
+                               stored.number)
 
 
 class OptunaPruningScheduler(FIFOScheduler):

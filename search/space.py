@@ -1,7 +1,6 @@
-"""Search spaces are define-by-run Python files, as Optuna users write them (search/spaces/demo.py shows the format):
-module-level settings and `def space(trial) -> dict` of LOSO config keys. A SearchSpace holds one, checked where it
-enters (the file, CLI flags, --set); `check` samples it at the start and builds every config drawn (the model on
-torch's meta device), so what would fail a trial stops the search first, in one line naming the file and parameter."""
+"""Search spaces are define-by-run Python files (search/spaces/demo.py): module-level settings and `def space(trial)`
+returning LOSO config keys. A SearchSpace is checked where it enters (the file, CLI flags, --set); `check` samples it
+and builds every config drawn, so what would fail a trial stops the search first, in one line."""
 import dataclasses
 import math
 import traceback
@@ -85,7 +84,7 @@ class SearchSpace:
     def metric(self):
         return OBJECTIVES[self.objective]
 
-    def __getstate__(self):  # the function travels as the file's text (Ray's searcher pickles it, Ray tasks too)
+    def __getstate__(self):  # the function travels as the file's text (Ray pickles the searcher and its tasks' args)
         return {**self.__dict__, "function": None if self.text else self.function}
 
     def __setstate__(self, state):
@@ -94,26 +93,24 @@ class SearchSpace:
             self.function = _execute(self.text, self.source)["space"]
 
     def sample(self, trial):
-        """space(trial) on the Optuna trial, flattened (not Ray's wrapper: a Ray trial's config is what it returns)."""
+        """space(trial), flattened: a Ray trial's config is what it returns."""
         try:
-            values = self.function(getattr(trial, "ot_trial", trial))
+            values = self.function(trial)
         except Exception as e:  # noqa: BLE001 - whatever the file raises is one line
             raise _failure(e, self.source, "space()") from None
         if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
             raise UserError(f"{self.source}: space() must return a dict of LOSO config keys, got {values!r:.80}")
         return flatten(values)
 
-    def optuna_space(self):
-        """What OptunaSearch(space=...) and the bridge take: a define-by-run function."""
+    def optuna_space(self):  # the define-by-run function the searcher takes
         return self.sample
 
     @staticmethod
-    def sampled(config):
-        """A trial's sampled values (its Ray config), as flat keys."""
+    def sampled(config):  # a trial's Ray config, as flat keys
         return flatten(dict(config))
 
     def resolve(self, sampled, overrides=None):
-        """Fixed, --set and sampled values + overrides -> a LosoConfig dict (model_config nested)."""
+        """Fixed, --set and sampled values + overrides -> a LosoConfig dict."""
         return nest({**self.fixed, **self.sets, **sampled, **(overrides or {})})
 
     def config(self, sampled, overrides=None):
@@ -133,9 +130,8 @@ class SearchSpace:
 
 
 def check(space):
-    """Sample `space` CHECK_DRAWS times (a throwaway in-memory study, Optuna's RandomSampler; one draw of the grid)
-    and build each config: a value, key or combination that would fail a trial is one UserError now. Returns the
-    draws as (sampled values, LosoConfig) pairs."""
+    """Draw `space` CHECK_DRAWS times at random (and once from the grid) and build each config (the model on torch's
+    meta device): what would fail a trial is one UserError now. The draws, as (sampled values, LosoConfig)."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -164,7 +160,7 @@ def check(space):
 
 
 def load_space(path):
-    """A space file (a bare name finds search/spaces/<name>.py) -> SearchSpace; what fails is one line."""
+    """A space file (a bare name finds search/spaces/<name>.py) -> SearchSpace."""
     path = Path(path)
     if not path.is_file() and path.suffix == "" and (SPACES_DIR / f"{path.name}.py").is_file():
         path = SPACES_DIR / f"{path.name}.py"
@@ -182,7 +178,7 @@ def load_space(path):
 
 def with_settings(space, sets=(), cpus=None, gpus=None, seed=None, sampler=None, pruner=None, **settings):
     """A copy of `space` with CLI flags (None keeps the file's) and --set KEY=VALUE values, checked again. Another
-    sampler or pruner type than the file's drops the file's arguments for it (a sampler keeps its seed)."""
+    sampler or pruner type drops the file's arguments for it (a sampler keeps its seed)."""
     changes = {key: value for key, value in settings.items() if value is not None}
     if sampler is not None and sampler != space.sampler["type"]:
         changes["sampler"] = {"type": sampler, "seed": space.sampler.get("seed")}
@@ -196,7 +192,7 @@ def with_settings(space, sets=(), cpus=None, gpus=None, seed=None, sampler=None,
 
 
 def trial_config(space, config, overrides=None):
-    """The LosoConfig a trial with Ray config `config` runs (one UserError if it cannot be built)."""
+    """The LosoConfig a trial with Ray config `config` runs."""
     return space.config(space.sampled(config), overrides)
 
 
@@ -213,8 +209,8 @@ def make_pruner(spec, where):
 
 
 def check_value(name, value, where):
-    """`value` as LosoConfig takes it for the key `name` (1e-4 written as text becomes a float), else one UserError
-    starting with `where`; a model argument (model_config.<name>) is checked with its model (check)."""
+    """`value` as LosoConfig takes it for the key `name` (text 1e-4 becomes a float), else one UserError; a model's
+    argument (model_config.<name>) is checked with its model."""
     if name.startswith("model_config.") and name != "model_config.":
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"{where}: expected a finite number, got {value!r}")
@@ -228,16 +224,14 @@ def check_value(name, value, where):
         raise UserError(f"{where}: {e}") from None
 
 
-def parse_set(text):
-    """`--set KEY=VALUE` -> (KEY, the YAML value)."""
+def parse_set(text):  # --set KEY=VALUE -> (KEY, the YAML value)
     key, sep, value = str(text).partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected KEY=VALUE")
     return key.strip(), parse_yaml(value, f"--set {key.strip()}")
 
 
-def nest(flat):
-    """{'model_config.dim': 16, 'lr': 1e-3} -> {'model_config': {'dim': 16}, 'lr': 1e-3}."""
+def nest(flat):  # {'model_config.dim': 16, 'lr': 1e-3} -> {'model_config': {'dim': 16}, 'lr': 1e-3}
     out = {}
     for key, value in flat.items():
         if key.startswith("model_config."):
@@ -247,8 +241,7 @@ def nest(flat):
     return out
 
 
-def flatten(config, prefix=""):
-    """Nested config -> {'model_config.dim': 16, ...} (sampled values, MLflow params)."""
+def flatten(config, prefix=""):  # the reverse of nest
     out = {}
     for key, value in config.items():
         out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
@@ -256,7 +249,7 @@ def flatten(config, prefix=""):
 
 
 def _loso_config(values):
-    """(LosoConfig, None), or (None, why it cannot be built: whatever LosoConfig or the model raises)."""
+    """(LosoConfig, None), or (None, why LosoConfig or the model refuse it)."""
     try:
         return LosoConfig.from_dict(values), None
     except (UserError, TypeError, ValueError, ArithmeticError, RuntimeError) as e:
@@ -264,7 +257,6 @@ def _loso_config(values):
 
 
 def _execute(text, source):
-    """The space file's namespace; what it raises (a syntax error, an import) is one line."""
     namespace = {"__name__": f"search_space_{Path(source).stem}", "__file__": source}
     try:
         exec(compile(text, source, "exec"), namespace)  # noqa: S102 - the user's own space file
@@ -274,7 +266,7 @@ def _execute(text, source):
 
 
 def _failure(error, source, what):
-    """One line for an exception out of the space file, at its line there (whose code names the parameter)."""
+    """One line for an exception out of the space file, at its line there (which names the parameter)."""
     frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == source]
     where = f"{source}, line {frames[-1].lineno}" + (f" ({frames[-1].line})" if frames[-1].line else "") \
         if frames else source
@@ -288,7 +280,6 @@ def _mapping(value, where, key):
 
 
 def _number(value, kind, op, bound, where):
-    """An integer (kind int) or a finite number (float) {op} bound, as `kind`."""
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or \
             not math.isfinite(value) or not (value > bound if op == ">" else value >= bound):
         raise UserError(f"{where}: expected {'an integer' if kind is int else 'a number'} {op} {bound}, got {value!r}")
@@ -296,7 +287,6 @@ def _number(value, kind, op, bound, where):
 
 
 def _build(classes, kind, options, where):
-    """classes[kind](**options); an unknown kind, or what the class refuses, is one line."""
     if kind not in classes:
         raise UserError(f"{where}: unknown type {kind!r} (known: {', '.join(classes)})")
     try:

@@ -1,8 +1,8 @@
-"""The Ray Tune function trainable: one trial = one LOSO run of one sampled configuration, reported to
-Optuna's pruner as it goes (search.bridge), its finished folds in a Ray checkpoint at every report (a retried or
-resumed trial trains only the rest: htnet.checkpoint), ending with the trial's files as its last checkpoint (the
-fold records kept: a trial whose node is lost in its last report is retried without training again). Storage that
-stops answering (S3 down) does not end a trial: see _report."""
+"""The Ray Tune function trainable: one trial = one LOSO run of one sampled configuration, reported to Optuna's
+pruner as it goes (search.bridge). The trial's folder is its Ray checkpoint at every report, so a retried or resumed
+trial trains only the missing folds (htnet.checkpoint); storage that stops answering (S3 down) does not end a trial."""
+import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -21,33 +21,21 @@ from search.space import trial_config
 from search.tracking.figures import confusion_matrix_png, learning_curve_png
 
 
-def _ordered(values, metric):
-    """The objective first: Ray Tune's progress table shows a result's first four numbers."""
-    first = [metric, "step", "inner_full_uf1" if metric != "inner_full_uf1" else "paper_full_uf1", "train_loss"]
-    return {**{k: values[k] for k in first if k in values}, **values}
-
-
-# how long a trial waits for unreachable storage where it must reach it (its last report, its start from a
-# checkpoint) before it fails (and Ray retries it)
 def _seconds(name, default):
-    """A number of seconds >= 0 from the environment variable `name`; anything else is one UserError line."""
     text = os.environ.get(name, "").strip() or str(default)
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        raise UserError(f"environment variable {name}={text!r} must be a number of seconds >= 0")
-    return value
+    with contextlib.suppress(ValueError):
+        if 0 <= (value := float(text)) < math.inf:
+            return value
+    raise UserError(f"environment variable {name}={text!r} must be a number of seconds >= 0")
 
 
+# how long a trial waits for storage it must reach (its last report, its restore) before it fails and Ray retries it
 STORAGE_WAIT_S = _seconds("HTNET_STORAGE_WAIT_S", 3600)
 STORAGE_RETRY_S = 5.0
 
 
 def _storage_error(error):
-    """What Ray raises when a checkpoint cannot be written to or read from its storage (pyarrow's OSError, or its
-    own check that the storage is there)."""
+    """A checkpoint that storage refused: pyarrow's OSError, or Ray's own check that the storage is there."""
     return isinstance(error, OSError) or "cluster storage" in str(error)
 
 
@@ -63,10 +51,8 @@ def _until_storage_answers(action):
 
 
 def _report(values, folder, metric, last=False):
-    """tune.report with `folder` (the trial's files so far) as its checkpoint. If the storage does not answer, the
-    trial says so in a result without its checkpoint (the driver prints it once) and trains on: its folds stay in
-    `folder` and the next report stores them all. The last report then waits for it (_until_storage_answers)."""
-
+    """tune.report with `folder` as its checkpoint. Storage that does not answer: the result goes without it, saying
+    so (the driver prints it once), the folds stay in `folder` for the next report; the last report waits."""
     def report():
         tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -85,27 +71,21 @@ def _report(values, folder, metric, last=False):
     _until_storage_answers(report)
 
 
-def _numbers(values):
-    """The numbers among `values`, NumPy and torch scalars as Python ones."""
-    return {k: v.item() if hasattr(v, "item") else v for k, v in values.items()
-            if not isinstance(v, bool) and (isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0)}
-
-
-def _resolved(folder):
-    """What the engine resolved at run time (the batched engine's fold group size), from the config.yaml it writes
-    into `folder` before its first fold; as result keys (search.tracking.schema.RESOLVED_PARAMS)."""
-    group = read_yaml(Path(folder) / "config.yaml").get("fold_group_size")
-    return {} if group is None else {"htnet_fold_group_size": group}
+def _result(values, metric, info):
+    """The numbers among `values` (NumPy and torch scalars as Python's) and `info`, the objective first: Ray Tune's
+    progress table shows a result's first four numbers."""
+    values = {**{k: v.item() if hasattr(v, "item") else v for k, v in values.items() if not isinstance(v, bool)
+                 and (isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0)}, **info}
+    first = [metric, "step", "inner_full_uf1" if metric != "inner_full_uf1" else "paper_full_uf1", "train_loss"]
+    return {**{k: values[k] for k in first if k in values}, **values}
 
 
 def loso_trial(config, data=None, settings=None):
-    """Run LOSO for the sampled `config` (`data` is read from Ray's object store, not copied). A configuration
-    that cannot train reports `htnet_status: failed`, not raising: Ray's retries are for workers that died."""
-
+    """Run LOSO for the sampled `config` (`data` from Ray's object store, not copied). A configuration that cannot
+    train reports `htnet_status: failed`, not raising: Ray's retries are for workers that died."""
     fixed = settings.get("base_config")   # a rerun: this configuration with the trial's seed
     metric = settings["metric"] if fixed else settings["space"].metric
     context = tune.get_context()
-    trial_id = context.get_trial_id()
     resources = context.get_trial_resources()
     torch.set_num_threads(max(1, int(resources.required_resources.get("CPU", 1) if resources is not None else 1)))
     info = {"htnet_node": ray.get_runtime_context().get_node_id(), "htnet_pid": os.getpid(),
@@ -123,11 +103,9 @@ def loso_trial(config, data=None, settings=None):
         if device.type == "cuda":
             info["htnet_gpu"] = torch.cuda.get_device_name(device)
     except UserError as e:
-        failed(e)
-        return
+        return failed(e)
 
-    done = {"step": 0}
-
+    trial_id, done = context.get_trial_id(), {"step": 0}
     with tempfile.TemporaryDirectory(prefix=f"htnet-{trial_id}-", ignore_cleanup_errors=True) as folder:
         out, title = Path(folder), f"{loso_config.model} trial {trial_id}"
         previous = tune.get_checkpoint()   # a retry (its worker died) or a trial continued by `search resume`
@@ -137,24 +115,28 @@ def loso_trial(config, data=None, settings=None):
                     shutil.copytree(finished, out, dirs_exist_ok=True)
             _until_storage_answers(restore)
 
+        def resolved():
+            """What the engine resolved at run time, from the config.yaml it writes before its first fold (as
+            search.tracking.schema.RESOLVED_PARAMS's result keys)."""
+            group = read_yaml(out / "config.yaml").get("fold_group_size")
+            info.update({} if group is None else {"htnet_fold_group_size": group})
+
         def callback(progress):
             done["step"] = progress["step"]
-            info.update(_resolved(out))
+            resolved()
             if progress["step"] < progress["folds_total"]:  # the final report follows, with the files
-                _report(_ordered({**_numbers(progress), "fold_objectives": fold_objectives(progress, metric),
-                                  "final": 0, "htnet_status": "running", **info}, metric), folder, metric)
+                _report(_result({**progress, "final": 0}, metric, {"fold_objectives": fold_objectives(
+                    progress, metric), "htnet_status": "running", **info}), folder, metric)
 
         try:
             result = run_loso(loso_config, data, callback=callback, out_dir=out, progress=False, resume=True)
         except (TrainingDiverged, UserError) as e:
-            failed(e, done["step"])
-            return
+            return failed(e, done["step"])
         confusion_matrix_png(result.predictions, out / "confusion_matrix.png", title=title)
         learning_curve_png(result.history, out / "learning_curve.png", title=title)
         main = result.history[result.history["run"] == "main"]
         if len(main):  # as in the engine's reports: the last epoch's mean over folds
             result.metrics.setdefault("train_loss", float(main.groupby("epoch")["train_loss"].mean().iloc[-1]))
-        info.update(_resolved(out))  # also where no callback came (every fold resumed)
-        final = {**_numbers(result.metrics), "step": result.folds_done,
-                 "folds_total": result.folds_total, "final": 1, "htnet_status": "finished", **info}
-        _report(_ordered(final, metric), folder, metric, last=True)
+        resolved()  # also where no callback came (every fold resumed)
+        final = {**result.metrics, "step": result.folds_done, "folds_total": result.folds_total, "final": 1}
+        _report(_result(final, metric, {"htnet_status": "finished", **info}), folder, metric, last=True)

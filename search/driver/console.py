@@ -1,8 +1,6 @@
-"""What a search shows on the console: our own lines (the header, the trials' events and a periodic table from
-search.driver.progress, the summary). Ray's, MLflow's and Optuna's log records (standard logging handlers on
-their loggers), Python warnings, Ray Tune's progress output and the trials' worker output (which Ray's driver
-prints to its stdout and stderr) go to the search's log file; with --verbose they are also on the console, as
-the libraries print them."""
+"""What a search shows: our own lines on the console (the header, search.driver.progress's, the summary); Ray's,
+MLflow's and Optuna's log records, Python warnings, Ray Tune's progress and the trials' output (which Ray's driver
+prints) in the search's log file, and with --verbose on the console too, as the libraries print them."""
 import collections
 import contextlib
 import io
@@ -19,8 +17,8 @@ import ray  # noqa: F401
 QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # tqdm bars of every artifact download
              "RAY_COLOR_PREFIX": "0"}  # the workers' lines without ANSI colours: they go to the log file
 OUR_LOGGERS = ("search", "htnet")  # their warnings stay on the console
-
-_current = None  # the Console in effect (one search per process)
+Console = collections.namedtuple("Console", "log out verbose")
+_current = None  # the Console of the search in progress (one per process)
 
 
 def log_path(storage, name):
@@ -28,8 +26,8 @@ def log_path(storage, name):
 
 
 class LogFile(io.TextIOBase):
-    """A text stream that creates its file (and folder) at its first write, so a search refused before anything
-    is logged leaves none; writes from Ray's threads and logging handlers are serialised."""
+    """Created at its first write (a search refused before it logs anything leaves none); writes from Ray's
+    threads and logging handlers are serialised."""
 
     def __init__(self, path):
         super().__init__()
@@ -37,9 +35,9 @@ class LogFile(io.TextIOBase):
 
     def write(self, text):
         with self._lock:
+            if not text:
+                return 0
             if self._file is None:
-                if not text:
-                    return 0
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "a", encoding="utf-8", errors="replace")
             written = self._file.write(text)
@@ -53,17 +51,14 @@ class LogFile(io.TextIOBase):
         super().close()
 
 
-Console = collections.namedtuple("Console", "log out verbose")
-
-
 def is_console_handler(handler):
     return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
 
 
 @contextlib.contextmanager
 def search_console(path, verbose=0, out=None):
-    """Route the libraries' output into the log file at `path` for the block (see the module doc); `out` gets our
-    own lines (default: stdout). verbose 0 takes it off the console, 1 or 2 keep it there too."""
+    """Route the libraries' output into the log file at `path` for the block; `out` gets our own lines (default:
+    stdout). verbose 0 takes the libraries' output off the console, 1 or 2 keep it there too."""
     global _current
     log = LogFile(path)
 
@@ -111,13 +106,12 @@ def out():
     return _current.out if _current else sys.stdout
 
 
-class LibraryOutput(io.TextIOBase):
-    """sys.stdout or sys.stderr during a search. Ray's driver prints its workers' output there (the trials'
-    prints and log records, Ray's own lines), from a thread of its own: that goes to the log file, and to the
-    console too with --verbose. What the search's own thread prints stays on the console."""
+class LibraryOutput:
+    """sys.stdout or sys.stderr during a search: what Ray's driver prints from a thread of its own (the workers'
+    output, Ray's lines) goes to the log file, and the console with --verbose; the search's own thread's, to the
+    console."""
 
     def __init__(self, console, log, verbose):
-        super().__init__()
         self.console, self.log, self.verbose, self.owner = console, log, verbose, threading.current_thread()
 
     def write(self, text):
@@ -128,38 +122,19 @@ class LibraryOutput(io.TextIOBase):
             self.log.write(text)
         return len(text)
 
-    def flush(self):
-        self.console.flush()
+    def isatty(self):  # also after the search, where a library kept this stream (colorama does, at exit)
+        return not self.console.closed and self.console.isatty()
 
-    @property
-    def closed(self):  # after the search too, where a library kept this stream (colorama does, at exit)
-        return self.console.closed
-
-    def isatty(self):
-        return not self.closed and self.console.isatty()
-
-    def fileno(self):
-        return self.console.fileno()
-
-    @property
-    def encoding(self):
-        return getattr(self.console, "encoding", "utf-8")
+    def __getattr__(self, name):  # flush, fileno, encoding, closed: the console's
+        return getattr(self.console, name)
 
 
-def library_stdout():
-    """Around tuner.fit: Ray Tune prints its progress (configuration boxes, the TensorBoard hint, tables) to
-    stdout, which goes to the log file unless --verbose."""
-    if _current is None or _current.verbose:
-        return contextlib.nullcontext()
-    return contextlib.redirect_stdout(_current.log)
-
-
-def ray_shutdown_output():
-    """Around ray.shutdown: it prints the workers' last (deduplicated) lines from our own thread; they go where
-    the rest of the workers' output went."""
-    if _current is None or _current.verbose:
-        return contextlib.nullcontext()
+def library_output(stderr=False):
+    """Into the log file unless --verbose: Ray Tune's progress (around tuner.fit: stdout), the workers' last lines
+    that ray.shutdown prints from our own thread (stdout and stderr)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(_current.log))
-    stack.enter_context(contextlib.redirect_stderr(_current.log))
+    if _current is not None and not _current.verbose:
+        stack.enter_context(contextlib.redirect_stdout(_current.log))
+        if stderr:
+            stack.enter_context(contextlib.redirect_stderr(_current.log))
     return stack

@@ -1,8 +1,6 @@
-"""The cluster path on one machine (cluster-local.yaml): an S3 server (moto) on 127.0.0.1 (or the S3 endpoint
-given), a Ray head whose autoscaler adds and removes worker nodes with Ray's fake multi-node provider, and an
-MLflow server whose artifacts go to that S3. `python -m search local-cluster start | env | stop`. All of it lives
-in one state folder; `stop` ends that folder's processes only, never every Ray on the machine (as `ray stop`
-would). AWS credentials come from the environment (any value: the local S3 accepts every key)."""
+"""`python -m search local-cluster start|env|stop`: cluster-local.yaml on one machine: an S3 server (moto, or the
+endpoint given), a Ray head whose autoscaler adds worker nodes (Ray's fake multi-node provider), an MLflow server
+with its artifacts in that S3. `stop` ends the processes of its state folder only, never every Ray (`ray stop`)."""
 import contextlib
 import hashlib
 import json
@@ -47,11 +45,6 @@ def wait_for(check, what, log, timeout=90):
     raise UserError(f"{what} did not come up within {timeout} s (its log: {log})")
 
 
-def ray_temp_dir(folder):
-    """Short (Ray's socket paths have a length limit) and this folder's own."""
-    return Path(tempfile.gettempdir()) / f"htnet-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
-
-
 def read_state(folder):
     path = Path(folder).resolve() / STATE
     if not path.is_file():
@@ -65,8 +58,7 @@ def exports(state):
 
 
 def start(folder, idle_timeout_minutes=None, max_workers=None, s3_endpoint=None):
-    """Start the S3 server (unless `s3_endpoint` names one), the Ray head (with its autoscaler) and the MLflow
-    server; returns the state (its "env": what a driver's shell needs, also in `exports`)."""
+    """Start the cluster; returns its state ("env": what a driver's shell needs, as `exports` prints it)."""
     folder = ensure_writable_dir(Path(folder).resolve())
     if (folder / STATE).exists():
         raise UserError(f"{folder / STATE}: a local cluster was started from this folder: "
@@ -76,7 +68,8 @@ def start(folder, idle_timeout_minutes=None, max_workers=None, s3_endpoint=None)
         raise UserError(f"set {' and '.join(missing)} in the environment (any value for the local S3 server)")
     ip = "127.0.0.1"  # every node of this cluster on the loopback: nothing of it is reached from outside
     ports = {k: free_port() for k in ("s3", "ray", "mlflow")}
-    temp = ray_temp_dir(folder)
+    # Ray's temp folder: short (Ray's socket paths have a length limit) and this folder's own
+    temp = Path(tempfile.gettempdir()) / f"htnet-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
     token = folder / "ray_auth_token"  # the Ray cluster's token (Ray 2.x authenticates its clients)
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -101,9 +94,7 @@ def start(folder, idle_timeout_minutes=None, max_workers=None, s3_endpoint=None)
         client = boto3.client("s3", endpoint_url=s3, region_name=env["AWS_DEFAULT_REGION"])
         wait_for(lambda: client.list_buckets() is not None, f"the S3 server on {s3}", folder / "s3.log")
         client.create_bucket(Bucket=BUCKET)
-
-        # The autoscaler's copy of cluster-local.yaml: the provider is told this head's GCS address. Ray
-        # hashes the file_mounts' local folders, so they must exist where it runs.
+        # The autoscaler's copy of cluster-local.yaml, with this head's address; its file_mounts must exist
         config = yaml.safe_load(CLUSTER_LOCAL_YAML.read_text())
         config["provider"]["gcs_address"] = env["RAY_ADDRESS"]
         if idle_timeout_minutes is not None:
@@ -123,11 +114,9 @@ def start(folder, idle_timeout_minutes=None, max_workers=None, s3_endpoint=None)
                  "the Ray head", folder / "ray-head.log")
         if head.poll() is not None:
             raise UserError(f"the Ray head did not start (its log: {folder / 'ray-head.log'})")
-
-        launch("mlflow", [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                          "--port", str(ports["mlflow"]),
-                          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                          "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--workers", "1"])
+        launch("mlflow", [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1",
+                          "--port", str(ports["mlflow"]), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                          "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"])
         wait_for(lambda: urllib.request.urlopen(f"{env['MLFLOW_TRACKING_URI']}/health", timeout=2).status == 200,
                  "the MLflow server", folder / "mlflow.log", timeout=120)
     except BaseException:
@@ -139,14 +128,10 @@ def start(folder, idle_timeout_minutes=None, max_workers=None, s3_endpoint=None)
 
 
 def cluster_processes(state):
-    """The pids of the cluster's processes: the process groups it started (the Ray head's, MLflow's workers,
-    moto's) and those whose command line names its Ray temp folder or whose stdout/stderr go into it (the worker
-    nodes the autoscaler added, Ray's workers and agents, whose process titles Ray rewrites)."""
+    """The pids of the process groups it started and of the processes whose command line names its Ray temp
+    folder or whose stdout/stderr go into it (worker nodes, Ray's workers: Ray rewrites their titles)."""
     folder, groups, found = state["ray_temp_dir"], set(state["pids"].values()), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        pid = int(entry)
+    for pid in (int(entry) for entry in os.listdir("/proc") if entry.isdigit() and int(entry) != os.getpid()):
         try:
             named = os.getpgid(pid) in groups or folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
@@ -176,8 +161,7 @@ def stop_processes(state, timeout=60, grace=3):
 
 
 def stop(folder):
-    """End every process of the cluster started from `folder` (its worker nodes included); keep its records
-    (mlflow.db, the logs) but not the local S3 server's contents, which live in its memory."""
+    """End the cluster's processes; its records (mlflow.db, the logs) stay, the local S3's contents (in memory) go."""
     state = read_state(folder)
     stop_processes(state)
     shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)

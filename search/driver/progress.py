@@ -1,7 +1,5 @@
-"""The search's progress on the console (search.driver.console): one line per trial event (started, a result
-it reported, pruned, finished, failed, retried) and a compact table of the running trials and the best finished
-ones, first after TABLE_EVERY_S seconds, then at twice the interval each time up to TABLE_EVERY_MAX_S (a short
-search shows one, a long one is not flooded), when there was news."""
+"""The search's progress on the console: one line per trial event, and a table of the running trials and the best
+finished ones when there was news, after TABLE_EVERY_S seconds, then at doubling intervals up to TABLE_EVERY_MAX_S."""
 import time
 
 from ray import tune
@@ -32,7 +30,8 @@ class SearchProgress(tune.Callback):
         print(f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}] {text}", file=console.out(), flush=True)
         self._news = True
 
-    def _trial(self, trial):
+    def _trial(self, trial, status=None, result=None):
+        """The trial's state, updated with its new `status` and `result`."""
         if trial.trial_id not in self._trials:
             sampled = self.space.sampled(trial.config)
             number = self.searcher.optuna_trial_number(trial.trial_id)
@@ -40,19 +39,19 @@ class SearchProgress(tune.Callback):
                 "tag": trial.trial_id if number is None else f"#{number:02d}", "status": "running",
                 "label": run_name(self.space.resolve(sampled).get("model", "htnet"), sampled, 0).rsplit(" #", 1)[0],
                 "step": 0, "total": None, "value": None, "device": None}
-        return self._trials[trial.trial_id]
-
-    def _update(self, state, result):
-        value = result.get(self.space.metric)
-        state.update(step=result.get("step", state["step"]), total=result.get("folds_total", state["total"]),
-                     value=value if finite(value) else state["value"])
+        state = self._trials[trial.trial_id]
+        if result is not None:
+            value = result.get(self.space.metric)
+            state.update(step=result.get("step", state["step"]), total=result.get("folds_total", state["total"]),
+                         value=value if finite(value) else state["value"])
+        state["status"] = status or state["status"]
+        return state
 
     def _shown(self, state, result):
         folds = f"{state['step']}/{state['total']} folds" if state["total"] else f"{state['step']} folds"
         value = "-" if state["value"] is None else f"{state['value']:.4f}"
         device = None if state["device"] else result.get("htnet_device")  # said once: does the trial see the GPU?
-        if device:
-            state["device"] = device
+        state["device"] = state["device"] or device
         where = f" (on {', '.join(filter(None, (device, result.get('htnet_gpu'))))})" if device else ""
         return f"{folds}, {self.space.metric} {value}{where}"
 
@@ -64,8 +63,7 @@ class SearchProgress(tune.Callback):
                   f"(Ray trial {trial.trial_id})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        state = self._trial(trial)
-        self._update(state, result)
+        state = self._trial(trial, result=result)
         if result.get("htnet_storage_error") and not self._storage_down:  # search.trainable._report
             self._storage_down = True
             self._say(f"warning: trial {state['tag']} could not store its checkpoint in Ray's storage "
@@ -78,9 +76,8 @@ class SearchProgress(tune.Callback):
             self._say(f"trial {state['tag']}: {self._shown(state, result)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        state, result = self._trial(trial), trial.last_result or {}
-        self._update(state, result)
-        state["status"] = trial_status(result, self.searcher.is_pruned(trial.trial_id))
+        result = trial.last_result or {}
+        state = self._trial(trial, trial_status(result, self.searcher.is_pruned(trial.trial_id)), result)
         if state["status"] == "failed":
             self._say(f"trial {state['tag']} failed: {result.get('htnet_error', 'no result')}")
         elif state["status"] == "pruned":
@@ -90,14 +87,11 @@ class SearchProgress(tune.Callback):
             self._say(f"trial {state['tag']} finished: {self._shown(state, result)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        state = self._trial(trial)
-        state["status"] = "failed"
-        self._say(f"trial {state['tag']} failed: {error_text(trial)}")
+        self._say(f"trial {self._trial(trial, 'failed')['tag']} failed: {error_text(trial)}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        state = self._trial(trial)
-        state["status"] = "retrying"
-        self._say(f"trial {state['tag']}'s worker failed ({error_text(trial)}); Ray retries it")
+        tag = self._trial(trial, "retrying")["tag"]
+        self._say(f"trial {tag}'s worker failed ({error_text(trial)}); Ray retries it")
 
     def on_step_end(self, iteration, trials, **info):
         if self._news and time.monotonic() - self._table_at >= self._every:
@@ -106,7 +100,6 @@ class SearchProgress(tune.Callback):
             self._news = False
 
     def table(self):
-        """Counts, the running trials and the best finished ones."""
         states = list(self._trials.values())
         counts = {s: sum(t["status"] == s for t in states) for s in ("finished", "pruned", "failed")}
         running = [t for t in states if t["status"] in ("running", "retrying")]

@@ -1,7 +1,5 @@
-"""Start and resume a search: the driver that ties Ray Tune, Optuna and MLflow together (where it keeps what:
-search.driver.stores; its summary and `search status`: search.driver.summary). One process at a time runs or
-resumes a search; without --address it starts its own local Ray (search.driver.ray_setup). MLflow is a view of
-Ray's results: the search's end and every resume log what it lacks (tracking.sync)."""
+"""Start and resume a search: one tune.Tuner over Ray Tune, Optuna and MLflow, one driver per search (its lock).
+MLflow is a view of Ray's results: a search's end and every resume log what it lacks (tracking.sync)."""
 import dataclasses
 import datetime
 import sys
@@ -16,7 +14,7 @@ from htnet.folds import check_fold_classes
 from htnet.io import atomic_write, ensure_writable_dir
 from htnet.loso import lone_subjects_warning, parse_subjects, select_subjects
 from search import tracking
-from search.driver.console import library_stdout, log_path, search_console
+from search.driver.console import library_output, log_path, search_console
 from search.driver.progress import SearchProgress
 from search.driver.ray_setup import check_resources, ray_session
 from search.driver.stores import (NAME_PATTERN, SETTINGS_KEYS, check_experiment, check_remote_storage,
@@ -28,14 +26,13 @@ from search.pruning import OptunaPruningScheduler, PruningOptunaSearch
 from search.space import SPACES_DIR, check, load_space, trial_config, with_settings
 from search.trainable import loso_trial
 
-DEFAULT_SPACE = SPACES_DIR / "demo.py"
 FLAGS = ("num_samples", "max_concurrent_trials", "objective", "sampler", "seed", "pruner", "max_failures")
 
 
 @dataclass
 class Options:
     """Everything `python -m search run` takes; None leaves the space file's value."""
-    space: str = str(DEFAULT_SPACE)
+    space: str = str(SPACES_DIR / "demo.py")
     name: str | None = None
     data: str | None = None
     storage: str = "runs"
@@ -58,12 +55,11 @@ class Options:
     save_weights: bool = False
     sets: list = field(default_factory=list)
     top: int = 10
-    verbose: int = 0  # 0: the libraries' output only in the log file; 1, 2: on the console too (Ray Tune's verbose)
+    verbose: int = 0  # 0: the libraries' output only in the log file; 1, 2: on the console too
 
 
 def resolve_space(options):
-    """The space file with the options' search settings and --set values (search.space checks them; `check` its
-    space function)."""
+    """The space file with the options' settings and --set values."""
     return with_settings(load_space(options.space), options.sets, options.cpus_per_trial, options.gpus_per_trial,
                          **{key: getattr(options, key) for key in FLAGS})
 
@@ -73,15 +69,14 @@ def trial_dirname(trial):
 
 
 def make_trainable(space, data, overrides, provenance):
-    """The Ray trainable; `provenance` (tracking.provenance) goes into every trial's result and run tags."""
     settings = {"space": space, "overrides": overrides, "provenance": provenance}
     trainable = tune.with_parameters(loso_trial, data=data, settings=settings)
     return tune.with_resources(trainable, {"cpu": space.resources["cpu"], "gpu": space.resources["gpu"]})
 
 
 def run_search(options, out=None):
-    """Start a new search; returns its summary (see `summarize`). Our own lines go to `out` (default: stdout),
-    the libraries' output to the search's log file (search.driver.console)."""
+    """Start a new search; returns its summary. Our own lines go to `out` (default: stdout), the libraries'
+    output to the search's log file."""
     out = out or sys.stdout
     space = resolve_space(options)
     check(space)  # before anything is written
@@ -106,11 +101,11 @@ def start_search(options, space, name, tracking_uri, storage, out):
     source = data_source(options, space, storage)
     data, data_root = load_data(source)
     used = select_subjects(data, overrides.get("subjects"))
-    check_fold_classes(used)  # before any trial: every fold must be trainable (a class in every training set)
-    if warning := lone_subjects_warning(used):  # subjects with a single sample are valid folds: one line names them
+    check_fold_classes(used)  # before any trial: every fold must have a class in every training set
+    if warning := lone_subjects_warning(used):
         print(warning, file=sys.stderr)
     description = f"{space.description or Path(space.source).stem}; on {data_description(source, data, used)}"
-    provenance = tracking.provenance(data)   # the code and data the trials run, as recorded
+    provenance = tracking.provenance(data)
     dataset = dataset_of(source, provenance, data_root)
     with search_lock(storage, name, "wait for it to end or pick another --name"):
         if manifest_path(storage, name).exists():
@@ -134,15 +129,14 @@ def start_search(options, space, name, tracking_uri, storage, out):
                     {**tracking.provenance_tags(provenance), "mlflow.note.content": description}, dataset)
             except tracking.mlflow_errors() as e:
                 raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
-            manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                        "status": "running", "description": description,
+            created = datetime.datetime.now().isoformat(timespec="seconds")
+            manifest = {"name": name, "created": created, "status": "running", "description": description,
                         "space_file": str(Path(space.source).resolve()), "verbose": options.verbose,
                         "log": str(log_path(storage, name)),
-                        "settings": {key: getattr(space, key) for key in SETTINGS_KEYS},
-                        "sets": list(options.sets), "overrides": overrides, "data": source,
-                        "data_root": data_root, "tracking_uri": tracking_uri, "experiment": options.experiment,
-                        "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                        "optuna_storage": optuna_url, "ray_storage": ray_storage,
+                        "settings": {key: getattr(space, key) for key in SETTINGS_KEYS}, "sets": list(options.sets),
+                        "overrides": overrides, "data": source, "data_root": data_root, "tracking_uri": tracking_uri,
+                        "experiment": options.experiment, "experiment_id": experiment_id,
+                        "parent_run_id": parent_run_id, "optuna_storage": optuna_url, "ray_storage": ray_storage,
                         "ray_path": f"{ray_storage.rstrip('/')}/{name}", "address": options.address}
             with atomic_write(space_copy(storage, name)) as f:
                 f.write(space.text)
@@ -156,9 +150,9 @@ def start_search(options, space, name, tracking_uri, storage, out):
             searcher = PruningOptunaSearch(space=space.optuna_space(), metric=space.metric, mode="max",
                                            pruner=space.make_pruner(), sampler=space.make_sampler(),
                                            study_name=name, storage=open_optuna_storage(optuna_url))
-            callback = tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space,
-                                               searcher, overrides, dataset)
-            progress = SearchProgress(space, searcher, space.num_samples)
+            callbacks = [tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space, searcher,
+                                                 overrides, dataset),
+                         SearchProgress(space, searcher, space.num_samples)]
             tuner = tune.Tuner(
                 make_trainable(space, data, overrides, provenance),
                 tune_config=tune.TuneConfig(
@@ -166,20 +160,17 @@ def start_search(options, space, name, tracking_uri, storage, out):
                     num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
                     trial_dirname_creator=trial_dirname, reuse_actors=True),
                 run_config=tune.RunConfig(
-                    name=name, storage_path=ray_storage, callbacks=[callback, progress],
+                    name=name, storage_path=ray_storage, callbacks=callbacks,
                     failure_config=tune.FailureConfig(max_failures=space.max_failures),
                     # each holds all finished folds: the latest two (the last may be half-written)
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    verbose=options.verbose))
-            with library_stdout():
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=options.verbose))
+            with library_output():
                 tuner.fit()
         return sync_and_finish(storage, name, space, options.top, out, dataset)
 
 
 def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out=None):
-    """Resume a search whose driver stopped (killed, Ctrl+C, machine restart). Everything else
-    (space, data, stores, progress output) is as the search was started. Ray's experiment is
-    checked before it is loaded (check_restorable)."""
+    """Resume a search whose driver stopped, as it was started (space, data, stores, console)."""
     out = out or sys.stdout
     storage = Path(storage).resolve()
     if not NAME_PATTERN.match(name) or not (manifest_path(storage, name).is_file()
@@ -187,7 +178,7 @@ def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out
         raise no_such_search(storage, name)
     with search_lock(storage, name):
         manifest = read_manifest(storage, name)
-        with search_console(log_path(storage, name), manifest.get("verbose", 1), out):  # as it was started
+        with search_console(log_path(storage, name), manifest.get("verbose", 1), out):
             return continue_search(manifest, storage, name, address, num_cpus, top, out)
 
 
@@ -196,7 +187,8 @@ def continue_search(manifest, storage, name, address, num_cpus, top, out):
     if not tune.Tuner.can_restore(manifest["ray_path"]):
         raise UserError(f"search {name!r}: Ray Tune has no restorable experiment at {manifest['ray_path']}")
     tracking.check_reachable(manifest["tracking_uri"])
-    space = space_of(storage, name, manifest)
+    space = dataclasses.replace(with_settings(load_space(space_copy(storage, name)), manifest.get("sets") or ()),
+                                **{key: manifest["settings"][key] for key in SETTINGS_KEYS})  # as it was started
     data, data_root = load_data(manifest["data"])
     overrides = manifest.get("overrides") or {}
     plan = check_experiment(manifest["ray_path"], f"search {name!r}", lambda trial: trial_config(
@@ -222,29 +214,18 @@ def continue_search(manifest, storage, name, address, num_cpus, top, out):
         tuner = tune.Tuner.restore(
             manifest["ray_path"], trainable=make_trainable(space, data, overrides, provenance),
             resume_unfinished=True, resume_errored=False)
-        with library_stdout():
+        with library_output():
             tuner.fit()
     return sync_and_finish(storage, name, space, top, out, dataset_of(manifest["data"], provenance, data_root))
 
 
-def space_of(storage, name, manifest):
-    """The search's space as it was started: its stored copy of the file, with the settings and --set values it
-    recorded."""
-    space = load_space(space_copy(storage, name))
-    return dataclasses.replace(with_settings(space, manifest.get("sets") or ()),
-                               **{key: manifest["settings"][key] for key in SETTINGS_KEYS})
-
-
 def data_description(source, data, used, root=None):
-    """What the trials train on, e.g. 'the synthetic composite at R: 6 of its 9 subjects (casme2 2, samm 2,
-    smic 2), 45 samples'."""
+    """E.g. 'the synthetic composite at R: 6 of its 9 subjects (casme2 2, samm 2, smic 2), 45 samples'."""
     kind = "the synthetic composite" if "synthetic" in source else "the release"
     count, total = len(used.subject_ids), len(data.subject_ids)
     per_dataset = ", ".join(f"{dataset} {n}" for dataset, n in used.summary()["subjects"].items())
     subjects = f"{count} of its {total} subjects" if count < total else f"{total} subjects"
     return f"{kind} at {root or data.source}: {subjects} ({per_dataset}), {len(used)} samples"
-
-
 
 
 def log_line(manifest, storage, name):
@@ -255,13 +236,12 @@ def log_line(manifest, storage, name):
 
 
 def dataset_of(source, provenance, data_root):
-    """tracking.log_dataset's arguments for a search's data (`source`: stores.data_source's)."""
-    return provenance["htnet_data"], data_root, "synthetic" in source
+    return provenance["htnet_data"], data_root, "synthetic" in source  # tracking.log_dataset's arguments
 
 
 def sync_and_finish(storage, name, space, top, out, dataset):
-    """Log to MLflow whatever it lacks of Ray's results (tracking.sync: nothing twice) and finish the search; where
-    MLflow does not answer, say so in one line and keep everything: the next `search resume` syncs."""
+    """Log to MLflow what it lacks of Ray's results and finish; where MLflow does not answer, one line, and
+    everything is kept for the next `search resume`."""
     manifest = read_manifest(storage, name)
     try:
         reason = tracking.unreachable(manifest["tracking_uri"])

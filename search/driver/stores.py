@@ -1,12 +1,11 @@
-"""Where a search keeps its state and who may touch it: the search record, the per-search lock, the
-Optuna storage, the default MLflow store, the search's data, and the trust check of the Ray experiment
-that `resume` unpickles (the layout of --storage: docs/design.md)."""
+"""Where a search keeps its state (the layout of --storage: docs/design.md): the search record and its lock, the
+Optuna storage, the default MLflow store, the search's data, and the checks of the Ray experiment resume unpickles."""
 import contextlib
 import fcntl
 import grp
 import json
 import os
-import pickle
+import pickletools
 import pwd
 import re
 import stat
@@ -22,21 +21,26 @@ from ray import tune
 from htnet.checkpoint import FOLDS_DIR
 from htnet.data import load_release, synthetic_cache
 from htnet.errors import UserError, first_line
-from htnet.loso import check_resumable
 from htnet.io import atomic_write, file_lock, read_yaml
+from htnet.loso import check_resumable
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+MANIFEST_KEYS = {"name": str, "status": str, "space_file": str, "settings": dict,
+                 "data": dict, "data_root": str, "tracking_uri": str, "experiment": str,
+                 "experiment_id": str, "parent_run_id": str, "optuna_storage": str,
+                 "ray_storage": str, "ray_path": str}
+SETTINGS_KEYS = ("num_samples", "max_concurrent_trials", "objective", "resources", "max_failures",
+                 "sampler", "pruner")
 
 
 def default_tracking_uri():
-    """MLFLOW_TRACKING_URI (set on the cluster's head), else sqlite:///mlflow.db here."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def open_optuna_storage(url):
     """sqlite:///path, any SQLAlchemy URL, or journal:path / a *.log file (JournalStorage)."""
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = Path(url[len("journal:"):] if url.startswith("journal:") else url).resolve()
+        path = Path(url.removeprefix("journal:")).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     lock = contextlib.nullcontext()
@@ -60,14 +64,6 @@ def space_copy(storage, name):
     return Path(storage) / "searches" / f"{name}.space.py"
 
 
-MANIFEST_KEYS = {"name": str, "status": str, "space_file": str, "settings": dict,
-                 "data": dict, "data_root": str, "tracking_uri": str, "experiment": str,
-                 "experiment_id": str, "parent_run_id": str, "optuna_storage": str,
-                 "ray_storage": str, "ray_path": str}
-SETTINGS_KEYS = ("num_samples", "max_concurrent_trials", "objective", "resources", "max_failures",
-                 "sampler", "pruner")
-
-
 def search_names(storage):
     folder = Path(storage) / "searches"
     return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.endswith(".best")) if folder.is_dir() else []
@@ -80,8 +76,7 @@ def no_such_search(storage, name):
 
 
 def read_manifest(storage, name):
-    """The search record, checked: a damaged one (not YAML, binary, a key missing) is one line
-    naming the file and what is wrong."""
+    """The search record; a damaged one is one line naming the file and what is wrong."""
     path = manifest_path(storage, name)
     if not path.is_file():
         raise no_such_search(storage, name)
@@ -89,10 +84,9 @@ def read_manifest(storage, name):
     if not isinstance(manifest, dict):
         raise UserError(f"{path}: damaged search record (not a mapping of keys)")
     for key, kind in MANIFEST_KEYS.items():
-        if key not in manifest:
-            raise UserError(f"{path}: damaged search record: key {key!r} is missing")
-        if not isinstance(manifest[key], kind):
-            raise UserError(f"{path}: damaged search record: {key} is not a {kind.__name__}")
+        if not isinstance(manifest.get(key), kind):
+            raise UserError(f"{path}: damaged search record: " + (f"{key} is not a {kind.__name__}" if key in manifest
+                                                                   else f"key {key!r} is missing"))
     if missing := [k for k in SETTINGS_KEYS if k not in manifest["settings"]]:
         raise UserError(f"{path}: damaged search record: key 'settings.{missing[0]}' is missing")
     if manifest["name"] != name:
@@ -117,7 +111,7 @@ def data_source(options, space, storage):
 
 
 def load_data(source):
-    """The CompositeData of a search: a release folder, or the synthetic set generated once."""
+    """(CompositeData, its root folder) of a search: a release folder, or the synthetic set generated once."""
     if "path" in source:
         return load_release(source["path"]), source["path"]
     synth = source["synthetic"]
@@ -129,8 +123,7 @@ def load_data(source):
 
 @contextlib.contextmanager
 def search_lock(storage, name, hint="wait for it to end"):
-    """Held (flock) while this process runs or resumes search `name`: two drivers of one search would
-    run its trials twice and overwrite each other's records."""
+    """Held (flock) while this process runs or resumes search `name`: two drivers would run its trials twice."""
     path = manifest_path(storage, name).with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -148,9 +141,8 @@ def search_lock(storage, name, hint="wait for it to end"):
 
 
 def check_remote_storage(uri, what="Ray storage"):
-    """Storage on S3 (or another pyarrow file system) must answer, and its bucket exist, before anything is
-    recorded or restored: Ray would say so only in a traceback once the Tuner runs (or that nothing is
-    restorable). One line otherwise, naming the storage as `what`."""
+    """S3 storage must answer and its bucket exist before anything is recorded: Ray would say so only in a
+    traceback once the Tuner runs."""
     try:
         fs, path = open_folder(uri)
         bucket = path.split("/")[0]
@@ -163,8 +155,7 @@ def check_remote_storage(uri, what="Ray storage"):
 
 
 def check_restorable(manifest, name):
-    """Refuse (one line) a Ray experiment that someone else could have written: `Tuner.restore` and
-    `ExperimentAnalysis` unpickle it (why and what is checked: docs/design.md)."""
+    """Refuse (one line) a Ray experiment someone else could have written: resuming unpickles it (docs/design.md)."""
     storage, path = manifest["ray_storage"].rstrip("/"), manifest["ray_path"].rstrip("/")
     if path != f"{storage}/{name}":
         raise UserError(f"search {name!r}: its record names the Ray experiment {path}, not "
@@ -205,25 +196,20 @@ def private_group(gid):
 
 
 def open_folder(folder):
-    """(pyarrow file system, path) of a local folder or of a URI such as s3://bucket/prefix (credentials and
-    endpoint from the environment, as Ray's storage)."""
+    """(pyarrow file system, path) of a local folder or a URI such as s3://bucket/prefix (as Ray's storage)."""
     return pyarrow.fs.FileSystem.from_uri(str(Path(folder).resolve()) if "://" not in str(folder) else str(folder))
 
 
 def folds_kept(fs, path):
-    """How many finished folds (htnet.checkpoint's fold records) the run folder at `path` holds."""
-
     selector = pyarrow.fs.FileSelector(f"{path}/{FOLDS_DIR}", allow_not_found=True)
     return sum(info.base_name.endswith(".json") for info in fs.get_file_info(selector))
 
 
 def resume_plan(trials, errored):
-    """[(trial, file system, the checkpoint Ray's snapshot names, the one the trial should go on from or None)] of
-    each trial a resume continues (`errored`: failed ones too). Ray snapshots a trial's latest checkpoint once every num_to_keep checkpoints
-    but deletes the older ones at once, so a driver killed in between leaves a snapshot naming a deleted (or an
-    older) checkpoint: the resumed trial would fail ("does not exist on storage anymore") or train again folds it
-    had finished. A trial's newer checkpoint holds every fold the named one did and more (htnet.checkpoint); one
-    with fewer fold records (an upload cut off while S3 was down: search.trainable) is passed over."""
+    """[(trial, file system, the checkpoint Ray's snapshot names, the one it should go on from or None)] of each
+    trial a resume continues. Ray snapshots a trial's checkpoint once every num_to_keep but deletes older ones at
+    once, so a killed driver's snapshot can name a deleted or older checkpoint; the trial's newest one with at least
+    as many fold records (an upload cut off while S3 was down has fewer) holds all the named one did."""
     plan = []
     for trial in trials:
         checkpoint = trial.checkpoint
@@ -241,22 +227,27 @@ def resume_plan(trials, errored):
     return plan
 
 
+def whole_pickle(data):
+    """Read a pickle's opcodes to its end without running them (Ray unpickles it on resume): a cut one raises."""
+    list(pickletools.genops(data))
+
+
 def check_experiment(path, name, config_of, data, errored=False):
-    """Load first what resuming loads from the Ray experiment at `path`: its newest state files, each trial's state,
-    and the fold records of each checkpoint a trial goes on from (htnet.loso.check_resumable; `config_of(trial)`:
-    its LosoConfig). A damaged one is one line naming it, before anything is written. Returns resume_plan's."""
+    """Load first what resuming loads from the Ray experiment at `path` (its newest state files, each trial's state,
+    the fold records each trial goes on from; `config_of(trial)`: its LosoConfig): a damaged one is one line naming
+    it, before anything is written. Returns resume_plan's."""
     fs, folder = open_folder(path)
 
     def damaged(file, error):
         return UserError(f"{name}: {file} cannot be loaded ({type(error).__name__}: {first_line(error)[:200]}); "
                          f"nothing was changed: restore it from a backup, or start again under another name")
     files = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(folder)))
-    for prefix, load in [("experiment_state-", json.loads), ("search_gen_state-", pickle.loads),
-                         ("searcher-state-", pickle.loads), ("tuner.pkl", pickle.loads)]:
+    for prefix, load in [("experiment_state-", json.loads), ("search_gen_state-", whole_pickle),
+                         ("searcher-state-", whole_pickle), ("tuner.pkl", whole_pickle)]:
         for file in [f for f in files if f.startswith(prefix)][-1:]:   # Ray loads the newest
             try:
                 with fs.open_input_stream(f"{folder}/{file}") as stream:
-                    load(stream.read())   # the trust check came first (check_restorable)
+                    load(stream.read())
             except Exception as e:  # noqa: BLE001 - whatever the damage, the file is named
                 raise damaged(f"{path}/{file}", e) from None
     try:

@@ -1,5 +1,4 @@
-"""The end of a search and `search status`: the trial table from MLflow, the best configuration, the summary
-printed to the user."""
+"""The end of a search and `search status`: the trial table from MLflow, the best configuration, the summary."""
 import collections
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from search.space import OBJECTIVES
 
 
 def shown_path(path):
-    """A path as the user would type it: relative to the working folder when it lies under it."""
+    """Relative to the working folder when it lies under it."""
     try:
         return str(Path(path).relative_to(Path.cwd()))
     except ValueError:
@@ -34,7 +33,6 @@ def optuna_trials(manifest):
 
 
 def summarize(storage, name):
-    """The trial table of a search (from MLflow) with counts and the Optuna study's view."""
     manifest = read_manifest(storage, name)
     metric = OBJECTIVES[manifest["settings"]["objective"]]
     client = tracking.client_for(manifest["tracking_uri"])
@@ -80,7 +78,6 @@ def write_best_config(storage, name, summary):
 
 
 def browse_hint(tracking_uri, experiment):
-    """One sentence: a tracking server is opened in a browser; a local store is served by `mlflow ui` first."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"browse the runs: open {tracking_uri} (experiment {experiment})"
     if tracking_uri.startswith("sqlite:///"):
@@ -104,8 +101,7 @@ def print_summary(summary, top, best, out):
         print(f"top trials:\n{text}", file=out)
     if best is not None:
         best, data = shown_path(best), shown_path(manifest["data_root"])
-        print(f"best configuration: {best}\n  rerun it: python -m htnet train --config {best} --data {data}",
-              file=out)
+        print(f"best configuration: {best}\n  rerun it: python -m htnet train --config {best} --data {data}", file=out)
     if manifest["status"] != "finished":
         print(f"the search did not finish: resume it with `python -m search resume {summary['name']}`", file=out)
     print(browse_hint(manifest["tracking_uri"], manifest["experiment"]), file=out)
@@ -114,9 +110,8 @@ def print_summary(summary, top, best, out):
 
 
 def status(storage, name=None, top=10, out=None):
-    """One search's summary and its Optuna study's trial states; without `name`, one line per search: a damaged
-    record is marked on its line, the others are listed, and the list ends in one error line naming the damaged
-    files (exit 2)."""
+    """One search's summary and its Optuna study's trial states; without `name`, one line per search (a damaged
+    record marked on its line, then one error line naming them)."""
     out = out or sys.stdout
     if name is not None:
         summary = summarize(Path(storage), name)

@@ -8,11 +8,10 @@ import pandas as pd
 
 from htnet.errors import UserError
 from htnet.io import write_files
-from htnet.metrics import NUM_CLASSES, confusion, uf1_uar
+from htnet.metrics import confusion, uf1_uar
 from search import tracking
 from search.reports.export import plural
-from search.reports.leaderboard import read_csv_artifact
-from search.reports.rerun import get_run
+from search.reports.leaderboard import get_run, read_csv_artifact
 from search.reports.stats import cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue, wilcoxon_pvalue
 
 REQUIRED = ("sample", "subject", "dataset", "label", "protocol", "prediction")
@@ -27,25 +26,23 @@ def load_predictions(ref, store=None):
         if not file.is_file():
             raise UserError(f"{path}: no predictions.csv there")
         frame, label, where = pd.read_csv(file), str(path), str(file)
+    elif store is None:
+        raise UserError(f"{ref}: no such file, and no MLflow store to look the run up in")
     else:
-        if store is None:
-            raise UserError(f"{ref}: no such file, and no MLflow store to look the run up in")
-        run = get_run(store, ref, f"{ref!r} is neither a file nor an MLflow run at {store.tracking_uri}")
-        tags, where = run.data.tags, f"run {ref}"
-        label = tags.get("htnet.method") or tags.get("mlflow.runName") or ref[:8]
+        tags = get_run(store, ref, f"{ref!r} is neither a file nor an MLflow run at {store.tracking_uri}").data.tags
+        label, where = tags.get("htnet.method") or tags.get("mlflow.runName") or ref[:8], f"run {ref}"
         if _has_predictions(store, ref):
             frame = read_csv_artifact(store, ref, "predictions.csv")
         else:
             children = tracking.runs(store.client, store.experiment_id, f"tags.mlflow.parentRunId = '{ref}'",
                                      ["tags.htnet.seed"])
-            seeds = children["tags.htnet.seed"].fillna(children["run_id"])
-            frames = [read_csv_artifact(store, run_id, "predictions.csv").assign(seed=seed)
-                      for run_id, seed in zip(children["run_id"], seeds) if _has_predictions(store, run_id)]
+            frames = [read_csv_artifact(store, run_id, "predictions.csv").assign(seed=seed) for run_id, seed in
+                      zip(children["run_id"], children["tags.htnet.seed"].fillna(children["run_id"]))
+                      if _has_predictions(store, run_id)]
             if not frames:
                 raise UserError(f"run {ref} has no predictions.csv artifact (nor do its child runs)")
             frame = pd.concat(frames, ignore_index=True)
-    missing = [c for c in REQUIRED if c not in frame]
-    if missing:
+    if missing := [c for c in REQUIRED if c not in frame]:
         raise UserError(f"{where}: predictions have no column {missing[0]!r}")
     return frame, label
 
@@ -55,22 +52,18 @@ def _has_predictions(store, run_id):
 
 
 def _restrict(frame, protocol, dataset, where):
-    protocols = sorted(frame["protocol"].unique())
-    if protocol not in protocols:
+    if protocol not in (protocols := sorted(frame["protocol"].unique())):
         raise UserError(f"{where}: no {protocol!r} predictions (it has {', '.join(protocols)})")
-    part = frame[frame["protocol"] == protocol]
-    if dataset != "full":
-        part = part[part["dataset"] == dataset]
-        if not len(part):
-            raise UserError(f"{where}: no {dataset!r} samples")
+    part = frame[(frame["protocol"] == protocol) & ((frame["dataset"] == dataset) | (dataset == "full"))]
+    if not len(part):
+        raise UserError(f"{where}: no {dataset!r} samples")
     return part.assign(correct=(part["label"] == part["prediction"]).astype(float))
 
 
 def per_subject_confusions(part, subjects):
     """(S, 3, 3) confusion counts, one per subject in `subjects` order."""
     groups = dict(tuple(part.groupby("subject")))
-    counts = [confusion(groups[s]["label"], groups[s]["prediction"]) for s in subjects]
-    return np.array(counts).reshape(-1, NUM_CLASSES, NUM_CLASSES)  # (0, 3, 3) for no subject
+    return np.array([confusion(groups[s]["label"], groups[s]["prediction"]) for s in subjects])
 
 
 def compare(a, b, protocol="inner", protocol_b=None, dataset="full", n_boot=10_000, seed=0, labels=("A", "B")):
@@ -90,22 +83,20 @@ def compare(a, b, protocol="inner", protocol_b=None, dataset="full", n_boot=10_0
     table["diff"] = table["rate_a"] - table["rate_b"]
     d = table["diff"].to_numpy()
     p, exact = sign_flip_pvalue(d, seed=seed)
-    uf1_a, uar_a = uf1_uar(pa["label"], pa["prediction"])
-    uf1_b, uar_b = uf1_uar(pb["label"], pb["prediction"])
+    pooled = dict(zip(("uf1", "uar"), zip(*(uf1_uar(part["label"], part["prediction"]) for part in (pa, pb)))))
     intervals = cluster_bootstrap_uf1_uar(per_subject_confusions(pa, subjects), per_subject_confusions(pb, subjects),
                                           n_boot=n_boot, seed=seed)
     return {"labels": list(labels), "protocol_a": protocol, "protocol_b": protocol_b, "dataset": dataset,
             "subjects": len(subjects), "samples": len(common),
             "samples_dropped": [len(set(a["sample"])) - len(common), len(set(b["sample"])) - len(common)],
-            "seeds_a": int(a["seed"].nunique()) if "seed" in a else 1,
-            "seeds_b": int(b["seed"].nunique()) if "seed" in b else 1,
+            **{f"seeds_{k}": int(f["seed"].nunique()) if "seed" in f else 1 for k, f in (("a", a), ("b", b))},
             "mean_rate_a": float(table["rate_a"].mean()), "mean_rate_b": float(table["rate_b"].mean()),
-            "mean_diff": float(d.mean()) if len(d) else float("nan"),
+            "mean_diff": float(d.mean()),
             "ci95": list(paired_bootstrap(d, n_boot=n_boot, seed=seed)),
             "p_sign_flip": p, "p_exact": exact, "p_wilcoxon": wilcoxon_pvalue(d),
             "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
-            "uf1_a": uf1_a, "uf1_b": uf1_b, "uf1_diff": uf1_a - uf1_b, "uf1_diff_ci95": list(intervals["uf1"]),
-            "uar_a": uar_a, "uar_b": uar_b, "uar_diff": uar_a - uar_b, "uar_diff_ci95": list(intervals["uar"]),
+            **{f"{m}_{k}": v for m, (x, y) in pooled.items()
+               for k, v in {"a": x, "b": y, "diff": x - y, "diff_ci95": list(intervals[m])}.items()},
             "n_boot": n_boot, "per_subject": table}
 
 

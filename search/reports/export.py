@@ -1,10 +1,10 @@
-"""Tables to Markdown (GitHub pipe tables) and LaTeX (booktabs), and back; cells are text (`format_numbers`)."""
+"""Tables to Markdown (GitHub pipe tables) and LaTeX (booktabs), and back; cells are text (`format_numbers`).
+Not DataFrame.to_markdown (tabulate) nor Styler.to_latex (jinja2), neither a requirement: the paper table needs
+grouped headers and notes, and the readers must parse exactly what the writers write."""
 import re
 
 import pandas as pd
 
-# Not DataFrame.to_markdown (needs tabulate, not a requirement) nor Styler.to_latex (jinja2): the paper
-# table needs grouped headers and notes, and the readers must parse exactly what the writers write.
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                  "±": r"$\pm$", "†": r"\dag{}"}
@@ -12,36 +12,33 @@ LATEX_UNESCAPE = re.compile("|".join(re.escape(v) for v in sorted(LATEX_SPECIAL.
 NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-def format_numbers(table, digits=4, fixed=None):
-    """A copy with float columns as text (NaN -> ""): `fixed` columns (default: all) with `digits`
-    decimals, the others with 6 significant digits (parameters such as lr 5e-05)."""
+def format_numbers(table, fixed=None):
+    """A copy with float columns as text (NaN -> ""): `fixed` columns (default: all) with 4 decimals, the others
+    with 6 significant digits (parameters such as lr 5e-05)."""
     out = table.copy()
-    for column in out.columns:
-        if pd.api.types.is_float_dtype(out[column]):
-            spec = f".{digits}f" if fixed is None or column in fixed else ".6g"
-            out[column] = out[column].map(lambda v, spec=spec: "" if pd.isna(v) else format(v, spec)).astype(object)
+    for column in out.columns[[pd.api.types.is_float_dtype(t) for t in out.dtypes]]:
+        spec = ".4f" if fixed is None or column in fixed else ".6g"
+        out[column] = out[column].map(lambda v, spec=spec: "" if pd.isna(v) else format(v, spec)).astype(object)
     return out
 
 
 def plural(count, word):
-    """'1 seed', '2 seeds', '0 seeds' (the words here take an s)."""
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def _texts(table):
-    """The cells as text, rows of lists (None and NaN -> "")."""
     return [["" if pd.api.types.is_scalar(v) and pd.isna(v) else str(v) for v in row]
             for row in table.itertuples(index=False)]
 
 
-def _numeric(values):
-    return all(v == "" or NUMBER.match(v.strip()) for v in values)
+def _numeric(rows, i):
+    return all(r[i] == "" or NUMBER.match(r[i].strip()) for r in rows)
 
 
 def markdown_table(table, align=None):
     """A GitHub pipe table; align: {column: 'l'|'r'|'c'} (default: numbers right, text left)."""
     columns, rows = [str(c) for c in table.columns], _texts(table)
-    kinds = [(align or {}).get(c) or ("r" if any(r[i] for r in rows) and _numeric([r[i] for r in rows]) else "l")
+    kinds = [(align or {}).get(c) or ("r" if any(r[i] for r in rows) and _numeric(rows, i) else "l")
              for i, c in enumerate(columns)]
     rules = [{"l": ":---", "r": "---:", "c": ":---:"}[kind] for kind in kinds]
     return "".join("| " + " | ".join(c.replace("|", r"\|").replace("\n", " ") for c in line) + " |\n"
@@ -63,19 +60,15 @@ def latex_escape(text):
 
 
 def latex_table(table, header_groups=None, column_format=None, caption=None, label=None, notes=None):
-    """A booktabs tabular, in a table float when a caption is given. header_groups: [(text, span), ...]
-    over all columns, a first header row of \\multicolumn cells with \\cmidrule under the named groups;
-    notes: lines under the table (footnotesize)."""
-    rows = _texts(table)
-    if column_format is None:
-        column_format = "".join("r" if _numeric([r[i] for r in rows]) else "l" for i in range(len(table.columns)))
-    body = []
+    """A booktabs tabular, in a table float when a caption is given. header_groups: [(text, span), ...] over all
+    columns, a first header row with \\cmidrule under the named groups; notes: lines under it (footnotesize)."""
+    rows, body = _texts(table), []
+    column_format = column_format or "".join("r" if _numeric(rows, i) else "l" for i in range(len(table.columns)))
     if header_groups:
         cells, rules, start = [], [], 1
         for text, span in header_groups:
             cells.append(latex_escape(text) if span == 1 else rf"\multicolumn{{{span}}}{{c}}{{{latex_escape(text)}}}")
-            if text and span > 1:
-                rules.append(rf"\cmidrule(lr){{{start}-{start + span - 1}}}")
+            rules += [rf"\cmidrule(lr){{{start}-{start + span - 1}}}"] if text and span > 1 else []
             start += span
         body += [" & ".join(cells) + r" \\", *([" ".join(rules)] if rules else [])]
     body += [" & ".join(map(latex_escape, table.columns)) + r" \\", r"\midrule"]
@@ -90,19 +83,15 @@ def latex_table(table, header_groups=None, column_format=None, caption=None, lab
 
 
 def read_latex_table(text):
-    """The tabular written by `latex_table` -> DataFrame of strings (the last header row names the
-    columns; empty cells -> NaN)."""
+    """The tabular `latex_table` writes -> DataFrame of strings (the last header row names the columns)."""
     lines = [line.strip() for line in text.splitlines()]
     try:
         top, mid, bottom = lines.index(r"\toprule"), lines.index(r"\midrule"), lines.index(r"\bottomrule")
     except ValueError:
         raise ValueError("no booktabs tabular (\\toprule/\\midrule/\\bottomrule) found") from None
     unescape = {v: k for k, v in LATEX_SPECIAL.items()}
-
-    def cells(line):
-        return [LATEX_UNESCAPE.sub(lambda m: unescape[m.group(0)], c.strip())
-                for c in re.split(r"(?<!\\)&", line.removesuffix(r"\\"))]
-
-    header = [cells(line) for line in lines[top + 1:mid] if line.endswith(r"\\")][-1]
-    rows = [cells(line) for line in lines[mid + 1:bottom] if line.endswith(r"\\")]
-    return pd.DataFrame(rows, columns=header, dtype=object).replace("", float("nan"))
+    rows = [[LATEX_UNESCAPE.sub(lambda m: unescape[m.group(0)], c.strip())
+             for c in re.split(r"(?<!\\)&", line.removesuffix(r"\\"))]
+            for line in lines[top + 1:bottom] if line.endswith(r"\\")]
+    header = len([line for line in lines[top + 1:mid] if line.endswith(r"\\")])
+    return pd.DataFrame(rows[header:], columns=rows[header - 1], dtype=object).replace("", float("nan"))

@@ -1,21 +1,23 @@
 """The leaderboard: every trial of one or more searches, read back from MLflow, ranked by the objective."""
 import collections
+import dataclasses
 import io
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import mlflow.artifacts
 import numpy as np
 import pandas as pd
 
 from htnet.errors import UserError, first_line
 from htnet.io import parse_yaml, write_files
+from htnet.loso import LosoConfig
 from htnet.metrics import PROTOCOLS
 from search import tracking
 from search.driver.stores import default_tracking_uri
 from search.reports.export import format_numbers, latex_table, markdown_table
+from search.space import nest
 
 DATASET_COLUMNS = (("full", "Full"), ("smic", "SMIC"), ("casme2", "CASME II"), ("samm", "SAMM"))
 METRICS = tuple((key, f"{name} {m.upper()}", m) for key, name in DATASET_COLUMNS for m in ("uf1", "uar"))
@@ -27,8 +29,7 @@ Store = collections.namedtuple("Store", "client experiment_id tracking_uri exper
 
 def open_store(tracking_uri=None, experiment="htnet", create=False):
     """The MLflow client and experiment (default URI: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
-    tracking_uri = tracking_uri or default_tracking_uri()
-    client = tracking.client_for(tracking_uri)
+    client = tracking.client_for(tracking_uri := tracking_uri or default_tracking_uri())
     if create:
         return Store(client, tracking.ensure_experiment(client, experiment, tracking_uri), tracking_uri, experiment)
     found = tracking.retry(client.get_experiment_by_name, experiment)
@@ -41,8 +42,7 @@ def open_store(tracking_uri=None, experiment="htnet", create=False):
 def search_parents(store, names=None):
     """Parent runs of the named searches (all when none named; newest first); a name started twice gives its newest."""
     by_name = tracking.newest_run_ids(store.client, store.experiment_id, "tags.`htnet.role` = 'search'", "htnet.search")
-    missing = [n for n in names or () if n not in by_name]
-    if missing:
+    if missing := [n for n in names or () if n not in by_name]:
         raise UserError(f"no search named {missing[0]!r} in MLflow experiment {store.experiment!r} "
                         f"at {store.tracking_uri} (known: {', '.join(sorted(by_name)) or 'none'})")
     return [tracking.retry(store.client.get_run, by_name[n]) for n in names or by_name]
@@ -52,13 +52,20 @@ def model_label(model):
     return MODEL_LABELS.get(model, model)
 
 
+def get_run(store, run_id, missing):
+    """The MLflow run, or a UserError with the message `missing` when there is none."""
+    try:
+        return tracking.retry(store.client.get_run, run_id)
+    except Exception:  # noqa: BLE001 - MLflow's not-found error
+        raise UserError(missing) from None
+
+
 def read_artifact_bytes(store, run_id, path, optional=False):
-    """An artifact's bytes (htnet.io.parse_yaml checks their encoding and size); None if optional and missing."""
+    """An artifact's bytes (htnet.io.parse_yaml checks a YAML's encoding and size); None if optional and missing."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="htnet-report-") as folder:
         try:
-            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=folder,
-                                                            tracking_uri=store.tracking_uri)).read_bytes()
+            return Path(store.client.download_artifacts(run_id, path, folder)).read_bytes()
         except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a missing file
             if optional:
                 return None
@@ -69,10 +76,25 @@ def read_csv_artifact(store, run_id, path):
     return pd.read_csv(io.BytesIO(read_artifact_bytes(store, run_id, path)))
 
 
-def read_yaml_artifact(store, run_id, path):
-    """A YAML artifact's content (htnet.io.parse_yaml's limits: a bomb is one UserError); None if missing."""
-    text = read_artifact_bytes(store, run_id, path, optional=True)
-    return None if text is None else parse_yaml(text, f"run {run_id}: {path}")
+def config_of_run(store, run):
+    """The LOSO config of a run: its config.yaml artifact, else its params (YAML read with htnet.io's limits)."""
+    run_id = run.info.run_id
+    if (text := read_artifact_bytes(store, run_id, "config.yaml", optional=True)) is not None:
+        if isinstance(config := parse_yaml(text, f"run {run_id}: config.yaml"), dict):
+            return config
+    if "model" not in run.data.params:
+        raise UserError(f"run {run_id} has neither a config.yaml artifact nor LOSO params")
+    known = {f.name for f in dataclasses.fields(LosoConfig)}
+    return nest({k: parse_yaml(v, f"run {run_id}: param {k}") for k, v in run.data.params.items()
+                 if k.split(".")[0] in known})
+
+
+def best_run_id(store, parent, search, params=None):
+    """The search's best finished trial (with `params`, as leaderboard's --param): its parent's tag, or the first."""
+    if "htnet.best_run_id" in parent.data.tags and not params:
+        return parent.data.tags["htnet.best_run_id"]
+    table = leaderboard(store, [search], statuses=["finished"], params=params)
+    return table.iloc[0]["run_id"] if len(table) else None
 
 
 def leaderboard(store, searches=None, protocol="objective", statuses=None, params=None, top=None):
@@ -85,10 +107,8 @@ def leaderboard(store, searches=None, protocol="objective", statuses=None, param
         tags = parent.data.tags
         objective = tags.get("htnet.objective", "inner_val_uf1")
         trials = tracking.trial_table(store.client, store.experiment_id, parent.info.run_id, objective)
-        names = tracking.sampled_names(trials)
-        if not names:  # a search recorded before htnet.sampled: the parameters that vary across its trials
-            values = trials.filter(regex=r"^params\.")
-            names = [c[len("params."):] for c in values if values[c].nunique(dropna=False) > 1]
+        values = trials.filter(regex=r"^params\.")  # a search recorded before htnet.sampled: those that vary
+        names = tracking.sampled_names(trials) or [c[7:] for c in values if values[c].nunique(dropna=False) > 1]
         key_params += [name for name in names if name not in key_params]
         tables.append(trials.assign(
             search=tags.get("htnet.search"), objective=objective, objective_value=trials[objective],
@@ -123,13 +143,10 @@ def paper_form(table):
     none), the objective, Full UF1/UAR; no ids, per-dataset or all-empty columns (the CSV and Markdown keep all)."""
     if not len(table):
         return table
-    protocols = sorted(set(table["protocol"]))
-    objectives = sorted(set(table["objective"]))
+    protocols, objectives = sorted(set(table["protocol"])), sorted(set(table["objective"]))
     first, last = table.columns.get_loc("protocol") + 1, table.columns.get_loc(METRIC_COLUMNS[0])
     key_params = [c for c in table.columns[first:last] if c != "model"]  # leaderboard() puts them there
-    text = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value")).astype(object)
-    text = text.where(text.notna() & (text != ""), "-")
-    one = len(protocols) == 1
+    text, one = dashed(table), len(protocols) == 1
     form = pd.DataFrame({
         "Rank": text["rank"], "Status": text["status"],
         "Model": table["model"].map(lambda m: model_label(m) if isinstance(m, str) else "-"),
@@ -143,8 +160,14 @@ def paper_form(table):
     return form[keep]
 
 
+def dashed(table):
+    """The numbers as text, '-' where there is none."""
+    text = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value")).astype(object)
+    return text.where(text.notna() & (text != ""), "-")
+
+
 def write_exports(table, csv=None, markdown=None, latex=None, caption=None, full=False):
-    """Write the table to the requested files (all or none; the LaTeX in paper_form unless full); the paths written."""
+    """Write the table to the requested files (the LaTeX in paper_form unless full); the paths written."""
     text = format_numbers(table, fixed=(*METRIC_COLUMNS, "objective_value"))
     texts = {csv: lambda: table.to_csv(index=False), markdown: lambda: markdown_table(text),
              latex: lambda: latex_table(text if full else paper_form(table), caption=caption)}
@@ -155,15 +178,12 @@ def write_exports(table, csv=None, markdown=None, latex=None, caption=None, full
 def print_leaderboard(table, out=None, run_ids=False):
     out = out or sys.stdout
     if not len(table):
-        print("no trials match", file=out)
-        return
-    shown = table.drop(columns=([] if run_ids else ["run_id"]) + (["search"] if table["search"].nunique() <= 1 else []))
-    shown = format_numbers(shown, fixed=(*METRIC_COLUMNS, "objective_value")).astype(object)
-    shown = shown.where(shown.notna() & (shown != ""), "-")
+        return print("no trials match", file=out)
+    shown = dashed(table.drop(columns=([] if run_ids else ["run_id"])
+                              + (["search"] if table["search"].nunique() <= 1 else [])))
     with pd.option_context("display.width", 250, "display.max_columns", 60, "display.max_colwidth", 40):
         print(shown.to_string(index=False), file=out)
-    objectives = sorted(set(table["objective"]))
-    if len(objectives) > 1:
+    if len(objectives := sorted(set(table["objective"]))) > 1:
         print(f"note: these searches have different objectives ({', '.join(objectives)}); the rank "
               f"compares objective values across them", file=out)
     if (table["status"] == "pruned").any():

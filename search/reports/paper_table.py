@@ -10,33 +10,31 @@ from htnet.errors import UserError
 from htnet.io import ensure_writable_dir, write_files
 from search import tracking
 from search.reports.export import latex_table, markdown_table, plural
-from search.reports.leaderboard import DATASET_COLUMNS, METRIC_COLUMNS, METRICS, open_store, read_csv_artifact
-from search.reports.rerun import PRESETS, config_of_run, format_interval, get_run, preset_label
-from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
+from search.reports.leaderboard import DATASET_COLUMNS, METRIC_COLUMNS, METRICS, config_of_run, get_run, open_store
+from search.reports.rerun import format_interval
+from search.reports.sources import PRESETS, preset_label
+from search.reports.stats import MIN_SEEDS
 
-STATS = ("std", "ci95_low", "ci95_high")  # beside each column's mean in the numbers (CSV)
+STATS = {"": "", " std": "_std", " ci95_low": "_ci95_low", " ci95_high": "_ci95_high"}  # CSV column: rerun metric
 CSV_COLUMNS = ["method", "protocol", "source", "kind", "n", "epochs", "data", "fingerprint", "subjects", "samples",
-               "published_data", "run_id", "commit",
-               *(f"{c}{s}" for c in METRIC_COLUMNS for s in ("", *(f" {stat}" for stat in STATS)))]
+               "published_data", "run_id", "commit", *(f"{c}{s}" for c in METRIC_COLUMNS for s in STATS)]
 ROLES = ("rerun", "nested")
 PUBLISHED_MARK, MIXED_MARK = "*", "†"
 
 # Published reference numbers: copied from the publications, not reproduced here. Their data: the composite
 # release of CASME II (145 samples, 24 subjects), SMIC (164, 16) and SAMM (133, 28).
-PUBLISHED = (
-    {"method": "HTNet", "protocol": "paper", "source": "published (HTNet paper)",
-     "values": {"full": (0.8603, 0.8475), "smic": (0.8049, 0.7905), "casme2": (0.9532, 0.9516),
-                "samm": (0.8131, 0.8124)}},
+PUBLISHED = (  # values: {dataset: (UF1, UAR)}
+    {"method": "HTNet", "protocol": "paper", "source": "published (HTNet paper)", "values": {
+        "full": (0.8603, 0.8475), "smic": (0.8049, 0.7905), "casme2": (0.9532, 0.9516), "samm": (0.8131, 0.8124)}},
     {"method": "STSTNet", "protocol": "final", "source": "published (STSTNet, PyTorch, final epoch)",
      "values": {"full": (0.7209, 0.7250)}},
     # MEGC2019 composite rows as the HTNet paper's Table 2 gives them (see BASELINES_NOTE)
     {"method": "OFF-ApexNet", "protocol": "final", "source": "published (MEGC2019 composite, epoch choice not stated)",
      "values": {"full": (0.7196, 0.7096), "smic": (0.6817, 0.6695), "casme2": (0.8764, 0.8681),
                 "samm": (0.5409, 0.5392)}},
-    {"method": "Dual-Inception", "protocol": "inner",
-     "source": "published (MEGC2019 composite; its code: epoch of lowest validation loss)",
-     "values": {"full": (0.7322, 0.7278), "smic": (0.6645, 0.6726), "casme2": (0.8621, 0.8560),
-                "samm": (0.5868, 0.5663)}},
+    {"method": "Dual-Inception", "protocol": "inner", "source": "published (MEGC2019 composite; its code: epoch of "
+     "lowest validation loss)", "values": {
+        "full": (0.7322, 0.7278), "smic": (0.6645, 0.6726), "casme2": (0.8621, 0.8560), "samm": (0.5868, 0.5663)}},
 )
 BASELINES_NOTE = ("OFF-ApexNet and Dual-Inception: their MEGC2019 composite rows as Table 2 of the HTNet paper (Wang "
                   "et al., arXiv 2307.14637) gives them; OFF-ApexNet's are also Table III of the STSTNet paper "
@@ -47,10 +45,7 @@ BASELINES_NOTE = ("OFF-ApexNet and Dual-Inception: their MEGC2019 composite rows
 PUBLISHED_DATA = {"subjects": 68, "samples": 442}
 PUBLISHED_TEXT = "the composite: 68 subjects, 442 samples"
 EXPECTED = {"HTNet (best found)": "python -m search rerun --best SEARCH --param model=htnet",
-            "HTNet (paper config)": "python -m search rerun --preset htnet-paper --data RELEASE",
-            "STSTNet": "python -m search rerun --preset ststnet --data RELEASE",
-            "OFF-ApexNet": "python -m search rerun --preset offapexnet --data RELEASE",
-            "Dual-Inception": "python -m search rerun --preset dual_inception --data RELEASE"}
+            **{label: f"python -m search rerun --preset {name} --data RELEASE" for name, (_, label) in PRESETS.items()}}
 RULE = "per method, the finished rerun (or nested LOSO run) on the published data with the most seeds " \
        "(outer folds), the newest of those"
 RULE_MIXED = "per method, the finished rerun (or nested LOSO run) with the most seeds (outer folds), those on " \
@@ -78,12 +73,11 @@ def _order(row):
 def facts(store, run, label=None):
     """What the table states of a rerun or nested parent: label (a preset's only with its settings), kind, n (seeds;
     outer folds), epochs, data (htnet.data_source, or 'unknown'), fingerprint, counts, whether it is the published."""
-    tags, metrics = run.data.tags, run.data.metrics
-    kind = tags.get("htnet.role")
+    tags, kind = run.data.tags, run.data.tags.get("htnet.role")
     label = label or tags.get("htnet.method") or run.info.run_id[:8]
     if label in {name for _, name in PRESETS.values()}:
         label = preset_label(label, config_of_run(store, run))
-    n = int(metrics.get("n_seeds" if kind == "rerun" else "nested_outer_folds", 0))
+    n = int(run.data.metrics.get("n_seeds" if kind == "rerun" else "nested_outer_folds", 0))
     subjects, samples = (int(t) if str(t).isdigit() else None for t in (tags.get("htnet.data_subjects"),
                                                                         tags.get("htnet.data_samples")))
     if kind == "nested" and subjects is not None and n < subjects:  # failed outer folds: fewer subjects pooled
@@ -111,12 +105,11 @@ def choose(store, picks=None, nested=True, allow_mixed=False):
     chosen = {}
     for label, run_id in (picks or {}).items():
         run = get_run(store, run_id, f"--rerun {label}={run_id}: no such MLflow run")
-        role = run.data.tags.get("htnet.role")
-        if role not in ROLES:
+        if (role := run.data.tags.get("htnet.role")) not in ROLES:
             raise UserError(f"--rerun {label}={run_id}: run is not a rerun or nested parent (role {role})")
-        chosen[label] = facts(store, run, label)
-        if not (chosen[label]["published_data"] or allow_mixed):
-            raise UserError(f"--rerun {label}={run_id}: ran on {data_text(chosen[label])}, not the published "
+        chosen[label] = f = facts(store, run, label)
+        if not (f["published_data"] or allow_mixed):
+            raise UserError(f"--rerun {label}={run_id}: ran on {data_text(f)}, not the published "
                             f"data ({PUBLISHED_TEXT}); pass --allow-mixed to include it, marked {MIXED_MARK}")
     if picks:
         return chosen, ["rows: the runs named by --rerun: " + "; ".join(f"{label} = {run_text(f)}"
@@ -131,8 +124,7 @@ def choose(store, picks=None, nested=True, allow_mixed=False):
         by_label.setdefault(f["label"], []).append(f)
     left_out = []
     for label, ranked in by_label.items():
-        usable = [f for f in ranked if f["published_data"] or allow_mixed]
-        if usable:
+        if usable := [f for f in ranked if f["published_data"] or allow_mixed]:
             chosen[label] = usable[0]
         else:
             left_out.append(f"left out {label!r}: {plural(len(ranked), 'finished run')} not on the published data "
@@ -142,35 +134,24 @@ def choose(store, picks=None, nested=True, allow_mixed=False):
                     + ("; ".join(f"{label} = {run_text(f)}" for label, f in chosen.items()) or "none"), *left_out]
 
 
-def _run_rows(store, f):
-    """The paper and leak-free (inner, else final) rows of a rerun (mean, from MIN_SEEDS seeds std and interval)
-    or nested parent (one estimate)."""
-    run, kind = f["run"], f["kind"]
-    metrics, mean = run.data.metrics, "_mean" if kind == "rerun" else ""
+def _run_rows(f):
+    """A row per protocol of a rerun (mean; from MIN_SEEDS seeds the std and the interval it logged) or of a nested
+    parent (one estimate); a protocol it did not run is marked so."""
+    run, kind, metrics = f["run"], f["kind"], f["run"].data.metrics
+    suffixes = {**STATS, "": "_mean" if kind == "rerun" else ""}
     spread = kind == "rerun" and f["n"] >= MIN_SEEDS
-    bounds = seed_subject_bootstrap(read_csv_artifact(store, run.info.run_id, "predictions.csv")) if spread else {}
     epochs = plural(int(f["epochs"]), "epoch") if str(f["epochs"]).isdigit() else f"epochs {f['epochs']}"
     source = f"ours, {plural(f['n'], 'seed')}, {epochs}" if kind == "rerun" else \
         f"ours, nested LOSO ({plural(f['n'], 'outer fold')}), {epochs}"
     tags = run.data.tags
-    commit = tags.get("mlflow.source.git.commit", "unknown")[:12]
-    commit += " (dirty)" if tags.get("htnet.git_dirty") == "true" else ""
-    rows = []
-    for p in PROTOCOL_ORDER:
-        ran = f"{p}_full_uf1{mean}" in metrics
-        values = {}
-        for key, column, m in METRICS:
-            metric = f"{p}_{key}_{m}"
-            low, high = bounds.get(metric, (np.nan, np.nan))
-            values.update({column: metrics.get(metric + mean, np.nan), f"{column} ci95_low": low,
-                           f"{column} ci95_high": high,
-                           f"{column} std": metrics.get(f"{metric}_std", np.nan) if spread else np.nan})
-        rows.append({"method": f["label"], "protocol": p, "source": source if ran else NOT_RUN, "kind": kind,
-                     "n": f["n"],
-                     "epochs": f["epochs"], **{k: f[k] for k in ("data", "fingerprint", "subjects", "samples",
-                                                                 "published_data")},
-                     "run_id": run.info.run_id, "commit": commit, **values})
-    return rows
+    commit = tags.get("mlflow.source.git.commit", "unknown")[:12] + (
+        " (dirty)" if tags.get("htnet.git_dirty") == "true" else "")
+    same = {"kind": kind, "n": f["n"], "epochs": f["epochs"], "run_id": run.info.run_id, "commit": commit,
+            **{k: f[k] for k in ("data", "fingerprint", "subjects", "samples", "published_data")}}
+    return [{"method": f["label"], "protocol": p, **same,
+             "source": source if f"{p}_full_uf1{suffixes['']}" in metrics else NOT_RUN,
+             **{f"{column}{s}": metrics.get(f"{p}_{key}_{m}{suffix}", np.nan) if spread or not s else np.nan
+                for key, column, m in METRICS for s, suffix in suffixes.items()}} for p in PROTOCOL_ORDER]
 
 
 def collect(store, picks=None, nested=True, allow_mixed=False):
@@ -183,7 +164,7 @@ def collect(store, picks=None, nested=True, allow_mixed=False):
     published, first = {(r["method"], r["protocol"]) for r in rows}, {r["method"]: r for r in reversed(rows)}
     rows += [{**r, "protocol": protocol, "source": NOT_PUBLISHED, **dict.fromkeys(METRIC_COLUMNS, np.nan)}
              for method, r in first.items() for protocol in PROTOCOL_ORDER if (method, protocol) not in published]
-    rows += [row for f in chosen.values() for row in _run_rows(store, f)]
+    rows += [row for f in chosen.values() for row in _run_rows(f)]
     table = pd.DataFrame(sorted(rows, key=_order)).reindex(columns=CSV_COLUMNS)
     return table, [m for m in EXPECTED if m not in chosen] if not picks else [], lines
 
@@ -255,8 +236,6 @@ def paper_table(tracking_uri=None, experiment="htnet", picks=None, interval="std
                 out_dir=None, log=True, out=None):
     """Build, print, save and log the paper table; returns a dict: table, texts, run_id, missing, written."""
     out = out or sys.stdout
-    if interval not in ("std", "ci95", "none"):
-        raise UserError(f"--interval must be std, ci95 or none, got {interval!r}")
     store = open_store(tracking_uri, experiment, create=log)
     table, missing, lines = collect(store, picks, nested, allow_mixed)
     texts = render(table, interval, lines[:1])

@@ -16,8 +16,7 @@ from htnet.metrics import per_subject_accuracy
 from search import tracking
 from search.driver.console import search_console
 from search.driver.stores import open_optuna_storage
-from search.reports.leaderboard import open_store, read_csv_artifact, search_parents
-from search.reports.sources import best_run_id
+from search.reports.leaderboard import best_run_id, open_store, read_csv_artifact, search_parents
 
 DATASET_COLORS = {"casme2": "tab:blue", "smic": "tab:orange", "samm": "tab:green"}
 HATCHES = ("", "//", "..")
@@ -28,22 +27,20 @@ def per_subject_bars(predictions, title=""):
     table = per_subject_accuracy(predictions)
     subjects = table.drop_duplicates("subject").sort_values(["dataset", "subject"], kind="mergesort")
     order, protocols = subjects["subject"].tolist(), list(dict.fromkeys(table["protocol"]))
-    width = 0.8 / max(1, len(protocols))
+    width, x = 0.8 / max(1, len(protocols)), np.arange(len(order))
     fig = Figure(figsize=(max(8.0, 0.32 * len(order) * max(1, len(protocols)) / 1.5), 3.8), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(order))
-    colors = [DATASET_COLORS.get(d, "tab:gray") for d in subjects["dataset"]]
+    ax, colors = fig.subplots(), [DATASET_COLORS.get(d, "tab:gray") for d in subjects["dataset"]]
     for i, protocol in enumerate(protocols):
         part = table[table["protocol"] == protocol].set_index("subject").reindex(order)
         ax.bar(x + (i - (len(protocols) - 1) / 2) * width, part["accuracy"].to_numpy(), width, color=colors,
                hatch=HATCHES[i % 3], edgecolor="black", linewidth=0.3, label=protocol)
     ax.set_xticks(x, order, rotation=90, fontsize=7)
     ax.set(ylim=(0, 1.05), ylabel="accuracy")
+    ax.set_title(title, fontsize=9)
     handles = [Patch(facecolor="white", edgecolor="black", hatch=HATCHES[i % 3], label=p)
                for i, p in enumerate(protocols)]
     handles += [Patch(facecolor=c, label=d) for d, c in DATASET_COLORS.items() if d in set(subjects["dataset"])]
     fig.legend(handles=handles, fontsize=7, loc="outside right upper")  # beside the axes: bars reach the top
-    ax.set_title(title, fontsize=9)
     return fig
 
 
@@ -57,8 +54,7 @@ def _log_figure(client, run_id, figure, name):
 
 def _optuna_plots(store, parent, search, storage_url, objective, out):
     """Optuna's plots of the search's study on its parent run; returns {name: artifact path}."""
-    url = storage_url or parent.data.params.get("optuna_storage")
-    if not url:
+    if not (url := storage_url or parent.data.params.get("optuna_storage")):
         raise UserError(f"search {search!r}: its parent run names no optuna_storage (pass --optuna-storage)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -66,15 +62,13 @@ def _optuna_plots(store, parent, search, storage_url, objective, out):
     except KeyError:
         raise UserError(f"no Optuna study {search!r} in {url}") from None
     made = {}
-    # Parameter importances use Optuna's default evaluator (fANOVA): two finished trials at least.
-    for name in ("optimization_history", "param_importances", "parallel_coordinate"):
+    for name in ("optimization_history", "param_importances", "parallel_coordinate"):  # importances: 2+ trials
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 axes = getattr(ovm, f"plot_{name}")(study, target_name=objective)
             figure = np.atleast_1d(axes).ravel()[0].get_figure(root=True)
-            width, height = figure.get_size_inches()
-            figure.set_size_inches(max(width, 8), max(height, 5))
+            figure.set_size_inches(np.maximum(figure.get_size_inches(), (8, 5)))
             _log_figure(store.client, parent.info.run_id, figure, name)
             made[name] = f"plots/{name}.png"
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
@@ -83,22 +77,20 @@ def _optuna_plots(store, parent, search, storage_url, objective, out):
 
 
 def log_search_plots(store, search, optuna_storage=None, out=None):
-    """Draw the plots of `search` into plots/ of its parent run; returns {name: artifact path}. A plot
-    that cannot be drawn (too few trials, ...) is skipped with a note."""
+    """Draw the plots of `search` into plots/ of its parent run; returns {name: artifact path}. A plot that cannot
+    be drawn (too few trials, ...) is skipped with a note."""
     out = out or sys.stdout
     if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
         matplotlib.use("Agg")  # Optuna draws with pyplot; never open a window from a CLI
     parent = search_parents(store, [search])[0]
-    run_id = parent.info.run_id
-    objective = parent.data.tags.get("htnet.objective", "objective")
+    run_id, objective = parent.info.run_id, parent.data.tags.get("htnet.objective", "objective")
     try:
         made = _optuna_plots(store, parent, search, optuna_storage, objective, out)
     except UserError as e:
         print(f"skipped the Optuna plots: {e}", file=out)
         made = {}
-    best_id = best_run_id(store, parent, search)
     try:
-        if best_id is None:
+        if (best_id := best_run_id(store, parent, search)) is None:
             raise UserError("no finished trial")
         predictions = read_csv_artifact(store, best_id, "predictions.csv")
     except UserError as e:

@@ -1,8 +1,8 @@
-"""`python -m search rerun`: one configuration with K seeds in parallel, a Ray Tune grid over the seeds through
-the search's trainable (search.trainable), each metric's mean ± std and (3 seeds or more) a 95% bootstrap
-interval over seeds and subjects, logged to an MLflow rerun parent run with a child run per seed. The seeds'
-finished folds stay in its Ray Tune experiment (a folder, or s3://... every node reaches) until MLflow has them:
-Ray retries a seed whose worker died from there, and the same command run again after a kill goes on."""
+"""`python -m search rerun`: one configuration with K seeds in parallel, a Ray Tune grid over the seeds through the
+search's trainable (search.trainable), each metric's mean ± std and (from MIN_SEEDS seeds) a 95% bootstrap interval
+over seeds and subjects, logged to an MLflow rerun parent run with a child run per seed. The seeds' finished folds
+stay in its Ray Tune experiment (a folder, or s3://... every node reaches) until MLflow has them: Ray retries a seed
+whose worker died from there, and the same command run again after a kill goes on."""
 import contextlib
 import hashlib
 import io
@@ -18,8 +18,7 @@ import pandas as pd
 from ray import tune
 
 from htnet.checkpoint import FOLDS_DIR
-from htnet.errors import UserError
-from htnet.io import ensure_writable_dir, read_yaml
+from htnet.io import ensure_writable_dir
 from htnet.loso import LosoConfig, select_subjects
 from htnet.metrics import PROTOCOLS, summary_table
 from search import tracking
@@ -27,23 +26,14 @@ from search.driver.ray_setup import check_resources, ray_session
 from search.driver.stores import (check_experiment, check_remote_storage, check_restorable, open_folder,
                                   restore_deleted_checkpoints)
 from search.reports.export import markdown_table, plural
-from search.reports.leaderboard import METRICS, model_label, open_store, search_parents
-from search.reports.sources import (RerunSource, best_run_id, changed_label, changed_settings, checked_config,
-                                    config_of_run, data_tags, get_run, load_rerun_data, seeds_for)
+from search.reports.leaderboard import METRICS, open_store
+from search.reports.sources import (changed_label, changed_settings, checked_config, data_tags, load_rerun_data,
+                                    resolve_source, seeds_for)
 from search.reports.stats import MIN_SEEDS, seed_subject_bootstrap
 from search.space import flatten
 from search.tracking.figures import confusion_matrix_png
 from search.trainable import loso_trial
 
-# LosoConfig's defaults are the references' (HTNet: dim 256, heads 3, 3 levels, blocks (2,2,10), patch 7, no
-# shuffle; both: lr 5e-5, batch 256, 800 epochs, Adam); STSTNet publishes its final epoch.
-# OFF-ApexNet: the paper's training settings were not at hand, so STSTNet's reference settings (the defaults).
-# Dual-Inception: its released code's (Adam, lr 1e-4, batch 3, 40 epochs, shuffled; class_weight='auto' left out).
-PRESETS = {"htnet-paper": ({"model": "htnet"}, "HTNet (paper config)"),
-           "ststnet": ({"model": "ststnet", "protocols": ["paper", "final", "inner"]}, "STSTNet"),
-           "offapexnet": ({"model": "offapexnet", "protocols": ["paper", "final", "inner"]}, "OFF-ApexNet"),
-           "dual_inception": ({"model": "dual_inception", "lr": 1e-4, "batch_size": 3, "epochs": 40, "shuffle": True,
-                               "protocols": ["paper", "final", "inner"]}, "Dual-Inception")}
 METRIC_KEYS = (*(f"{p}_{key}_{m}" for p in PROTOCOLS for key, _, m in METRICS),
                "inner_val_uf1", "inner_val_uar", "fold_epochs", "wall_time_s")
 
@@ -70,52 +60,6 @@ class RerunOptions:
     ray_storage: str | None = None   # the seeds' Ray Tune experiment (default: <storage>/ray)
 
 
-def preset_label(label, config):
-    """A preset's label with what `config` changes from the preset's settings; any other label as it is."""
-    settings = next((settings for settings, name in PRESETS.values() if name == label), None)
-    return label if settings is None else changed_label(label, changed_settings(settings, config))
-
-
-def resolve_source(store, options):
-    """The configuration to rerun, its label and where it came from."""
-    if sum(map(bool, (options.best, options.run_id, options.preset, options.config))) != 1:
-        raise UserError("name exactly one of --best SEARCH, --run-id RUN, --preset NAME, --config FILE")
-    if options.params and not options.best:
-        raise UserError("--param picks among the trials of --best SEARCH: give --best")
-    if options.preset:
-        if options.preset not in PRESETS:
-            raise UserError(f"--preset {options.preset!r}: known presets are {', '.join(PRESETS)}")
-        config, label = PRESETS[options.preset]
-        return RerunSource(dict(config), options.method or label, description=f"preset {options.preset}")
-    if options.config:
-        path = Path(options.config)
-        config = read_yaml(path, f"--config {path}")  # missing, not UTF-8, not YAML, an alias bomb: one line
-        if not isinstance(config, dict):
-            raise UserError(f"--config {path}: expected a mapping of LOSO config keys")
-        return RerunSource(config, options.method or f"{model_label(config.get('model', 'htnet'))} ({path.stem})",
-                           description=f"config file {path}")
-    run_id = options.run_id
-    if options.best:
-        parent = search_parents(store, [options.best])[0]
-        run_id = best_run_id(store, parent, options.best, options.params)
-        if run_id is None:
-            among = "".join(f" with {k}={v}" for k, v in options.params.items())
-            raise UserError(f"search {options.best!r} has no finished trial{among} to rerun")
-    run = get_run(store, run_id, f"no MLflow run {run_id!r} at {store.tracking_uri}")
-    config, tags, metrics = config_of_run(store, run), run.data.tags, run.data.metrics
-    parent_id = tags.get("mlflow.parentRunId") if tags.get("htnet.role") == "trial" else None
-    data = get_run(store, parent_id, f"no MLflow run {parent_id!r}").data.params.get("data") if parent_id else None
-    label = model_label(config.get("model", "htnet"))
-    method, description = tags.get("htnet.method") or f"{label} (run {run_id[:8]})", f"run {run_id}"
-    if options.best:
-        objective = parent.data.tags.get("htnet.objective", "?")
-        method = f"{label} (best found)"
-        description = (f"best trial {tags.get('htnet.trial_id', run_id)} of search {options.best} by {objective} = "
-                       f"{metrics.get(objective, float('nan')):.4f}")
-    return RerunSource(config, options.method or method, run_id, tags.get("htnet.search"), parent_id, data,
-                       description)
-
-
 def log_frame(client, run_id, frame, name, markdown=False):
     """A table as a CSV (or Markdown) artifact of the run; a text is logged as it is."""
     text = frame if isinstance(frame, str) else markdown_table(frame) if markdown else frame.to_csv(index=False)
@@ -123,8 +67,8 @@ def log_frame(client, run_id, frame, name, markdown=False):
 
 
 def end_seed(client, run_id, seed, result, out):
-    """A seed's end on its run, from its Ray Tune result: the error, or its metrics and files (its last checkpoint
-    but the fold records); prints its line. (its row of seeds.csv, its predictions or None)."""
+    """Its Ray Tune result onto the seed's run (the error, or the metrics and its last checkpoint less the fold
+    records), its line printed; returns (its row of seeds.csv, its predictions or None)."""
     values = result.metrics or {}
     if values.get("htnet_status") != "finished":
         lines = [line for line in str(result.error or "").splitlines() if line.strip()]   # a worker that died
@@ -150,22 +94,21 @@ def end_seed(client, run_id, seed, result, out):
             **{k: v for k, v in metrics.items() if k in METRIC_KEYS}}, predictions
 
 
-def seeds_summary(finished, predictions):
-    """Rows = metric keys: n, mean, std over the seeds; from MIN_SEEDS seeds, the predicted metrics' 95% interval."""
-    keys = [k for k in METRIC_KEYS if k in finished and finished[k].notna().any()]
-    values = finished[keys].apply(pd.to_numeric, errors="coerce")
-    summary = pd.DataFrame({"n": values.count(), "mean": values.mean(), "std": values.std(ddof=1)})
-    bounds = seed_subject_bootstrap(predictions) if len(finished) >= MIN_SEEDS else {}
-    intervals = [bounds.get(k, (float("nan"),) * 2) for k in summary.index]
-    return summary.assign(ci_low=[low for low, _ in intervals], ci_high=[high for _, high in intervals])
-
-
 def log_summary(client, source, parent_id, rows, predictions, started):
-    """Log the parent run's intervals, tables and pooled confusion matrices, end it; (seeds table, summary)."""
+    """Log the parent run's summary (rows = metric keys: n, mean, std over the finished seeds; from MIN_SEEDS seeds
+    the 95% interval), tables and pooled confusion matrices, end it; returns (seeds table, summary)."""
     seeds_table = pd.DataFrame(rows).sort_values("seed").reset_index(drop=True)
     finished = seeds_table[seeds_table["status"] == "finished"]
     pooled = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
-    summary = seeds_summary(finished, pooled).rename_axis("metric") if len(finished) else pd.DataFrame()
+    summary = pd.DataFrame()
+    if len(finished):
+        keys = [k for k in METRIC_KEYS if k in finished and finished[k].notna().any()]
+        values = finished[keys].apply(pd.to_numeric, errors="coerce")
+        bounds = seed_subject_bootstrap(pooled) if len(finished) >= MIN_SEEDS else {}
+        nan = (float("nan"),) * 2
+        summary = pd.DataFrame({"n": values.count(), "mean": values.mean(), "std": values.std(ddof=1),
+                                "ci_low": [bounds.get(k, nan)[0] for k in values],
+                                "ci_high": [bounds.get(k, nan)[1] for k in values]}).rename_axis("metric")
     intervals = {f"{key}_{name}": row[stat] for key, row in summary.iterrows() for stat, name in
                  (("mean", "mean"), ("std", "std"), ("ci_low", "ci95_low"), ("ci_high", "ci95_high"))}
     tracking.log_metrics(client, parent_id, {**intervals, "n_seeds": len(finished),
@@ -185,15 +128,15 @@ def log_summary(client, source, parent_id, rows, predictions, started):
     return seeds_table, summary
 
 
-def format_interval(stats, style="full", digits=4):
+def format_interval(stats, style="full"):
     """'mean ± std [low, high]' (style full), 'mean ± std' (std), 'mean [low, high]' (ci), else 'mean'."""
     if pd.isna(stats["mean"]):
         return ""
-    text = f"{stats['mean']:.{digits}f}"
+    text = f"{stats['mean']:.4f}"
     if style in ("full", "std") and pd.notna(stats["std"]):
-        text += f" ± {stats['std']:.{digits}f}"
+        text += f" ± {stats['std']:.4f}"
     if style in ("full", "ci") and pd.notna(stats["ci_low"]):
-        text += f" [{stats['ci_low']:.{digits}f}, {stats['ci_high']:.{digits}f}]"
+        text += f" [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]"
     return text
 
 
@@ -210,9 +153,8 @@ def experiment_path(ray_storage, config, data_root, seeds):
 
 
 def fit_seeds(path, config, seeds, data, options, provenance, plan):
-    """Each seed a trial of a Ray Tune grid through the search's trainable, its finished folds checkpointed at
-    `path`; a rerun stopped before goes on from there (each seed from its last checkpoint: `plan`, check_experiment's).
-    {seed: Tune result}."""
+    """{seed: Tune result}: each seed a trial of a Ray Tune grid at `path` through the search's trainable; with `plan`
+    (check_experiment's) a stopped rerun goes on, each seed from its last checkpoint."""
     settings = {"base_config": config, "metric": f"{config['protocols'][0]}_full_uf1", "provenance": provenance}
     trainable = tune.with_resources(tune.with_parameters(loso_trial, data=data, settings=settings),
                                     {"cpu": options.cpus_per_seed, "gpu": options.gpus_per_seed})
@@ -232,7 +174,7 @@ def fit_seeds(path, config, seeds, data, options, provenance, plan):
 
 
 def print_summary(method, seeds_table, summary, out):
-    """The console's summary: each protocol's mean ± std (and interval) over the finished seeds."""
+    """Each protocol's mean ± std (and interval) over the finished seeds."""
     finished = int((seeds_table["status"] == "finished").sum())
     interval = "[95% bootstrap interval over seeds and subjects]" if finished >= MIN_SEEDS else \
         f"(fewer than {MIN_SEEDS} seeds: no interval)"
@@ -277,9 +219,8 @@ def rerun(options, out=None):
         plan = check_experiment(path, f"the rerun at {path}", lambda trial: LosoConfig.from_dict(
             {**unseeded, **trial.config}), data, errored=True)
     store = store or open_store(options.tracking_uri, options.experiment, create=True)
-    client, method, seed_text, provenance = store.client, source.method, ",".join(map(str, seeds)), \
-        tracking.provenance(data)
-    used = select_subjects(data, base["subjects"])
+    client, method, provenance = store.client, source.method, tracking.provenance(data)
+    seed_text, used = ",".join(map(str, seeds)), select_subjects(data, base["subjects"])
 
     def new_run(name, tags, params):
         tags = {k: v for k, v in {**tags, **tracking.provenance_tags(provenance)}.items() if v}

@@ -1,38 +1,73 @@
-"""What a rerun starts from (search.reports.rerun): the run it names and its configuration (checked, with --set),
-its seeds and data, the tags of the data a row ran on, and a method's label with the settings it changed."""
+"""What a rerun starts from: the presets, the run or file it names and its configuration (checked, with --set), its
+seeds and data, the tags of the data a row ran on, and a method's label with the settings it changed."""
 import collections
-import dataclasses
 import re
 import sys
 from pathlib import Path
 
 from htnet.errors import UserError
-from htnet.io import parse_yaml
+from htnet.io import read_yaml
 from htnet.loso import LosoConfig
-from search import tracking
 from search.driver.stores import load_data
-from search.reports.leaderboard import leaderboard, read_yaml_artifact
+from search.reports.leaderboard import best_run_id, config_of_run, get_run, model_label, search_parents
 from search.space import check_value, flatten, nest, parse_set
 
-# Not settings of a method: how it runs (device, engine, ...), and what the paper table states beside each row
-# (the subjects, the seeds); changing any other LOSO key changes the method's label.
+# LosoConfig's defaults are the references' (HTNet: dim 256, heads 3, 3 levels, blocks (2,2,10), patch 7, no
+# shuffle; both: lr 5e-5, batch 256, 800 epochs, Adam); STSTNet publishes its final epoch.
+# OFF-ApexNet: the paper's training settings were not at hand, so STSTNet's reference settings (the defaults).
+# Dual-Inception: its released code's (Adam, lr 1e-4, batch 3, 40 epochs, shuffled; class_weight='auto' left out).
+PRESETS = {"htnet-paper": ({"model": "htnet"}, "HTNet (paper config)"),
+           "ststnet": ({"model": "ststnet", "protocols": ["paper", "final", "inner"]}, "STSTNet"),
+           "offapexnet": ({"model": "offapexnet", "protocols": ["paper", "final", "inner"]}, "OFF-ApexNet"),
+           "dual_inception": ({"model": "dual_inception", "lr": 1e-4, "batch_size": 3, "epochs": 40, "shuffle": True,
+                               "protocols": ["paper", "final", "inner"]}, "Dual-Inception")}
+# Not settings of a method: how it runs, and what the paper table states beside each row (subjects, seeds).
 NOT_SETTINGS = ("device", "engine", "fold_group_size", "report_every", "save_weights", "protocols", "subjects",
                 "seed")
 LABEL_FIRST = ("epochs", "lr", "batch_size")  # named first in a changed label: what a reader checks first
 SYNTHETIC_SAMPLE = re.compile(r".+_syn\d+")  # htnet.data.make_synthetic's sample names ('<sub>_syn01')
-
-
 # search_run_id: set when a search chose the configuration on these data (its rerun takes fresh seeds)
 RerunSource = collections.namedtuple("RerunSource", "config method run_id search search_run_id data description",
                                      defaults=(None, None, None, None, ""))
 
 
-def best_run_id(store, parent, search, params=None):
-    """The search's best finished trial (with `params`, as leaderboard's --param): its parent's tag, or the first."""
-    if "htnet.best_run_id" in parent.data.tags and not params:
-        return parent.data.tags["htnet.best_run_id"]
-    table = leaderboard(store, [search], statuses=["finished"], params=params)
-    return table.iloc[0]["run_id"] if len(table) else None
+def resolve_source(store, options):
+    """The configuration to rerun, its label and where it came from."""
+    if sum(map(bool, (options.best, options.run_id, options.preset, options.config))) != 1:
+        raise UserError("name exactly one of --best SEARCH, --run-id RUN, --preset NAME, --config FILE")
+    if options.params and not options.best:
+        raise UserError("--param picks among the trials of --best SEARCH: give --best")
+    if options.preset:
+        if options.preset not in PRESETS:
+            raise UserError(f"--preset {options.preset!r}: known presets are {', '.join(PRESETS)}")
+        config, label = PRESETS[options.preset]
+        return RerunSource(dict(config), options.method or label, description=f"preset {options.preset}")
+    if options.config:
+        path = Path(options.config)
+        config = read_yaml(path, f"--config {path}")  # missing, not UTF-8, not YAML, an alias bomb: one line
+        if not isinstance(config, dict):
+            raise UserError(f"--config {path}: expected a mapping of LOSO config keys")
+        return RerunSource(config, options.method or f"{model_label(config.get('model', 'htnet'))} ({path.stem})",
+                           description=f"config file {path}")
+    run_id = options.run_id
+    if options.best:
+        parent = search_parents(store, [options.best])[0]
+        if (run_id := best_run_id(store, parent, options.best, options.params)) is None:
+            among = "".join(f" with {k}={v}" for k, v in options.params.items())
+            raise UserError(f"search {options.best!r} has no finished trial{among} to rerun")
+    run = get_run(store, run_id, f"no MLflow run {run_id!r} at {store.tracking_uri}")
+    config, tags = config_of_run(store, run), run.data.tags
+    parent_id = tags.get("mlflow.parentRunId") if tags.get("htnet.role") == "trial" else None
+    data = get_run(store, parent_id, f"no MLflow run {parent_id!r}").data.params.get("data") if parent_id else None
+    label = model_label(config.get("model", "htnet"))
+    method, description = tags.get("htnet.method") or f"{label} (run {run_id[:8]})", f"run {run_id}"
+    if options.best:
+        objective = parent.data.tags.get("htnet.objective", "?")
+        method = f"{label} (best found)"
+        description = (f"best trial {tags.get('htnet.trial_id', run_id)} of search {options.best} by {objective} = "
+                       f"{run.data.metrics.get(objective, float('nan')):.4f}")
+    return RerunSource(config, options.method or method, run_id, tags.get("htnet.search"), parent_id, data,
+                       description)
 
 
 def changed_settings(before, after):
@@ -53,13 +88,19 @@ def _same(a, b):
 
 
 def changed_label(label, changes, named=3):
-    """The label of a method whose settings were changed: 'HTNet (paper config)' with epochs=1 ->
-    'HTNet (paper config, epochs=1)', 'STSTNet' -> 'STSTNet (epochs=1)'; past `named` changes, '+N more'."""
+    """'HTNet (paper config)' with epochs=1 -> 'HTNet (paper config, epochs=1)', 'STSTNet' -> 'STSTNet (epochs=1)';
+    past `named` changes, '+N more'."""
     if not changes:
         return label
     items = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in changes.items()]
     text = ", ".join(items[:named] + ([f"+{len(items) - named} more"] if len(items) > named else []))
     return f"{label[:-1]}, {text})" if label.endswith(")") else f"{label} ({text})"
+
+
+def preset_label(label, config):
+    """A preset's label with what `config` changes from the preset's settings; any other label as it is."""
+    settings = next((settings for settings, name in PRESETS.values() if name == label), None)
+    return label if settings is None else changed_label(label, changed_settings(settings, config))
 
 
 def data_tags(data):
@@ -69,36 +110,13 @@ def data_tags(data):
             "htnet.data_subjects": str(len(data.subject_ids)), "htnet.data_samples": str(len(data))}
 
 
-def get_run(store, run_id, missing):
-    """The MLflow run, or a UserError with the message `missing` when there is none."""
-    try:
-        return tracking.retry(store.client.get_run, run_id)
-    except Exception:  # noqa: BLE001 - MLflow's not-found error
-        raise UserError(missing) from None
-
-
-def config_of_run(store, run):
-    """The LOSO config of a run: its config.yaml artifact, else its params."""
-    run_id = run.info.run_id
-    if isinstance(config := read_yaml_artifact(store, run_id, "config.yaml"), dict):
-        return config
-    if "model" not in run.data.params:
-        raise UserError(f"run {run_id} has neither a config.yaml artifact nor LOSO params")
-    known = {f.name for f in dataclasses.fields(LosoConfig)}
-    return nest({k: parse_yaml(v, f"run {run_id}: param {k}") for k, v in run.data.params.items()
-                 if k.split(".")[0] in known})
-
-
 def checked_config(source, sets, where):
-    """The source's config with --set KEY=VALUE applied, every value checked before anything is written."""
+    """The source's config with --set KEY=VALUE applied, every value checked (naming its origin) before any work."""
     given = dict(map(parse_set, sets or []))
-    for key, value in given.items():
-        check_value(key, value, f"--set {key}")
-    flat = flatten(source.config)
-    for key, value in flat.items():
-        if key not in given:
-            check_value(key, value, f"{where}: {key}")
-    return nest({**flat, **given})
+    merged = {**flatten(source.config), **given}
+    for key in sorted(merged, key=lambda k: k not in given):  # --set first
+        check_value(key, merged[key], f"--set {key}" if key in given else f"{where}: {key}")
+    return nest(merged)
 
 
 def seeds_for(config, source, count, seed_list=None):

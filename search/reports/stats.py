@@ -1,5 +1,4 @@
-"""The statistics of the reports: bootstrap intervals over seeds and subjects, and paired subject-level
-comparisons."""
+"""The reports' statistics: bootstrap intervals over seeds and subjects, paired subject-level comparisons."""
 import numpy as np
 from scipy import stats as scipy_stats
 
@@ -11,9 +10,7 @@ MIN_SEEDS = 3  # fewer seeds: no spread nor interval is reported (two seeds say 
 
 def paired_bootstrap(d, n_boot=10000, confidence=0.95, seed=0):
     """Percentile bootstrap interval (low, high) of mean(d), resampling the pairs (subjects)."""
-    d = np.asarray(d, dtype=float)
-    if len(d) == 0:
-        return float("nan"), float("nan")
+    d = np.asarray(d, dtype=float)  # one or more subjects (compare refuses runs sharing none)
     if np.all(d == d[0]):  # every resample has the same mean (scipy warns on degenerate data)
         return float(d[0]), float(d[0])
     result = scipy_stats.bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=confidence,
@@ -23,12 +20,8 @@ def paired_bootstrap(d, n_boot=10000, confidence=0.95, seed=0):
 
 def sign_flip_pvalue(d, n_perm=100_000, seed=0):
     """(p, exact) of a two-sided sign-flip test of mean(d) = 0: exact up to EXACT_MAX subjects, else n_perm flips."""
-    d = np.asarray(d, dtype=float)
-    if len(d) == 0:
-        return float("nan"), True
     exact = len(d) <= EXACT_MAX
-    result = scipy_stats.permutation_test((d,), lambda x, axis: np.mean(x, axis=axis), vectorized=True,
-                                          permutation_type="samples", alternative="two-sided",
+    result = scipy_stats.permutation_test((np.asarray(d, dtype=float),), np.mean, permutation_type="samples",
                                           n_resamples=np.inf if exact else n_perm, rng=seed)
     return float(result.pvalue), exact
 
@@ -50,7 +43,6 @@ def uf1_uar_from_counts(confusions):
 
 
 def _percentile_interval(values, confidence):
-    """The (low, high) percentiles of the finite replicates; NaNs when there is none."""
     values, alpha = values[np.isfinite(values)], (1 - confidence) / 2
     return tuple(float(q) for q in np.quantile(values, [alpha, 1 - alpha])) if len(values) else (np.nan, np.nan)
 
@@ -58,7 +50,6 @@ def _percentile_interval(values, confidence):
 def cluster_bootstrap_uf1_uar(conf_a, conf_b, n_boot=10000, confidence=0.95, seed=0):
     """{'uf1': (low, high), 'uar': (low, high)}: subject-bootstrap intervals of pooled A - B from (S, C, C) counts,
     the same subjects drawn for both. Not scipy.stats.bootstrap: every replicate at once, as weights @ counts."""
-    conf_a, conf_b = np.asarray(conf_a, float), np.asarray(conf_b, float)
     s = len(conf_a)
     weights = np.random.default_rng(seed).multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(float)
     a, b = (uf1_uar_from_counts(np.einsum("bs,sij->bij", weights, conf)) for conf in (conf_a, conf_b))
@@ -78,8 +69,7 @@ def seed_subject_bootstrap(predictions, n_boot=10000, confidence=0.95, seed=0):
     for columns in strata.values():
         subject_weights[:, columns] = rng.multinomial(len(columns), np.full(len(columns), 1 / len(columns)), n_boot)
     seed_weights = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), n_boot) / len(seeds)
-    subject_index = {s: i for i, s in enumerate(subjects["subject"])}
-    seed_index = {s: i for i, s in enumerate(seeds)}
+    subject_index, seed_index = ({s: i for i, s in enumerate(values)} for values in (subjects["subject"], seeds))
     out = {}
     for protocol, part in frame.groupby("protocol", sort=False):
         counts = np.zeros((len(subjects), len(seeds), NUM_CLASSES, NUM_CLASSES))  # per subject and seed
@@ -88,8 +78,6 @@ def seed_subject_bootstrap(predictions, n_boot=10000, confidence=0.95, seed=0):
         for dataset, columns in {"full": np.arange(len(subjects)), **strata}.items():
             flat = counts[columns].reshape(len(columns), -1)
             pooled = (subject_weights[:, columns] @ flat).reshape(n_boot, len(seeds), NUM_CLASSES, NUM_CLASSES)
-            for name, values in zip(("uf1", "uar"), uf1_uar_from_counts(pooled)):
-                # a seed drawn twice counts twice
-                out[f"{protocol}_{dataset}_{name}"] = _percentile_interval((seed_weights * values).sum(axis=1),
-                                                                           confidence)
+            for name, values in zip(("uf1", "uar"), uf1_uar_from_counts(pooled)):  # a seed drawn twice counts twice
+                out[f"{protocol}_{dataset}_{name}"] = _percentile_interval((seed_weights * values).sum(1), confidence)
     return out

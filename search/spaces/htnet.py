@@ -2,9 +2,7 @@
     python -m search run htnet --address auto --data ~/data/htnet_composite --ray-storage s3://YOUR-BUCKET/htnet/ray
 
 dim and heads mirror the paper's study; the rest widens it around the reference settings (lr 5e-5, batch 256,
-800 epochs, patch 7, three hierarchies, block repeats (2, 2, 10)). The paper config (dim 256, heads 3) is a point of
-it: each head gets dim // heads channels, as in the reference, so heads need not divide dim; the only constraints are
-those the model needs (below)."""
+800 epochs, patch 7, three hierarchies, block repeats (2, 2, 10)), a point of it (heads need not divide dim)."""
 description = ("HTNet study - dim {56..512}, heads 1..6, lr, batch size, epochs, blocks, patch, mlp, dropout, "
                "weight decay")
 num_samples = 64
@@ -13,10 +11,8 @@ objective = "inner"                # leak-free; `--objective paper` steers by te
 resources = {"cpu": 1, "gpu": 0.25}   # four trials share a GPU
 max_failures = 3                   # spot workers may be reclaimed
 sampler = {"type": "tpe", "seed": 0, "n_startup_trials": 12}
-# successive halving (asynchronous, rungs at 4, 12 and 36 folds, one report per 4 folds): on 24-fold STSTNet
-# searches (benchmarks/RESULTS.md, rungs at 2, 6, 18) it spent 27-41% of the unpruned search's fold-epochs and found
-# its best or came within 0.005 of it; the median pruner spent 64-100%. {"type": "median", ...} is the conservative
-# choice.
+# successive halving, rungs at 4, 12 and 36 folds: on 24-fold STSTNet searches (benchmarks/RESULTS.md) it spent
+# 27-41% of the unpruned search's fold-epochs and found its best or came within 0.005; the median pruner spent 64-100%
 pruner = {"type": "successive_halving", "min_resource": 4, "reduction_factor": 3}
 fixed = {"model": "htnet", "protocols": ["paper", "final", "inner"], "inner_val_subjects": 3, "optimizer": "adam",
          "report_every": 4,        # 68 folds -> 17 intermediate results per trial

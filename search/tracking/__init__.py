@@ -3,9 +3,8 @@ from search.tracking.schema import (newest_run_ids, provenance, provenance_tags,
                                    trial_table)
 from search.tracking.store import (check_reachable, client_for, ensure_experiment, mlflow_errors, retry,
                                    short_reason, unreachable, unreachable_message)
-from search.tracking.sync import mark_interrupted, sync
 from search.tracking.writer import (MlflowTracking, finish_parent_run, log_dataset, log_metrics, log_params,
-                                    set_tags, start_parent_run)
+                                    mark_interrupted, set_tags, start_parent_run, sync)
 
 __all__ = ["MlflowTracking", "check_reachable", "client_for", "ensure_experiment", "finish_parent_run",
            "log_dataset", "log_metrics", "log_params", "mark_interrupted", "mlflow_errors", "newest_run_ids",

@@ -15,34 +15,52 @@ from search.tracking.store import retry
 TERMINAL = ("finished", "pruned", "failed")
 STATUS_ORDER = {"finished": 0, "pruned": 1, "running": 2, "interrupted": 2, "failed": 3}
 TRIAL_TAGS = ("trial_id", "attempt", "status", "retried", "lost", "optuna_trial", "role", "sampled")  # htnet.<name>
-# the result's fold-epochs (as a run never stopped), trained by this attempt, by every attempt, and resumed
-FOLD_EPOCHS = ("fold_epochs", "fold_epochs_attempt", "fold_epochs_trained", "fold_epochs_resumed")
 SUMMARY_METRICS = ("inner_full_uf1", "inner_full_uar", "paper_full_uf1", "paper_full_uar", "final_full_uf1",
                    "folds_done")
-DEVICE_TAGS = {"htnet.device": "htnet_device", "htnet.node_id": "htnet_node", "htnet.worker_pid": "htnet_pid",
-               "htnet.gpu": "htnet_gpu"}
 PROVENANCE_TAGS = {"mlflow.source.git.commit": "htnet_git_commit", "htnet.git_dirty": "htnet_git_dirty",
                    "htnet.versions": "htnet_versions", "htnet.data_fingerprint": "htnet_data"}
-DEVICE_TAGS.update(PROVENANCE_TAGS)   # a trial's result carries them (search.trainable), as its device
+# tag: the result key of a trial (search.trainable) that carries it
+DEVICE_TAGS = {"htnet.device": "htnet_device", "htnet.node_id": "htnet_node", "htnet.worker_pid": "htnet_pid",
+               "htnet.gpu": "htnet_gpu", **PROVENANCE_TAGS}
 RESOLVED_PARAMS = {"resolved.fold_group_size": "htnet_fold_group_size"}  # param: the result key (search.trainable)
 PARTIAL_PREFIX = "partial_"  # the metrics of a trial stopped before its last fold (pruned, failed)
+SHORT_NAMES = {"model_config.dim": "d", "model_config.heads": "h", "batch_size": "bs", "epochs": "ep",
+               "weight_decay": "wd", "model_config.dropout": "do", "model_config.block_repeats": "b",
+               "model_config.patch_size": "p", "model_config.num_hierarchies": "L", "model_config.mlp_mult": "m"}
+
+# the experiment's description, which the MLflow UI shows above its runs
+EXPERIMENT_NOTE = """HTNet/STSTNet hyper-parameter searches (`python -m search`)
+
+One parent run per search (tag `htnet.role` = search), one child run per trial attempt (grouped under it).
+
+Columns worth showing in the runs table (Columns button, then Save view):
+- the objective: metric `inner_val_uf1` (objective inner) or `paper_full_uf1` (objective paper);
+  on a parent run `best_<objective>` and the best trial's test results `best_<protocol>_<dataset>_<uf1|uar>`
+- `inner_full_uf1`, `inner_full_uar`, `paper_full_uf1`, `folds_done`; tag `htnet.status`
+
+Complete results only in those columns: a pruned trial's run is KILLED, its name ends in "(pruned)" and its
+metrics over the folds it did are `partial_<metric>`. Every trial's objective as it went, at step = folds done:
+the chart of `running_<objective>`. Params: the trial's full resolved LOSO config; `resolved.*` what the
+engine resolved at run time.
+"""
+
+
+def _git(*args):
+    try:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def provenance(data=None):
     """What produced a run, as result keys (PROVENANCE_TAGS): git commit, dirty tree, versions, data fingerprint."""
-    def git(*args):
-        try:
-            done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                                  text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    versions = [f"{p}={importlib.metadata.version(p)}" for p in ("torch", "ray", "optuna", "mlflow")]
-    keys = {"htnet_git_commit": commit or "unknown",
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    versions = " ".join(f"{p}={importlib.metadata.version(p)}" for p in ("torch", "ray", "optuna", "mlflow"))
+    keys = {"htnet_git_commit": _git("rev-parse", "HEAD") or "unknown",
             "htnet_git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
-            "htnet_versions": " ".join([*versions, f"python={platform.python_version()}"])}
+            "htnet_versions": f"{versions} python={platform.python_version()}"}
     if data is not None:
         csv = Path(data.source) / CSV_NAME
         table = csv.read_bytes() if csv.is_file() else "\n".join(map(str, zip(data.samples, data.labels))).encode()
@@ -52,13 +70,7 @@ def provenance(data=None):
 
 
 def provenance_tags(keys):
-    """`provenance`'s result keys as the MLflow tags they stand for."""
     return {tag: keys[key] for tag, key in PROVENANCE_TAGS.items() if key in keys}
-
-
-SHORT_NAMES = {"model_config.dim": "d", "model_config.heads": "h", "batch_size": "bs", "epochs": "ep",
-               "weight_decay": "wd", "model_config.dropout": "do", "model_config.block_repeats": "b",
-               "model_config.patch_size": "p", "model_config.num_hierarchies": "L", "model_config.mlp_mult": "m"}
 
 
 def run_name(model, sampled, number, size=4):
@@ -79,19 +91,18 @@ def is_number(value):
 
 
 def curve_of(result, metric):
-    """What one intermediate Ray result adds to the trial's history, at step = folds done (the charts' x axis):
-    running_<objective>, apart from the objective's own key, which only a complete trial has."""
-    values = {f"running_{metric}": result.get(metric), "folds_done": result.get("step")}
-    return {k: v for k, v in values.items() if is_number(v)}
+    """An intermediate result's point of the trial's curve at step = folds done (log_metrics skips what is unset)."""
+    return {f"running_{metric}": result.get(metric), "folds_done": result.get("step")}
 
 
 def end_metrics(result, status):
-    """The end-of-trial metrics: the engine's `{protocol}_{dataset}_{uf1|uar}` results of a trial that did not
-    finish all its folds are PARTIAL_PREFIX-ed, so the complete-result columns hold complete results only."""
+    """The engine's scores and fold-epoch counts (log_metrics skips non-numbers); PARTIAL_PREFIX-ed scores for a trial
+    that did not finish all its folds, so the complete-result columns hold complete results only."""
     prefix, scores = "" if status == "finished" else PARTIAL_PREFIX, ("_uf1", "_uar")
+    counts = ("wall_time_s", "fold_epochs", "fold_epochs_attempt", "fold_epochs_trained", "fold_epochs_resumed")
     return {**{prefix + k if k.endswith(scores) else k: v for k, v in result.items()
-               if (k.endswith(scores) or k in ("wall_time_s", *FOLD_EPOCHS)) and not k.startswith("htnet_")
-               and is_number(v)}, "folds_done": result.get("step", 0)}
+               if (k.endswith(scores) or k in counts) and not k.startswith("htnet_")},
+            "folds_done": result.get("step", 0)}
 
 
 def device_tags(result):
@@ -99,7 +110,6 @@ def device_tags(result):
 
 
 def resolved_params(result):
-    """The settings the engine resolved at run time (search.trainable), as params beside the config's own."""
     return {param: result[key] for param, key in RESOLVED_PARAMS.items() if result.get(key) is not None}
 
 
@@ -109,8 +119,7 @@ def trial_status(result, pruned=False):
 
 
 def run_status(status):
-    """The MLflow run status of a trial's htnet.status. MLflow has no 'pruned': KILLED (stopped on purpose,
-    not an error) shows it apart from FINISHED; the run's name and htnet.status say it was pruned."""
+    """MLflow has no 'pruned': KILLED (stopped on purpose, not an error); the run's name and htnet.status say so."""
     return {"failed": "FAILED", "pruned": "KILLED"}.get(status, "FINISHED")
 
 
@@ -140,12 +149,11 @@ def ranked(table, value, ties=("trial_id",)):
 
 
 def trial_table(client, experiment_id, parent_run_id, metric=None, param_names=(), latest=True):
-    """A search's trial runs (lost ones left out) by attempt: trial_id, attempt, status, run_id, run_status, retried,
-    optuna_trial, sampled, `metric`, SUMMARY_METRICS, `param_names` and the sampled ones (sampled_names), every
-    metrics.<k> and params.<k> (numbers where all read as numbers); partial_<k> metrics as <k>. latest: each trial's
-    latest attempt, ranked by `metric`."""
-    metrics = list(dict.fromkeys([metric, *SUMMARY_METRICS] if metric else SUMMARY_METRICS))
-    named = {**{f"metrics.{m}": m for m in metrics}, **{f"params.{p}": p for p in param_names}}
+    """A search's trial runs by attempt (lost ones left out): the htnet.* trial tags, run_id, run_status, `metric`,
+    SUMMARY_METRICS, `param_names` and the sampled params as columns, then every metrics.<k> and params.<k>
+    (numbers where all read as numbers; partial_<k> read as <k>). latest: each trial's last attempt, ranked."""
+    named = {f"metrics.{m}": m for m in dict.fromkeys([metric, *SUMMARY_METRICS]) if m}
+    named.update({f"params.{p}": p for p in param_names})
     frame = runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'",
                  [*(f"tags.htnet.{t}" for t in TRIAL_TAGS), *named])
     partial = frame.filter(regex=rf"^metrics\.{PARTIAL_PREFIX}")  # read as their metric: the status says partial
@@ -153,26 +161,22 @@ def trial_table(client, experiment_id, parent_run_id, metric=None, param_names=(
         whole = column.replace(PARTIAL_PREFIX, "", 1)
         frame[whole] = frame[whole].combine_first(partial[column]) if whole in frame else partial[column]
     frame = frame.drop(columns=partial.columns)
-    for column in frame.columns[frame.columns.str.startswith("params.")]:
+    for column in frame.filter(regex=r"^params\."):
         numbers = pd.to_numeric(frame[column], errors="coerce")
         if numbers.notna().sum() == frame[column].notna().sum():
             frame[column] = numbers
-    tag = {t: frame[f"tags.htnet.{t}"] for t in TRIAL_TAGS}
-    table = pd.concat([
-        pd.DataFrame({"trial_id": tag["trial_id"], "attempt": pd.to_numeric(tag["attempt"]).fillna(1).astype(int),
-                      "status": tag["status"].fillna("running"), "run_id": frame["run_id"],
-                      "run_status": frame["status"], "retried": tag["retried"].eq("true"),
-                      "optuna_trial": tag["optuna_trial"], "sampled": tag["sampled"]}),
-        frame[list(named)].set_axis(list(named.values()), axis=1), frame.filter(regex=r"^(metrics|params)\.")], axis=1)
-    keep = tag["trial_id"].notna() & tag["role"].fillna("trial").eq("trial") & ~tag["lost"].eq("true")
-    table = table[keep].sort_values("attempt", kind="stable")
+    frame = frame.rename(columns={"status": "run_status", **{f"tags.htnet.{t}": t for t in TRIAL_TAGS}})
+    frame = frame[frame["trial_id"].notna() & frame["role"].fillna("trial").eq("trial") & ~frame["lost"].eq("true")]
+    table = frame.assign(attempt=pd.to_numeric(frame["attempt"]).fillna(1).astype(int), retried=frame["retried"].eq(
+        "true"), status=frame["status"].fillna("running"), **{name: frame[column] for column, name in named.items()})
+    table = table[["trial_id", "attempt", "status", "run_id", "run_status", "retried", "optuna_trial", "sampled",
+                   *named.values(), *frame.filter(regex=r"^(metrics|params)\.")]].sort_values("attempt", kind="stable")
     table = table.assign(**{n: table[f"params.{n}"] for n in sampled_names(table) if f"params.{n}" in table})
     return ranked(table.groupby("trial_id", sort=False).tail(1), metric) if latest else table.reset_index(drop=True)
 
 
 def sampled_names(table):
-    """The parameter names a search's trials sampled (each run's htnet.sampled: the keys its space() returned), in
-    the order first seen (by Optuna trial number)."""
+    """The names a search's trials sampled (htnet.sampled: the keys space() returned), first seen first."""
     order = table.assign(_number=pd.to_numeric(table["optuna_trial"], errors="coerce"))
     texts = order.sort_values(["_number", "attempt"], kind="stable")["sampled"].dropna()
     return list(dict.fromkeys(name for text in texts for name in str(text).split(",") if name))

@@ -15,12 +15,11 @@ from htnet.io import file_lock
 
 logger = logging.getLogger(__name__)
 
-# MLflow's HTTP client retries a dead server for minutes by default (7 retries, backoff factor 2, 120 s
-# a request); the driver fails over to Ray's records instead, so a few quick tries. The environment wins.
+# MLflow's HTTP client retries a dead server for minutes by default; the driver falls back on Ray's records
+# instead, so a few quick tries. The environment wins.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-FINAL_ERROR_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                     "BAD_REQUEST")
+FINAL_ERROR_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST")
 SQLITE = "sqlite:///"
 _checked_stores = set()  # sqlite stores this process has opened (MLflow caches the store per URI)
 
@@ -29,7 +28,7 @@ def client_for(tracking_uri):
     """The client of a store; a new sqlite file is migrated under a lock (alembic crashes on two at once)."""
     os.environ.update({k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ})
     if str(tracking_uri).startswith(SQLITE) and tracking_uri not in _checked_stores:
-        path = Path(tracking_uri[len(SQLITE):])
+        path = Path(tracking_uri.removeprefix(SQLITE))
         try:
             with file_lock(path.parent / f".{path.name}.lock"):
                 MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)  # builds the store
@@ -50,36 +49,31 @@ def mlflow_errors():
 
 def short_reason(error):
     """A few words for why an MLflow call failed (its messages quote whole URLs and retry states)."""
-    text = str(error)
-    if "Connection refused" in text or "NewConnectionError" in text or "RemoteDisconnected" in text:
+    if any(s in str(error) for s in ("Connection refused", "NewConnectionError", "RemoteDisconnected")):
         return "connection refused"
-    return "timed out" if "timed out" in text or "Timeout" in text else first_line(error)[:200]
-
-
-def is_http(tracking_uri):
-    return str(tracking_uri).startswith(("http://", "https://"))
+    return "timed out" if "timed out" in str(error) or "Timeout" in str(error) else first_line(error)[:200]
 
 
 def unreachable(tracking_uri, timeout=5.0):
     """Why the store cannot be used now, in a few words, or None (one HTTP try; a sqlite file's folder)."""
-    if is_http(tracking_uri):
+    if str(tracking_uri).startswith(("http://", "https://")):
         try:
             response = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout)
         except requests.RequestException as e:
             return "connection refused" if isinstance(e, requests.ConnectionError) else type(e).__name__
         return f"HTTP {response.status_code}" if response.status_code in (502, 503, 504) else None
-    folder = Path(tracking_uri[len(SQLITE):]).parent if str(tracking_uri).startswith(SQLITE) else None
-    if folder is None or (folder.is_dir() and os.access(folder, os.W_OK)):
+    folder = Path(tracking_uri.removeprefix(SQLITE)).parent
+    if not tracking_uri.startswith(SQLITE) or (folder.is_dir() and os.access(folder, os.W_OK)):
         return None
     return f"folder {folder} is not writable" if folder.is_dir() else f"folder {folder} does not exist"
 
 
 def unreachable_message(tracking_uri, reason, search_name=None, kept=None):
     """The one line a user sees when MLflow is gone: what failed, what is kept (no search yet: none), what to do."""
-    what = f"MLflow tracking server at {tracking_uri}" if is_http(tracking_uri) else f"MLflow store {tracking_uri}"
+    http = str(tracking_uri).startswith(("http://", "https://"))
+    what = f"MLflow tracking server at {tracking_uri}" if http else f"MLflow store {tracking_uri}"
     if search_name is None:
-        fix = "start it or pass another --tracking-uri" if is_http(tracking_uri) else "pass another --tracking-uri"
-        return f"{what} unreachable ({reason}); {fix}"
+        return f"{what} unreachable ({reason}); {'start it or ' if http else ''}pass another --tracking-uri"
     return (f"{what} unreachable ({reason}): results are kept in {kept}; restart it and run "
             f"`python -m search resume {search_name}` to fill MLflow in")
 
@@ -110,10 +104,9 @@ def ensure_experiment(client, name, tracking_uri):
         if experiment.lifecycle_stage == "deleted":
             retry(client.restore_experiment, experiment.experiment_id)
         return experiment.experiment_id
-    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    location = ((Path(tracking_uri[len(SQLITE):]).resolve().parent / "mlruns" / folder).as_uri()
-                if str(tracking_uri).startswith(SQLITE) else None)
+    folder = Path(tracking_uri.removeprefix(SQLITE)).resolve().parent / "mlruns" / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     try:
-        return retry(client.create_experiment, name, artifact_location=location)
+        return retry(client.create_experiment, name,
+                     artifact_location=folder.as_uri() if tracking_uri.startswith(SQLITE) else None)
     except MlflowException:  # another search created it at the same moment
         return retry(client.get_experiment_by_name, name).experiment_id

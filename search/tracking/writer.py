@@ -1,4 +1,5 @@
-"""The MLflow writes of a search: its parent run, and the Ray Tune callback that logs every trial attempt."""
+"""The MLflow writes of a search: its parent run, the Ray Tune callback that logs every trial attempt live, and
+`sync`, which logs from Ray's results (the source of truth) whatever MLflow lacks."""
 import functools
 import logging
 import shutil
@@ -13,16 +14,16 @@ from ray import tune
 from htnet.checkpoint import FOLDS_DIR
 from htnet.errors import UserError, first_line
 from search.space import flatten, trial_config
-from search.tracking.schema import (STATUS_ORDER, TERMINAL, curve_of, device_tags, end_metrics, is_number, ranked,
-                                    resolved_params, run_name, run_status, trial_status, trial_table)
+from search.tracking.schema import (EXPERIMENT_NOTE, STATUS_ORDER, TERMINAL, curve_of, device_tags, end_metrics,
+                                    is_number, ranked, resolved_params, run_name, run_status, trial_status,
+                                    trial_table)
 from search.tracking.store import FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason
 
 logger = logging.getLogger(__name__)
 
 
-# MlflowClient.log_batch splits what it is given into MLflow's per-request limits
 def log_params(client, run_id, params):
-    # MLflow keeps 6000 characters of a value; None as YAML's null, so params read back as the config
+    """MLflow keeps 6000 characters of a value; None as YAML's null, so params read back as the config."""
     texts = ((str(k), "null" if v is None else str(v)) for k, v in params.items())
     retry(client.log_batch, run_id, params=[Param(k, v if len(v) <= 6000 else v[:5997] + "...") for k, v in texts])
 
@@ -38,27 +39,11 @@ def set_tags(client, run_id, tags):
 
 
 def log_dataset(client, run_id, digest, root, synthetic=False):
-    """The run's data as its MLflow dataset input (the runs table's Dataset column): the release folder, or the
-    built-in synthetic set, with the data fingerprint (provenance's htnet_data) as its digest."""
+    """The run's data as its MLflow dataset input (the runs table's Dataset column): the release folder or the
+    synthetic set, with the data fingerprint (provenance's htnet_data) as its digest."""
     name, source = ("synthetic", f"synthetic:{root}") if synthetic else (Path(root).name, str(root))
     dataset = Dataset(name=name, digest=str(digest), source_type="local", source=source)
     retry(client.log_inputs, run_id, datasets=[DatasetInput(dataset)])
-
-
-EXPERIMENT_NOTE = """HTNet/STSTNet hyper-parameter searches (`python -m search`)
-
-One parent run per search (tag `htnet.role` = search), one child run per trial attempt (grouped under it).
-
-Columns worth showing in the runs table (Columns button, then Save view):
-- the objective: metric `inner_val_uf1` (objective inner) or `paper_full_uf1` (objective paper);
-  on a parent run `best_<objective>` and the best trial's test results `best_<protocol>_<dataset>_<uf1|uar>`
-- `inner_full_uf1`, `inner_full_uar`, `paper_full_uf1`, `folds_done`; tag `htnet.status`
-
-Complete results only in those columns: a pruned trial's run is KILLED, its name ends in "(pruned)" and its
-metrics over the folds it did are `partial_<metric>`. Every trial's objective as it went, at step = folds done:
-the chart of `running_<objective>`. Params: the trial's full resolved LOSO config; `resolved.*` what the
-engine resolved at run time.
-"""
 
 
 def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None, tags=None,
@@ -72,7 +57,7 @@ def start_parent_run(client, experiment_id, name, space, objective_metric, extra
     retry(client.log_text, run_id, space.text, "space.py")
     if dataset:
         log_dataset(client, run_id, *dataset)
-    # the experiment's description (the UI shows it above the runs), unless someone wrote their own
+    # the experiment's description, unless someone wrote their own
     note = retry(client.get_experiment, experiment_id).tags.get("mlflow.note.content", "")
     if note != EXPERIMENT_NOTE and (not note or note.startswith(EXPERIMENT_NOTE.splitlines()[0])):
         retry(client.set_experiment_tag, experiment_id, "mlflow.note.content", EXPERIMENT_NOTE)
@@ -80,8 +65,8 @@ def start_parent_run(client, experiment_id, name, space, objective_metric, extra
 
 
 def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
-    """Counts, the best finished trial's objective and best_<protocol>_<dataset>_<uf1|uar>, and trials.csv."""
-    # every status, 0 included: a resumed search's earlier count (trials_interrupted 2) must not stand
+    """Counts of every status (0 too: a resumed search's earlier counts must not stand), the best finished trial's
+    objective and best_<protocol>_<dataset>_<uf1|uar>, and trials.csv."""
     counts = table["status"].value_counts()
     metrics = {f"trials_{k}": int(counts.get(k, 0)) for k in STATUS_ORDER}
     finished = table[table["status"] == "finished"]
@@ -99,8 +84,7 @@ def finish_parent_run(client, parent_run_id, table, metric, status="FINISHED"):
 
 def create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial, attempt,
                      optuna_number=None, dataset=None):
-    """The child run of one trial attempt: tags (htnet.sampled: the keys its space() returned), the flattened LOSO
-    config the trainable runs, config.yaml, its data (`dataset`: log_dataset's arguments)."""
+    """The child run of one trial attempt: its tags, params (the flattened LOSO config it runs), config.yaml, data."""
     sampled = space.sampled(trial.config)
     try:
         config = trial_config(space, trial.config, overrides).to_dict()
@@ -113,21 +97,19 @@ def create_trial_run(client, experiment_id, parent_run_id, search_name, space, o
             "htnet.optuna_study": search_name, "htnet.optuna_trial": optuna_number, "htnet.sampled": ",".join(sampled),
             "htnet.resources": ",".join(f"{k.lower()}={v:g}" for k, v in sorted(resources.items())
                                         if k in ("CPU", "GPU"))}
-    run = retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items() if v is not None},
-                run_name=run_name(config.get("model", "htnet"), sampled,
-                                  trial.trial_id if optuna_number is None else optuna_number)
-                + (f" attempt {attempt}" if attempt > 1 else ""))
-    log_params(client, run.info.run_id, flatten(config))
-    retry(client.log_dict, run.info.run_id, config, "config.yaml")
+    name = run_name(config.get("model", "htnet"), sampled, trial.trial_id if optuna_number is None else optuna_number)
+    run_id = retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items() if v is not None},
+                   run_name=name + (f" attempt {attempt}" if attempt > 1 else "")).info.run_id
+    log_params(client, run_id, flatten(config))
+    retry(client.log_dict, run_id, config, "config.yaml")
     if dataset:
-        log_dataset(client, run.info.run_id, *dataset)
-    return run.info.run_id
+        log_dataset(client, run_id, *dataset)
+    return run_id
 
 
 def log_trial_files(client, run_id, trial_id, checkpoint):
-    """A finished trial's files (its last Ray checkpoint, from Ray's storage) as the run's artifacts. Returns None,
-    or why they could not be stored (Ray's storage or MLflow's artifact store not answering: tagged on the run, the
-    files kept in Ray's storage); raises if the MLflow server itself does not answer."""
+    """A finished trial's last Ray checkpoint as the run's artifacts. Returns None, or why Ray's storage or MLflow's
+    artifact store could not (tagged on the run; the files stay in Ray's storage); raises if MLflow is gone."""
     try:
         with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as files:
             # the fold records stay in the checkpoint only: a retry of a trial lost in its last report needs them
@@ -136,16 +118,15 @@ def log_trial_files(client, run_id, trial_id, checkpoint):
     except Exception as e:  # noqa: BLE001 - missing files must not end the search
         if isinstance(e, mlflow_errors()):
             client.get_run(run_id)   # raises if the server is gone, not only its artifact store
-        why = short_reason(e)
         logger.warning("could not log the artifacts of trial %s: %s", trial_id, e)
-        set_tags(client, run_id, {"htnet.artifacts_error": why})
-        return why
+        set_tags(client, run_id, {"htnet.artifacts_error": short_reason(e)})
+        return short_reason(e)
     return None
 
 
 def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
-    """Final metrics (end_metrics), a finished trial's Ray checkpoint files, the end status; names a pruned run so.
-    Returns why the files could not be stored (log_trial_files), or None."""
+    """Final metrics, a finished trial's files, the end status (a pruned run's name says so too). Returns why the
+    files could not be stored (log_trial_files), or None."""
     log_metrics(client, run_id, {**end_metrics(result, status), "trial_wall_time_s": wall_time_s},
                 step=result.get("step", 0))  # log_metrics skips a None
     if params := resolved_params(result):
@@ -172,8 +153,8 @@ def error_text(trial):
 
 class MlflowTracking(tune.Callback):
     """The child run of every trial attempt, logged live from the driver (one writer). An event MLflow refuses is
-    skipped (one warning line, the first time); if the store stops answering, the callback says so once and writes
-    no more: Ray keeps every result, and `sync` logs them at the search's end or its next resume."""
+    skipped (one warning, the first time); if the store stops answering, one warning and no more writes: Ray keeps
+    the results for `sync`."""
 
     gone = None  # why the store stopped answering; None while it answers (and when unpickled)
 
@@ -216,10 +197,10 @@ class MlflowTracking(tune.Callback):
         self._guard("setup", self._load_existing)
 
     def _load_existing(self):
-        """A resumed search: the runs of its trials so far, by attempt."""
+        """A resumed search: the runs of its trials so far, by attempt (the last is the highest)."""
         for row in trial_table(self.client, self.experiment_id, self.parent_run_id, latest=False).to_dict("records"):
             trial_id = row["trial_id"]
-            self._attempts[trial_id] = row["attempt"]  # the table is by attempt: the last is the highest
+            self._attempts[trial_id] = row["attempt"]
             if row["status"] in ("running", "interrupted"):
                 self._runs[trial_id] = row["run_id"]
             elif row["status"] in TERMINAL and not row["retried"]:
@@ -265,8 +246,7 @@ class MlflowTracking(tune.Callback):
         self._guard("a result of trial " + trial.trial_id, self._result, trial, result)
 
     def _result(self, trial, result):
-        run_id = self._runs.get(trial.trial_id)
-        if run_id is None:
+        if (run_id := self._runs.get(trial.trial_id)) is None:
             return
         if trial.trial_id not in self._tagged and device_tags(result):
             self._tagged.add(trial.trial_id)
@@ -305,3 +285,55 @@ class MlflowTracking(tune.Callback):
         if "htnet.retried" not in (failed_tags or {}):
             self._terminal.add(trial_id)
 
+
+def sync(client, experiment_id, parent_run_id, search_name, space, analysis, overrides, optuna_numbers,
+         dataset=None):
+    """Log every ended trial of Ray's experiment (`analysis`: tune.ExperimentAnalysis) that MLflow lacks, nothing
+    twice, into its open run or else a new one (attempt + 1), tagged htnet.backfilled; returns their trial ids."""
+    table = trial_table(client, experiment_id, parent_run_id, latest=False)
+    histories, filled = analysis.trial_dataframes, []
+    for trial in [t for t in analysis.trials if t.status in ("TERMINATED", "ERROR")]:
+        mine = table[table["trial_id"] == trial.trial_id]
+        live = mine[~mine["retried"]]
+        ended = live[live["status"].isin(TERMINAL)]
+        # its status tag made it, the end of the run did not
+        for run_id, status in ended.loc[ended["run_status"] == "RUNNING", ["run_id", "status"]].values:
+            _ensure_dataset(client, run_id, dataset)
+            retry(client.set_terminated, run_id, run_status(status))
+        if len(ended):
+            continue
+        result = dict(trial.last_result or {})
+        error = {"htnet.error": error_text(trial)} if trial.status == "ERROR" else {}
+        tags = {"htnet.backfilled": "true", **({"htnet.failures": trial.num_failures} if trial.num_failures else {}),
+                **error, **device_tags(result)}
+        if len(open_runs := live[live["status"].isin(["running", "interrupted"])]):
+            run_id = open_runs["run_id"].iloc[-1]
+            retry(client.update_run, run_id, status="RUNNING")
+            _ensure_dataset(client, run_id, dataset)
+        else:
+            run_id = create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial,
+                                      max(mine["attempt"], default=0) + 1, optuna_numbers.get(trial.trial_id),
+                                      dataset)
+        history = histories.get(trial.trial_id)
+        by_step = {int(row["step"]): curve_of(row, space.metric)
+                   for row in ([] if history is None else history.to_dict("records"))
+                   if is_number(row.get("step")) and row.get("htnet_status") != "failed"}
+        for step, curve in sorted(by_step.items()):  # a step reported twice: its last report
+            log_metrics(client, run_id, curve, step=step)
+        log_trial_end(client, run_id, trial.trial_id, result, "failed" if error else trial_status(result),
+                      trial.checkpoint, result.get("time_total_s"), tags)
+        filled.append(trial.trial_id)
+    return filled
+
+
+def _ensure_dataset(client, run_id, dataset):  # MLflow may have stopped answering before the run took its data
+    if dataset and not retry(client.get_run, run_id).inputs.dataset_inputs:
+        log_dataset(client, run_id, *dataset)
+
+
+def mark_interrupted(client, experiment_id, parent_run_id):
+    """A search stopped before its end (Ctrl+C): its open trial runs say so; a resumed search reopens them."""
+    table = trial_table(client, experiment_id, parent_run_id, latest=False)
+    for run_id in table["run_id"][table["run_status"] == "RUNNING"]:
+        set_tags(client, run_id, {"htnet.status": "interrupted"})
+        retry(client.set_terminated, run_id, "KILLED")

@@ -10,7 +10,8 @@ from htnet.metrics import compute_metrics
 from search import cli, tracking
 from search.reports.export import read_latex_table, read_markdown_table
 from search.reports.paper_table import PUBLISHED, PUBLISHED_DATA
-from search.reports.rerun import PRESETS, RerunSource, changed_label, changed_settings, data_tags, log_summary
+from search.reports.rerun import log_summary
+from search.reports.sources import PRESETS, RerunSource, changed_label, changed_settings, data_tags
 from search.reports.stats import seed_subject_bootstrap
 from search.space import flatten
 
