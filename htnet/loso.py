@@ -47,7 +47,7 @@ class LosoConfig:
     device: str = "auto"
     subjects: int | list | None = None  # a count or ids; None = all
     protocols: tuple = PROTOCOLS
-    inner_val_subjects: int = 3
+    inner_val_subjects: int = 8   # the best of 3, 8, 16 (benchmarks/results/2026-12-07-inner-protocol)
     inner_patience: int | None = None
     eval_every: int = 1
     crop_mode: str = "reference"

@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 from htnet.data import load_release, make_synthetic
 
 REAL_RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "htnet_composite"
-TINY_STSTNET = {"model": "ststnet", "epochs": 8, "lr": 3e-3, "batch_size": 32}
+TINY_STSTNET = {"model": "ststnet", "epochs": 8, "lr": 3e-3, "batch_size": 32, "inner_val_subjects": 3}
 
 
 @pytest.fixture(scope="session")

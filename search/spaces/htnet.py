@@ -14,7 +14,7 @@ sampler = {"type": "tpe", "seed": 0, "n_startup_trials": 12}
 # successive halving, rungs at 4, 12 and 36 folds: on 24-fold STSTNet searches (benchmarks/RESULTS.md) it spent
 # 27-41% of the unpruned search's fold-epochs and found its best or came within 0.005; the median pruner spent 64-100%
 pruner = {"type": "successive_halving", "min_resource": 4, "reduction_factor": 3}
-fixed = {"model": "htnet", "protocols": ["paper", "final", "inner"], "inner_val_subjects": 3, "optimizer": "adam",
+fixed = {"model": "htnet", "protocols": ["paper", "final", "inner"], "inner_val_subjects": 8, "optimizer": "adam",
          "report_every": 4,        # 68 folds -> 17 intermediate results per trial
          "crop_mode": "reference"}
 # block repeats per hierarchy level: as many as the levels (Optuna's choices are plain values: lists by name)
