@@ -163,8 +163,10 @@ def refuses_damaged_state(storage, uri, common, env, tmp_path):
              (next(checkpoint.glob("folds/*.json")), truncated),
              (checkpoint / "attempts.csv", lambda path: path.write_text("fold,epochs\n1,2\n"))]
     record = storage / "searches" / "folds.yaml"
-    mlflow_before = {(r.info.run_id, r.info.status) for r in trial_runs(uri, "folds")} | \
-        {(parent_run(uri, "folds").info.run_id, parent_run(uri, "folds").info.status)}
+
+    def mlflow_states():
+        return {(r.info.run_id, r.info.status) for r in [*trial_runs(uri, "folds"), parent_run(uri, "folds")]}
+    mlflow_before = mlflow_states()
     for path, damage in cases:
         kept, record_before = path.read_bytes(), record.read_bytes()
         damage(path)
@@ -178,6 +180,5 @@ def refuses_damaged_state(storage, uri, common, env, tmp_path):
         assert code == 2 and len(errors) == 1 and errors[0].startswith("error: search 'folds': "), errors
         assert str(path) in errors[0] and "nothing was changed" in errors[0], errors
         assert record.read_bytes() == record_before
-        assert {(r.info.run_id, r.info.status) for r in trial_runs(uri, "folds")} | \
-            {(parent_run(uri, "folds").info.run_id, parent_run(uri, "folds").info.status)} == mlflow_before
+        assert mlflow_states() == mlflow_before
         path.write_bytes(kept)
