@@ -20,14 +20,13 @@ def fold_objectives(progress, metric):
     return [[f["fold"], float(f[metric])] for f in progress.get("folds", []) if finite(f.get(metric))]
 
 
-def pairs_folds(pruner):
-    """True for Wilcoxon, which tests a trial fold by fold (the same subjects) against the best trial."""
+def pairs_folds(pruner):  # Wilcoxon tests a trial fold by fold (the same subjects) against the best trial
     return isinstance(pruner, optuna.pruners.WilcoxonPruner)
 
 
 def report(trial, pruner, step, value, folds=(), last=False, reported=()):
-    """Report the pooled objective at step = folds done (Wilcoxon: each fold's own at its fold number, skipping the
-    steps in `reported`); True where the pruner prunes, never on the last report."""
+    """Report the pooled objective at step = folds done (Wilcoxon: each fold's own at its fold number, but the steps
+    in `reported`); True where the pruner prunes, never on the last report."""
     pairs = [(int(f), float(v)) for f, v in folds] if pairs_folds(pruner) else [(int(step), float(value))]
     for at, reported_value in pairs:
         if at not in reported:
@@ -51,7 +50,7 @@ STATUS = {"PRUNED": "pruned", "FAIL": "failed", "COMPLETE": "finished"}
 
 
 @dataclass
-class TrialRun:
+class TrialRun:  # one trial of run_trial
     trial: object                     # the Optuna trial
     status: str = "failed"            # finished | pruned | failed
     sampled: dict = field(default_factory=dict)

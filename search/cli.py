@@ -16,9 +16,6 @@ import threading
 from htnet.errors import ArgumentParser, UserError, first_line
 from search.space import OBJECTIVES, PRUNERS, SAMPLERS
 
-RESOURCE_DEFAULTS = {"trial": ("the space file's", "the space file's"), "seed": (1, 0), "fold": (1, 0)}
-KEY_VALUE = {"action": "append", "default": [], "metavar": "KEY=VALUE"}
-
 
 def at_least(minimum, kind=int, above=False):
     """An argparse type: a number of `kind` >= `minimum` (> with `above`)."""
@@ -39,6 +36,16 @@ def comma_list(text):
     return [s for s in text.split(",") if s] or None
 
 
+class KeyValues(argparse.Action):
+    """KEY=VALUE, repeatable, into {KEY: VALUE} (the value as text)."""
+
+    def __call__(self, parser, namespace, text, option_string=None):
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {text!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key.strip(): value.strip()})
+
+
 def add_shared(p, storage=None, ray=False, per=None, store=True, ray_storage=False):
     """Options several commands share: --storage (the folder of `storage`), Ray's (with --cpus-/--gpus-per-`per`),
     the MLflow store's."""
@@ -48,34 +55,33 @@ def add_shared(p, storage=None, ray=False, per=None, store=True, ray_storage=Fal
         p.add_argument("--address", help="'auto' joins the running Ray cluster (default: start a local Ray)")
         p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
     if ray_storage:
-        p.add_argument("--ray-storage", help="Ray Tune results: a folder or s3://bucket/prefix; a cluster needs "
-                                             "storage every node reaches (default: <storage>/ray)")
+        p.add_argument("--ray-storage", help="Ray Tune results: a folder or s3://bucket/prefix, which every node of a "
+                                             "cluster reaches (default: <storage>/ray)")
     if per:
-        cpus, gpus = RESOURCE_DEFAULTS[per]
-        p.add_argument(f"--cpus-per-{per}", type=at_least(0, float, above=True), help=f"default: {cpus}")
-        p.add_argument(f"--gpus-per-{per}", type=at_least(0, float),
-                       help=f"fractions allowed: 0.25 packs four on a GPU (default: {gpus})")
+        default = "the space file's" if per == "trial" else "1 CPU, 0 GPUs"
+        p.add_argument(f"--cpus-per-{per}", type=at_least(0, float, above=True), help=f"default: {default}")
+        p.add_argument(f"--gpus-per-{per}", type=at_least(0, float), help="0.25 packs four on a GPU")
     if store:
-        p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (default: "
-                                              "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                              "sqlite:///mlflow.db in the working folder)")
         p.add_argument("--experiment", default="htnet", help="MLflow experiment (default: htnet)")
 
 
 def add_search(p, name_default, space_optional=False):
-    """A search's own options (run, nested)."""
+    """A search's own options (run, nested); None leaves the space file's value."""
     p.add_argument("space", nargs="?" if space_optional else None, help="a search space .py file, or the name of "
                    "one in search/spaces/" + (" (default: demo)" if space_optional else ""))
-    p.add_argument("--name", help=f"its name (default: {name_default}-<date>-<time>)")
+    p.add_argument("--name", help=f"default: {name_default}-<date>-<time>")
     p.add_argument("--data", help="release folder (default: the space's synthetic set)")
     p.add_argument("--subjects", help="restrict the data first: a count across datasets, or comma-separated ids")
-    p.add_argument("--num-samples", type=positive_int, help="trials (default: the space file's)")
-    p.add_argument("--objective", choices=OBJECTIVES, help="inner: the leak-free validation UF1 of the inner protocol "
-                   "(default); paper: the test-fold UF1 of the paper protocol (leaks the test subject; tagged on every "
-                   "run); final: the test-fold UF1 at the last epoch (leak-free)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler")
+    p.add_argument("--num-samples", type=positive_int, help="trials")
+    p.add_argument("--objective", choices=OBJECTIVES, help="inner: the leak-free validation UF1 of the inner protocol; "
+                   "paper: the test-fold UF1 of the paper protocol (leaks the test subject; tagged on every run); "
+                   "final: the test-fold UF1 at the last epoch (leak-free)")
+    p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--seed", type=int, help="sampler seed")
-    p.add_argument("--pruner", choices=PRUNERS, help="Optuna pruner (arguments from the space file if it matches)")
-    p.add_argument("--set", **KEY_VALUE, dest="sets",
+    p.add_argument("--pruner", choices=PRUNERS, help="with the space file's arguments if its type matches")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="hold a LOSO config key fixed, e.g. epochs=5 or model_config.dim=64 (repeatable)")
 
 
@@ -83,23 +89,22 @@ def build_parser():
     parser = ArgumentParser(prog="python -m search", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser
 
-    run = p = commands.add_parser("run", help="start a search (default: search/spaces/demo.py on synthetic data)")
+    run = p = command("run", help="start a search (default: search/spaces/demo.py on synthetic data)")
     add_search(p, "<space>", space_optional=True)
     p.add_argument("--resume", metavar="NAME", help="resume the search NAME instead of starting one")
-    p.add_argument("--max-concurrent", type=positive_int, dest="max_concurrent_trials",
-                   help="trials at once (default: the space file's)")
+    p.add_argument("--max-concurrent", type=positive_int, dest="max_concurrent_trials", help="trials at once")
     p.add_argument("--max-failures", type=at_least(0), help="retries of a trial whose worker died")
     p.add_argument("--save-weights", action="store_true", help="log per-subject weights of every finished trial")
     p.add_argument("--verbose", type=int, nargs="?", const=1, choices=[0, 1, 2], default=0,
                    help="the libraries' output on the console too: 1 (or --verbose alone) with Ray Tune's table, 2 "
                         "with every result; 0 (default): only in <storage>/logs/<name>.log, a line per trial event")
-    p.add_argument("--optuna-storage", help="Optuna storage: sqlite:///FILE, an SQLAlchemy URL, or "
-                                            "journal:FILE (default: sqlite:///<storage>/optuna.db)")
-    resume = commands.add_parser("resume", help="go on with a search whose driver stopped (killed, Ctrl+C, lost "
-                                                "head node)")
+    p.add_argument("--optuna-storage", help="sqlite:///FILE, an SQLAlchemy URL, or journal:FILE (default: "
+                                            "sqlite:///<storage>/optuna.db)")
+    resume = command("resume", help="go on with a search whose driver stopped (killed, Ctrl+C, lost head node)")
     resume.add_argument("name")
-    status = commands.add_parser("status", help="list the searches, or one search's trials")
+    status = command("status", help="list the searches, or one search's trials")
     status.add_argument("name", nargs="?")
     for p in (run, resume, status):
         add_shared(p, "the search records" + ("" if p is status else ", Ray results, the Optuna study and synthetic "
@@ -107,46 +112,46 @@ def build_parser():
                    ray_storage=p is run)
         p.add_argument("--top", type=int, default=10, help="trials shown (default: 10)")
 
-    p = commands.add_parser("leaderboard", help="every trial of the searches, ranked by the objective (from MLflow)")
-    p.add_argument("searches", nargs="*", metavar="SEARCH", help="search names (default: every search)")
+    p = command("leaderboard", help="every trial of the searches, ranked by the objective (from MLflow)")
+    p.add_argument("searches", nargs="*", metavar="SEARCH", help="default: every search")
     p.add_argument("--protocol", default="objective",
                    help="whose UF1/UAR: objective (each search's, default), inner, paper, final, or all (a row each)")
     p.add_argument("--status", type=comma_list, help="keep these trial statuses, comma-separated (finished,pruned,...)")
-    p.add_argument("--param", **KEY_VALUE,
+    p.add_argument("--param", action=KeyValues, metavar="KEY=VALUE",
                    help="keep trials whose parameter equals VALUE, e.g. model=htnet (repeatable)")
     p.add_argument("--top", type=int, help="keep the first N trials")
-    p.add_argument("--csv", help="write the table as CSV")
-    p.add_argument("--markdown", "--md", dest="markdown", help="write the table as Markdown")
-    p.add_argument("--latex", "--tex", dest="latex", help="write the table as LaTeX (booktabs): the compact paper "
-                                                          "form (model, key parameters, objective, Full UF1/UAR)")
+    p.add_argument("--csv")
+    p.add_argument("--markdown", "--md", dest="markdown")
+    p.add_argument("--latex", "--tex", dest="latex", help="booktabs, the compact paper form (model, key parameters, "
+                                                          "objective, Full UF1/UAR)")
     p.add_argument("--full", action="store_true", help="LaTeX: every column, as in the CSV and Markdown")
     p.add_argument("--run-ids", action="store_true", help="show MLflow run ids")
     add_shared(p)
 
-    p = commands.add_parser("rerun", help="a configuration (--best, --run-id, --preset, --config) with K seeds (Ray)")
+    p = command("rerun", help="a configuration (--best, --run-id, --preset, --config) with K seeds (Ray)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--best", metavar="SEARCH", help="the best finished trial of SEARCH (see --param)")
     source.add_argument("--run-id", help="an MLflow run with a config.yaml (trial, rerun, ...)")
     source.add_argument("--preset", choices=["htnet-paper", "ststnet", "offapexnet", "dual_inception"],
                         help="the HTNet paper's config, or STSTNet's or a baseline's reference settings (PRESETS)")
     source.add_argument("--config", help="a LOSO config YAML (python -m htnet train --config)")
-    p.add_argument("--param", **KEY_VALUE,
+    p.add_argument("--param", action=KeyValues, metavar="KEY=VALUE", dest="params",
                    help="with --best: the best trial whose parameter equals VALUE, e.g. model=htnet (repeatable)")
-    p.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (default 5)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="default 5")
     p.add_argument("--seed-list", type=comma_list, help="exact seeds, comma-separated (instead of --seeds)")
     p.add_argument("--method", help="row label in the paper table (default: from the source and what --set changed, "
                                     "e.g. 'HTNet (best found)', 'HTNet (paper config, epochs=1)')")
-    p.add_argument("--set", **KEY_VALUE, dest="sets",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="change a LOSO config key, e.g. device=cpu or epochs=5 (repeatable)")
     p.add_argument("--data", help="release folder (default: the search's data, else the synthetic set)")
     add_shared(p, "the synthetic data cache and of Ray's results (ray/)", per="seed", ray_storage=True)
 
-    p = commands.add_parser("paper-table", help="published rows beside our reruns and nested LOSO (Markdown, LaTeX)")
+    p = command("paper-table", help="published rows beside our reruns and nested LOSO (Markdown, LaTeX)")
     p.add_argument("--out", help="folder for paper_table.md, .tex and .csv")
     p.add_argument("--interval", choices=["std", "ci95", "none"], default="std",
                    help="beside each mean (3+ seeds): std (default), the 95%% bootstrap interval over seeds "
                         "and subjects, or nothing")
-    p.add_argument("--rerun", "--method", dest="rerun", action="append", default=[], metavar="METHOD=RUN_ID",
+    p.add_argument("--rerun", "--method", dest="rerun", action=KeyValues, metavar="METHOD=RUN_ID",
                    help="row METHOD from this rerun/nested parent run (repeatable; names every row; default: per "
                         "method, the run on the published data with the most seeds)")
     p.add_argument("--allow-mixed", action="store_true",
@@ -155,58 +160,46 @@ def build_parser():
     p.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
     add_shared(p)
 
-    p = commands.add_parser("compare", help="paired per-subject comparison of two runs: bootstrap interval and p-value")
+    p = command("compare", help="paired per-subject comparison of two runs: bootstrap interval and p-value")
     p.add_argument("run_a", metavar="RUN_A", help="MLflow run id, or a predictions.csv / folder")
     p.add_argument("run_b", metavar="RUN_B")
     p.add_argument("--protocol", default="inner", help="protocol of both runs (default: inner)")
     p.add_argument("--protocol-b", help="protocol of RUN_B when it differs (e.g. final for STSTNet)")
     p.add_argument("--dataset", default="full", choices=["full", "smic", "casme2", "samm"])
-    p.add_argument("--n-boot", type=at_least(100), default=10_000, help="bootstrap replicates, >= 100 (default 10000)")
+    p.add_argument("--n-boot", type=at_least(100), default=10_000, help="bootstrap replicates (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and permutations")
     p.add_argument("--csv", help="write the per-subject table")
     p.add_argument("--json", help="write the summary as JSON")
     add_shared(p)
 
-    p = commands.add_parser("nested", help="nested LOSO: the whole search inside every outer fold (unbiased)")
+    p = command("nested", help="nested LOSO: the whole search inside every outer fold (unbiased)")
     add_search(p, "nested")
     p.add_argument("--method", help="row label in the paper table (default: 'Search + HTNet (nested LOSO)')")
     p.add_argument("--outer-subjects", help="outer folds to run: a count across datasets, or ids (default: all)")
     add_shared(p, "the synthetic data cache", per="fold")
 
-    p = commands.add_parser("plots", help="Optuna's plots and the best trial's per-subject accuracy, on its parent run")
+    p = command("plots", help="Optuna's plots and the best trial's per-subject accuracy, on its parent run")
     p.add_argument("search", metavar="SEARCH")
-    p.add_argument("--optuna-storage", help="the Optuna storage (default: the one the search logged)")
+    p.add_argument("--optuna-storage", help="default: the one the search logged")
     add_shared(p)
 
-    p = commands.add_parser("local-cluster", help="cluster.yaml simulated here: autoscaled fake GPU workers, S3 and "
-                                                  "MLflow servers (cluster-local.yaml)")
+    p = command("local-cluster", help="cluster.yaml simulated here: autoscaled fake GPU workers, S3 and MLflow "
+                                      "servers (cluster-local.yaml)")
     p.add_argument("action", choices=["start", "env", "stop"],
                    help="start prints the exports for the driver's shell: eval \"$(python -m search local-cluster "
                         "start)\"; env prints them again; stop ends this cluster's processes only")
-    p.add_argument("--dir", default="runs/local-cluster",
-                   help="its state, logs and MLflow store (default: runs/local-cluster)")
-    p.add_argument("--idle-timeout-minutes", type=at_least(0, float),
-                   help="remove idle workers after this long (default: cluster.yaml's)")
-    p.add_argument("--max-workers", type=positive_int, help="at most this many workers (default: cluster.yaml's)")
+    p.add_argument("--dir", default="runs/local-cluster", help="state, logs, MLflow store (default: %(default)s)")
+    p.add_argument("--idle-timeout-minutes", type=at_least(0, float), help="default: cluster.yaml's")
+    p.add_argument("--max-workers", type=positive_int, help="default: cluster.yaml's")
     p.add_argument("--s3-endpoint", metavar="URL", help="start: use this S3 endpoint (it creates the bucket there) "
                                                         "instead of starting a local S3 server")
     return parser
 
 
-def options(cls, args, **values):
+def options(cls, args):
     """An options dataclass from the parsed arguments of the same names (None keeps its default)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-    return cls(**{**given, **values})
-
-
-def pairs(items, flag):
-    out = {}
-    for item in items or []:
-        key, sep, value = str(item).partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"{flag} {item!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if getattr(args, f.name, None) is not None})
 
 
 def open_store(args):
@@ -227,7 +220,7 @@ def cmd_run(args, runner):
 
 def cmd_leaderboard(args, board):
     table = board.leaderboard(open_store(args), args.searches, protocol=args.protocol, statuses=args.status,
-                              params=pairs(args.param, "--param"), top=args.top)
+                              params=args.param, top=args.top)
     board.print_leaderboard(table, run_ids=args.run_ids)
     written = board.write_exports(table, args.csv, args.markdown, args.latex, full=args.full,
                                   caption=f"Leaderboard: {', '.join(args.searches) or 'all searches'}")
@@ -246,15 +239,10 @@ def cmd_compare(args, compare):
     compare.write_outputs(result, args.csv, args.json)
 
 
-def cmd_rerun(args, rerun):
-    summary = rerun.rerun(options(rerun.RerunOptions, args, params=pairs(args.param, "--param")))["summary"]
-    return 0 if len(summary) else 1
-
-
 def cmd_paper_table(args, paper_table):
-    paper_table.paper_table(
-        args.tracking_uri, args.experiment, picks=pairs(args.rerun, "--rerun") or None, interval=args.interval,
-        nested=not args.no_nested, allow_mixed=args.allow_mixed, out_dir=args.out, log=not args.no_log)
+    paper_table.paper_table(args.tracking_uri, args.experiment, picks=args.rerun, interval=args.interval,
+                            nested=not args.no_nested, allow_mixed=args.allow_mixed, out_dir=args.out,
+                            log=not args.no_log)
 
 
 def cmd_local_cluster(args, local_cluster):
@@ -270,7 +258,7 @@ def cmd_local_cluster(args, local_cluster):
     print(local_cluster.exports(local_cluster.read_state(args.dir)), end="")
 
 
-def cmd_status(args, runner):
+def cmd_status(args, runner):  # what these return is not an exit code
     runner.status(args.storage, args.name, args.top)
 
 
@@ -284,11 +272,13 @@ def with_module(command, module):
     return lambda args: command(args, importlib.import_module(f"search.{module}"))
 
 
-COMMANDS = {name: with_module(command, module) for name, (command, module) in {
+COMMANDS = {name: with_module(command, module) for name, (command, module) in {  # a command's None: exit 0
     "run": (cmd_run, "driver.runner"), "resume": (cmd_run, "driver.runner"),
     "status": (cmd_status, "driver.runner"),
     "leaderboard": (cmd_leaderboard, "reports.leaderboard"),
-    "rerun": (cmd_rerun, "reports.rerun"), "paper-table": (cmd_paper_table, "reports.paper_table"),
+    "rerun": (lambda args, rerun: 0 if len(rerun.rerun(options(rerun.RerunOptions, args))["summary"]) else 1,
+              "reports.rerun"),
+    "paper-table": (cmd_paper_table, "reports.paper_table"),
     "compare": (cmd_compare, "reports.compare"),
     "nested": (lambda args, nested: 0 if nested.run_nested(options(nested.NestedOptions, args))["metrics"] else 1,
                "nested"),
@@ -312,13 +302,12 @@ def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return COMMANDS[args.command](args) or 0  # None: done
+        return COMMANDS[args.command](args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        name = getattr(args, "name", None) or "NAME"
-        again = f"resume with `python -m search resume {name}`"
+        again = f"resume with `python -m search resume {getattr(args, 'name', None) or 'NAME'}`"
         hint = {"run": again, "resume": again, "rerun": "the same command again goes on from each seed's last "
                 "finished fold"}.get(args.command, f"`{args.command}` keeps nothing: run it again")
         print(f"interrupted: {hint}", file=sys.stderr)

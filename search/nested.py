@@ -60,20 +60,19 @@ def outer_fold(space, data, outer, threads=1):
     study = optuna.create_study(direction="maximize", sampler=space.make_sampler(),
                                 pruner=space.make_pruner(), study_name=f"nested-{outer}")
     overrides = {"subjects": [s for s in data.subject_ids if s != outer], "save_weights": False}
-    rows, configs = [], {}
+    rows, configs = [], {}  # Optuna trial number -> the LOSO config of a finished trial
     for _ in range(space.num_samples):
         trial_started = time.perf_counter()
         run = run_trial(study, space, data, overrides)
         result = run.result
+        if run.status == "finished":
+            configs[run.trial.number] = run.config.to_dict()
         rows.append({"outer_subject": outer, "trial": run.trial.number, **run.sampled, "status": run.status,
                      **({"error": first_line(run.error)} if run.error is not None else {}),
                      **({space.metric: result.metrics.get(space.metric, math.nan), "folds_done": result.folds_done,
                          "fold_epochs": result.fold_epochs} if result is not None else {}),
                      "wall_time_s": time.perf_counter() - trial_started})
-        if run.status == "finished":
-            configs[run.trial.number] = run.config.to_dict()
-    out = {"outer_subject": outer, "trials": rows,
-           "search_fold_epochs": int(sum(r.get("fold_epochs") or 0 for r in rows))}
+    out = {"outer_subject": outer, "trials": rows, "search_fold_epochs": sum(r.get("fold_epochs") or 0 for r in rows)}
     if configs:
         best = study.best_trial
         predictions, outcome = fit_and_score(configs[best.number], data, outer)
@@ -122,17 +121,12 @@ def run_nested(options, out=None):
 
     store = open_store(options.tracking_uri, options.experiment, create=True)
     client = store.client
-    tags = {"htnet.role": "nested", "htnet.method": method, "htnet.search": name, "htnet.objective": space.metric,
-            "htnet.objective_protocol": space.objective, "htnet.cost": cost_text,
-            **tracking.provenance_tags(tracking.provenance(data)), **data_tags(data.restrict(outer))}  # pooled: outer
-    parent_id = tracking.retry(client.create_run, store.experiment_id, tags=tags, run_name=name).info.run_id
-    tracking.log_params(client, parent_id, {
-        "space_file": space.source, "num_samples": space.num_samples, "sampler": space.sampler,
-        "pruner": space.pruner, "objective": space.objective, "data": data_root,
-        "subjects": n_subjects, "outer_subjects": ",".join(outer), "sets": list(options.sets),
+    parent_id = tracking.start_parent_run(client, store.experiment_id, name, space, space.metric, extra_params={
+        "data": data_root, "subjects": n_subjects, "outer_subjects": ",".join(outer), "sets": list(options.sets),
         "cpus_per_fold": options.cpus_per_fold, "gpus_per_fold": options.gpus_per_fold,
-        "epochs": "searched" if any("epochs" in sampled for sampled, _ in draws) else draws[0][1].epochs})
-    tracking.retry(client.log_text, parent_id, space.text, "space.py")
+        "epochs": "searched" if any("epochs" in sampled for sampled, _ in draws) else draws[0][1].epochs}, tags={
+        "htnet.role": "nested", "htnet.method": method, "htnet.cost": cost_text,
+        **tracking.provenance_tags(tracking.provenance(data)), **data_tags(data.restrict(outer))})  # pooled: outer
     tracking.log_metrics(client, parent_id, {f"estimate_{k}": v for k, v in estimate.items()})
 
     started, results = time.time(), []
@@ -177,9 +171,9 @@ def log_outer(store, parent_id, name, space, result, out):
         print(f"  outer {subject}: failed ({result['error']})", file=out)
     else:
         predictions = result["predictions"]
-        for protocol, part in predictions.groupby("protocol"):
-            metrics[f"{protocol}_outer_accuracy"] = float((part["label"] == part["prediction"]).mean())
-        metrics.update({f"best_{space.metric}": result["best_value"], "final_fold_epochs": result["final_fold_epochs"]})
+        correct = (predictions["label"] == predictions["prediction"]).groupby(predictions["protocol"]).mean()
+        metrics.update({**correct.add_suffix("_outer_accuracy"), f"best_{space.metric}": result["best_value"],
+                        "final_fold_epochs": result["final_fold_epochs"]})
         tracking.log_params(client, run_id, flatten(result["config"]))
         tracking.retry(client.log_dict, run_id, result["config"], "config.yaml")
         log_frame(client, run_id, predictions, "predictions.csv")
@@ -203,37 +197,32 @@ def finish_nested(client, parent_id, name, method, space, results, estimate, sta
                            **{f"config.{k}": v for k, v in flatten(r.get("config") or {}).items()
                               if k in trials or k == "model"}}
                           for r in results]).sort_values("outer_subject").reset_index(drop=True)
-    counts = Counter(row["status"] for r in results for row in r["trials"])
-    fold_epochs = int(folds["search_fold_epochs"].sum() + folds["final_fold_epochs"].sum())
-    wall = time.time() - started
+    counts = Counter(trials.get("status", []))
+    fold_epochs, wall = int(folds["search_fold_epochs"].sum() + folds["final_fold_epochs"].sum()), time.time() - started
     cost = {"nested_outer_folds": len(ok), "nested_trials": len(trials),
             "nested_trials_pruned": counts["pruned"], "nested_trials_failed": counts["failed"],
             "nested_fold_epochs": fold_epochs, "nested_wall_time_s": wall,
             "nested_task_time_s": float(folds["wall_time_s"].fillna(0).sum())}
-    predictions, metrics = pd.DataFrame(), {}
-    if ok:
-        predictions = pd.concat([r["predictions"] for r in ok], ignore_index=True)
-        metrics = compute_metrics(predictions)
-        log_frame(client, parent_id, predictions, "predictions.csv")
+    predictions = pd.concat([r["predictions"] for r in ok], ignore_index=True) if ok else pd.DataFrame()
+    metrics = compute_metrics(predictions) if ok else {}
     tracking.log_metrics(client, parent_id, {**metrics, **cost, "fold_epochs": fold_epochs, "wall_time_s": wall})
     cost_line = (f"{len(trials)} inner trials ({counts['pruned']} pruned, {counts['failed']} failed) "
                  f"in {len(results)} outer folds, {fold_epochs:,} fold-epochs (bound {estimate['fold_epochs']:,}), "
                  f"wall {wall:.1f} s, task time {cost['nested_task_time_s']:.1f} s")
     tracking.set_tags(client, parent_id, {"htnet.cost_actual": cost_line})
-    log_frame(client, parent_id, folds, "outer_folds.csv")
-    if len(trials):
-        log_frame(client, parent_id, trials, "inner_trials.csv")
-    table = summary_table(metrics) if metrics else pd.DataFrame()
+    for frame, artifact in ((folds, "outer_folds.csv"), (trials, "inner_trials.csv"), (predictions, "predictions.csv")):
+        if len(frame):
+            log_frame(client, parent_id, frame, artifact)
+    table = summary_table(metrics) if metrics else None
     text = [f"# {method}: nested LOSO {name}", "", f"Cost: {cost_line}.", "",
             f"Pooled over {len(ok)} outer subjects; `inner` is the unbiased estimate, `paper` picks each "
             f"outer subject's epoch by its test accuracy (leaks).", ""]
-    if len(table):
-        text.append(markdown_table(format_numbers(table.reset_index(names="protocol"))))
-    log_frame(client, parent_id, "\n".join(text), "summary.md")
+    log_frame(client, parent_id, "\n".join(text + ([] if table is None else [
+        markdown_table(format_numbers(table.reset_index(names="protocol")))])), "summary.md")
     tracking.retry(client.set_terminated, parent_id, "FINISHED" if ok else "FAILED")
 
     print(f"\n{method} ({len(ok)} of {len(results)} outer folds):", file=out)
-    if len(table):
+    if table is not None:
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print(table.to_string(float_format=lambda v: f"{v:.4f}"), file=out)
     print(f"COST: {cost_line}", file=out)

@@ -5,15 +5,11 @@ from optuna.trial import TrialState
 
 
 class SuccessiveHalvingPruner(optuna.pruners.BasePruner):
-    """Optuna's asynchronous successive halving (the same arguments, checks and promotion rule) on its public
-    BasePruner, plus `rejudge`. A trial's value at a rung is its first reported value at or after the rung's step.
-
-    rejudge: each report judges again the rungs the trial has passed, against every trial that has reached them
-    since. Without it the first trial at a rung passes it unopposed: in the cpu-study (2 trials at a time) the faster
-    of the first pair passed every rung with the study's lowest values and cost 27% of its fold-epochs.
-
-    Optuna's pruner stores a trial's rung value (a system attribute its public API cannot write) when it judges it;
-    this one reads the reported values, so a value with no prune call after it (a last report) competes here too."""
+    """Optuna's asynchronous successive halving (its arguments, checks and promotion rule) on the public BasePruner,
+    plus `rejudge`: each report judges again the rungs the trial has passed, against every trial that reached them
+    since (without it, in the cpu-study, the faster of the first pair passed every rung unopposed with the study's
+    lowest values). A trial's value at a rung is its first reported value at or after the rung's step, read from the
+    reported values (Optuna's pruner stores it when judging), so a last report, never judged, competes too."""
 
     def __init__(self, min_resource: str | int = "auto", reduction_factor: int = 4, min_early_stopping_rate: int = 0,
                  bootstrap_count: int = 0, rejudge: bool = False):

@@ -37,16 +37,16 @@ class PruningOptunaSearch(Searcher):
     def is_pruned(self, trial_id):
         return trial_id in self.pruned
 
-    def state(self, trial):
-        """The trial's stored state: a killed driver may have told it already."""
-        return self.study.get_trials(deepcopy=False)[trial.number].state  # numbers are consecutive from 0
+    def stored(self, trial):
+        """The trial as stored: a killed driver may have told it already (numbers are consecutive from 0)."""
+        return self.study.get_trials(deepcopy=False)[trial.number]
 
     def report_and_should_prune(self, trial_id, result):
         """Report each result once (a restarted trial repeats its steps); True where the pruner prunes."""
         trial, value, step = self.trials.get(trial_id), result.get(self.metric), result.get("step")
         if trial is None or trial_id in self.ended or not finite(value) or step is None:
             return False  # a failed trial reports no objective
-        stored = self.study.get_trials(deepcopy=False)[trial.number]
+        stored = self.stored(trial)
         if stored.state != TrialState.RUNNING:  # told by a killed driver: one it had pruned stops again
             if stored.state == TrialState.PRUNED:
                 self.pruned.add(trial_id)
@@ -65,7 +65,7 @@ class PruningOptunaSearch(Searcher):
         if trial is None or trial_id in self.ended:
             return
         self.ended.add(trial_id)
-        if self.state(trial) != TrialState.RUNNING:  # told before the driver was killed
+        if self.stored(trial).state != TrialState.RUNNING:  # told before the driver was killed
             return
         if result.get("htnet_status") == "failed" and result.get("htnet_error"):
             trial.set_user_attr("error", str(result["htnet_error"])[:500])
@@ -74,7 +74,7 @@ class PruningOptunaSearch(Searcher):
 
     def set_ray_trial_attrs(self, trial_id, **attrs):
         trial = self.trials.get(trial_id)
-        if trial is not None and self.state(trial) == TrialState.RUNNING:
+        if trial is not None and self.stored(trial).state == TrialState.RUNNING:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
 
@@ -108,6 +108,3 @@ class OptunaPruningScheduler(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         stop = self.searcher.report_and_should_prune(trial.trial_id, result)
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
-
-    def debug_string(self):
-        return f"Using Optuna pruning ({type(self.searcher.study.pruner).__name__})."

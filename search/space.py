@@ -27,8 +27,6 @@ PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.P
 # section -> key -> (default, op, bound); the default's type is the value's
 LIMITS = {"resources": {"cpu": (1.0, ">", 0), "gpu": (0.0, ">=", 0)},
           "data": {"synthetic_subjects": (4, ">=", 1), "synthetic_seed": (0, ">=", 0)}}
-SETTINGS = ("description", "num_samples", "max_concurrent_trials", "objective", "resources", "max_failures",
-            "sampler", "pruner", "data", "fixed", "grid")
 CHECK_DRAWS = 32
 LOSO_KEYS = [f.name for f in dataclasses.fields(LosoConfig)]
 
@@ -129,6 +127,8 @@ class SearchSpace:
         return make_pruner(self.pruner, f"{self.source}: pruner")
 
 
+SETTINGS = [f.name for f in dataclasses.fields(SearchSpace)][3:-1]  # what a space file sets: num_samples .. grid
+
 def check(space):
     """Draw `space` CHECK_DRAWS times at random (and once from the grid) and build each config (the model on torch's
     meta device): what would fail a trial is one UserError now. The draws, as (sampled values, LosoConfig)."""
@@ -200,9 +200,8 @@ def make_pruner(spec, where):
     """The Optuna pruner a `pruner` mapping names (`patient` wraps another: `wrapped`)."""
     options = {k: v for k, v in spec.items() if k not in ("type", "wrapped")}
     if spec.get("type") == "patient":
-        wrapped = spec.get("wrapped")
-        options["wrapped_pruner"] = make_pruner(_mapping(wrapped, where, "wrapped"), f"{where}.wrapped") if wrapped \
-            else None
+        options["wrapped_pruner"] = make_pruner(_mapping(spec["wrapped"], where, "wrapped"), f"{where}.wrapped") \
+            if spec.get("wrapped") else None
     with warnings.catch_warnings():  # Wilcoxon and Patient are "experimental" in name, stable in use
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return _build(PRUNERS, spec.get("type", "median"), options, where)

@@ -21,54 +21,37 @@ from search.space import trial_config
 from search.tracking.figures import confusion_matrix_png, learning_curve_png
 
 
-def _seconds(name, default):
-    text = os.environ.get(name, "").strip() or str(default)
+def _storage_wait_s():
+    text = os.environ.get("HTNET_STORAGE_WAIT_S", "").strip() or "3600"
     with contextlib.suppress(ValueError):
         if 0 <= (value := float(text)) < math.inf:
             return value
-    raise UserError(f"environment variable {name}={text!r} must be a number of seconds >= 0")
+    raise UserError(f"environment variable HTNET_STORAGE_WAIT_S={text!r} must be a number of seconds >= 0")
 
 
-# how long a trial waits for storage it must reach (its last report, its restore) before it fails and Ray retries it
-STORAGE_WAIT_S = _seconds("HTNET_STORAGE_WAIT_S", 3600)
+STORAGE_WAIT_S = _storage_wait_s()  # how long a trial's last report waits for storage before the trial fails
 STORAGE_RETRY_S = 5.0
 
 
-def _storage_error(error):
-    """A checkpoint that storage refused: pyarrow's OSError, or Ray's own check that the storage is there."""
-    return isinstance(error, OSError) or "cluster storage" in str(error)
-
-
-def _until_storage_answers(action):
-    deadline = time.monotonic() + STORAGE_WAIT_S
+def _report(values, folder, metric, last=False):
+    """tune.report with `folder` as its checkpoint. Storage that does not answer (pyarrow's OSError, or Ray's check
+    that the storage is there): the result goes without it, saying so (the driver prints it once), the folds stay in
+    `folder` for the next report; the last report waits, after a result without the objective meanwhile."""
+    deadline, waiting = time.monotonic() + STORAGE_WAIT_S, False
     while True:
         try:
-            return action()
+            return tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
         except Exception as e:  # noqa: BLE001 - only storage errors are waited out
-            if not _storage_error(e) or time.monotonic() > deadline:
+            if not (isinstance(e, OSError) or "cluster storage" in str(e)) or time.monotonic() > deadline:
                 raise
+            error = {"htnet_storage_error": f"{type(e).__name__}: {first_line(e)}"[:200]}
+        if not last:
+            return tune.report({**values, **error})
+        if not waiting:
+            waiting = True
+            tune.report({**{k: v for k, v in values.items() if k.startswith("htnet_")}, metric: float("nan"),
+                         "step": values["step"], "final": 0, "htnet_status": "running", **error})
         time.sleep(STORAGE_RETRY_S)
-
-
-def _report(values, folder, metric, last=False):
-    """tune.report with `folder` as its checkpoint. Storage that does not answer: the result goes without it, saying
-    so (the driver prints it once), the folds stay in `folder` for the next report; the last report waits."""
-    def report():
-        tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    try:
-        return report()
-    except Exception as e:  # noqa: BLE001
-        if not _storage_error(e):
-            raise
-        error = f"{type(e).__name__}: {first_line(e)}"
-        error = error if len(error) <= 200 else error[:199] + "…"
-    if not last:
-        return tune.report({**values, "htnet_storage_error": error})
-    # the final values wait for the checkpoint that goes with them: meanwhile a result without the objective
-    tune.report({**{k: v for k, v in values.items() if k.startswith("htnet_")}, metric: float("nan"),
-                 "step": values["step"], "final": 0, "htnet_status": "running", "htnet_storage_error": error})
-    _until_storage_answers(report)
 
 
 def _result(values, metric, info):
@@ -108,18 +91,13 @@ def loso_trial(config, data=None, settings=None):
     trial_id, done = context.get_trial_id(), {"step": 0}
     with tempfile.TemporaryDirectory(prefix=f"htnet-{trial_id}-", ignore_cleanup_errors=True) as folder:
         out, title = Path(folder), f"{loso_config.model} trial {trial_id}"
-        previous = tune.get_checkpoint()   # a retry (its worker died) or a trial continued by `search resume`
-        if previous is not None:
-            def restore():
-                with previous.as_directory() as finished:
-                    shutil.copytree(finished, out, dirs_exist_ok=True)
-            _until_storage_answers(restore)
+        if (previous := tune.get_checkpoint()) is not None:  # a retry (its worker died) or a `search resume`
+            with previous.as_directory() as finished:
+                shutil.copytree(finished, out, dirs_exist_ok=True)
 
-        def resolved():
-            """What the engine resolved at run time, from the config.yaml it writes before its first fold (as
-            search.tracking.schema.RESOLVED_PARAMS's result keys)."""
-            group = read_yaml(out / "config.yaml").get("fold_group_size")
-            info.update({} if group is None else {"htnet_fold_group_size": group})
+        def resolved():  # what the engine resolved, from the config.yaml it writes first (schema.RESOLVED_PARAMS)
+            if (group := read_yaml(out / "config.yaml").get("fold_group_size")) is not None:
+                info["htnet_fold_group_size"] = group
 
         def callback(progress):
             done["step"] = progress["step"]

@@ -1,7 +1,7 @@
 """Shared fixtures. The tests are in three folders: unit/ (one component, real files, no Ray
 cluster), engine/ (the LOSO engines training tiny models) and e2e/ (the CLIs, real local Ray, MLflow
-servers, processes and signals). Everything under e2e/, and the few end-to-end tests elsewhere, are
-marked `slow`: `pytest -m "not slow" tests` is the quick loop, `pytest tests` runs everything."""
+servers, processes and signals). Everything under engine/ and e2e/, and the few CLI-process tests in unit/, are
+marked `slow`: `pytest -m "not slow" tests` is the quick loop (unit/), `pytest tests` runs everything."""
 import shutil
 from pathlib import Path
 
@@ -11,12 +11,13 @@ TESTS = Path(__file__).resolve().parent
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end (a real Ray, MLflow server or CLI process)")
+    config.addinivalue_line("markers", "slow: trains models or runs end to end (a real Ray, MLflow server or "
+                                       "CLI process)")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if (TESTS / "e2e") in Path(str(item.fspath)).resolve().parents:
+        if {TESTS / "e2e", TESTS / "engine"} & set(Path(str(item.fspath)).resolve().parents):
             item.add_marker(pytest.mark.slow)
 
 from htnet.data import load_release, make_synthetic

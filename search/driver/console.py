@@ -1,6 +1,5 @@
-"""What a search shows: our own lines on the console (the header, search.driver.progress's, the summary); Ray's,
-MLflow's and Optuna's log records, Python warnings, Ray Tune's progress and the trials' output (which Ray's driver
-prints) in the search's log file, and with --verbose on the console too, as the libraries print them."""
+"""A search's own lines on the console; the libraries' log records, warnings, Ray Tune's progress and the trials'
+output (which Ray's driver prints) in the search's log file, and with --verbose on the console too."""
 import collections
 import contextlib
 import io
@@ -30,24 +29,19 @@ class LogFile(io.TextIOBase):
     threads and logging handlers are serialised."""
 
     def __init__(self, path):
-        super().__init__()
-        self.path, self._file, self._lock = Path(path), None, threading.Lock()
+        self.path, self.file, self.lock = Path(path), None, threading.Lock()
 
     def write(self, text):
-        with self._lock:
-            if not text:
-                return 0
-            if self._file is None:
+        with self.lock:
+            if text and self.file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8", errors="replace")
-            written = self._file.write(text)
-            self._file.flush()
-            return written
+                self.file = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)
+            return self.file.write(text) if text else 0
 
     def close(self):
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
+        with self.lock:
+            if self.file is not None:
+                self.file.close()
         super().close()
 
 
@@ -107,9 +101,8 @@ def out():
 
 
 class LibraryOutput:
-    """sys.stdout or sys.stderr during a search: what Ray's driver prints from a thread of its own (the workers'
-    output, Ray's lines) goes to the log file, and the console with --verbose; the search's own thread's, to the
-    console."""
+    """sys.stdout or sys.stderr during a search: what Ray's driver prints from its own threads (the workers' output)
+    goes to the log file (and the console with --verbose); the search's own thread's, to the console."""
 
     def __init__(self, console, log, verbose):
         self.console, self.log, self.verbose, self.owner = console, log, verbose, threading.current_thread()

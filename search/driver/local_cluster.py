@@ -1,6 +1,5 @@
-"""`python -m search local-cluster start|env|stop`: cluster-local.yaml on one machine: an S3 server (moto, or the
-endpoint given), a Ray head whose autoscaler adds worker nodes (Ray's fake multi-node provider), an MLflow server
-with its artifacts in that S3. `stop` ends the processes of its state folder only, never every Ray (`ray stop`)."""
+"""`python -m search local-cluster start|env|stop`: cluster-local.yaml on one machine (an S3 server, a Ray head
+with Ray's fake multi-node autoscaler, MLflow); `stop` ends this cluster's processes only, never every Ray."""
 import contextlib
 import hashlib
 import json
@@ -36,11 +35,9 @@ def free_port():
 def wait_for(check, what, log, timeout=90):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):  # not up yet
             if check():
                 return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
         time.sleep(0.5)
     raise UserError(f"{what} did not come up within {timeout} s (its log: {log})")
 
@@ -63,8 +60,7 @@ def start(folder, idle_timeout_minutes=None, max_workers=None, s3_endpoint=None)
     if (folder / STATE).exists():
         raise UserError(f"{folder / STATE}: a local cluster was started from this folder: "
                         f"`python -m search local-cluster stop --dir {folder}` first")
-    missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(k)]
-    if missing:
+    if missing := [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(k)]:
         raise UserError(f"set {' and '.join(missing)} in the environment (any value for the local S3 server)")
     ip = "127.0.0.1"  # every node of this cluster on the loopback: nothing of it is reached from outside
     ports = {k: free_port() for k in ("s3", "ray", "mlflow")}

@@ -17,13 +17,11 @@ class SearchProgress(tune.Callback):
     def __init__(self, space, searcher, num_samples):
         self.space, self.searcher, self.num_samples = space, searcher, num_samples
         self._trials = {}  # Ray trial id -> {"tag", "label", "status", "step", "total", "value", "device"}
-        self._start = self._table_at = 0.0
-        self._every, self._news = TABLE_EVERY_S, False
         self._storage_down = False  # a trial said its checkpoint could not be stored, none stored one since
 
     def setup(self, **info):
         self._start = self._table_at = time.monotonic()
-        self._every = TABLE_EVERY_S
+        self._every, self._news = TABLE_EVERY_S, False
 
     def _say(self, text):
         seconds = int(time.monotonic() - self._start)
@@ -33,8 +31,7 @@ class SearchProgress(tune.Callback):
     def _trial(self, trial, status=None, result=None):
         """The trial's state, updated with its new `status` and `result`."""
         if trial.trial_id not in self._trials:
-            sampled = self.space.sampled(trial.config)
-            number = self.searcher.optuna_trial_number(trial.trial_id)
+            sampled, number = self.space.sampled(trial.config), self.searcher.optuna_trial_number(trial.trial_id)
             self._trials[trial.trial_id] = {
                 "tag": trial.trial_id if number is None else f"#{number:02d}", "status": "running",
                 "label": run_name(self.space.resolve(sampled).get("model", "htnet"), sampled, 0).rsplit(" #", 1)[0],
@@ -101,15 +98,13 @@ class SearchProgress(tune.Callback):
 
     def table(self):
         states = list(self._trials.values())
-        counts = {s: sum(t["status"] == s for t in states) for s in ("finished", "pruned", "failed")}
+        counts = [f"{sum(t['status'] == s for t in states)} {s}" for s in ("finished", "pruned", "failed")]
         running = [t for t in states if t["status"] in ("running", "retrying")]
         best = sorted((t for t in states if t["status"] == "finished" and t["value"] is not None),
                       key=lambda t: -t["value"])[:TABLE_BEST]
-        lines = [f"{counts['finished']} finished, {counts['pruned']} pruned, {counts['failed']} failed, "
-                 f"{len(running)} running of {self.num_samples} trials",
-                 f"  {'trial':<9} {'status':<9} {'folds':>7}  {self.space.metric:>13}  configuration"]
-        for t in running + best:
-            folds = f"{t['step']}/{t['total'] or '?'}"
-            value = "-" if t["value"] is None else f"{t['value']:.4f}"
-            lines.append(f"  {t['tag']:<9} {t['status']:<9} {folds:>7}  {value:>13}  {t['label']}")
-        return "\n".join(lines)
+        rows = [("trial", "status", "folds", self.space.metric, "configuration")]
+        rows += [(t["tag"], t["status"], f"{t['step']}/{t['total'] or '?'}",
+                  "-" if t["value"] is None else f"{t['value']:.4f}", t["label"]) for t in running + best]
+        return "\n".join([f"{', '.join(counts)}, {len(running)} running of {self.num_samples} trials",
+                          *(f"  {tag:<9} {status:<9} {folds:>7}  {value:>13}  {label}"
+                            for tag, status, folds, value, label in rows)])

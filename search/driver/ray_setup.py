@@ -15,9 +15,8 @@ _started_here = False  # this process started the Ray it is connected to: one no
 
 @contextlib.contextmanager
 def ray_session(address, num_cpus):
-    """Join the Ray cluster at `address`, or start a local Ray ("local": even where RAY_ADDRESS or a stale
-    ray_current_cluster file names another), for the block; one started here is shut down whatever ends the
-    block. A Ray already initialised (the caller's) is left alone."""
+    """Join the Ray cluster at `address`, or start a local Ray (even where RAY_ADDRESS or a stale file names
+    another) and shut it down whatever ends the block; a Ray already initialised (the caller's) is left alone."""
     global _started_here
     if ray.is_initialized():
         yield

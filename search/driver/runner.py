@@ -64,13 +64,13 @@ def resolve_space(options):
                          **{key: getattr(options, key) for key in FLAGS})
 
 
-def trial_dirname(trial):
+def trial_dirname(trial):  # by name in Ray's tuner.pkl: searches started earlier restore it
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
 def make_trainable(space, data, overrides, provenance):
-    settings = {"space": space, "overrides": overrides, "provenance": provenance}
-    trainable = tune.with_parameters(loso_trial, data=data, settings=settings)
+    trainable = tune.with_parameters(loso_trial, data=data,
+                                     settings={"space": space, "overrides": overrides, "provenance": provenance})
     return tune.with_resources(trainable, {"cpu": space.resources["cpu"], "gpu": space.resources["gpu"]})
 
 
@@ -107,12 +107,12 @@ def start_search(options, space, name, tracking_uri, storage, out):
     description = f"{space.description or Path(space.source).stem}; on {data_description(source, data, used)}"
     provenance = tracking.provenance(data)
     dataset = dataset_of(source, provenance, data_root)
+    optuna_url = options.optuna_storage or f"sqlite:///{(storage / 'optuna.db').resolve()}"
     with search_lock(storage, name, "wait for it to end or pick another --name"):
         if manifest_path(storage, name).exists():
             raise UserError(f"search {name!r} exists: resume it with `python -m search resume {name}` "
                             f"or pick another --name")
         client = tracking.client_for(tracking_uri)  # creates or checks a local store
-        optuna_url = options.optuna_storage or f"sqlite:///{(storage / 'optuna.db').resolve()}"
         if name in optuna.get_all_study_names(open_optuna_storage(optuna_url)):
             raise UserError(f"an Optuna study named {name!r} exists in {optuna_url}: pick another --name")
         with ray_session(options.address, options.num_cpus):
@@ -129,8 +129,8 @@ def start_search(options, space, name, tracking_uri, storage, out):
                     {**tracking.provenance_tags(provenance), "mlflow.note.content": description}, dataset)
             except tracking.mlflow_errors() as e:
                 raise UserError(f"--tracking-uri {tracking_uri}: {first_line(e)}") from None
-            created = datetime.datetime.now().isoformat(timespec="seconds")
-            manifest = {"name": name, "created": created, "status": "running", "description": description,
+            manifest = {"name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "status": "running", "description": description,
                         "space_file": str(Path(space.source).resolve()), "verbose": options.verbose,
                         "log": str(log_path(storage, name)),
                         "settings": {key: getattr(space, key) for key in SETTINGS_KEYS}, "sets": list(options.sets),
@@ -143,17 +143,15 @@ def start_search(options, space, name, tracking_uri, storage, out):
             write_manifest(storage, name, manifest)
             print(f"search {name}: {space.num_samples} trials of {shown_path(space.source)}, objective "
                   f"{space.metric} ({space.objective} protocol), {space.sampler['type']} sampler, "
-                  f"{space.pruner['type']} pruner", file=out)
-            print(f"data: {data_description(source, data, used, shown_path(data_root))}"
+                  f"{space.pruner['type']} pruner\ndata: {data_description(source, data, used, shown_path(data_root))}"
                   + (f" (--subjects {options.subjects})" if options.subjects else ""), file=out)
-            print(log_line(manifest, storage, name), file=out, flush=True)
             searcher = PruningOptunaSearch(space=space.optuna_space(), metric=space.metric, mode="max",
                                            pruner=space.make_pruner(), sampler=space.make_sampler(),
                                            study_name=name, storage=open_optuna_storage(optuna_url))
             callbacks = [tracking.MlflowTracking(tracking_uri, experiment_id, name, parent_run_id, space, searcher,
                                                  overrides, dataset),
                          SearchProgress(space, searcher, space.num_samples)]
-            tuner = tune.Tuner(
+            fit(manifest, storage, out, tune.Tuner(
                 make_trainable(space, data, overrides, provenance),
                 tune_config=tune.TuneConfig(
                     search_alg=searcher, scheduler=OptunaPruningScheduler(searcher),
@@ -163,10 +161,8 @@ def start_search(options, space, name, tracking_uri, storage, out):
                     name=name, storage_path=ray_storage, callbacks=callbacks,
                     failure_config=tune.FailureConfig(max_failures=space.max_failures),
                     # each holds all finished folds: the latest two (the last may be half-written)
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=options.verbose))
-            with library_output():
-                tuner.fit()
-        return sync_and_finish(storage, name, space, options.top, out, dataset)
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=options.verbose)))
+        return sync_and_finish(storage, manifest, space, options.top, out, dataset)
 
 
 def resume_search(name, storage="runs", address=None, num_cpus=None, top=10, out=None):
@@ -200,23 +196,29 @@ def continue_search(manifest, storage, name, address, num_cpus, top, out):
         tracking.retry(client.update_run, manifest["parent_run_id"], status="RUNNING")
         manifest["status"] = "running"
         manifest.setdefault("log", str(log_path(storage, name)))  # a record from before the log files
-        manifest.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
         write_manifest(storage, name, manifest)
         print(f"resuming search {name} from {manifest['ray_path']}", file=out)
         on_disk = Path(manifest["space_file"])
         if on_disk.is_file() and on_disk.read_text(errors="replace") != space.text:
             print(f"{shown_path(on_disk)} has changed since the search started: it goes on with the copy it started "
                   f"with, {shown_path(space.source)}", file=out)
-        print(log_line(manifest, storage, name), file=out, flush=True)
         for trial_id in restore_deleted_checkpoints(plan):
             print(f"trial {trial_id}: Ray's snapshot named an older checkpoint than the trial's last; it goes on "
                   f"from its last one", file=out)
-        tuner = tune.Tuner.restore(
+        fit(manifest, storage, out, tune.Tuner.restore(
             manifest["ray_path"], trainable=make_trainable(space, data, overrides, provenance),
-            resume_unfinished=True, resume_errored=False)
-        with library_output():
-            tuner.fit()
-    return sync_and_finish(storage, name, space, top, out, dataset_of(manifest["data"], provenance, data_root))
+            resume_unfinished=True, resume_errored=False))
+    return sync_and_finish(storage, manifest, space, top, out, dataset_of(manifest["data"], provenance, data_root))
+
+
+def fit(manifest, storage, out, tuner):
+    """Say where the libraries' messages go, and run the trials."""
+    where = shown_path(log_path(storage, manifest["name"]))
+    print(f"log: {where} (Ray's, MLflow's and Optuna's messages, also shown here)" if manifest.get("verbose", 1)
+          else f"log: {where} holds Ray's, MLflow's and Optuna's messages (--verbose shows them here)",
+          file=out, flush=True)
+    with library_output():
+        tuner.fit()
 
 
 def data_description(source, data, used, root=None):
@@ -228,31 +230,22 @@ def data_description(source, data, used, root=None):
     return f"{kind} at {root or data.source}: {subjects} ({per_dataset}), {len(used)} samples"
 
 
-def log_line(manifest, storage, name):
-    where = shown_path(log_path(storage, name))
-    if manifest.get("verbose", 1):
-        return f"log: {where} (Ray's, MLflow's and Optuna's messages, also shown here)"
-    return f"log: {where} holds Ray's, MLflow's and Optuna's messages (--verbose shows them here)"
-
-
 def dataset_of(source, provenance, data_root):
     return provenance["htnet_data"], data_root, "synthetic" in source  # tracking.log_dataset's arguments
 
 
-def sync_and_finish(storage, name, space, top, out, dataset):
+def sync_and_finish(storage, manifest, space, top, out, dataset):
     """Log to MLflow what it lacks of Ray's results and finish; where MLflow does not answer, one line, and
     everything is kept for the next `search resume`."""
-    manifest = read_manifest(storage, name)
+    name, uri = manifest["name"], manifest["tracking_uri"]
     try:
-        reason = tracking.unreachable(manifest["tracking_uri"])
-        if reason is None:
+        if (reason := tracking.unreachable(uri)) is None:
             check_restorable(manifest, name)  # ExperimentAnalysis unpickles the trials' state
             numbers = {t.user_attrs["ray_trial_id"]: t.number for t in optuna_trials(manifest)
                        if "ray_trial_id" in t.user_attrs}
-            analysis = tune.ExperimentAnalysis(manifest["ray_path"])
-            filled = tracking.sync(tracking.client_for(manifest["tracking_uri"]), manifest["experiment_id"],
-                                   manifest["parent_run_id"], name, space, analysis, manifest.get("overrides") or {},
-                                   numbers, dataset)
+            filled = tracking.sync(tracking.client_for(uri), manifest["experiment_id"], manifest["parent_run_id"],
+                                   name, space, tune.ExperimentAnalysis(manifest["ray_path"]),
+                                   manifest.get("overrides") or {}, numbers, dataset)
             if filled:
                 print(f"MLflow: logged {len(filled)} ended trial(s) it lacked, from Ray's results", file=out)
             return finish(storage, name, space, top, out)
@@ -260,6 +253,6 @@ def sync_and_finish(storage, name, space, top, out, dataset):
         reason = tracking.short_reason(e)
     manifest["status"] = "interrupted"
     write_manifest(storage, name, manifest)
-    print(f"error: {tracking.unreachable_message(manifest['tracking_uri'], reason, name, manifest['ray_path'])}",
-          file=sys.stderr, flush=True)
+    print(f"error: {tracking.unreachable_message(uri, reason, name, manifest['ray_path'])}", file=sys.stderr,
+          flush=True)
     return {"name": name, "manifest": manifest, "complete": False, "mlflow_error": reason}

@@ -83,14 +83,13 @@ def read_manifest(storage, name):
     manifest = read_yaml(path)
     if not isinstance(manifest, dict):
         raise UserError(f"{path}: damaged search record (not a mapping of keys)")
-    for key, kind in MANIFEST_KEYS.items():
-        if not isinstance(manifest.get(key), kind):
-            raise UserError(f"{path}: damaged search record: " + (f"{key} is not a {kind.__name__}" if key in manifest
-                                                                   else f"key {key!r} is missing"))
-    if missing := [k for k in SETTINGS_KEYS if k not in manifest["settings"]]:
-        raise UserError(f"{path}: damaged search record: key 'settings.{missing[0]}' is missing")
-    if manifest["name"] != name:
-        raise UserError(f"{path}: damaged search record: it names search {manifest['name']!r}")
+    problems = [f"key {key!r} is missing" if key not in manifest else f"{key} is not a {kind.__name__}"
+                for key, kind in MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
+    settings = manifest["settings"] if isinstance(manifest.get("settings"), dict) else {}
+    problems += [f"key 'settings.{key}' is missing" for key in SETTINGS_KEYS if key not in settings]
+    if problems or manifest["name"] != name:
+        raise UserError(f"{path}: damaged search record: "
+                        + (problems[0] if problems else f"it names search {manifest['name']!r}"))
     return manifest
 
 
@@ -175,24 +174,21 @@ def check_restorable(manifest, name):
             info = item.stat()  # a link: what it points to is what would be read
         except OSError:
             continue
-        if info.st_uid != me:
-            problem = f"is owned by uid {info.st_uid}, not by you (uid {me})"
-        elif info.st_mode & 0o002 or (info.st_mode & 0o020 and not private_group(info.st_gid)):
-            problem = f"is writable by others than you (mode {stat.filemode(info.st_mode)})"
-        else:
-            continue
-        raise UserError(f"search {name!r}: refusing to load the Ray experiment {folder}: {item} {problem}; "
-                        f"resuming unpickles these files, so whoever can write them could run code as you "
-                        f"(if you trust them, chown them to you and chmod -R go-w {folder})")
+        problem = (f"is owned by uid {info.st_uid}, not by you (uid {me})" if info.st_uid != me
+                   else f"is writable by others than you (mode {stat.filemode(info.st_mode)})"
+                   if info.st_mode & 0o002 or info.st_mode & 0o020 and not private_group(info.st_gid) else None)
+        if problem:
+            raise UserError(f"search {name!r}: refusing to load the Ray experiment {folder}: {item} {problem}; "
+                            f"resuming unpickles these files, so whoever can write them could run code as you "
+                            f"(if you trust them, chown them to you and chmod -R go-w {folder})")
 
 
 def private_group(gid):
     """True for your own user-private group (your name, your primary group, no other member)."""
-    try:
+    with contextlib.suppress(KeyError):
         me, group = pwd.getpwuid(os.geteuid()), grp.getgrgid(gid)
-    except KeyError:
-        return False
-    return gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
+        return gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
+    return False
 
 
 def open_folder(folder):
@@ -206,10 +202,9 @@ def folds_kept(fs, path):
 
 
 def resume_plan(trials, errored):
-    """[(trial, file system, the checkpoint Ray's snapshot names, the one it should go on from or None)] of each
-    trial a resume continues. Ray snapshots a trial's checkpoint once every num_to_keep but deletes older ones at
-    once, so a killed driver's snapshot can name a deleted or older checkpoint; the trial's newest one with at least
-    as many fold records (an upload cut off while S3 was down has fewer) holds all the named one did."""
+    """[(trial, file system, the checkpoint Ray's snapshot names, the one to go on from or None)] per trial to resume.
+    A killed driver's snapshot can name a deleted or older checkpoint (Ray deletes old ones before it snapshots);
+    the newest with at least as many fold records (an upload cut off while S3 was down has fewer) holds all of it."""
     plan = []
     for trial in trials:
         checkpoint = trial.checkpoint
@@ -217,8 +212,7 @@ def resume_plan(trials, errored):
             continue
         fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
         folder, _, named = path.rpartition("/")
-        exists = fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-        kept = folds_kept(fs, path) if exists else 0
+        exists, kept = fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound, folds_kept(fs, path)
         newer = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
                         if info.type == pyarrow.fs.FileType.Directory
                         and re.fullmatch(r"checkpoint_\d+", info.base_name) and info.base_name > named
@@ -233,9 +227,8 @@ def whole_pickle(data):
 
 
 def check_experiment(path, name, config_of, data, errored=False):
-    """Load first what resuming loads from the Ray experiment at `path` (its newest state files, each trial's state,
-    the fold records each trial goes on from; `config_of(trial)`: its LosoConfig): a damaged one is one line naming
-    it, before anything is written. Returns resume_plan's."""
+    """Load first what resuming loads from the Ray experiment at `path` (`config_of(trial)`: its LosoConfig), so a
+    damaged file is one line naming it, before anything is written. Returns resume_plan's."""
     fs, folder = open_folder(path)
 
     def damaged(file, error):

@@ -39,9 +39,8 @@ def summarize(storage, name):
     table = tracking.trial_table(client, manifest["experiment_id"], manifest["parent_run_id"], metric)
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     ended = sum(counts.get(s, 0) for s in ("finished", "pruned", "failed"))
-    return {"name": name, "manifest": manifest, "metric": metric, "table": table, "counts": counts,
-            "names": tracking.sampled_names(table),
-            "complete": ended >= manifest["settings"]["num_samples"], "client": client}
+    return {"name": name, "manifest": manifest, "metric": metric, "table": table, "counts": counts, "client": client,
+            "names": tracking.sampled_names(table), "complete": ended >= manifest["settings"]["num_samples"]}
 
 
 def finish(storage, name, space, top, out):

@@ -1,4 +1,5 @@
 """`python -m search compare RUN_A RUN_B`: paired per-subject comparison of two runs on their shared samples."""
+import io
 import json
 import sys
 from pathlib import Path
@@ -9,17 +10,16 @@ import pandas as pd
 from htnet.errors import UserError
 from htnet.io import write_files
 from htnet.metrics import confusion, uf1_uar
-from search import tracking
 from search.reports.export import plural
-from search.reports.leaderboard import get_run, read_csv_artifact
+from search.reports.leaderboard import get_run, read_artifact_bytes
 from search.reports.stats import cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue, wilcoxon_pvalue
 
 REQUIRED = ("sample", "subject", "dataset", "label", "protocol", "prediction")
 
 
 def load_predictions(ref, store=None):
-    """(predictions, label) of a predictions.csv, a folder holding one, or an MLflow run id (a parent run
-    without its own predictions: its children's, with a `seed` column)."""
+    """(predictions, label) of a predictions.csv, a folder holding one, or an MLflow run id (a rerun parent's
+    have a `seed` column)."""
     path = Path(ref)
     if path.exists():
         file = path / "predictions.csv" if path.is_dir() else path
@@ -31,24 +31,12 @@ def load_predictions(ref, store=None):
     else:
         tags = get_run(store, ref, f"{ref!r} is neither a file nor an MLflow run at {store.tracking_uri}").data.tags
         label, where = tags.get("htnet.method") or tags.get("mlflow.runName") or ref[:8], f"run {ref}"
-        if _has_predictions(store, ref):
-            frame = read_csv_artifact(store, ref, "predictions.csv")
-        else:
-            children = tracking.runs(store.client, store.experiment_id, f"tags.mlflow.parentRunId = '{ref}'",
-                                     ["tags.htnet.seed"])
-            frames = [read_csv_artifact(store, run_id, "predictions.csv").assign(seed=seed) for run_id, seed in
-                      zip(children["run_id"], children["tags.htnet.seed"].fillna(children["run_id"]))
-                      if _has_predictions(store, run_id)]
-            if not frames:
-                raise UserError(f"run {ref} has no predictions.csv artifact (nor do its child runs)")
-            frame = pd.concat(frames, ignore_index=True)
+        if (text := read_artifact_bytes(store, ref, "predictions.csv", optional=True)) is None:
+            raise UserError(f"run {ref} has no predictions.csv artifact")
+        frame = pd.read_csv(io.BytesIO(text))
     if missing := [c for c in REQUIRED if c not in frame]:
         raise UserError(f"{where}: predictions have no column {missing[0]!r}")
     return frame, label
-
-
-def _has_predictions(store, run_id):
-    return "predictions.csv" in {a.path for a in tracking.retry(store.client.list_artifacts, run_id)}
 
 
 def _restrict(frame, protocol, dataset, where):
@@ -101,25 +89,22 @@ def compare(a, b, protocol="inner", protocol_b=None, dataset="full", n_boot=10_0
 
 
 def print_comparison(result, out=None):
-    out = out or sys.stdout
-    (a, b), pa, pb, dropped = result["labels"], result["protocol_a"], result["protocol_b"], result["samples_dropped"]
-    print(f"A = {a} ({pa}, {plural(result['seeds_a'], 'seed')}); B = {b} ({pb}, {plural(result['seeds_b'], 'seed')})",
-          file=out)
-    print(f"{result['subjects']} subjects, {result['samples']} shared samples ({result['dataset']})"
-          + (f"; left out as not shared: {dropped[0]} of A's, {dropped[1]} of B's" if any(dropped) else ""), file=out)
-    low, high = result["ci95"]
-    print(f"per-subject accuracy: A {result['mean_rate_a']:.4f}, B {result['mean_rate_b']:.4f}; "
-          f"mean difference A-B {result['mean_diff']:+.4f}, 95% paired bootstrap interval "
-          f"[{low:+.4f}, {high:+.4f}]", file=out)
-    print(f"p = {result['p_sign_flip']:.4g} (two-sided paired sign-flip permutation test, "
-          f"{'exact' if result['p_exact'] else 'Monte Carlo'}); Wilcoxon signed-rank p = {result['p_wilcoxon']:.4g}; "
-          f"A better on {result['wins']}, worse on {result['losses']}, tied on {result['ties']} subjects", file=out)
-    for m in ("uf1", "uar"):
-        lo, hi = result[f"{m}_diff_ci95"]
-        print(f"pooled {m.upper()}: A {result[f'{m}_a']:.4f}, B {result[f'{m}_b']:.4f}, A-B "
-              f"{result[f'{m}_diff']:+.4f}, 95% subject-bootstrap interval [{lo:+.4f}, {hi:+.4f}]", file=out)
-    if "paper" in (pa, pb):
-        print("note: the paper protocol picks each subject's epoch by its test accuracy (leaks)", file=out)
+    r, (a, b), dropped = result, result["labels"], result["samples_dropped"]
+    (low, high), paper = r["ci95"], "paper" in (r["protocol_a"], r["protocol_b"])
+    lines = [f"A = {a} ({r['protocol_a']}, {plural(r['seeds_a'], 'seed')}); "
+             f"B = {b} ({r['protocol_b']}, {plural(r['seeds_b'], 'seed')})",
+             f"{r['subjects']} subjects, {r['samples']} shared samples ({r['dataset']})"
+             + (f"; left out as not shared: {dropped[0]} of A's, {dropped[1]} of B's" if any(dropped) else ""),
+             f"per-subject accuracy: A {r['mean_rate_a']:.4f}, B {r['mean_rate_b']:.4f}; mean difference A-B "
+             f"{r['mean_diff']:+.4f}, 95% paired bootstrap interval [{low:+.4f}, {high:+.4f}]",
+             f"p = {r['p_sign_flip']:.4g} (two-sided paired sign-flip permutation test, "
+             f"{'exact' if r['p_exact'] else 'Monte Carlo'}); Wilcoxon signed-rank p = {r['p_wilcoxon']:.4g}; "
+             f"A better on {r['wins']}, worse on {r['losses']}, tied on {r['ties']} subjects",
+             *(f"pooled {m.upper()}: A {r[f'{m}_a']:.4f}, B {r[f'{m}_b']:.4f}, A-B {r[f'{m}_diff']:+.4f}, 95% "
+               f"subject-bootstrap interval [{r[f'{m}_diff_ci95'][0]:+.4f}, {r[f'{m}_diff_ci95'][1]:+.4f}]"
+               for m in ("uf1", "uar")),
+             *(["note: the paper protocol picks each subject's epoch by its test accuracy (leaks)"] if paper else [])]
+    print("\n".join(lines), file=out or sys.stdout)
 
 
 def write_outputs(result, csv=None, json_path=None):

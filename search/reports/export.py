@@ -1,6 +1,5 @@
-"""Tables to Markdown (GitHub pipe tables) and LaTeX (booktabs), and back; cells are text (`format_numbers`).
-Not DataFrame.to_markdown (tabulate) nor Styler.to_latex (jinja2), neither a requirement: the paper table needs
-grouped headers and notes, and the readers must parse exactly what the writers write."""
+"""Tables to Markdown (GitHub pipe tables) and LaTeX (booktabs); cells are text (`format_numbers`). Not
+Styler.to_latex: it draws no \\cmidrule under the paper table's grouped headers (tests/report_tables.py reads both)."""
 import re
 
 import pandas as pd
@@ -8,7 +7,6 @@ import pandas as pd
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                  "±": r"$\pm$", "†": r"\dag{}"}
-LATEX_UNESCAPE = re.compile("|".join(re.escape(v) for v in sorted(LATEX_SPECIAL.values(), key=len, reverse=True)))
 NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -45,16 +43,6 @@ def markdown_table(table, align=None):
                    for line in [columns, rules, *rows])
 
 
-def read_markdown_table(text):
-    """The first pipe table in `text` -> DataFrame of strings (empty cells -> NaN)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
-    if len(lines) < 2:
-        raise ValueError("no Markdown pipe table found")
-    lines = [line[1:-1] if line.endswith("|") and not line.endswith(r"\|") else line[1:] for line in lines]
-    cells = [[c.strip().replace(r"\|", "|") for c in re.split(r"(?<!\\)\|", line)] for line in lines]
-    return pd.DataFrame(cells[2:], columns=cells[0], dtype=object).replace("", float("nan"))
-
-
 def latex_escape(text):
     return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
@@ -80,18 +68,3 @@ def latex_table(table, header_groups=None, column_format=None, caption=None, lab
         lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}",
                  *([rf"\label{{{label}}}"] if label else []), *lines, r"\end{table}"]
     return "\n".join(lines) + "\n"
-
-
-def read_latex_table(text):
-    """The tabular `latex_table` writes -> DataFrame of strings (the last header row names the columns)."""
-    lines = [line.strip() for line in text.splitlines()]
-    try:
-        top, mid, bottom = lines.index(r"\toprule"), lines.index(r"\midrule"), lines.index(r"\bottomrule")
-    except ValueError:
-        raise ValueError("no booktabs tabular (\\toprule/\\midrule/\\bottomrule) found") from None
-    unescape = {v: k for k, v in LATEX_SPECIAL.items()}
-    rows = [[LATEX_UNESCAPE.sub(lambda m: unescape[m.group(0)], c.strip())
-             for c in re.split(r"(?<!\\)&", line.removesuffix(r"\\"))]
-            for line in lines[top + 1:bottom] if line.endswith(r"\\")]
-    header = len([line for line in lines[top + 1:mid] if line.endswith(r"\\")])
-    return pd.DataFrame(rows[header:], columns=rows[header - 1], dtype=object).replace("", float("nan"))

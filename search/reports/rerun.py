@@ -1,8 +1,6 @@
 """`python -m search rerun`: one configuration with K seeds in parallel, a Ray Tune grid over the seeds through the
-search's trainable (search.trainable), each metric's mean ± std and (from MIN_SEEDS seeds) a 95% bootstrap interval
-over seeds and subjects, logged to an MLflow rerun parent run with a child run per seed. The seeds' finished folds
-stay in its Ray Tune experiment (a folder, or s3://... every node reaches) until MLflow has them: Ray retries a seed
-whose worker died from there, and the same command run again after a kill goes on."""
+search's trainable, logged to an MLflow parent run (mean ± std and, from MIN_SEEDS seeds, a 95% bootstrap interval)
+with a child run per seed. Ray's experiment keeps finished folds until MLflow has them: the same command goes on."""
 import contextlib
 import hashlib
 import io
@@ -14,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from ray import tune
 
@@ -67,8 +66,8 @@ def log_frame(client, run_id, frame, name, markdown=False):
 
 
 def end_seed(client, run_id, seed, result, out):
-    """Its Ray Tune result onto the seed's run (the error, or the metrics and its last checkpoint less the fold
-    records), its line printed; returns (its row of seeds.csv, its predictions or None)."""
+    """Its Ray Tune result onto the seed's run (its error, or its metrics and last checkpoint less the fold records),
+    its line printed; returns (its row of seeds.csv, its predictions or None)."""
     values = result.metrics or {}
     if values.get("htnet_status") != "finished":
         lines = [line for line in str(result.error or "").splitlines() if line.strip()]   # a worker that died
@@ -95,25 +94,20 @@ def end_seed(client, run_id, seed, result, out):
 
 
 def log_summary(client, source, parent_id, rows, predictions, started):
-    """Log the parent run's summary (rows = metric keys: n, mean, std over the finished seeds; from MIN_SEEDS seeds
-    the 95% interval), tables and pooled confusion matrices, end it; returns (seeds table, summary)."""
+    """Log the parent run's summary (a row per metric key: n, mean, std over the finished seeds and, from MIN_SEEDS
+    seeds, the 95% interval), tables and pooled confusion matrices, end it; returns (seeds table, summary)."""
     seeds_table = pd.DataFrame(rows).sort_values("seed").reset_index(drop=True)
     finished = seeds_table[seeds_table["status"] == "finished"]
     pooled = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
-    summary = pd.DataFrame()
-    if len(finished):
-        keys = [k for k in METRIC_KEYS if k in finished and finished[k].notna().any()]
-        values = finished[keys].apply(pd.to_numeric, errors="coerce")
-        bounds = seed_subject_bootstrap(pooled) if len(finished) >= MIN_SEEDS else {}
-        nan = (float("nan"),) * 2
-        summary = pd.DataFrame({"n": values.count(), "mean": values.mean(), "std": values.std(ddof=1),
-                                "ci_low": [bounds.get(k, nan)[0] for k in values],
-                                "ci_high": [bounds.get(k, nan)[1] for k in values]}).rename_axis("metric")
-    intervals = {f"{key}_{name}": row[stat] for key, row in summary.iterrows() for stat, name in
-                 (("mean", "mean"), ("std", "std"), ("ci_low", "ci95_low"), ("ci_high", "ci95_high"))}
-    tracking.log_metrics(client, parent_id, {**intervals, "n_seeds": len(finished),
-                                             "n_failed": len(seeds_table) - len(finished),
-                                             "rerun_wall_time_s": time.time() - started})
+    values = finished[[k for k in METRIC_KEYS if k in finished and finished[k].notna().any()]].astype(float)
+    bounds = seed_subject_bootstrap(pooled) if len(finished) >= MIN_SEEDS else {}
+    summary = pd.DataFrame({"n": values.count(), "mean": values.mean(), "std": values.std(ddof=1),
+                            **{f"ci95_{side}": [bounds.get(k, (np.nan, np.nan))[i] for k in values]
+                               for i, side in enumerate(("low", "high"))}}).rename_axis("metric")
+    tracking.log_metrics(client, parent_id, {
+        **{f"{key}_{stat}": v for (key, stat), v in summary.drop(columns="n").stack().items()},
+        "n_seeds": len(finished), "n_failed": len(seeds_table) - len(finished),
+        "rerun_wall_time_s": time.time() - started})
     log_frame(client, parent_id, seeds_table, "seeds.csv")
     if len(summary):
         log_frame(client, parent_id, summary.reset_index(), "summary.csv")
@@ -132,12 +126,10 @@ def format_interval(stats, style="full"):
     """'mean ± std [low, high]' (style full), 'mean ± std' (std), 'mean [low, high]' (ci), else 'mean'."""
     if pd.isna(stats["mean"]):
         return ""
-    text = f"{stats['mean']:.4f}"
-    if style in ("full", "std") and pd.notna(stats["std"]):
-        text += f" ± {stats['std']:.4f}"
-    if style in ("full", "ci") and pd.notna(stats["ci_low"]):
-        text += f" [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]"
-    return text
+    spread = f" ± {stats['std']:.4f}" if style in ("full", "std") and pd.notna(stats["std"]) else ""
+    low, high = stats["ci95_low"], stats["ci95_high"]
+    return f"{stats['mean']:.4f}{spread}" + (f" [{low:.4f}, {high:.4f}]" if style in ("full", "ci") and pd.notna(low)
+                                            else "")
 
 
 def protocol_table(summary):
@@ -174,7 +166,6 @@ def fit_seeds(path, config, seeds, data, options, provenance, plan):
 
 
 def print_summary(method, seeds_table, summary, out):
-    """Each protocol's mean ± std (and interval) over the finished seeds."""
     finished = int((seeds_table["status"] == "finished").sum())
     interval = "[95% bootstrap interval over seeds and subjects]" if finished >= MIN_SEEDS else \
         f"(fewer than {MIN_SEEDS} seeds: no interval)"
@@ -182,11 +173,11 @@ def print_summary(method, seeds_table, summary, out):
           file=out)
     if not len(summary):
         return print("no seed finished: nothing to summarize", file=out)
-    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
+    with pd.option_context("display.width", 250, "display.max_colwidth", 60):
         print(protocol_table(summary).set_index("protocol").T.rename_axis("").to_string(), file=out)
-    for key in [k for k in ("inner_val_uf1", "fold_epochs", "wall_time_s") if k in summary.index]:
+    for key in summary.index.intersection(["inner_val_uf1", "fold_epochs", "wall_time_s"]):
         print(f"{key}: {format_interval(summary.loc[key])}", file=out)
-    if not summary["std"].notna().any():
+    if summary["std"].isna().all():
         print("(one seed: no spread)", file=out)
 
 

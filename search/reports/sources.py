@@ -97,12 +97,6 @@ def changed_label(label, changes, named=3):
     return f"{label[:-1]}, {text})" if label.endswith(")") else f"{label} ({text})"
 
 
-def preset_label(label, config):
-    """A preset's label with what `config` changes from the preset's settings; any other label as it is."""
-    settings = next((settings for settings, name in PRESETS.values() if name == label), None)
-    return label if settings is None else changed_label(label, changed_settings(settings, config))
-
-
 def data_tags(data):
     """Tags of the data a parent's rows are computed on: the release folder's name (or 'synthetic'), the counts."""
     synthetic = len(data) and all(SYNTHETIC_SAMPLE.fullmatch(str(s)) for s in data.samples)

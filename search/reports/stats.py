@@ -11,7 +11,7 @@ MIN_SEEDS = 3  # fewer seeds: no spread nor interval is reported (two seeds say 
 def paired_bootstrap(d, n_boot=10000, confidence=0.95, seed=0):
     """Percentile bootstrap interval (low, high) of mean(d), resampling the pairs (subjects)."""
     d = np.asarray(d, dtype=float)  # one or more subjects (compare refuses runs sharing none)
-    if np.all(d == d[0]):  # every resample has the same mean (scipy warns on degenerate data)
+    if np.all(d == d[0]):  # one subject, or all the same: scipy needs two values to resample
         return float(d[0]), float(d[0])
     result = scipy_stats.bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=confidence,
                                    method="percentile", rng=seed)

@@ -1,10 +1,10 @@
 """A small-HTNet study on the real composite (68 subjects) for a 2-core CPU (about an hour):
     python -m search run htnet-cpu --data ../shared/data/htnet_composite
 
-htnet.py cut down to what trains on two cores: dim 24-32, block repeats (1, 1, 1) or (1, 1, 2), 60-100 epochs; the
-inner protocol with 8 validation subjects and no patience (benchmarks/results/2026-12-07-inner-protocol). The ranges come from a full LOSO run of the small HTNet (benchmarks/results/
-2026-12-02-cpu-study/README.md): training loss ~0 by epoch 100, test accuracy flat after epoch 70-100. A trial at 100
-epochs (d32, blocks (1, 1, 2)) is 7-14 min on one core; dim 48 with blocks (2, 2, 2) ran 3-4x slower."""
+htnet.py cut down to what trains on two cores, from a full LOSO run of the small HTNet (benchmarks/results/
+2026-12-02-cpu-study): training loss ~0 by epoch 100, test accuracy flat after epoch 70-100; a trial at 100 epochs
+(d32, blocks (1, 1, 2)) is 7-14 min on one core, dim 48 with blocks (2, 2, 2) 3-4x slower. The inner protocol: 8
+validation subjects, no patience (benchmarks/results/2026-12-07-inner-protocol)."""
 description = ("small-HTNet study for a 2-core CPU - dim 24-32, heads, blocks, lr, batch size, epochs, dropout, "
                "weight decay")
 num_samples = 10
@@ -13,8 +13,7 @@ objective = "inner"                # leak-free; the paper protocol's numbers are
 resources = {"cpu": 1, "gpu": 0}
 max_failures = 1
 sampler = {"type": "tpe", "seed": 0, "n_startup_trials": 8}
-# successive halving as in htnet.py; `rejudge` since the cpu-study, where with 2 trials at a time the faster of the
-# first pair had passed every rung unopposed
+# successive halving as in htnet.py, with `rejudge` (search.pruners)
 pruner = {"type": "successive_halving", "min_resource": 4, "reduction_factor": 3, "rejudge": True}
 fixed = {"model": "htnet", "protocols": ["paper", "final", "inner"], "inner_val_subjects": 8,
          "optimizer": "adam", "report_every": 4, "crop_mode": "reference",

@@ -14,6 +14,8 @@ from search.tracking.store import retry
 
 TERMINAL = ("finished", "pruned", "failed")
 STATUS_ORDER = {"finished": 0, "pruned": 1, "running": 2, "interrupted": 2, "failed": 3}
+# a run's MLflow status, else FINISHED: MLflow has no 'pruned', so KILLED (stopped on purpose, not an error)
+RUN_STATUS = {"failed": "FAILED", "pruned": "KILLED"}
 TRIAL_TAGS = ("trial_id", "attempt", "status", "retried", "lost", "optuna_trial", "role", "sampled")  # htnet.<name>
 SUMMARY_METRICS = ("inner_full_uf1", "inner_full_uar", "paper_full_uf1", "paper_full_uar", "final_full_uf1",
                    "folds_done")
@@ -30,18 +32,10 @@ SHORT_NAMES = {"model_config.dim": "d", "model_config.heads": "h", "batch_size":
 
 # the experiment's description, which the MLflow UI shows above its runs
 EXPERIMENT_NOTE = """HTNet/STSTNet hyper-parameter searches (`python -m search`)
-
-One parent run per search (tag `htnet.role` = search), one child run per trial attempt (grouped under it).
-
-Columns worth showing in the runs table (Columns button, then Save view):
-- the objective: metric `inner_val_uf1` (objective inner) or `paper_full_uf1` (objective paper);
-  on a parent run `best_<objective>` and the best trial's test results `best_<protocol>_<dataset>_<uf1|uar>`
-- `inner_full_uf1`, `inner_full_uar`, `paper_full_uf1`, `folds_done`; tag `htnet.status`
-
-Complete results only in those columns: a pruned trial's run is KILLED, its name ends in "(pruned)" and its
-metrics over the folds it did are `partial_<metric>`. Every trial's objective as it went, at step = folds done:
-the chart of `running_<objective>`. Params: the trial's full resolved LOSO config; `resolved.*` what the
-engine resolved at run time.
+One parent run per search (tag `htnet.role` = search), one child run per trial attempt. Columns worth showing: the
+objective (`inner_val_uf1` or `paper_full_uf1`; on a parent run `best_<objective>`), `inner_full_uf1`, `folds_done`,
+tag `htnet.status`. A pruned trial's run is KILLED, named "... (pruned)", with its scores as `partial_<metric>`.
+Every trial's objective by folds done: the chart of `running_<objective>`.
 """
 
 
@@ -86,41 +80,9 @@ def run_name(model, sampled, number, size=4):
     return " ".join([str(model), *values[:size], f"#{number:02d}" if isinstance(number, int) else f"#{number}"])
 
 
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def curve_of(result, metric):
-    """An intermediate result's point of the trial's curve at step = folds done (log_metrics skips what is unset)."""
-    return {f"running_{metric}": result.get(metric), "folds_done": result.get("step")}
-
-
-def end_metrics(result, status):
-    """The engine's scores and fold-epoch counts (log_metrics skips non-numbers); PARTIAL_PREFIX-ed scores for a trial
-    that did not finish all its folds, so the complete-result columns hold complete results only."""
-    prefix, scores = "" if status == "finished" else PARTIAL_PREFIX, ("_uf1", "_uar")
-    counts = ("wall_time_s", "fold_epochs", "fold_epochs_attempt", "fold_epochs_trained", "fold_epochs_resumed")
-    return {**{prefix + k if k.endswith(scores) else k: v for k, v in result.items()
-               if (k.endswith(scores) or k in counts) and not k.startswith("htnet_")},
-            "folds_done": result.get("step", 0)}
-
-
-def device_tags(result):
-    return {tag: result.get(key, "") for tag, key in DEVICE_TAGS.items()} if result.get("htnet_device") else {}
-
-
-def resolved_params(result):
-    return {param: result[key] for param, key in RESOLVED_PARAMS.items() if result.get(key) is not None}
-
-
 def trial_status(result, pruned=False):
     status = "pruned" if pruned else result.get("htnet_status")
     return status if status in ("pruned", "failed") else "finished"
-
-
-def run_status(status):
-    """MLflow has no 'pruned': KILLED (stopped on purpose, not an error); the run's name and htnet.status say so."""
-    return {"failed": "FAILED", "pruned": "KILLED"}.get(status, "FINISHED")
 
 
 def runs(client, experiment_id, filter_string="", columns=()):

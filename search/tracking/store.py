@@ -1,5 +1,4 @@
 """The MLflow store: one client per URI, retries, and the one line a user sees when it is gone."""
-import logging
 import os
 import re
 import time
@@ -12,8 +11,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from htnet.errors import UserError, first_line
 from htnet.io import file_lock
-
-logger = logging.getLogger(__name__)
 
 # MLflow's HTTP client retries a dead server for minutes by default; the driver falls back on Ray's records
 # instead, so a few quick tries. The environment wins.
@@ -85,16 +82,14 @@ def check_reachable(tracking_uri):
 
 
 def retry(fn, *args, tries=6, **kwargs):
-    """Call an MLflow client method, retrying transient failures; errors MLflow calls final are raised at once."""
+    """Call an MLflow client method, retrying transient failures (a busy sqlite file); final ones raise at once."""
     for attempt in range(tries):
         try:
             return fn(*args, **kwargs)
         except (MlflowException, OSError) as e:
             if attempt == tries - 1 or getattr(e, "error_code", None) in FINAL_ERROR_CODES:
                 raise
-        delay = min(8.0, 0.25 * 2 ** attempt)
-        logger.info("MLflow call %s failed, retrying in %.1f s", getattr(fn, "__name__", fn), delay)
-        time.sleep(delay)
+            time.sleep(min(8.0, 0.25 * 2 ** attempt))
 
 
 def ensure_experiment(client, name, tracking_uri):

@@ -1,6 +1,8 @@
 """The MLflow writes of a search: its parent run, the Ray Tune callback that logs every trial attempt live, and
-`sync`, which logs from Ray's results (the source of truth) whatever MLflow lacks."""
+`sync`, which replays through it from Ray's results (the source of truth) whatever MLflow lacks."""
+import contextlib
 import functools
+import math
 import logging
 import shutil
 import sys
@@ -14,9 +16,8 @@ from ray import tune
 from htnet.checkpoint import FOLDS_DIR
 from htnet.errors import UserError, first_line
 from search.space import flatten, trial_config
-from search.tracking.schema import (EXPERIMENT_NOTE, STATUS_ORDER, TERMINAL, curve_of, device_tags, end_metrics,
-                                    is_number, ranked, resolved_params, run_name, run_status, trial_status,
-                                    trial_table)
+from search.tracking.schema import (DEVICE_TAGS, EXPERIMENT_NOTE, PARTIAL_PREFIX, RESOLVED_PARAMS, RUN_STATUS,
+                                    STATUS_ORDER, TERMINAL, ranked, run_name, trial_status, trial_table)
 from search.tracking.store import FINAL_ERROR_CODES, client_for, mlflow_errors, retry, short_reason
 
 logger = logging.getLogger(__name__)
@@ -29,9 +30,11 @@ def log_params(client, run_id, params):
 
 
 def log_metrics(client, run_id, metrics, step=0):
+    """The metrics that are finite numbers (None, text and booleans skipped)."""
     now = int(time.time() * 1000)
-    retry(client.log_batch, run_id, metrics=[Metric(str(k), float(v), now, int(step))
-                                             for k, v in metrics.items() if is_number(v)])
+    retry(client.log_batch, run_id, metrics=[Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()
+                                             if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v)])
 
 
 def set_tags(client, run_id, tags):
@@ -39,11 +42,10 @@ def set_tags(client, run_id, tags):
 
 
 def log_dataset(client, run_id, digest, root, synthetic=False):
-    """The run's data as its MLflow dataset input (the runs table's Dataset column): the release folder or the
-    synthetic set, with the data fingerprint (provenance's htnet_data) as its digest."""
+    """The run's data as its MLflow dataset input (the runs table's Dataset column), digest: provenance's htnet_data."""
     name, source = ("synthetic", f"synthetic:{root}") if synthetic else (Path(root).name, str(root))
-    dataset = Dataset(name=name, digest=str(digest), source_type="local", source=source)
-    retry(client.log_inputs, run_id, datasets=[DatasetInput(dataset)])
+    retry(client.log_inputs, run_id, datasets=[DatasetInput(Dataset(name, str(digest), source_type="local",
+                                                                    source=source))])
 
 
 def start_parent_run(client, experiment_id, name, space, objective_metric, extra_params=None, tags=None,
@@ -124,47 +126,28 @@ def log_trial_files(client, run_id, trial_id, checkpoint):
     return None
 
 
-def log_trial_end(client, run_id, trial_id, result, status, checkpoint=None, wall_time_s=None, tags=None):
-    """Final metrics, a finished trial's files, the end status (a pruned run's name says so too). Returns why the
-    files could not be stored (log_trial_files), or None."""
-    log_metrics(client, run_id, {**end_metrics(result, status), "trial_wall_time_s": wall_time_s},
-                step=result.get("step", 0))  # log_metrics skips a None
-    if params := resolved_params(result):
-        log_params(client, run_id, params)
-    unstored = None
-    if status == "finished" and checkpoint is not None:
-        unstored = log_trial_files(client, run_id, trial_id, checkpoint)
-    why = {"failed": {"htnet.error": str(result.get("htnet_error", ""))[:5000]},
-           "pruned": {"htnet.pruned_at_step": result.get("step", "")}}.get(status, {})
-    set_tags(client, run_id, {"htnet.status": status, **why, **(tags or {})})
-    if status == "pruned" and not (name := retry(client.get_run, run_id).info.run_name).endswith(" (pruned)"):
-        retry(client.update_run, run_id, name=f"{name} (pruned)")
-    retry(client.set_terminated, run_id, run_status(status))
-    return unstored
-
-
 def error_text(trial):
-    try:
-        lines = str(trial.get_error() or "the trial's worker failed").strip().splitlines()
-    except Exception:  # noqa: BLE001
-        lines = ["the trial's worker failed"]
-    return ([line for line in lines if line.strip()] or [""])[-1][:5000]
+    """The last line of the trial's error as Ray recorded it, or that its worker failed."""
+    with contextlib.suppress(Exception):  # an experiment read back may lack its error file
+        if lines := [line for line in str(trial.get_error() or "").strip().splitlines() if line.strip()]:
+            return lines[-1][:5000]
+    return "the trial's worker failed"
 
 
 class MlflowTracking(tune.Callback):
     """The child run of every trial attempt, logged live from the driver (one writer). An event MLflow refuses is
     skipped (one warning, the first time); if the store stops answering, one warning and no more writes: Ray keeps
-    the results for `sync`."""
+    the results for `sync`, which replays them through the same steps."""
 
     gone = None  # why the store stopped answering; None while it answers (and when unpickled)
+    numbers = None  # `sync`: trial id -> Optuna trial number, where no searcher is live
 
     def __init__(self, tracking_uri, experiment_id, search_name, parent_run_id, space, searcher, overrides,
                  dataset=None):
         self.tracking_uri, self.experiment_id, self.search_name = tracking_uri, experiment_id, search_name
         self.parent_run_id, self.space, self.searcher = parent_run_id, space, searcher
         self.overrides, self.dataset = overrides, dataset  # dataset: log_dataset's arguments
-        # trial id -> the run id of the attempt in progress; -> attempts so far; -> time.time() of the attempt's start
-        self._runs, self._attempts, self._started = {}, {}, {}
+        self._runs, self._attempts = {}, {}  # trial id -> the run id of the attempt in progress; -> attempts so far
         self._terminal, self._tagged = set(), set()  # trial ids whose run ended; whose device/node tags are set
         self._orphans_checked = self._refused = False
 
@@ -197,7 +180,8 @@ class MlflowTracking(tune.Callback):
         self._guard("setup", self._load_existing)
 
     def _load_existing(self):
-        """A resumed search: the runs of its trials so far, by attempt (the last is the highest)."""
+        """A resumed search: the runs of its trials so far, by attempt (the last is the highest); a run whose end
+        status was logged but not its end is ended."""
         for row in trial_table(self.client, self.experiment_id, self.parent_run_id, latest=False).to_dict("records"):
             trial_id = row["trial_id"]
             self._attempts[trial_id] = row["attempt"]
@@ -206,6 +190,8 @@ class MlflowTracking(tune.Callback):
             elif row["status"] in TERMINAL and not row["retried"]:
                 self._terminal.add(trial_id)
                 self._runs.pop(trial_id, None)
+                if row["run_status"] == "RUNNING":
+                    retry(self.client.set_terminated, row["run_id"], RUN_STATUS.get(row["status"], "FINISHED"))
 
     def on_step_begin(self, iteration, trials, **info):
         if not self._orphans_checked:
@@ -221,24 +207,28 @@ class MlflowTracking(tune.Callback):
             retry(self.client.set_terminated, self._runs.pop(trial_id), "KILLED")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._started[trial.trial_id] = time.time()
         self._guard("the start of trial " + trial.trial_id, self._start, trial)
 
     def _start(self, trial):
         trial_id = trial.trial_id
         if trial_id in self._terminal:
             return  # ended before the driver was killed: its run stays as it ended
-        if trial_id in self._runs:  # restarted by a resumed search: the same run goes on
+        live = self.searcher is not None  # else `sync`
+        if trial_id in self._runs:  # restarted by a resumed search (or filled in by `sync`): the same run goes on
             run = retry(self.client.get_run, self._runs[trial_id])
             retry(self.client.update_run, run.info.run_id, status="RUNNING")
-            set_tags(self.client, run.info.run_id, {"htnet.status": "running",
-                                                    "htnet.restarts": int(run.data.tags.get("htnet.restarts", 0)) + 1})
+            restarts = {"htnet.restarts": int(run.data.tags.get("htnet.restarts", 0)) + 1} if live else {}
+            set_tags(self.client, run.info.run_id, {"htnet.status": "running", **restarts})
+            if self.dataset and not run.inputs.dataset_inputs:  # MLflow stopped answering before it took its data
+                log_dataset(self.client, run.info.run_id, *self.dataset)
             return
         self._attempts[trial_id] = attempt = self._attempts.get(trial_id, 0) + 1
+        number = self.searcher.optuna_trial_number(trial_id) if live else self.numbers.get(trial_id)
         self._runs[trial_id] = run_id = create_trial_run(
             self.client, self.experiment_id, self.parent_run_id, self.search_name, self.space, self.overrides,
-            trial, attempt, self.searcher.optuna_trial_number(trial_id), self.dataset)
-        self.searcher.set_ray_trial_attrs(trial_id, ray_trial_id=trial_id, mlflow_run_id=run_id)
+            trial, attempt, number, self.dataset)
+        if live:
+            self.searcher.set_ray_trial_attrs(trial_id, ray_trial_id=trial_id, mlflow_run_id=run_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.searcher.is_pruned(trial.trial_id):
@@ -248,87 +238,72 @@ class MlflowTracking(tune.Callback):
     def _result(self, trial, result):
         if (run_id := self._runs.get(trial.trial_id)) is None:
             return
-        if trial.trial_id not in self._tagged and device_tags(result):
+        if trial.trial_id not in self._tagged and result.get("htnet_device"):
             self._tagged.add(trial.trial_id)
-            set_tags(self.client, run_id, device_tags(result))
-            if params := resolved_params(result):
+            set_tags(self.client, run_id, {tag: result.get(key, "") for tag, key in DEVICE_TAGS.items()})
+            if params := {p: result[k] for p, k in RESOLVED_PARAMS.items() if result.get(k) is not None}:
                 log_params(self.client, run_id, params)
-        if result.get("step") is not None and result.get("htnet_status") != "failed":
-            log_metrics(self.client, run_id, curve_of(result, self.space.metric), step=result["step"])
+        if result.get("step") is not None and result.get("htnet_status") != "failed":  # the curve, by folds done
+            log_metrics(self.client, run_id, {f"running_{self.space.metric}": result.get(self.space.metric),
+                                              "folds_done": result["step"]}, step=result["step"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._guard("the end of trial " + trial.trial_id, self._end, trial, None)
+        self._guard("the end of trial " + trial.trial_id, self._end, trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._guard("the retry of trial " + trial.trial_id, self._end, trial, {"htnet.retried": "true"})
+        self._guard("the retry of trial " + trial.trial_id, self._end, trial, True, {"htnet.retried": "true"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._guard("the error of trial " + trial.trial_id, self._end, trial, {})
+        self._guard("the error of trial " + trial.trial_id, self._end, trial, True)
 
-    def _end(self, trial, failed_tags):
-        """A trial's run ends: complete (failed_tags None), failed, or failed and retried by Ray as a new run."""
-        trial_id = trial.trial_id
+    def _end(self, trial, failed=False, tags=None):
+        """A trial's run ends: final metrics, a finished trial's files, the status (a pruned run's name says so too).
+        failed: its worker or node died (tag htnet.retried: Ray retries it as a new run)."""
+        trial_id, result, tags, client = trial.trial_id, trial.last_result or {}, tags or {}, self.client
         if (run_id := self._runs.pop(trial_id, None)) is None:
             return
         self._tagged.discard(trial_id)  # a retry is a new run: tag its device and node too
-        if failed_tags is None:
-            result = trial.last_result or {}
-            status = trial_status(result, self.searcher.is_pruned(trial_id))
-            wall = time.time() - self._started[trial_id] if trial_id in self._started else None
-            if why := log_trial_end(self.client, run_id, trial_id, result, status, trial.checkpoint, wall):
-                print(f"warning: trial {trial_id}'s files could not be stored in MLflow ({why}; its run is tagged "
-                      f"htnet.artifacts_error): they are kept in Ray's storage, {trial.checkpoint.path}",
-                      file=sys.stderr, flush=True)
-        else:
-            set_tags(self.client, run_id, {"htnet.status": "failed", "htnet.error": error_text(trial), **failed_tags})
-            retry(self.client.set_terminated, run_id, "FAILED")
-        if "htnet.retried" not in (failed_tags or {}):
+        pruned = self.searcher is not None and self.searcher.is_pruned(trial_id)
+        status = "failed" if failed else trial_status(result, pruned)
+        step, prefix = result.get("step", 0), "" if status == "finished" else PARTIAL_PREFIX  # plain: complete only
+        counts = {k: v for k, v in result.items() if k.startswith(("fold_epochs", "wall_time_s"))}
+        log_metrics(client, run_id, {**{prefix + k: v for k, v in result.items() if k.endswith(("_uf1", "_uar"))},
+                                     **counts, "folds_done": step, "trial_wall_time_s": result.get("time_total_s")},
+                    step=step)
+        checkpoint = trial.checkpoint if status == "finished" else None
+        if checkpoint is not None and (why := log_trial_files(client, run_id, trial_id, checkpoint)):
+            print(f"warning: trial {trial_id}'s files could not be stored in MLflow ({why}; its run is tagged "
+                  f"htnet.artifacts_error): they are kept in Ray's storage, {checkpoint.path}",
+                  file=sys.stderr, flush=True)
+        error = error_text(trial) if failed else str(result.get("htnet_error", ""))[:5000]
+        why = {"failed": {"htnet.error": error}, "pruned": {"htnet.pruned_at_step": step}}
+        set_tags(client, run_id, {"htnet.status": status, **why.get(status, {}), **tags})
+        if status == "pruned" and not (name := retry(client.get_run, run_id).info.run_name).endswith(" (pruned)"):
+            retry(client.update_run, run_id, name=f"{name} (pruned)")
+        retry(client.set_terminated, run_id, RUN_STATUS.get(status, "FINISHED"))
+        if "htnet.retried" not in tags:
             self._terminal.add(trial_id)
 
 
 def sync(client, experiment_id, parent_run_id, search_name, space, analysis, overrides, optuna_numbers,
          dataset=None):
     """Log every ended trial of Ray's experiment (`analysis`: tune.ExperimentAnalysis) that MLflow lacks, nothing
-    twice, into its open run or else a new one (attempt + 1), tagged htnet.backfilled; returns their trial ids."""
-    table = trial_table(client, experiment_id, parent_run_id, latest=False)
-    histories, filled = analysis.trial_dataframes, []
-    for trial in [t for t in analysis.trials if t.status in ("TERMINATED", "ERROR")]:
-        mine = table[table["trial_id"] == trial.trial_id]
-        live = mine[~mine["retried"]]
-        ended = live[live["status"].isin(TERMINAL)]
-        # its status tag made it, the end of the run did not
-        for run_id, status in ended.loc[ended["run_status"] == "RUNNING", ["run_id", "status"]].values:
-            _ensure_dataset(client, run_id, dataset)
-            retry(client.set_terminated, run_id, run_status(status))
-        if len(ended):
-            continue
-        result = dict(trial.last_result or {})
-        error = {"htnet.error": error_text(trial)} if trial.status == "ERROR" else {}
-        tags = {"htnet.backfilled": "true", **({"htnet.failures": trial.num_failures} if trial.num_failures else {}),
-                **error, **device_tags(result)}
-        if len(open_runs := live[live["status"].isin(["running", "interrupted"])]):
-            run_id = open_runs["run_id"].iloc[-1]
-            retry(client.update_run, run_id, status="RUNNING")
-            _ensure_dataset(client, run_id, dataset)
-        else:
-            run_id = create_trial_run(client, experiment_id, parent_run_id, search_name, space, overrides, trial,
-                                      max(mine["attempt"], default=0) + 1, optuna_numbers.get(trial.trial_id),
-                                      dataset)
-        history = histories.get(trial.trial_id)
-        by_step = {int(row["step"]): curve_of(row, space.metric)
-                   for row in ([] if history is None else history.to_dict("records"))
-                   if is_number(row.get("step")) and row.get("htnet_status") != "failed"}
-        for step, curve in sorted(by_step.items()):  # a step reported twice: its last report
-            log_metrics(client, run_id, curve, step=step)
-        log_trial_end(client, run_id, trial.trial_id, result, "failed" if error else trial_status(result),
-                      trial.checkpoint, result.get("time_total_s"), tags)
-        filled.append(trial.trial_id)
-    return filled
-
-
-def _ensure_dataset(client, run_id, dataset):  # MLflow may have stopped answering before the run took its data
-    if dataset and not retry(client.get_run, run_id).inputs.dataset_inputs:
-        log_dataset(client, run_id, *dataset)
+    twice, through MlflowTracking's steps: into its open run or else a new one (attempt + 1), tagged
+    htnet.backfilled; returns their trial ids. MLflow's errors are raised."""
+    writer = MlflowTracking(None, experiment_id, search_name, parent_run_id, space, None, overrides, dataset)
+    writer.client, writer.numbers = client, optuna_numbers
+    writer._load_existing()
+    ended = [t for t in analysis.trials if t.status in ("TERMINATED", "ERROR") and t.trial_id not in writer._terminal]
+    for trial in ended:
+        writer._start(trial)
+        writer._result(trial, {k: v for k, v in (trial.last_result or {}).items() if k != "step"})  # device tags
+        history = analysis.trial_dataframes.get(trial.trial_id)
+        if history is not None and "step" in history:  # the curve; a step reported twice: its last report
+            for row in history.drop_duplicates("step", keep="last").to_dict("records"):
+                writer._result(trial, {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))})
+        failures = {"htnet.failures": trial.num_failures} if trial.num_failures else {}
+        writer._end(trial, trial.status == "ERROR", {"htnet.backfilled": "true", **failures})
+    return [t.trial_id for t in ended]
 
 
 def mark_interrupted(client, experiment_id, parent_run_id):

@@ -74,7 +74,8 @@ def test_train_killed_with_sigkill_resumes_training_only_the_missing_folds(tmp_p
 
     data = tmp_path / "synth"
     assert htnet("synth", "--out", data, "--subjects-per-dataset", 3).returncode == 0
-    args = ["train", "--data", data, "--model", "ststnet", "--epochs", 100, "--lr", "3e-3", "--batch-size", 32,
+    epochs = 30   # a fold of seconds: the kill lands between folds 3 and 9
+    args = ["train", "--data", data, "--model", "ststnet", "--epochs", epochs, "--lr", "3e-3", "--batch-size", 32,
             "--engine", "plain", "--protocols", "paper,final", "--device", "cpu"]
     full = htnet(*args, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr
@@ -101,10 +102,10 @@ def test_train_killed_with_sigkill_resumes_training_only_the_missing_folds(tmp_p
 
     resumed = htnet(*args, "--out", killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"900 fold-epochs ({done * 100} kept from earlier attempts, {(9 - done) * 100} trained in attempt 2)" \
-        in resumed.stdout
+    assert (f"{9 * epochs} fold-epochs ({done * epochs} kept from earlier attempts, {(9 - done) * epochs} trained "
+            f"in attempt 2)") in resumed.stdout
     for name in ("predictions.csv", "history.csv"):
         assert (killed / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     metrics = pd.read_json(killed / "metrics.json", typ="series")
-    assert metrics["fold_epochs_attempt"] == (9 - done) * 100 and metrics["fold_epochs"] == 900
+    assert metrics["fold_epochs_attempt"] == (9 - done) * epochs and metrics["fold_epochs"] == 9 * epochs
     assert (pd.read_csv(killed / "folds.csv").attempt == [1] * done + [2] * (9 - done)).all()

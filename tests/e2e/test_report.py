@@ -21,7 +21,7 @@ from ray import tune
 from htnet.metrics import per_subject_accuracy
 from search import cli
 from search.driver import runner
-from search.reports.export import read_latex_table, read_markdown_table
+from report_tables import read_latex_table, read_markdown_table
 from search.reports.leaderboard import leaderboard, open_store, read_csv_artifact
 from search.nested import NestedOptions, run_nested
 from search.reports.paper_table import PUBLISHED

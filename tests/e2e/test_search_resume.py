@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from optuna.trial import TrialState
 
+from search import cli
+
 from search_fixtures import (died, kill_session, optuna_trials, parent_run, ray_processes, ray_tmpdir,  # noqa: F401
                              start_cli, trial_runs, wait_for_exit, wait_until, write_space)
 
@@ -113,7 +115,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_tmpdir):
     assert yaml.safe_load((storage / "searches" / "resume.yaml").read_text())["status"] == "finished"
 
 
-def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(tmp_path, ray_tmpdir):
+def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(tmp_path, ray_tmpdir, capsys):
     """`search resume` continues the trial that was running from its last fold checkpoint in Ray's
     storage, even where Ray's snapshot names a checkpoint Ray had deleted: it trains only the folds not
     done, and counts each fold once. Before, each damaged file it loads is refused (refuses_damaged_state)."""
@@ -130,7 +132,7 @@ def test_a_trial_running_when_the_driver_dies_resumes_from_its_fold_checkpoint(t
     [trial] = tune.ExperimentAnalysis(str(storage / "ray" / "folds")).trials
     named = Path(trial.checkpoint.path)
     named.rename(named.with_name("checkpoint_999999"))
-    refuses_damaged_state(storage, uri, common, env, tmp_path)
+    refuses_damaged_state(storage, uri, common, capsys)
 
     code, output = run_to_exit(["resume", "folds", *common], tmp_path / "resume.log", env)
     assert code == 0, output[-5000:]
@@ -151,7 +153,7 @@ def trial_state_cut(path):
     path.write_text(json.dumps(state))
 
 
-def refuses_damaged_state(storage, uri, common, env, tmp_path):
+def refuses_damaged_state(storage, uri, common, capsys):
     """Issue 27: each file of Ray's experiment that `search resume` loads, damaged in turn, is one line naming it,
     exit 2, with the search's record and MLflow as they were; the file is then put back."""
     experiment = storage / "ray" / "folds"
@@ -170,13 +172,9 @@ def refuses_damaged_state(storage, uri, common, env, tmp_path):
     for path, damage in cases:
         kept, record_before = path.read_bytes(), record.read_bytes()
         damage(path)
-        log = tmp_path / f"damaged-{path.name}.log"
-        process = start_cli(["resume", "folds", *common], log, env=env, err_path=log.with_suffix(".err"))
-        try:
-            code = wait_for_exit(process, SAFETY_NET, log)
-        finally:
-            stop(process)
-        errors = log.with_suffix(".err").read_text().splitlines()
+        capsys.readouterr()
+        code = cli.main(["resume", "folds", *common])   # in this process: refused before Ray starts
+        errors = capsys.readouterr().err.splitlines()
         assert code == 2 and len(errors) == 1 and errors[0].startswith("error: search 'folds': "), errors
         assert str(path) in errors[0] and "nothing was changed" in errors[0], errors
         assert record.read_bytes() == record_before

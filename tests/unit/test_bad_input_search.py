@@ -265,6 +265,7 @@ def test_ctrl_c_says_how_to_go_on_for_that_command(argv, hint, monkeypatch, caps
     assert capsys.readouterr().err.strip() == f"interrupted: {hint}"
 
 
+@pytest.mark.slow   # a CLI process each: the variable is read when search.trainable is imported
 @pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
 def test_a_bad_storage_wait_is_one_line_before_anything_is_recorded(tmp_path, value):
     """HTNET_STORAGE_WAIT_S is parsed where it is read (search.trainable, imported when `run` starts): garbage is

@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from htnet.metrics import uf1_uar
 from search import cli, tracking
 from search.reports.compare import compare
-from search.reports.export import (format_numbers, latex_table, markdown_table, read_latex_table,
-                           read_markdown_table)
+from report_tables import read_latex_table, read_markdown_table
+from search.reports.export import format_numbers, latex_table, markdown_table
 from search.reports.leaderboard import METRIC_COLUMNS, best_run_id, leaderboard, open_store, paper_form, search_parents
 from search.space import load_space
 from search.reports.stats import cluster_bootstrap_uf1_uar, paired_bootstrap, sign_flip_pvalue, uf1_uar_from_counts

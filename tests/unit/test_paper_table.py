@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from htnet.metrics import compute_metrics
 from search import cli, tracking
-from search.reports.export import read_latex_table, read_markdown_table
+from report_tables import read_latex_table, read_markdown_table
 from search.reports.paper_table import PUBLISHED, PUBLISHED_DATA
 from search.reports.rerun import log_summary
 from search.reports.sources import PRESETS, RerunSource, changed_label, changed_settings, data_tags

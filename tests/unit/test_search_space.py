@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from htnet.errors import UserError
+from search import cli
 from search.space import OBJECTIVES, SPACES_DIR, check, load_space, make_pruner, trial_config, with_settings
 
 from search_fixtures import run_cli, write_space
@@ -201,9 +202,11 @@ def test_pruner_types_build():
         make_pruner({"type": "asha"}, "p")
 
 
-def test_cli_help():
-    for args in (["--help"], ["run", "--help"], ["resume", "--help"], ["status", "--help"]):
-        result = run_cli(args, timeout=60)
-        assert result.returncode == 0 and "usage: python -m search" in result.stdout
-    shown = run_cli(["run", "--help"], timeout=60).stdout
-    assert "--gpus-per-trial" in shown and "{inner,paper,final}" in shown
+def test_cli_help(capsys):
+    result = run_cli(["run", "--help"], timeout=60)   # one real process; the other commands' help in this one
+    assert result.returncode == 0 and "usage: python -m search run" in result.stdout
+    assert "--gpus-per-trial" in result.stdout and "{inner,paper,final}" in result.stdout
+    for args in (["--help"], ["resume", "--help"], ["status", "--help"]):
+        with pytest.raises(SystemExit) as exit:
+            cli.main(args)
+        assert exit.value.code == 0 and "usage: python -m search" in capsys.readouterr().out
